@@ -1,0 +1,54 @@
+"""Defaults shared by every config: the groups and names train.py and the docs rely on."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "base"
+    c.seed = 0
+    c.model = ml_collections.ConfigDict()  # fields of dsjax.ModelConfig; filled by each config
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "stdlib"  # "stdlib", a glob of .txt/.jsonl/.parquet, or "arrayrecord:<glob>"
+    c.data.seq_len = 256
+    c.data.eval_fraction = 0.02
+    c.data.tokenizer = ""  # path to a tokenizer.json (or dir); "" trains a BPE in the workdir
+    c.data.tokenizer_train_bytes = 8_000_000
+    c.data.max_documents = 0  # 0 = all
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 16  # global, in sequences
+    c.train.grad_accum = 1
+    c.train.log_every = 10
+    c.train.eval_every = 200
+    c.train.eval_batches = 8
+    c.train.mtp_weight = 0.3  # λ
+    c.train.balance_loss_weight = 1e-4  # α
+    c.train.bias_update_rate = 1e-3  # γ
+    c.train.remat = "full"  # none | full | dots | dots_no_batch
+    c.train.sample_prompt = "def "
+    c.train.sample_tokens = 64
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 3e-3
+    c.optim.min_lr_ratio = 0.1
+    c.optim.warmup_steps = 50
+    c.optim.weight_decay = 0.1
+    c.optim.clip_norm = 1.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.expert = 1
+    c.mesh.tensor = 1
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 200
+    c.checkpoint.keep = 3
+    return c

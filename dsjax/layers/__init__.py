@@ -1,0 +1,1 @@
+"""Building blocks of the DeepSeek-V3 model: norms, RoPE/YaRN, attention, MLA, MoE, SwiGLU."""

@@ -1,0 +1,145 @@
+"""Multi-head Latent Attention (SPEC §3): expanded path and absorbed decode path over a latent cache.
+
+Modes:
+  "train"   expanded attention over the given tokens (packed segments allowed); no cache.
+  "prefill" expanded attention over the given tokens, which start a sequence at position 0; the
+            normalised latent `c_KV` and the rotated shared key `k_pe` are written to the cache.
+  "decode"  the new tokens' latents are written at their positions, then absorbed attention runs
+            over the whole cache (slot s is visible to a query at position p iff s <= p). Any
+            number of new tokens works, so speculative verification uses this path too.
+
+The cache holds `kv_lora_rank + qk_rope_head_dim` values per token per layer (V3: 576), never the
+per-head keys and values.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from dsjax.config import ModelConfig
+from dsjax.layers.attention import attention
+from dsjax.layers.mlp import Linear
+from dsjax.layers.norms import RMSNorm
+from dsjax.layers.rope import apply_rope
+
+MODES = ("train", "prefill", "decode")
+
+
+class MLA(nn.Module):
+    cfg: ModelConfig
+    mode: str = "train"
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+        cfg = self.cfg
+        if self.mode not in MODES:
+            raise ValueError(f"MLA mode={self.mode!r}: expected one of {MODES}")
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        B, T, D = x_BTD.shape
+        H, dn, dr, dv, C = (
+            cfg.num_attention_heads,
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim,
+            cfg.kv_lora_rank,
+        )
+        kw = dict(dtype=dtype, param_dtype=pdtype, init_std=cfg.init_std)
+
+        # Query.
+        if cfg.q_lora_rank:
+            c_q = Linear(D, cfg.q_lora_rank, ("embed", "q_lora"), name="q_a", **kw)(x_BTD)
+            c_q = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "q_lora", name="q_a_norm")(c_q)
+            q = Linear(cfg.q_lora_rank, H * (dn + dr), ("q_lora", "heads"), name="q_b", **kw)(c_q)
+        else:
+            q = Linear(D, H * (dn + dr), ("embed", "heads"), name="q", **kw)(x_BTD)
+        q_BTHK = nn.with_logical_constraint(
+            q.reshape(B, T, H, dn + dr), ("batch", "length", "heads", "head_dim")
+        )
+        q_nope_BTHN = q_BTHK[..., :dn]
+        q_pe_BTHR = apply_rope(q_BTHK[..., dn:], positions_BT, cfg)
+
+        # Compressed key/value latent and the shared rotary key.
+        kv_a = Linear(D, C + dr, ("embed", "kv_lora"), name="kv_a", **kw)(x_BTD)
+        latent_BTC = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "kv_lora", name="kv_a_norm")(
+            kv_a[..., :C]
+        )
+        k_pe_BTR = apply_rope(kv_a[..., None, C:], positions_BT, cfg)[:, :, 0]
+        kv_b = Linear(C, H * (dn + dv), ("kv_lora", "heads"), name="kv_b", **kw)
+        o_proj = Linear(H * dv, D, ("heads", "embed"), name="o", **kw)
+
+        if self.mode != "train":
+            latent_BSC, k_pe_BSR = self._update_cache(latent_BTC, k_pe_BTR, positions_BT)
+
+        if self.mode == "decode":
+            out_BTHV = self._absorbed(
+                q_nope_BTHN, q_pe_BTHR, latent_BSC, k_pe_BSR, kv_b.kernel, positions_BT
+            )
+        else:
+            if self.mode == "train":
+                q_idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+                seg = segment_ids_BT
+            else:  # prefill: the chunk is a sequence start; index by position.
+                q_idx, seg = positions_BT, None
+            kv_BTHK = kv_b(latent_BTC).reshape(B, T, H, dn + dv)
+            k_BTHK = jnp.concatenate(
+                [kv_BTHK[..., :dn], jnp.broadcast_to(k_pe_BTR[:, :, None], (B, T, H, dr))], -1
+            )
+            q_full = jnp.concatenate([q_nope_BTHN, q_pe_BTHR], -1)
+            k_BTHK = nn.with_logical_constraint(k_BTHK, ("batch", "length", "heads", "head_dim"))
+            out = attention(
+                q_full[:, :, :, None],
+                k_BTHK,
+                kv_BTHK[..., dn:],
+                q_idx_BT=q_idx,
+                k_idx_BS=q_idx,
+                q_seg_BT=seg,
+                k_seg_BS=seg,
+                scale=cfg.softmax_scale,
+                impl=cfg.attention_impl,
+                chunk=cfg.attention_chunk,
+            )
+            out_BTHV = out[:, :, :, 0]
+        out_BTHV = nn.with_logical_constraint(out_BTHV, ("batch", "length", "heads", "head_dim"))
+        return o_proj(out_BTHV.reshape(B, T, H * dv))
+
+    def _update_cache(self, latent_BTC, k_pe_BTR, positions_BT):
+        """Writes the new tokens at their positions; returns the full cache [B, S, ...]."""
+        B, T = positions_BT.shape
+        dtype = jnp.dtype(self.cfg.dtype)
+        # Created at init from the init input length: init with [B, max_len] tokens.
+        latent = self.variable("cache", "latent", jnp.zeros, (B, T, latent_BTC.shape[-1]), dtype)
+        k_pe = self.variable("cache", "k_pe", jnp.zeros, (B, T, k_pe_BTR.shape[-1]), dtype)
+        rows = jnp.arange(B)[:, None]
+        latent.value = latent.value.at[rows, positions_BT].set(latent_BTC.astype(dtype))
+        k_pe.value = k_pe.value.at[rows, positions_BT].set(k_pe_BTR.astype(dtype))
+        return latent.value, k_pe.value
+
+    def _absorbed(self, q_nope_BTHN, q_pe_BTHR, latent_BSC, k_pe_BSR, kv_b_kernel, positions_BT):
+        """Multi-query attention in latent space: W_UK folded into q, W_UV applied after."""
+        cfg = self.cfg
+        H, dn, dv, C = (
+            cfg.num_attention_heads,
+            cfg.qk_nope_head_dim,
+            cfg.v_head_dim,
+            cfg.kv_lora_rank,
+        )
+        dtype = jnp.dtype(cfg.dtype)
+        w_CHK = kv_b_kernel.astype(dtype).reshape(C, H, dn + dv)
+        w_uk_CHN, w_uv_CHV = w_CHK[..., :dn], w_CHK[..., dn:]
+        q_lat_BTHC = jnp.einsum("bthn,chn->bthc", q_nope_BTHN, w_uk_CHN)
+        q_BT1HK = jnp.concatenate([q_lat_BTHC, q_pe_BTHR.astype(dtype)], -1)[:, :, None]
+        k_BS1K = jnp.concatenate([latent_BSC, k_pe_BSR], -1)[:, :, None]
+        B, S = latent_BSC.shape[:2]
+        k_idx = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        o_lat = attention(
+            q_BT1HK,
+            k_BS1K,
+            latent_BSC[:, :, None],
+            q_idx_BT=positions_BT,
+            k_idx_BS=k_idx,
+            scale=cfg.softmax_scale,
+            impl=cfg.attention_impl,
+            chunk=cfg.attention_chunk,
+        )
+        return jnp.einsum("bthc,chv->bthv", o_lat[:, :, 0], w_uv_CHV)

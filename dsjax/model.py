@@ -1,0 +1,293 @@
+"""The DeepSeek-V3 model: blocks, scanned dense and MoE stacks, MTP modules, Transformer.
+
+One definition serves training, generation and serving:
+`Transformer(cfg).apply(variables, tokens_BT, positions_BT=None, segment_ids_BT=None, mode="train")`.
+Segment id 0 marks padding (excluded from MoE statistics); packed documents have ids 1, 2, ...
+and, when positions are not given, positions restart at 0 at each document start.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from dsjax.config import ModelConfig
+from dsjax.layers.mla import MLA
+from dsjax.layers.mlp import Linear, SwiGLU
+from dsjax.layers.moe import MoE
+from dsjax.layers.norms import RMSNorm
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    """`logits` [B,T,V] (float32); `mtp_logits[k-1]` [B,T-k,V] predicts token t+k+1 (None if D=0;
+    in prefill/decode modes with run_mtp=True it is [B,T,V], the last k positions meaningless);
+    `hidden` [B,T,D] the last block's output (before the final norm); MoE statistics per MoE layer:
+    `expert_counts` [L_moe,E] tokens routed per expert, `balance_loss` [L_moe] (α = 1), and the
+    same for the MTP blocks (`mtp_expert_counts` [D,E], `mtp_balance_loss` [D]) when they are MoE."""
+
+    logits: jax.Array
+    mtp_logits: tuple[jax.Array, ...] | None
+    hidden: jax.Array
+    expert_counts: jax.Array | None
+    balance_loss: jax.Array | None
+    mtp_expert_counts: jax.Array | None
+    mtp_balance_loss: jax.Array | None
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: `h = x + MLA(norm(x))`, `out = h + FFN(norm(h))`."""
+
+    cfg: ModelConfig
+    moe: bool
+    mode: str = "train"
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+        cfg = self.cfg
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+        h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed", name="attn_norm")(x_BTD)
+        x_BTD = x_BTD + MLA(cfg, self.mode, name="attn")(h, positions_BT, segment_ids_BT)
+        h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed", name="ffn_norm")(x_BTD)
+        if self.moe:
+            y, stats = MoE(cfg, name="moe")(h, segment_ids_BT > 0)
+        else:
+            y = SwiGLU(
+                cfg.hidden_size, cfg.intermediate_size, dtype, pdtype, cfg.init_std, name="mlp"
+            )(h)
+            stats = {}
+        x_BTD = nn.with_logical_constraint(x_BTD + y, ("batch", "length", "embed"))
+        return x_BTD, stats
+
+
+class _ScanBlock(Block):
+    """Block with the scan calling convention: (carry, broadcast args) -> (carry, per-layer out)."""
+
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+        return super().__call__(x_BTD, positions_BT, segment_ids_BT)
+
+
+def _stack(cfg: ModelConfig, moe: bool, length: int, mode: str, name: str) -> nn.Module:
+    block = _ScanBlock
+    if cfg.remat != "none" and mode == "train":
+        block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    scanned = nn.scan(
+        block,
+        variable_axes={"params": 0, "moe_bias": 0, "cache": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return scanned(cfg, moe, mode, name=name)
+
+
+class MTPModule(nn.Module):
+    """Multi-token prediction depth k (SPEC §6): `h^k = Block(M [norm(Emb(t_{i+k})); norm(h^{k-1}_i)])`."""
+
+    cfg: ModelConfig
+    mode: str = "train"
+
+    @nn.compact
+    def __call__(self, h_prev_BTD, emb_next_BTD, positions_BT, segment_ids_BT):
+        cfg = self.cfg
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        e = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed", name="enorm")(emb_next_BTD)
+        h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed", name="hnorm")(h_prev_BTD)
+        x = Linear(
+            2 * cfg.hidden_size,
+            cfg.hidden_size,
+            (None, "embed"),
+            dtype=dtype,
+            param_dtype=pdtype,
+            init_std=cfg.init_std,
+            name="eh_proj",
+        )(jnp.concatenate([e, h], axis=-1))
+        h_out, stats = Block(cfg, cfg.mtp_is_moe, self.mode, name="block")(
+            x, positions_BT, segment_ids_BT
+        )
+        normed = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed", name="head_norm")(h_out)
+        return h_out, normed, stats
+
+
+def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
+    """Positions that restart at 0 wherever the segment id changes."""
+    B, T = segment_ids_BT.shape
+    t = jnp.arange(T, dtype=jnp.int32)
+    change = jnp.concatenate(
+        [jnp.ones((B, 1), bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1
+    )
+    start = jax.lax.cummax(jnp.where(change, t, 0), axis=1)
+    return t - start
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V3: embedding, dense then MoE stacks, final norm, untied head, D MTP modules."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=dtype,
+            param_dtype=pdtype,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(cfg.init_std), ("vocab", "embed")
+            ),
+        )
+        self.final_norm = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed")
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(
+                cfg.hidden_size,
+                cfg.vocab_size,
+                ("embed", "vocab"),
+                dtype=dtype,
+                param_dtype=pdtype,
+                init_std=cfg.init_std,
+            )
+
+    def head(self, normed_BTD: jax.Array) -> jax.Array:
+        """Output projection in float32 logits."""
+        if self.cfg.tie_word_embeddings:
+            kernel = self.embed.embedding.T
+        else:
+            kernel = self.lm_head.kernel
+        dtype = jnp.dtype(self.cfg.dtype)
+        logits = jnp.dot(
+            normed_BTD.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32
+        )
+        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_BT,
+        positions_BT=None,
+        segment_ids_BT=None,
+        mode: str = "train",
+        run_mtp: bool | None = None,
+    ) -> ModelOutput:
+        cfg = self.cfg
+        B, T = tokens_BT.shape
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones((B, T), jnp.int32)
+        if positions_BT is None:
+            positions_BT = segment_positions(segment_ids_BT)
+        segment_ids_BT = segment_ids_BT.astype(jnp.int32)
+        positions_BT = positions_BT.astype(jnp.int32)
+
+        x = self.embed(tokens_BT)
+        stats: dict[str, Any] = {}
+        if cfg.num_dense_layers:
+            x, _ = _stack(cfg, False, cfg.num_dense_layers, mode, "dense_layers")(
+                x, positions_BT, segment_ids_BT
+            )
+        if cfg.num_moe_layers:
+            x, stats = _stack(cfg, True, cfg.num_moe_layers, mode, "moe_layers")(
+                x, positions_BT, segment_ids_BT
+            )
+        hidden = x
+        logits = self.head(self.final_norm(hidden))
+
+        mtp_logits, mtp_counts, mtp_balance = None, [], []
+        run_mtp = (mode == "train") if run_mtp is None else run_mtp
+        if cfg.num_mtp_layers and run_mtp:
+            mtp_logits, h = [], hidden
+            for k in range(1, cfg.num_mtp_layers + 1):
+                if mode == "train":
+                    if T - k <= 0:
+                        raise ValueError(f"MTP depth {k} needs more than {k} tokens; got T={T}")
+                    n = T - k
+                    next_tokens = tokens_BT[:, k:]
+                else:
+                    # Inference keeps all T positions so the MTP cache spans the whole sequence;
+                    # the last k positions see a placeholder token (their logits are meaningless
+                    # and their cache slots are rewritten once the real tokens are known).
+                    n = T
+                    next_tokens = jnp.concatenate(
+                        [tokens_BT[:, k:], jnp.repeat(tokens_BT[:, -1:], k, axis=1)], axis=1
+                    )
+                h, normed, s = MTPModule(cfg, mode, name=f"mtp_{k - 1}")(
+                    h[:, :n], self.embed(next_tokens), positions_BT[:, :n], segment_ids_BT[:, :n]
+                )
+                mtp_logits.append(self.head(normed))
+                if s:
+                    mtp_counts.append(s["counts"])
+                    mtp_balance.append(s["balance"])
+            mtp_logits = tuple(mtp_logits)
+        return ModelOutput(
+            logits=logits,
+            mtp_logits=mtp_logits,
+            hidden=hidden,
+            expert_counts=stats.get("counts"),
+            balance_loss=stats.get("balance"),
+            mtp_expert_counts=jnp.stack(mtp_counts) if mtp_counts else None,
+            mtp_balance_loss=jnp.stack(mtp_balance) if mtp_balance else None,
+        )
+
+
+def init_variables(cfg: ModelConfig, rng: jax.Array, batch: int = 1, seq_len: int = 8):
+    """Initialised {"params", "moe_bias"} (unboxed) for `cfg`; use `abstract_variables` for shapes."""
+    tokens = jnp.zeros((batch, seq_len), jnp.int32)
+    init = jax.jit(Transformer(cfg).init).lower(rng, tokens)
+    return nn.unbox(init.compile(compiler_options=cheap_compile_options())(rng, tokens))
+
+
+def cheap_compile_options() -> dict[str, object]:
+    """XLA options for run-once programs (initialisation): on CPU, skip the LLVM optimisation
+    that dominates their compile time (random-number kernels); elsewhere, the defaults."""
+    return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
+
+
+def abstract_variables(cfg: ModelConfig):
+    """Shapes and logical-axis metadata of the variables, without allocating them."""
+    tokens = jax.ShapeDtypeStruct((1, max(2, cfg.num_mtp_layers + 1)), jnp.int32)
+    return jax.eval_shape(lambda t: Transformer(cfg).init(jax.random.key(0), t), tokens)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int):
+    """Zero decode cache for `batch` rows of `max_len` positions: latent + rotated key per layer."""
+    tokens = jax.ShapeDtypeStruct((batch, max_len), jnp.int32)
+    shapes = jax.eval_shape(
+        lambda t: Transformer(cfg).init(jax.random.key(0), t, mode="prefill", run_mtp=True), tokens
+    )
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts from shapes only.
+
+    `total`: the main model (MTP excluded); `activated`: what one token computes with: the main
+    model minus the input embedding table (a lookup) minus the routed experts it is not sent to
+    (the convention behind DeepSeek's "37B activated"); `mtp`: the MTP modules (their embedding
+    and head are shared, so not counted).
+    """
+    params = nn.unbox(abstract_variables(cfg))["params"]
+    total = mtp = experts = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        keys = [getattr(p, "key", str(p)) for p in path]
+        n = int(leaf.size)
+        if keys[0].startswith("mtp_"):
+            mtp += n
+            continue
+        total += n
+        if "experts" in keys:
+            experts += n
+    routed_fraction = cfg.num_experts_per_tok / cfg.n_routed_experts if cfg.n_routed_experts else 0
+    embedding = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
+    activated = total - embedding - experts + round(experts * routed_fraction)
+    return {"total": total, "activated": activated, "mtp": mtp}

@@ -1,0 +1,92 @@
+"""The one table of logical axis names -> mesh axes, and mesh construction.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`) and every large
+activation a logical constraint; this file alone decides how those names map onto the mesh axes
+`data`, `fsdp`, `expert`, `tensor`. Flax resolves a logical name with the first rule whose mesh axis
+is not already used by the same array, so `embed` shards parameters over `fsdp` but falls back to
+replicated for activations whose batch dimension already took `fsdp`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")
+
+# logical name -> mesh axes. Order matters: the first unused mesh axis wins.
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("q_lora", None),
+    ("kv_lora", None),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("expert", "expert"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def make_mesh(
+    data: int = -1,
+    fsdp: int = 1,
+    expert: int = 1,
+    tensor: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """A 4-axis mesh (data, fsdp, expert, tensor); at most one size may be -1 (the rest)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, expert, tensor]
+    for name, size in zip(MESH_AXES, sizes, strict=True):
+        if size == 0 or size < -1:
+            raise ValueError(f"mesh.{name}={size}: must be a positive size or -1 (the rest)")
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))}: at most one axis may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(
+                f"mesh {dict(zip(MESH_AXES, sizes, strict=True))}: {len(devices)} devices do not divide by "
+                f"the fixed axes' product {known}"
+            )
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))}: product {math.prod(sizes)} != "
+            f"{len(devices)} devices"
+        )
+    array = np.asarray(devices).reshape(sizes)
+    return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_sharding(logical_tree, mesh: Mesh, rules=LOGICAL_RULES):
+    """Maps a tree of logical PartitionSpecs (from nn.get_partition_spec) to NamedShardings."""
+    specs = nn.logical_to_mesh(logical_tree, rules)
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec),
+        specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding of a [batch, ...] input array: batch over data/fsdp/expert."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,27 @@
+"""Test setup: 8 fake CPU devices (set before JAX is imported) and the repo root on sys.path."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+
+# Tests compile the same tiny programs many times over; a persistent cache (per machine, in the
+# temp dir) lets later tests and later runs reuse them. It stores compiled code, not results.
+jax.config.update(
+    "jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "dsjax-xla-cache")
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

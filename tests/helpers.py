@@ -1,0 +1,56 @@
+"""Small shared test utilities: a tiny config and float64 references."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from dsjax.config import ModelConfig
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=3,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        rope_factor=4.0,
+        rope_original_max_position=16,
+        max_position_embeddings=256,
+        num_mtp_layers=1,
+        dtype="float32",
+        param_dtype="float32",
+        init_std=0.02,
+        remat="none",
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def scale_params(variables, factor: float):
+    """Multiplies every non-norm parameter: random-init logits become well separated."""
+
+    def scale(path, x):
+        keys = [getattr(p, "key", "") for p in path]
+        return x if "scale" in keys else x * factor
+
+    params = jax.tree_util.tree_map_with_path(scale, variables["params"])
+    return {**variables, "params": params}
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
