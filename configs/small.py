@@ -9,14 +9,14 @@ def get_config():
     c = get_base_config()
     c.name = "small"
     c.model.update(
-        vocab_size=4096,
-        hidden_size=192,
-        intermediate_size=512,
-        moe_intermediate_size=128,
+        vocab_size=2048,
+        hidden_size=128,
+        intermediate_size=384,
+        moe_intermediate_size=96,
         num_hidden_layers=4,
         first_k_dense_replace=1,
         num_attention_heads=4,
-        q_lora_rank=96,
+        q_lora_rank=64,
         kv_lora_rank=64,
         qk_nope_head_dim=32,
         qk_rope_head_dim=16,
@@ -43,11 +43,11 @@ def get_config():
     )
     c.data.seq_len = 256
     c.train.steps = 600
-    c.train.batch_size = 16
+    c.train.batch_size = 8
     c.train.log_every = 10
     c.train.eval_every = 100
     c.train.remat = "none"
     c.optim.lr = 3e-3
-    c.optim.warmup_steps = 50
+    c.optim.warmup_steps = 30
     c.checkpoint.every = 100
     return c

@@ -15,6 +15,7 @@ SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "reference", "chunked")
+MOE_IMPLS = ("auto", "ragged_dot", "tiled")
 DTYPES = ("float32", "bfloat16", "float16")
 SUPPORTED_HF_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2")
 
@@ -73,6 +74,8 @@ class ModelConfig:
     remat: str = "full"
     attention_impl: str = "auto"
     attention_chunk: int = 512
+    moe_impl: str = "auto"  # grouped matmul: auto | ragged_dot | tiled
+    moe_tile: int = 128
 
     def __post_init__(self):
         self.validate()
@@ -157,6 +160,10 @@ class ModelConfig:
             fail("attention_impl", f"must be one of {ATTENTION_IMPLS}")
         if self.attention_chunk <= 0:
             fail("attention_chunk", "must be positive")
+        if self.moe_impl not in MOE_IMPLS:
+            fail("moe_impl", f"must be one of {MOE_IMPLS}")
+        if self.moe_tile <= 0:
+            fail("moe_tile", "must be positive")
 
     # ------------------------------------------------------------------ derived
     @property

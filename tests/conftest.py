@@ -17,11 +17,10 @@ if ROOT not in sys.path:
 
 import tempfile  # noqa: E402
 
-import jax  # noqa: E402
-
-# Tests compile the same tiny programs many times over; a persistent cache (per machine, in the
-# temp dir) lets later tests and later runs reuse them. It stores compiled code, not results.
-jax.config.update(
-    "jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "dsjax-xla-cache")
+# Tests compile the same tiny programs many times over (also in the train.py subprocesses they
+# start, which inherit this environment); a persistent cache in the temp dir lets later tests
+# reuse them. It stores compiled code, not results.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "dsjax-xla-cache")
 )
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")

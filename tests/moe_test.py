@@ -123,7 +123,8 @@ def test_selected_experts_lie_in_allowed_groups(groups, per_group, data):
     _check_route(cfg, seed=data.draw(st.integers(0, 1000)))
 
 
-def test_ragged_dot_dispatch_equals_dense_masked_reference():
+@pytest.mark.parametrize("impl,tile", [("ragged_dot", 0), ("tiled", 4), ("tiled", 128)])
+def test_grouped_dispatch_equals_dense_masked_reference(impl, tile):
     rng = np.random.RandomState(0)
     N, D, F, E, K = 37, 12, 8, 6, 2
     x = rng.randn(N, D).astype(np.float32)
@@ -133,7 +134,9 @@ def test_ragged_dot_dispatch_equals_dense_masked_reference():
     w = rng.rand(N, K).astype(np.float32)
 
     def fn(xs, gs):
-        return grouped_swiglu(xs, gs, jnp.asarray(wg), jnp.asarray(wu), jnp.asarray(wd))
+        return grouped_swiglu(
+            xs, gs, jnp.asarray(wg), jnp.asarray(wu), jnp.asarray(wd), impl, tile or 128
+        )
 
     out = dispatch_combine(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), E, fn)
     # Dense reference: every expert on every token, masked by the routing weights (float64).

@@ -1,0 +1,254 @@
+"""train_and_evaluate: the training run behind `python train.py --config=...`.
+
+Mesh from `config.mesh` -> validated config -> tokenizer (trained on the corpus once, kept in the
+workdir) -> Grain iterators -> state initialised straight into its shardings (or restored from the
+latest checkpoint, possibly onto another mesh) -> jitted, donated `train_step` -> metrics
+(JSONL, TensorBoard, a progress line) -> periodic eval -> Orbax checkpoints (async, every K steps,
+at the end, and on SIGTERM/Ctrl-C) -> `loss.png` and a generated sample at the end.
+
+A non-finite loss stops the run with `TrainingError` naming the first bad step, before any
+checkpoint of the bad state is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+from dsjax import data, metrics, sharding
+from dsjax.checkpoint import Checkpointer
+from dsjax.model import Transformer, count_params
+from dsjax.train_step import (
+    TrainingError,
+    create_sharded_state,
+    eval_step,
+    make_optimizer,
+    model_config,
+    train_step,
+    validate_config,
+)
+
+log = logging.getLogger("dsjax.train")
+
+__all__ = ["TrainingError", "train_and_evaluate"]
+
+
+class _StopFlag:
+    """Set by SIGTERM / the first Ctrl-C; the loop saves and exits at the next step."""
+
+    def __init__(self):
+        self.reason: str | None = None
+
+    def __call__(self, signum, frame):
+        if self.reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.reason = signal.Signals(signum).name
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def _global_batch(local: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
+
+
+def _evaluate(eval_fn, state, config, tokenizer, batch_sharding) -> float:
+    """Mean held-out cross-entropy over the first `eval_batches` batches (same every time)."""
+    it = data.make_iterator(
+        config,
+        tokenizer,
+        "eval",
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_epochs=None,
+        prefetch=0,
+    )
+    total = count = 0.0
+    for local in itertools.islice(it, config.train.eval_batches):
+        s, n = eval_fn(state.params, state.moe_bias, _global_batch(local, batch_sharding))
+        total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0)
+
+
+def _check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict[str, float]]]:
+    """Fetches pending step metrics; raises on the first non-finite loss."""
+    fetched = jax.device_get(pending)
+    out = []
+    for step, m in fetched:
+        m = {k: float(v) for k, v in m.items()}
+        if not math.isfinite(m["loss"]):
+            raise TrainingError(
+                f"loss is {m['loss']} at step {step}; stopping (the last good checkpoint is kept)"
+            )
+        out.append((step, m))
+    return out
+
+
+def _sample(cfg, state, tokenizer, config) -> str | None:
+    """A greedy continuation of `config.train.sample_prompt` (single-process runs)."""
+    if jax.process_count() > 1 or config.train.sample_tokens <= 0:
+        return None
+    from dsjax.generate import generate  # noqa: PLC0415  (generation is optional here)
+
+    variables = jax.device_get({"params": state.params, "moe_bias": state.moe_bias})
+    prompt = tokenizer.encode(config.train.sample_prompt, add_bos=tokenizer.bos_id is not None)
+    result = generate(
+        cfg, variables, [prompt], max_new_tokens=config.train.sample_tokens, temperature=0.0
+    )
+    return config.train.sample_prompt + tokenizer.decode(result.tokens[0])
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains per `config` in `workdir` (resuming from its latest checkpoint); returns a summary."""
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(**config.mesh)
+    validate_config(config, mesh)
+    cfg = model_config(config)
+    chief = jax.process_index() == 0
+    if chief:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    tokenizer = data.get_tokenizer(config, workdir)
+    seq_len, steps = config.data.seq_len, config.train.steps
+    model = Transformer(cfg)
+    tx, schedule = make_optimizer(config)
+    counts = count_params(cfg)
+    log.info(
+        "model: %.2fM parameters (%.2fM activated, %.2fM MTP); mesh %s; %d devices",
+        counts["total"] / 1e6,
+        counts["activated"] / 1e6,
+        counts["mtp"] / 1e6,
+        dict(mesh.shape),
+        jax.device_count(),
+    )
+
+    # Measured on CPU (a matmul), so before the mesh context.
+    peak, peak_source = metrics.peak_flops_per_device(jax.devices()[0], cfg.dtype)
+    peak_total = peak * jax.device_count() if peak else None
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        rng = jax.random.key(config.seed)
+        train_iter = data.make_iterator(
+            config,
+            tokenizer,
+            "train",
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        ckpt = Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep)
+        start = ckpt.latest_step()
+        state, abstract, shardings = create_sharded_state(rng, model, tx, mesh, seq_len)
+        if start is not None:
+            state = ckpt.restore(start, abstract, train_iter)
+            log.info("resumed from the checkpoint at step %d", start)
+        start = int(start or 0)
+        batch_sharding = sharding.batch_sharding(mesh)
+        step_fn = jax.jit(
+            functools.partial(
+                train_step, model=model, tx=tx, schedule=schedule, train_cfg=config.train
+            ),
+            in_shardings=(shardings, batch_sharding),
+            out_shardings=(shardings, sharding.replicated(mesh)),
+            donate_argnums=0,
+        )
+        eval_fn = jax.jit(functools.partial(eval_step, model=model))
+
+        writer = metrics.MetricWriter(workdir, is_chief=chief, resume_step=start)
+        progress = metrics.Progress(steps, start_step=start) if chief else None
+        flops_per_token = metrics.train_flops_per_token(cfg, seq_len)
+        stop = _StopFlag()
+        pending: list[tuple[int, dict]] = []
+        last: dict[str, float] = {}
+        eval_loss = None
+        t_mark, step = time.perf_counter(), start
+        t_start, tokens_run, time_run = t_mark, 0.0, 0.0
+
+        if start == 0:  # the starting point of the loss curve
+            eval_loss = _evaluate(eval_fn, state, config, tokenizer, batch_sharding)
+            writer.write(0, {"eval_loss": eval_loss})
+            log.info("step 0: eval loss %.4f", eval_loss)
+            t_mark = time.perf_counter()
+
+        with stop.installed():
+            try:
+                while step < steps and stop.reason is None:
+                    batch = _global_batch(next(train_iter), batch_sharding)
+                    state, m = step_fn(state, batch)
+                    step += 1
+                    pending.append((step, m))
+                    final = step == steps
+                    log_now = step % config.train.log_every == 0 or final
+                    save_now = step % config.checkpoint.every == 0 or final
+                    eval_now = step % config.train.eval_every == 0 or final
+                    if not (log_now or save_now or eval_now or stop.reason):
+                        continue
+                    done = _check_finite(pending)
+                    pending = []
+                    now = time.perf_counter()
+                    tokens = sum(m["tokens"] for _, m in done)
+                    tok_s = tokens / max(now - t_mark, 1e-9)
+                    if done[0][0] > start + 1:  # steady state: skip the interval with compiles
+                        tokens_run, time_run = tokens_run + tokens, time_run + (now - t_mark)
+                    last = dict(done[-1][1])
+                    last["tokens_per_sec"] = tok_s
+                    last["tflops_per_sec"] = tok_s * flops_per_token / 1e12
+                    if peak_total:
+                        last["mfu"] = tok_s * flops_per_token / peak_total
+                    if eval_now:
+                        eval_loss = _evaluate(eval_fn, state, config, tokenizer, batch_sharding)
+                        last["eval_loss"] = eval_loss
+                    writer.write(step, last)
+                    if progress:
+                        progress.update(step, last)
+                    if save_now or stop.reason:
+                        ckpt.save(step, state, train_iter, config, force=True)
+                    t_mark = time.perf_counter()  # eval and checkpoint time is not step time
+            finally:
+                if progress:
+                    progress.close()
+                writer.close()
+                ckpt.close()
+
+        elapsed = time.perf_counter() - t_start
+        summary: dict[str, Any] = {
+            "step": step,
+            "loss": last.get("loss"),
+            "eval_loss": eval_loss,
+            "tokens_per_sec": tokens_run / time_run if time_run else None,
+            "wall_seconds": elapsed,
+            "peak_flops_source": peak_source,
+        }
+        if peak_total and time_run:
+            summary["mfu"] = summary["tokens_per_sec"] * flops_per_token / peak_total
+        if stop.reason:
+            summary["stopped_by"] = stop.reason
+            log.warning("stopped by %s at step %d; checkpoint saved", stop.reason, step)
+            return summary
+        if chief:
+            metrics.plot_loss(
+                os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "loss.png")
+            )
+            summary["sample"] = _sample(cfg, state, tokenizer, config)
+            with open(os.path.join(workdir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+        return summary

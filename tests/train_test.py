@@ -1,0 +1,379 @@
+"""Training: learning, exact resume after SIGKILL, sharded == unsharded, multi-process, balancing,
+clean stops, restore onto another mesh, and the one-line errors of bad configs."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from configs import tiny
+from dsjax import data, sharding
+from dsjax import train_step as ts
+from dsjax.checkpoint import Checkpointer, load_for_inference
+from dsjax.model import Transformer
+from dsjax.train_lib import TrainingError, train_and_evaluate
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """One small BPE for every run in this file (saves each run training its own)."""
+    config = tiny.get_config()
+    workdir = tmp_path_factory.mktemp("tok")
+    data.get_tokenizer(config, str(workdir))
+    return str(workdir / "tokenizer")
+
+
+def tiny_config(tokenizer_dir, **train):
+    c = tiny.get_config()
+    c.data.tokenizer = tokenizer_dir
+    c.train.sample_tokens = 0
+    for k, v in train.items():
+        group, name = k.split("__")
+        c[group][name] = v
+    return c
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ----------------------------------------------------------------------------- learning
+def test_tiny_model_learns_on_the_builtin_corpus(tmp_path, tokenizer_dir):
+    c = tiny_config(tokenizer_dir, train__steps=80, train__eval_every=40, checkpoint__every=40)
+    c.train.sample_tokens = 8
+    summary = train_and_evaluate(c, str(tmp_path))
+    rows = read_metrics(tmp_path)
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    assert evals[0][0] == 0 and evals[-1][0] == 80
+    start, end = evals[0][1], evals[-1][1]
+    assert start == pytest.approx(math.log(c.model.vocab_size), abs=0.3)  # near-uniform init
+    assert end < start - 1.0, evals  # at least one nat better on held-out code
+    logged = [r for r in rows if "loss" in r]
+    for key in (
+        "loss",
+        "main_ce",
+        "mtp_ce",
+        "balance",
+        "grad_norm",
+        "lr",
+        "tokens_per_sec",
+        "tflops_per_sec",
+        "load_imbalance",
+    ):
+        assert all(math.isfinite(r[key]) for r in logged), key
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert isinstance(summary["sample"], str) and summary["sample"].startswith(
+        c.train.sample_prompt
+    )
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["40", "80"]
+
+
+# ----------------------------------------------------------------------------- resume
+def _train_cmd(workdir, tokenizer_dir, *extra):
+    return [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        f"--config.data.tokenizer={tokenizer_dir}",
+        "--config.train.sample_tokens=0",
+        *extra,
+    ]
+
+
+def _env(devices=1):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def test_resume_after_sigkill_is_exact(tmp_path, tokenizer_dir):
+    args = [
+        "--config.train.steps=40",
+        "--config.checkpoint.every=20",
+        "--config.train.log_every=1",
+        "--config.train.eval_every=1000",
+    ]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    subprocess.run(
+        _train_cmd(full, tokenizer_dir, *args),
+        env=_env(),
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    proc = subprocess.Popen(
+        _train_cmd(cut, tokenizer_dir, *args),
+        env=_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    done = cut / "checkpoints" / "20"
+    deadline = time.time() + 300
+    while not (done.is_dir() and not list(done.parent.glob("*tmp*"))):
+        assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "checkpoints" / "40").exists(), "killed too late to test resuming"
+    subprocess.run(
+        _train_cmd(cut, tokenizer_dir, *args), env=_env(), cwd=ROOT, check=True, capture_output=True
+    )
+    a = {r["step"]: r["loss"] for r in read_metrics(full) if "loss" in r}
+    b = {r["step"]: r["loss"] for r in read_metrics(cut) if "loss" in r}
+    assert sorted(b) == list(range(1, 41))  # no duplicated or missing steps after the resume
+    assert a == b  # bit-identical losses, before and after the resume
+    _, va = load_for_inference(str(full))
+    _, vb = load_for_inference(str(cut))
+    for x, y in zip(jax.tree.leaves(va), jax.tree.leaves(vb), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, tokenizer_dir):
+    args = [
+        "--config.train.steps=100000",
+        "--config.checkpoint.every=100000",
+        "--config.train.log_every=1",
+    ]
+    proc = subprocess.Popen(
+        _train_cmd(tmp_path, tokenizer_dir, *args),
+        env=_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics_file = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
+    assert len(steps) == 1 and steps[0] >= 2
+    assert "SIGTERM" in err
+
+
+# ----------------------------------------------------------------------------- sharding
+def _synthetic_batch(cfg, B, T, seed=0):
+    rng = np.random.RandomState(seed)
+    seg = np.ones((B, T), np.int32)
+    seg[:, T // 2 :] = 2
+    seg[0, -3:] = 0  # some padding
+    pos = np.concatenate([np.arange(T // 2), np.arange(T - T // 2)])[None].repeat(B, 0)
+    return {
+        "inputs": rng.randint(0, cfg.vocab_size, (B, T)).astype(np.int32),
+        "targets": rng.randint(0, cfg.vocab_size, (B, T)).astype(np.int32),
+        "segment_ids": seg,
+        "positions": pos.astype(np.int32),
+        "weights": (seg > 0).astype(np.float32),
+    }
+
+
+def _run_steps(config, mesh, batches):
+    cfg = ts.model_config(config)
+    model = Transformer(cfg)
+    tx, schedule = ts.make_optimizer(config)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        state, _, shardings = ts.create_sharded_state(
+            jax.random.key(0), model, tx, mesh, config.data.seq_len
+        )
+        step = jax.jit(
+            functools.partial(
+                ts.train_step, model=model, tx=tx, schedule=schedule, train_cfg=config.train
+            ),
+            in_shardings=(shardings, sharding.batch_sharding(mesh)),
+            donate_argnums=0,
+        )
+        losses = []
+        for b in batches:
+            state, m = step(state, jax.device_put(b, sharding.batch_sharding(mesh)))
+            losses.append(float(m["loss"]))
+    return losses, state
+
+
+def test_sharded_training_equals_single_device():
+    config = tiny.get_config()
+    config.data.seq_len = 16
+    cfg = ts.model_config(config)
+    batches = [_synthetic_batch(cfg, 8, 16, seed=s) for s in range(3)]
+    single = sharding.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+    mesh = sharding.make_mesh(data=2, fsdp=2, expert=2, tensor=1)
+    ref, _ = _run_steps(config, single, batches)
+    got, state = _run_steps(config, mesh, batches)
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    experts = state.params["moe_layers"]["moe"]["experts"]["gate"]  # [L, E, D, F]
+    assert experts.sharding.spec[1] == "expert" and experts.sharding.spec[2] == "fsdp"
+    shard_shape = experts.addressable_shards[0].data.shape
+    assert shard_shape[1] == cfg.n_routed_experts // 2 and shard_shape[2] == cfg.hidden_size // 2
+    emb = state.params["embed"]["embedding"]
+    assert emb.addressable_shards[0].data.shape == (cfg.vocab_size, cfg.hidden_size // 2)
+    mu = state.opt_state[1][0].mu["embed"]["embedding"]  # Adam moment follows its parameter
+    assert mu.sharding == emb.sharding
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+    config = tiny.get_config()
+    config.data.seq_len = 16
+    cfg = ts.model_config(config)
+    model = Transformer(cfg)
+    tx, _ = ts.make_optimizer(config)
+    mesh_a = sharding.make_mesh(data=8)
+    mesh_b = sharding.make_mesh(data=2, fsdp=2, expert=2)
+    with jax.set_mesh(mesh_a):
+        state, _, _ = ts.create_sharded_state(jax.random.key(3), model, tx, mesh_a, 16)
+    ck = Checkpointer(str(tmp_path), every=1, keep=1, async_save=False)
+    dummy = iter(grain.MapDataset.range(10).to_iter_dataset())
+    next(dummy)
+    ck.save(5, state, dummy, config, force=True)
+    ck.close()
+    with jax.set_mesh(mesh_b):
+        _, abstract_b, _ = ts.create_sharded_state(jax.random.key(0), model, tx, mesh_b, 16)
+        fresh = iter(grain.MapDataset.range(10).to_iter_dataset())
+        restored = Checkpointer(str(tmp_path), every=1, keep=1).restore(5, abstract_b, fresh)
+    assert next(fresh) == 1  # the data position came back too
+    for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    gate = restored.params["moe_layers"]["moe"]["experts"]["gate"]
+    assert gate.sharding.mesh.shape == mesh_b.shape and gate.sharding.spec[1] == "expert"
+
+
+# ----------------------------------------------------------------------------- balancing
+@pytest.mark.parametrize("rate", [0.0, 0.05])
+def test_bias_update_balances_load_only_when_enabled(rate):
+    config = tiny.get_config()
+    config.data.seq_len = 32
+    config.optim.lr = 0.0  # freeze the weights: only the routing bias moves
+    config.train.bias_update_rate = rate
+    cfg = ts.model_config(config)
+    model = Transformer(cfg)
+    tx, schedule = ts.make_optimizer(config)
+    state = jax.jit(functools.partial(ts.init_state, model=model, tx=tx, seq_len=32))(
+        jax.random.key(0)
+    )
+    # A skewed starting bias: a few experts win most tokens until the rule corrects it.
+    skew = jnp.linspace(-0.5, 0.5, cfg.n_routed_experts)
+    state = state.replace(moe_bias=jax.tree.map(lambda b: b + skew, state.moe_bias))
+    step = jax.jit(
+        functools.partial(
+            ts.train_step, model=model, tx=tx, schedule=schedule, train_cfg=config.train
+        )
+    )
+    batch = jax.tree.map(jnp.asarray, _synthetic_batch(cfg, 8, 32))
+    imbalance = []
+    for _ in range(40):
+        state, m = step(state, batch)
+        imbalance.append(float(m["load_imbalance"]))
+    assert imbalance[0] > 2.5  # the skewed router overloads a few experts
+    if rate:
+        assert np.mean(imbalance[-5:]) < 0.6 * imbalance[0], imbalance
+    else:
+        assert imbalance[-1] == pytest.approx(imbalance[0]), imbalance
+    # The bias is not an optimizer variable.
+    opt_paths = {
+        jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.opt_state)
+    }
+    assert not any("bias" in p for p in opt_paths)
+    assert jax.tree.structure(state.opt_state[1][0].mu) == jax.tree.structure(state.params)
+
+
+# ----------------------------------------------------------------------------- failures
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tokenizer_dir):
+    c = tiny_config(
+        tokenizer_dir,
+        train__steps=6,
+        checkpoint__every=1,
+        train__log_every=1,
+        optim__warmup_steps=1,
+    )
+    c.optim.lr = float("nan")  # the first update poisons the weights: step 2 sees NaN
+    with pytest.raises(TrainingError, match="at step 2"):
+        train_and_evaluate(c, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+
+
+@pytest.mark.parametrize(
+    "flag,message",
+    [
+        ("--config.train.stpes=3", "stpes"),
+        ("--config.mesh.data=3", "mesh"),
+        ("--config.train.batch_size=0", "batch_size"),
+    ],
+)
+def test_bad_config_is_one_clear_line(tmp_path, flag, message):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "train.py"),
+            "--config=configs/tiny.py",
+            f"--workdir={tmp_path}",
+            flag,
+        ],
+        env=_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_batch_must_divide_over_data_shards():
+    config = tiny.get_config()
+    config.train.batch_size = 6
+    with pytest.raises(ValueError, match="batch_size=6"):
+        ts.validate_config(config, sharding.make_mesh(data=4, fsdp=2))
+
+
+# ----------------------------------------------------------------------------- multi-process
+def test_two_processes_train_together_and_agree(tmp_path, tokenizer_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [
+        "--config.train.steps=4",
+        "--config.train.log_every=1",
+        "--config.checkpoint.every=4",
+        "--config.train.eval_every=1000",
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+    ]
+    procs = [
+        subprocess.Popen(
+            _train_cmd(tmp_path, tokenizer_dir, *args, f"--process_id={i}"),
+            env=_env(),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=400) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    losses = [[ln for ln in out.splitlines() if ln.startswith("done:")] for out, _ in outs]
+    assert len(losses[0]) == 1 and losses[0] == losses[1], outs
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
