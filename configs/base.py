@@ -32,6 +32,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.remat = "full"  # none | full | dots | dots_no_batch
     c.train.sample_prompt = "def "
     c.train.sample_tokens = 64
+    c.train.sample_temperature = 0.7  # top-k 40; 0 = greedy
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 3e-3

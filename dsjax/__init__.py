@@ -8,6 +8,7 @@ Public API (re-exports only):
 """
 
 from dsjax.config import ModelConfig
+from dsjax.generate import GenerateResult, generate
 from dsjax.hf import load_hf_checkpoint, save_hf_checkpoint
 from dsjax.model import (
     ModelOutput,
@@ -20,12 +21,14 @@ from dsjax.model import (
 from dsjax.sharding import LOGICAL_RULES, make_mesh
 
 __all__ = [
+    "GenerateResult",
     "LOGICAL_RULES",
     "ModelConfig",
     "ModelOutput",
     "Transformer",
     "abstract_variables",
     "count_params",
+    "generate",
     "init_cache",
     "init_variables",
     "load_hf_checkpoint",

@@ -104,7 +104,7 @@ def _check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict[str, 
 
 
 def _sample(cfg, state, tokenizer, config) -> str | None:
-    """A greedy continuation of `config.train.sample_prompt` (single-process runs)."""
+    """A sampled continuation of `config.train.sample_prompt` (single-process runs)."""
     if jax.process_count() > 1 or config.train.sample_tokens <= 0:
         return None
     from dsjax.generate import generate  # noqa: PLC0415  (generation is optional here)
@@ -112,7 +112,14 @@ def _sample(cfg, state, tokenizer, config) -> str | None:
     variables = jax.device_get({"params": state.params, "moe_bias": state.moe_bias})
     prompt = tokenizer.encode(config.train.sample_prompt, add_bos=tokenizer.bos_id is not None)
     result = generate(
-        cfg, variables, [prompt], max_new_tokens=config.train.sample_tokens, temperature=0.0
+        cfg,
+        variables,
+        [prompt],
+        max_new_tokens=config.train.sample_tokens,
+        temperature=config.train.sample_temperature,
+        top_k=40,
+        rng=jax.random.key(config.seed),
+        eos_id=tokenizer.eos_id,
     )
     return config.train.sample_prompt + tokenizer.decode(result.tokens[0])
 

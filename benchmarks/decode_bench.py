@@ -1,0 +1,394 @@
+"""Decode benchmark: dsjax generate vs Hugging Face transformers, latent cache size, MTP speed-up.
+
+    python benchmarks/decode_bench.py [--config=configs/small.py] [--prompt-len=64]
+        [--new-tokens=128] [--batches=1,8] [--train-steps=300] [--skip-hf]
+
+1. Throughput: greedy decoding of the same random checkpoint (the config's model, float32,
+   written with `save_hf_checkpoint` and read by `DeepseekV3ForCausalLM.from_pretrained`) at
+   each batch size; prefill time is measured separately (max_new_tokens=1) and subtracted, so
+   "decode tok/s" is generated tokens after the first per second of decode loop. Also reports
+   whether both produced the same tokens.
+2. Cache bytes per token per sequence: dsjax's absorbed latent cache (formula
+   L * (kv_lora_rank + qk_rope_head_dim) * itemsize, and the actual arrays) against the
+   expanded per-head keys and values (formula L * H * (d_n + d_r + d_v) * itemsize, and the
+   actual tensors in HF's DynamicCache after generate), plus the DeepSeek-V3 formulas.
+3. MTP speculative decoding: acceptance rate, tokens per main forward and speed-up over plain
+   greedy, for the random model and after training main model + MTP module for
+   `--train-steps` steps (optax AdamW) on a repetitive pattern (each sequence follows a fixed
+   random permutation of the vocabulary, from a random start token).
+
+Timings are the best of `--repeats` runs after a compile/warm-up run. Print-only: the lead
+copies the tables into benchmarks/RESULTS.md with the machine named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dsjax.config import ModelConfig  # noqa: E402
+from dsjax.generate import generate, main_cache  # noqa: E402
+from dsjax.model import Transformer, abstract_variables, init_cache  # noqa: E402
+
+DEFAULT_CONFIG = dict(
+    vocab_size=4096,
+    hidden_size=192,
+    intermediate_size=512,
+    moe_intermediate_size=128,
+    num_hidden_layers=4,
+    first_k_dense_replace=1,
+    num_attention_heads=4,
+    q_lora_rank=96,
+    kv_lora_rank=64,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    n_routed_experts=16,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    rope_factor=4.0,
+    rope_original_max_position=64,
+    max_position_embeddings=1024,
+    num_mtp_layers=1,
+)
+
+
+# ====================================================================== shared helpers
+def load_model_config(path: str | None) -> ModelConfig:
+    """ModelConfig from a configs/*.py file (`get_config().model`), float32, no remat."""
+    fields = dict(DEFAULT_CONFIG)
+    if path and Path(path).exists():
+        spec = importlib.util.spec_from_file_location("bench_config", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        fields = module.get_config().model.to_dict()
+    known = {f for f in ModelConfig.__dataclass_fields__}
+    fields = {k: v for k, v in fields.items() if k in known}
+    fields.update(dtype="float32", param_dtype="float32", remat="none")
+    return ModelConfig(**fields)
+
+
+def random_variables(cfg: ModelConfig, seed: int = 0, gain: float = 1.5, std: float | None = None):
+    """Random variables from shapes alone (no init compile).
+
+    By default with well-separated logits (kernels N(0, (gain / sqrt(fan_in))^2), embeddings
+    N(0, 1), norm scales 1 + 0.2 N(0, 1)); with `std`, a training init (everything N(0, std^2),
+    norm scales 1, routing bias 0).
+    """
+    shapes = nn.unbox(abstract_variables(cfg))
+    rng = np.random.default_rng(seed)
+
+    def make(path, s):
+        name = jax.tree_util.keystr(path)
+        if std is not None:
+            if "moe_bias" in name:
+                return jnp.zeros(s.shape, s.dtype)
+            if name.endswith("['scale']"):
+                return jnp.ones(s.shape, s.dtype)
+            return jnp.asarray(std * rng.standard_normal(s.shape), s.dtype)
+        if "moe_bias" in name:
+            return jnp.asarray(rng.uniform(0, 0.3, s.shape), s.dtype)
+        if name.endswith("['scale']"):
+            return jnp.asarray(1 + 0.2 * rng.standard_normal(s.shape), s.dtype)
+        if "embedding" in name:
+            return jnp.asarray(rng.standard_normal(s.shape), s.dtype)
+        return jnp.asarray(gain / math.sqrt(s.shape[-2]) * rng.standard_normal(s.shape), s.dtype)
+
+    return jax.tree_util.tree_map_with_path(make, shapes)
+
+
+def best_time(fn, repeats: int) -> float:
+    """Best wall time of `repeats` calls (after the caller's warm-up)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def table(rows: list[list], header: list[str]) -> str:
+    """A GitHub-markdown table."""
+    cells = [header] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
+    return "\n".join(
+        [fmt(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+        + [fmt(r) for r in cells[1:]]
+    )
+
+
+# ====================================================================== 1. throughput
+def bench_dsjax(cfg, variables, prompts, new_tokens, repeats, **kw):
+    """(total seconds, prefill seconds, tokens) of greedy generate for `prompts`."""
+    run = lambda n: generate(cfg, variables, prompts, n, **kw)
+    run(new_tokens), run(1)  # compile both buckets
+    total = best_time(lambda: run(new_tokens), repeats)
+    first = best_time(lambda: run(1), repeats)
+    return total, first, run(new_tokens)
+
+
+def bench_hf(model, prompts, new_tokens, repeats):
+    """(total seconds, prefill seconds, tokens, cache bytes per token) of HF greedy generate."""
+    import torch
+
+    ids = torch.tensor(prompts)
+    kw = dict(
+        do_sample=False, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(ids)
+    )
+
+    def run(n):
+        with torch.no_grad():
+            return model.generate(
+                ids, max_new_tokens=n, min_new_tokens=n, return_dict_in_generate=True, **kw
+            )
+
+    run(2)
+    total = best_time(lambda: run(new_tokens), repeats)
+    first = best_time(lambda: run(1), repeats)
+    out = run(new_tokens)
+    cache = out.past_key_values
+    nbytes = 0
+    for layer in cache.layers:
+        nbytes += layer.keys.numel() * layer.keys.element_size()
+        nbytes += layer.values.numel() * layer.values.element_size()
+    seq = out.sequences.shape[1] - 1  # the last token is never written to the cache
+    return total, first, out.sequences[:, ids.shape[1] :].tolist(), nbytes / (len(prompts) * seq)
+
+
+# ====================================================================== 3. speculative
+def train_pattern(cfg: ModelConfig, steps: int, seed: int = 0):
+    """Trains main model + MTP (AdamW, from a std-0.02 init) on sequences t_{i+1} = perm(t_i);
+    returns (variables, perm)."""
+    import optax
+
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(cfg.vocab_size)
+    batch, length = 16, 64
+
+    def sample_batch():
+        x = np.empty((batch, length), np.int32)
+        x[:, 0] = rng.integers(0, cfg.vocab_size, batch)
+        for t in range(1, length):
+            x[:, t] = perm[x[:, t - 1]]
+        return jnp.asarray(x)
+
+    def loss_fn(params, moe_bias, tokens):
+        out = Transformer(cfg).apply({"params": params, "moe_bias": moe_bias}, tokens, run_mtp=True)
+        main = optax.softmax_cross_entropy_with_integer_labels(out.logits[:, :-1], tokens[:, 1:])
+        mtp = optax.softmax_cross_entropy_with_integer_labels(
+            out.mtp_logits[0][:, :-1], tokens[:, 2:]
+        )
+        return main.mean() + mtp.mean(), (main.mean(), mtp.mean())
+
+    warmup = min(20, steps // 2)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, warmup, max(steps, warmup + 1))
+    opt = optax.adamw(schedule, weight_decay=0.0)
+
+    @jax.jit
+    def step(params, state, moe_bias, tokens):
+        (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, moe_bias, tokens)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, losses
+
+    variables = random_variables(cfg, seed, std=0.02)
+    params, moe_bias = variables["params"], variables["moe_bias"]
+    state = opt.init(params)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        params, state, loss = step(params, state, moe_bias, sample_batch())
+        if i % 50 == 0 or i == steps - 1:
+            print(
+                f"  train step {i}: main loss {float(loss[0]):.3f}, MTP loss {float(loss[1]):.3f}"
+                f" ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+    return {"params": params, "moe_bias": moe_bias}, perm
+
+
+def bench_speculative(cfg, variables, prompts, new_tokens, repeats):
+    plain_t, _, plain = bench_dsjax(cfg, variables, prompts, new_tokens, repeats)
+    spec_t, _, spec = bench_dsjax(cfg, variables, prompts, new_tokens, repeats, speculative=True)
+    assert spec.tokens == plain.tokens, "speculative greedy differs from plain greedy"
+    B = len(prompts)
+    return [
+        spec.acceptance_rate,
+        spec.tokens_per_forward,
+        B * new_tokens / plain_t,
+        B * new_tokens / spec_t,
+        plain_t / spec_t,
+    ]
+
+
+# ====================================================================== main
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/small.py")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--skip-hf", action="store_true")
+    args = p.parse_args(argv)
+
+    cfg = load_model_config(args.config)
+    print(
+        f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); model: "
+        f"{cfg.num_hidden_layers} layers, d={cfg.hidden_size}, vocab {cfg.vocab_size}, "
+        f"{cfg.n_routed_experts} experts; prompt {args.prompt_len}, new {args.new_tokens}",
+        flush=True,
+    )
+    variables = random_variables(cfg)
+    rng = np.random.default_rng(0)
+    batches = [int(b) for b in args.batches.split(",")]
+    hf_model = None
+    if not args.skip_hf:
+        import torch
+        from transformers import DeepseekV3ForCausalLM
+
+        from dsjax.hf import save_hf_checkpoint
+
+        tmp = tempfile.mkdtemp()
+        save_hf_checkpoint(tmp, cfg, variables)
+        hf_model = DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+
+    # 1. Throughput.
+    rows, hf_cache = [], None
+    for B in batches:
+        prompts = rng.integers(3, cfg.vocab_size, (B, args.prompt_len)).tolist()
+        total, first, res = bench_dsjax(cfg, variables, prompts, args.new_tokens, args.repeats)
+        decode = B * (args.new_tokens - 1) / (total - first)
+        rows.append(["dsjax", B, B * args.new_tokens / total, decode, first * 1e3, ""])
+        if hf_model is not None:
+            h_total, h_first, h_tokens, hf_cache = bench_hf(
+                hf_model, prompts, args.new_tokens, args.repeats
+            )
+            same = np.mean([a == b for a, b in zip(h_tokens, res.tokens, strict=True)])
+            rows.append(
+                [
+                    "HF transformers",
+                    B,
+                    B * args.new_tokens / h_total,
+                    B * (args.new_tokens - 1) / (h_total - h_first),
+                    h_first * 1e3,
+                    f"{same:.0%} rows identical",
+                ]
+            )
+        print(
+            table(
+                rows[-2:] if hf_model else rows[-1:],
+                ["impl", "batch", "tok/s (total)", "decode tok/s", "prefill ms", "note"],
+            ),
+            flush=True,
+        )
+    print("\n## Greedy decode throughput\n")
+    print(table(rows, ["impl", "batch", "tok/s (total)", "decode tok/s", "prefill ms", "note"]))
+
+    # 2. Cache bytes per token.
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+    absorbed = L * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * itemsize
+    expanded = L * H * (cfg.qk_head_dim + cfg.v_head_dim) * itemsize
+    cache = main_cache(jax.eval_shape(lambda: init_cache(cfg, 2, 256)))
+    actual = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(cache)) / (2 * 256)
+    v3 = ModelConfig()
+    v3_abs = v3.num_hidden_layers * (v3.kv_lora_rank + v3.qk_rope_head_dim) * 2
+    v3_exp = v3.num_hidden_layers * v3.num_attention_heads * (v3.qk_head_dim + v3.v_head_dim) * 2
+    print("\n## KV cache bytes per token (one sequence, all layers)\n")
+    print(
+        table(
+            [
+                [
+                    f"this model ({cfg.dtype})",
+                    absorbed,
+                    int(actual),
+                    expanded,
+                    f"{hf_cache:.0f}" if hf_cache else "-",
+                    expanded / absorbed,
+                ],
+                ["DeepSeek-V3 (bf16, 61 layers)", v3_abs, "-", v3_exp, "-", v3_exp / v3_abs],
+            ],
+            [
+                "model",
+                "absorbed (formula)",
+                "absorbed (dsjax arrays)",
+                "expanded (formula)",
+                "HF DynamicCache (arrays)",
+                "expanded / absorbed",
+            ],
+        )
+    )
+    print(
+        "\n(transformers 5 caches MLA's compressed latent + rotary key as well, and re-expands "
+        "the keys and values from it at every step.)"
+    )
+
+    # 3. Speculative decoding.
+    spec_rows = []
+    for name, vs in [("random weights", variables)] + (
+        [("trained on pattern", None)] if args.train_steps else []
+    ):
+        if vs is None:
+            print(f"\ntraining main + MTP for {args.train_steps} steps ...", flush=True)
+            vs, perm = train_pattern(cfg, args.train_steps)
+        for B in batches:
+            starts = rng.integers(0, cfg.vocab_size, B)
+            if name == "random weights":
+                prompts = rng.integers(3, cfg.vocab_size, (B, args.prompt_len)).tolist()
+            else:  # prompts that follow the pattern
+                prompts = [[int(s)] for s in starts]
+                for row in prompts:
+                    while len(row) < args.prompt_len:
+                        row.append(int(perm[row[-1]]))
+            spec_rows.append(
+                [name, B, *bench_speculative(cfg, vs, prompts, args.new_tokens, args.repeats)]
+            )
+            print(
+                table(
+                    spec_rows[-1:],
+                    [
+                        "weights",
+                        "batch",
+                        "acceptance",
+                        "tokens/forward",
+                        "plain tok/s",
+                        "speculative tok/s",
+                        "speed-up",
+                    ],
+                ),
+                flush=True,
+            )
+    print("\n## MTP speculative decoding (greedy; output identical to plain greedy)\n")
+    print(
+        table(
+            spec_rows,
+            [
+                "weights",
+                "batch",
+                "acceptance",
+                "tokens/forward",
+                "plain tok/s",
+                "speculative tok/s",
+                "speed-up",
+            ],
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Serve a dsjax model over an OpenAI-compatible HTTP API, or complete one prompt and exit.
+
+    python serve.py --checkpoint=DIR [--host=127.0.0.1] [--port=8000] [--api-key=KEY]
+                    [--slots=8] [--max-queue=64] [--max-len=N] [--dtype=bfloat16]
+    python serve.py --checkpoint=DIR --prompt="Once upon a time" [--max-tokens=64]
+
+DIR is a train.py workdir (checkpoints/ + tokenizer/) or a Hugging Face directory (config.json,
+safetensors, tokenizer.json). The API is described in dsjax/server.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="train.py workdir or Hugging Face dir")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--slots", type=int, default=8, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help="context per request (default min(max_position_embeddings, 4096))",
+    )
+    p.add_argument(
+        "--min-batch",
+        type=int,
+        default=1,
+        help="smallest slot bucket a decode step runs over (fewer compilations)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="parameter and compute dtype (default: the checkpoint's)",
+    )
+    p.add_argument("--model-name", default=None, help="name in the API (default: DIR's name)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-level", default="warning")
+    p.add_argument("--prompt", default=None, help="complete this prompt, print it and exit")
+    p.add_argument("--max-tokens", type=int, default=64, help="with --prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="with --prompt")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Loads the checkpoint, then completes --prompt or serves until interrupted."""
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper())
+    from pathlib import Path
+
+    import jax
+
+    from dsjax.engine import Engine
+    from dsjax.generate import generate
+    from dsjax.server import create_app, load_model
+
+    cfg, variables, tokenizer, add_bos = load_model(args.checkpoint, args.dtype)
+    name = args.model_name or Path(args.checkpoint).resolve().name
+    if args.prompt is not None:
+        ids = tokenizer.encode(args.prompt)
+        if add_bos and tokenizer.bos_id is not None:
+            ids = [tokenizer.bos_id, *ids]
+        result = generate(
+            cfg,
+            variables,
+            [ids],
+            args.max_tokens,
+            temperature=args.temperature,
+            rng=jax.random.key(args.seed),
+            eos_id=tokenizer.eos_id,
+        )
+        print(args.prompt + tokenizer.decode(result.tokens[0]))
+        return 0
+
+    import uvicorn
+
+    engine = Engine(
+        cfg,
+        variables,
+        slots=args.slots,
+        max_len=args.max_len,
+        max_queue=args.max_queue,
+        eos_id=tokenizer.eos_id,
+        seed=args.seed,
+        min_batch=args.min_batch,
+    ).start()
+    engine.warmup()
+    app = create_app(engine, tokenizer, name, api_key=args.api_key, add_bos=add_bos)
+    print(
+        f"serving {name} on http://{args.host}:{args.port} ({args.slots} slots, context "
+        f"{engine.max_len})",
+        flush=True,
+    )
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,457 @@
+"""Tests for dsjax.engine (continuous batching) and serve.py / dsjax.server (HTTP API).
+
+One tiny random Hugging Face checkpoint (with a BPE tokenizer trained in-test and a chat
+template) serves every test. Engine results are checked against `dsjax.generate`; the HTTP
+server runs as a subprocess on a free local port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+from dsjax.engine import Engine, QueueFull, SamplingParams
+from dsjax.generate import generate
+from dsjax.hf import load_hf_checkpoint
+from dsjax.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, Tokenizer, train_bpe
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "test-key"
+MAX_LEN = 128
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+# 16 requests: prompt lengths 1..16 (prefill buckets 8 and 16), different max_tokens.
+PROMPT_IDS = [[(7 * i + 3 * j) % 250 + 3 for j in range(1 + i)] for i in range(16)]
+MAX_TOKENS = [4 + (5 * i) % 13 for i in range(16)]
+
+
+# ====================================================================== fixtures
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny random HF DeepSeek-V3 directory with tokenizer.json + tokenizer_config.json."""
+    path = tmp_path_factory.mktemp("ckpt")
+    corpus = [f"the quick brown fox {i} jumps over the lazy dog" for i in range(100)]
+    trained = train_bpe(corpus * 3 + ["hello world, how are you?"] * 20, 300)
+    tok = Tokenizer(
+        trained.backend,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        chat_template=TEMPLATE,
+    )
+    tok.save(path)
+    config = DeepseekV3Config(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_shared_experts=1,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        max_position_embeddings=256,
+        num_nextn_predict_layers=0,
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+    )
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(config).float().eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(1.5 / math.sqrt(p.shape[-1]) * torch.randn(p.shape, generator=gen))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.3 * torch.rand(b.shape, generator=gen))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server_process(checkpoint, tmp_path_factory):
+    """serve.py in a subprocess (started early: it compiles while in-process tests run)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "serve.py"),
+                f"--checkpoint={checkpoint}",
+                f"--port={port}",
+                "--slots=4",
+                "--min-batch=4",
+                f"--max-len={MAX_LEN}",
+                "--max-queue=32",
+                f"--api-key={API_KEY}",
+                "--model-name=tiny",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    yield proc, f"http://127.0.0.1:{port}", log
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(server_process):
+    """Base URL of the running server (waits until /health answers)."""
+    proc, url, log = server_process
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"server did not start:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint, server_process):
+    cfg, variables = load_hf_checkpoint(checkpoint)
+    return cfg, variables, Tokenizer.load(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    """Single-request greedy results from `generate` (eos = the tokenizer's)."""
+    cfg, variables, tok = model
+    result = generate(cfg, variables, PROMPT_IDS, max(MAX_TOKENS), eos_id=tok.eos_id)
+    out = []
+    for tokens, n in zip(result.tokens, MAX_TOKENS, strict=True):
+        tokens = tokens[:n]
+        stopped = tok.eos_id in tokens
+        out.append(
+            (
+                tokens[: tokens.index(tok.eos_id) + 1] if stopped else tokens,
+                "stop" if stopped else "length",
+            )
+        )
+    return out
+
+
+def _headers():
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+# ====================================================================== engine
+def test_engine_batched_results_equal_single_generate(model, reference):
+    cfg, variables, tok = model
+    # min_window=16: requests cross from a 16- to a 32-position attention window mid-way.
+    with Engine(
+        cfg, variables, slots=4, max_len=MAX_LEN, eos_id=tok.eos_id, min_batch=4, min_window=16
+    ) as engine:
+        results: dict[int, list] = {}
+        done = threading.Event()
+
+        def collect(ev):
+            entry = results.setdefault(ev.request_id, [[], None])
+            entry[0].extend(ev.tokens)
+            if ev.finish_reason is not None:
+                entry[1] = ev.finish_reason
+                if len(results) == 16 and all(r[1] is not None for r in results.values()):
+                    done.set()
+
+        # All 16 at once: 4 slots, so requests join and leave a running batch.
+        ids = [
+            engine.submit(p, SamplingParams(max_tokens=n), collect)
+            for p, n in zip(PROMPT_IDS, MAX_TOKENS, strict=True)
+        ]
+        assert done.wait(120)
+        for rid, (tokens, reason) in zip(ids, reference, strict=True):
+            assert results[rid] == [tokens, reason]
+        stats = engine.stats()
+        assert stats["prefills"] == 16 and stats["tokens"] == sum(len(r[0]) for r in reference)
+
+
+def test_engine_sampling_queue_full_and_cancel(model):
+    cfg, variables, tok = model
+    with Engine(cfg, variables, slots=4, max_len=MAX_LEN, max_queue=1) as engine:
+        # Seeded sampling does not depend on the neighbours (alone: a 1-slot step; then 4).
+        params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=11, ignore_eos=True)
+        alone = engine.generate(PROMPT_IDS[5], params)
+        busy = [
+            engine.submit(p, SamplingParams(max_tokens=60, ignore_eos=True)) for p in PROMPT_IDS[:1]
+        ]
+        while engine.stats()["queued"]:
+            time.sleep(0.001)
+        assert engine.generate(PROMPT_IDS[5], params) == alone
+        engine.cancel(busy[0])
+
+        long = SamplingParams(max_tokens=120, ignore_eos=True)
+        events: dict[int, list] = {}
+        running = []
+        for p in PROMPT_IDS[:4]:
+            running.append(
+                engine.submit(p, long, lambda ev: events.setdefault(ev.request_id, []).append(ev))
+            )
+            while engine.stats()["queued"]:  # admitted before the next one is queued
+                time.sleep(0.001)
+        waiting = engine.submit(PROMPT_IDS[4], long)
+        with pytest.raises(QueueFull):
+            engine.submit(PROMPT_IDS[5], long)
+        with pytest.raises(ValueError, match="exceeds the context length"):
+            engine.submit([1] * 100, SamplingParams(max_tokens=29))
+        for rid in [*running, waiting]:
+            engine.cancel(rid)
+        deadline = time.time() + 30
+        while engine.stats()["free_slots"] < 4 or engine.stats()["queued"]:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        assert all(events[r][-1].finish_reason in ("cancelled", "length") for r in running)
+        assert engine.stats()["finished_cancelled"] >= 2  # the queued one at least
+
+
+def test_queue_full_is_503_in_app(model):
+    from fastapi.testclient import TestClient
+
+    from dsjax.server import create_app
+
+    cfg, variables, tok = model
+    with Engine(cfg, variables, slots=4, max_len=MAX_LEN, max_queue=1) as engine:
+        client = TestClient(create_app(engine, tok, "tiny"))
+        long = SamplingParams(max_tokens=120, ignore_eos=True)
+        busy = []
+        for p in PROMPT_IDS[:4]:
+            busy.append(engine.submit(p, long))
+            while engine.stats()["queued"]:
+                time.sleep(0.001)
+        busy.append(engine.submit(PROMPT_IDS[4], long))
+        r = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "queue_full"
+        for rid in busy:
+            engine.cancel(rid)
+        r = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3})
+        assert r.status_code == 200, r.text
+
+
+# ====================================================================== HTTP server
+def _post(url, path, body, **kw):
+    return httpx.post(f"{url}{path}", json=body, headers=_headers(), timeout=60, **kw)
+
+
+def _stream(url, path, body) -> tuple[str, list[dict]]:
+    """Concatenated text deltas and the parsed chunks of a streamed request."""
+    chunks, lines = [], []
+    with httpx.stream(
+        "POST", f"{url}{path}", json={**body, "stream": True}, headers=_headers(), timeout=60
+    ) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line:
+                lines.append(line)
+    assert lines[-1] == "data: [DONE]"
+    for line in lines[:-1]:
+        assert line.startswith("data: ")
+        chunks.append(json.loads(line[len("data: ") :]))
+    text = ""
+    for c in chunks:
+        for choice in c["choices"]:
+            text += choice.get("text") or choice.get("delta", {}).get("content") or ""
+    return text, chunks
+
+
+def test_completion_chat_and_streaming(server, model):
+    _, _, tok = model
+    assert httpx.get(f"{server}/v1/models", headers=_headers()).json()["data"][0]["id"] == "tiny"
+    body = {"model": "tiny", "prompt": "the quick brown fox", "max_tokens": 12, "temperature": 0}
+    r = _post(server, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    n_prompt = len(tok.encode("the quick brown fox"))
+    assert out["object"] == "text_completion" and out["usage"]["prompt_tokens"] == n_prompt
+    assert out["usage"]["total_tokens"] == n_prompt + out["usage"]["completion_tokens"]
+    text, chunks = _stream(server, "/v1/completions", body)
+    assert text == out["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == out["choices"][0]["finish_reason"]
+
+    chat = {
+        "messages": [{"role": "user", "content": "hello world"}],
+        "max_tokens": 10,
+        "temperature": 0,
+    }
+    r = _post(server, "/v1/chat/completions", chat)
+    assert r.status_code == 200, r.text
+    message = r.json()["choices"][0]["message"]
+    assert message["role"] == "assistant"
+    expected_prompt = tok.encode(f"{BOS_TOKEN}<user>hello world\n<assistant>", parse_special=True)
+    assert r.json()["usage"]["prompt_tokens"] == len(expected_prompt)
+    text, chunks = _stream(
+        server, "/v1/chat/completions", {**chat, "stream_options": {"include_usage": True}}
+    )
+    assert text == message["content"]
+    assert chunks[0]["object"] == "chat.completion.chunk"
+    assert chunks[-1]["usage"] == r.json()["usage"]
+
+    # A stop string cuts the text (streamed and not) before its first occurrence.
+    full = _post(server, "/v1/completions", {**body, "max_tokens": 20}).json()
+    full_text = full["choices"][0]["text"]
+    letters = [c for c in full_text[1:] if c.isascii() and c.isalnum()]
+    if letters:
+        stop = letters[0]
+        cut = full_text[: full_text.index(stop)]
+        r = _post(server, "/v1/completions", {**body, "max_tokens": 20, "stop": [stop]})
+        assert r.json()["choices"][0] == {
+            **r.json()["choices"][0],
+            "text": cut,
+            "finish_reason": "stop",
+        }
+        assert (
+            _stream(server, "/v1/completions", {**body, "max_tokens": 20, "stop": stop})[0] == cut
+        )
+
+
+def test_concurrent_requests_equal_single_request_results(server, model, reference):
+    _, _, tok = model
+
+    async def run_all():
+        async with httpx.AsyncClient(timeout=120, headers=_headers()) as client:
+
+            async def one(prompt, n):
+                r = await client.post(
+                    f"{server}/v1/completions",
+                    json={"prompt": prompt, "max_tokens": n, "temperature": 0},
+                )
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]
+
+            return await asyncio.gather(
+                *(one(p, n) for p, n in zip(PROMPT_IDS, MAX_TOKENS, strict=True))
+            )
+
+    results = asyncio.run(run_all())
+    for choice, (tokens, reason) in zip(results, reference, strict=True):
+        assert choice["text"] == tok.decode(tokens)
+        assert choice["finish_reason"] == reason
+
+
+def test_bad_requests_get_openai_errors_and_server_keeps_serving(server):
+    def error(r, status):
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        return err
+
+    url = f"{server}/v1/completions"
+    error(httpx.post(url, content=b"{not json", headers=_headers()), 400)
+    assert (
+        error(_post(server, "/v1/completions", {"prompt": "x", "max_tokens": -3}), 400)["param"]
+        == "max_tokens"
+    )
+    err = error(_post(server, "/v1/completions", {"prompt": [5] * 120, "max_tokens": 20}), 400)
+    assert err["code"] == "context_length_exceeded" and "140" in err["message"]
+    error(_post(server, "/v1/completions", {"prompt": "x", "n": 2}), 400)
+    error(_post(server, "/v1/completions", {"prompt": "x", "temperature": "hot"}), 400)
+    error(_post(server, "/v1/completions", {"prompt": [[]]}), 400)
+    error(_post(server, "/v1/chat/completions", {"messages": "hi"}), 400)
+    assert (
+        error(_post(server, "/v1/completions", {"prompt": "x", "model": "gpt-9"}), 404)["code"]
+        == "model_not_found"
+    )
+    error(httpx.post(url, json={"prompt": "x"}), 401)
+    error(httpx.post(url, json={"prompt": "x"}, headers={"Authorization": "Bearer nope"}), 401)
+    error(httpx.get(f"{server}/v1/nothing", headers=_headers()), 404)
+    r = _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+
+
+def test_dropped_stream_frees_its_slot(server):
+    before = httpx.get(f"{server}/health").json()
+    body = {
+        "prompt": "the",
+        "max_tokens": 120,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST", f"{server}/v1/completions", json=body, headers=_headers(), timeout=60
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # close the connection after the first chunk
+    deadline = time.time() + 30
+    while True:
+        health = httpx.get(f"{server}/health").json()
+        if health["free_slots"] == health["slots"] and health.get(
+            "finished_cancelled", 0
+        ) > before.get("finished_cancelled", 0):
+            break
+        assert time.time() < deadline, health
+        time.sleep(0.05)
+    assert health["tokens"] - before["tokens"] < 120  # stopped early, not run to the end
+
+
+def test_load_model_from_workdir_and_hf_dir(tmp_path, checkpoint, model):
+    """serve.py's loader: a train.py workdir (Orbax model + config, tokenizer/) and an HF dir."""
+    import dataclasses
+
+    import jax
+    import orbax.checkpoint as ocp
+
+    from dsjax.server import load_model
+
+    cfg, variables, tok = model
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+    manager = ocp.CheckpointManager(tmp_path / "checkpoints", options=options)
+    manager.save(
+        3,
+        args=ocp.args.Composite(
+            model=ocp.args.StandardSave(variables),
+            config=ocp.args.JsonSave({"model": dataclasses.asdict(cfg)}),
+        ),
+    )
+    manager.wait_until_finished()
+    manager.close()
+    tok.save(tmp_path / "tokenizer")
+
+    for path in (tmp_path, checkpoint):
+        got_cfg, got_vars, got_tok, add_bos = load_model(path)
+        assert got_cfg == cfg and got_tok.eos_id == tok.eos_id and add_bos is False
+        assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), got_vars, variables))
