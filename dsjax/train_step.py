@@ -212,7 +212,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, train_cfg):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     moe_bias = update_bias(state.moe_bias, sums["counts"], train_cfg.bias_update_rate)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["lr"] = schedule(state.step)
     metrics["load_imbalance"] = load_imbalance(sums["counts"])
     new_state = state.replace(
