@@ -1,6 +1,6 @@
 """The CPU default: a small DeepSeek-V3-style MoE with every feature on (q LoRA, YaRN, a dense
 layer then MoE layers with grouped routing and a shared expert, MTP depth 1), trained on the Python
-standard library's own source. About 10-15 minutes on 2 CPU cores."""
+standard library's own source. About 14 minutes on 2 CPU cores (measured: benchmarks/RESULTS.md)."""
 
 from configs.base import get_base_config
 
@@ -42,7 +42,7 @@ def get_config():
         init_std=0.02,
     )
     c.data.seq_len = 256
-    c.train.steps = 600
+    c.train.steps = 500
     c.train.batch_size = 8
     c.train.log_every = 10
     c.train.eval_every = 100
