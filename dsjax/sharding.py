@@ -24,13 +24,22 @@ BATCH_AXES = ("data", "fsdp", "expert")
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", BATCH_AXES),
     ("length", None),
+    ("expert", "expert"),  # before `embed`: rules are applied in this order
+    # Parameters' embed dim over fsdp x expert: weights without an expert dim (attention, dense
+    # and shared FFNs, embedding, head) are then not replicated over the expert axis; expert
+    # weights, whose expert dim took `expert`, fall through to the next rule.
+    ("embed", ("fsdp", "expert")),
     ("embed", "fsdp"),
     ("heads", "tensor"),
-    ("q_lora", None),
-    ("kv_lora", None),
+    # The latent ranks of the MLA up-projections (q_b [q_lora, H*K], kv_b [kv_lora, H*(K+V)]),
+    # else replicated on every chip when tensor=1 (V3: 12 GiB fp32 per chip); activations' batch
+    # dims have taken these axes, so their latent dims stay whole.
+    ("q_lora", ("fsdp", "expert")),
+    ("q_lora", "fsdp"),
+    ("kv_lora", ("fsdp", "expert")),
+    ("kv_lora", "fsdp"),
     ("head_dim", None),
     ("mlp", "tensor"),
-    ("expert", "expert"),
     ("vocab", "tensor"),
     ("layers", None),
     ("norm", None),
@@ -51,7 +60,9 @@ def make_mesh(
         if size == 0 or size < -1:
             raise ValueError(f"mesh.{name}={size}: must be a positive size or -1 (the rest)")
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))}: at most one axis may be -1")
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))}: at most one axis may be -1"
+        )
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:

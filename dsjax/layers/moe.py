@@ -8,6 +8,11 @@ group_limited_greedy) and masks the rest with -inf; weights come from the unbias
 Dispatch: the N*k token->expert assignments are sorted by expert and the experts run as grouped
 matmuls (`jax.lax.ragged_dot`) over contiguous groups: no capacity, no dropped token, no expert
 computed on tokens it was not chosen for.
+
+Under a mesh (`sharded_experts`) the routed experts run in `shard_map` over the batch axes: each
+shard sorts only its own tokens' assignments (a global sort would make XLA gather every token onto
+every chip), and with an `expert` axis the assignments travel to the shard holding their expert and
+back by ragged all-to-all (`expert_all_to_all`), dropless.
 """
 
 from __future__ import annotations
@@ -49,18 +54,34 @@ def route(logits_NE: jnp.ndarray, bias_E: jnp.ndarray, cfg: ModelConfig):
     return idx_NK.astype(jnp.int32), weights * cfg.routed_scaling_factor, scores
 
 
+def _platform() -> str:
+    """The platform the program is built for: the mesh's devices' (a TPU mesh compiled ahead of
+    time on a CPU host says "tpu"), else the default backend's."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def grouped_swiglu(
-    x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, impl: str = "auto", tile: int = 128
+    x_MD,
+    group_sizes_E,
+    w_gate_EDF,
+    w_up_EDF,
+    w_down_EFD,
+    impl: str = "auto",
+    tile: int = 128,
+    platform: str | None = None,
 ):
     """SwiGLU per contiguous expert group of rows (rows sorted by expert; rows past the sum of
     the group sizes give zeros).
 
     impl "ragged_dot": `jax.lax.ragged_dot` (native grouped GEMM on GPU/TPU); "tiled": each
     group padded to whole tiles of `tile` rows, one expert per tile, batched matmuls over tiles
-    (XLA:CPU lowers ragged_dot ~10x slower than this); "auto": tiled on CPU, else ragged_dot.
+    (XLA:CPU lowers ragged_dot ~10x slower than this); "auto": tiled on CPU, else ragged_dot
+    (`platform` defaults to the mesh's, see `_platform`).
     """
     if impl == "auto":
-        impl = "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+        impl = "tiled" if (platform or _platform()) == "cpu" else "ragged_dot"
     if impl == "ragged_dot":
         gate = jax.lax.ragged_dot(x_MD, w_gate_EDF, group_sizes_E)
         up = jax.lax.ragged_dot(x_MD, w_up_EDF, group_sizes_E)
@@ -108,49 +129,213 @@ def dispatch_combine(x_ND, idx_NK, weights_NK, num_experts, expert_fn):
     return out.astype(x_ND.dtype)
 
 
-def expert_parallel(x_ND, idx_NK, weights_NK, experts: Experts, mesh):
-    """Dropless MoE over a mesh with an `expert` axis: each device holds E/ep experts and computes
-    only the assignments routed to them.
+def gathered_combine(x_ND, idx_NK, weights_NK, experts):
+    """Routed experts for very few tokens: each (token, slot)'s expert weights gathered."""
+    dtype = x_ND.dtype
+    g = jnp.einsum("nd,nkdf->nkf", x_ND, experts.gate.astype(dtype)[idx_NK])
+    u = jnp.einsum("nd,nkdf->nkf", x_ND, experts.up.astype(dtype)[idx_NK])
+    y = jnp.einsum("nkf,nkfd->nkd", jax.nn.silu(g) * u, experts.down.astype(dtype)[idx_NK])
+    return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights_NK).astype(dtype)
 
-    Inside `shard_map`: expert weights are all-gathered over `fsdp` (FSDP); the tokens (and their
-    routing) of the `expert` group are all-gathered; each device sorts the assignments so its own
-    experts' come first and runs them as grouped matmuls (others get weight 0 and no compute); the
-    partial outputs are summed over `tensor` (hidden dim split) and reduce-scattered back to the
-    tokens' owners over `expert`.
+
+def _exclusive_cumsum(a, axis=0):
+    return jnp.cumsum(a, axis=axis) - a
+
+
+def exchange_padded(x_MD, out_RD, input_offsets, send_sizes, output_offsets, recv_sizes, axis):
+    """`jax.lax.ragged_all_to_all` semantics over `all_to_all` of padded slices.
+
+    XLA:CPU has no ragged-all-to-all (jax 0.10.2: "HLO opcode `ragged-all-to-all` is not
+    supported by XLA:CPU ThunkEmitter"), so on CPU each of the U = P*S slices (slice u goes to
+    shard u // S; rows `input_offsets[u]` .. `+ send_sizes[u]`) is packed into a row of a
+    [U, M, D] buffer (M = rows of x, the largest possible slice), the buffer is exchanged with
+    `all_to_all`, and each received slice is written at the offset its sender chose
+    (`output_offsets` travel by all_to_all too). Rows of `out_RD` no slice covers keep their
+    value, as in ragged_all_to_all. Differentiable: gathers, scatters and all_to_all have
+    transposes. Traffic is padded (U * M rows): the CPU/reference path, not the fast one.
     """
-    batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    dtype = jnp.dtype(experts.cfg.dtype)
+    M, D = x_MD.shape
+    R = out_RD.shape[0]
+    U = input_offsets.shape[0]
+    P_ = jax.lax.axis_size(axis)
+    q = jnp.arange(M)
+    src = input_offsets[:, None] + q[None, :]  # [U, M]
+    send_mask = q[None, :] < send_sizes[:, None]
+    packed_UMD = jnp.where(send_mask[..., None], x_MD.at[src].get(mode="fill", fill_value=0), 0)
+    got = jax.lax.all_to_all(packed_UMD.reshape(P_, -1, D), axis, 0, 0, tiled=False)
+    their_offsets = jax.lax.all_to_all(output_offsets, axis, 0, 0, tiled=True)
+    dst = their_offsets[:, None] + q[None, :]
+    dst = jnp.where(q[None, :] < recv_sizes[:, None], dst, R)  # past the end: dropped
+    return out_RD.at[dst.reshape(-1)].set(got.reshape(U * M, D), mode="drop")
+
+
+def exchange(x_MD, out_RD, input_offsets, send_sizes, output_offsets, recv_sizes, axis, platform):
+    """`ragged_all_to_all` over `axis` (its own transpose is the reverse exchange), or on CPU the
+    padded equivalent `exchange_padded`."""
+    if platform == "cpu":
+        return exchange_padded(
+            x_MD, out_RD, input_offsets, send_sizes, output_offsets, recv_sizes, axis
+        )
+    return jax.lax.ragged_all_to_all(
+        x_MD, out_RD, input_offsets, send_sizes, output_offsets, recv_sizes, axis_name=axis
+    )
+
+
+def _sort_by_expert(idx_nK, num_experts):
+    """Local sort of a shard's assignments: (order [nK], per-expert counts [E] int32)."""
+    flat_e = idx_nK.reshape(-1)
+    order = jnp.argsort(flat_e, stable=True)
+    return order, jnp.bincount(flat_e, length=num_experts).astype(jnp.int32)
+
+
+def _combine(y_sorted_MD, order, weights_nK):
+    """Unsorts the expert outputs back to (token, slot) and sums them with the routing weights."""
+    n, K = weights_nK.shape
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    y_nKD = jnp.take(y_sorted_MD, inverse, axis=0).reshape(n, K, -1)
+    return jnp.einsum("nkd,nk->nd", y_nKD.astype(jnp.float32), weights_nK)
+
+
+def expert_all_to_all(x_nD, idx_nK, weights_nK, w_gate, w_up, w_down, cfg, axis, platform):
+    """Dropless expert parallelism inside `shard_map`: this shard's n tokens go to the expert
+    shards holding their experts and come back (two ragged all-to-alls over `axis`, a mesh axis
+    name or a tuple of them; shard g of the group holds experts g*E_l .. (g+1)*E_l - 1).
+
+    Shapes (per shard, P = size of `axis`, E_l = E / P local experts, F_l local mlp width):
+    x_nD, idx_nK, weights_nK; w_gate/w_up [E_l, D, F_l], w_down [E_l, F_l, D]. Returns y_nD
+    float32 (partial over a `tensor` split of F).
+
+    1. Sort the n*K assignments by expert (local argsort).
+    2. all_gather the per-expert counts [P, E] (P*E ints): every shard knows every slice's size.
+    3. Exchange one slice per (sender, expert): the slice for expert e lands in receiver e // E_l
+       at (start of e's group there) + (rows of e from lower senders), so the receiver's buffer
+       is already grouped by expert — no permutation. The buffer has a static worst-case size,
+       R = P * n * min(K, E_l) rows: every shard of the group may send every token here, each at
+       most once per local expert (a token's top-k experts are distinct). Nothing is dropped for
+       any routing; a balanced load fills n*K of the R rows.
+    4. Grouped SwiGLU over the E_l local experts; the reverse exchange (same slices, roles
+       swapped) returns each row to its sender's sorted position; unsort and combine.
+    """
+    n, K = idx_nK.shape
+    E = cfg.n_routed_experts
+    P_ = jax.lax.axis_size(axis)
+    E_l = E // P_
+    me = jax.lax.axis_index(axis)
+    order, counts_E = _sort_by_expert(idx_nK, E)
+    x_sorted = jnp.take(x_nD, order // K, axis=0)
+    counts_PE = jax.lax.all_gather(counts_E, axis, axis=0, tiled=False)  # [sender, expert]
+    starts_PE = _exclusive_cumsum(counts_PE, axis=1)  # each sender's sorted slice starts
+    before_me = (jnp.arange(P_) < me).astype(jnp.int32)
+    group_start_E = _exclusive_cumsum(counts_PE.sum(0).reshape(P_, E_l), axis=1).reshape(E)
+    out_offsets_E = group_start_E + (counts_PE * before_me[:, None]).sum(0)
+    mine_PL = jax.lax.dynamic_slice_in_dim(counts_PE, me * E_l, E_l, axis=1)  # [sender, local]
+    group_sizes = mine_PL.sum(0)
+    R = P_ * n * min(K, E_l)  # worst case, see the docstring
+    x_grouped = exchange(
+        x_sorted, jnp.zeros((R, x_nD.shape[1]), x_nD.dtype),
+        starts_PE[me], counts_E, out_offsets_E, mine_PL.reshape(-1), axis, platform,
+    )  # fmt: skip
+    y_grouped = grouped_swiglu(
+        x_grouped, group_sizes, w_gate, w_up, w_down, cfg.moe_impl, cfg.moe_tile, platform
+    )
+    at_grouped_PL = _exclusive_cumsum(group_sizes)[None, :] + _exclusive_cumsum(mine_PL, axis=0)
+    back_offsets_PL = jax.lax.dynamic_slice_in_dim(starts_PE, me * E_l, E_l, axis=1)
+    y_sorted = exchange(
+        y_grouped, jnp.zeros_like(x_sorted),
+        at_grouped_PL.reshape(-1), mine_PL.reshape(-1), back_offsets_PL.reshape(-1), counts_E,
+        axis, platform,
+    )  # fmt: skip
+    return _combine(y_sorted, order, weights_nK)
+
+
+def exchange_group(cfg: ModelConfig, mesh, tokens_per_shard: int, choice: str = "auto"):
+    """The mesh axes the routed experts are split over for the token all-to-all: () (no
+    exchange: every shard all-gathers all E experts over fsdp), ("expert",) or ("fsdp", "expert").
+
+    "auto" takes the candidate with the fewest elements per shard, counting the expert weights a
+    shard holds while the layer runs (E/G experts, whole D) and the dispatch buffers (rows R =
+    n*K without exchange, else the dropless worst case G * n * min(K, E/G); each row D wide plus
+    three F/tensor wide intermediates). At V3 widths the weights dominate: all-gathering 256
+    experts (22.5 GB bf16 per layer) costs far more than moving the tokens, so pure-FSDP meshes
+    exchange tokens over fsdp. Candidates need E divisible by the group size.
+    """
+    size = lambda a: mesh.shape[a] if a in mesh.axis_names else 1  # noqa: E731
+    D, F = cfg.hidden_size, cfg.moe_intermediate_size
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    F_l = F // size("tensor")
+    options = {"none": (), "expert": ("expert",), "fsdp_expert": ("fsdp", "expert")}
+    if choice != "auto":
+        if choice not in options:
+            raise ValueError(f"MoE.exchange={choice!r}: expected auto, {', '.join(options)}")
+        group = tuple(a for a in options[choice] if size(a) > 1)
+        G = math.prod(size(a) for a in group)
+        if E % G:
+            raise ValueError(f"MoE.exchange={choice!r}: n_routed_experts={E} must divide by {G}")
+        return group
+
+    def cost(group):
+        G = math.prod(size(a) for a in group)
+        rows = tokens_per_shard * K if G == 1 else G * tokens_per_shard * min(K, E // G)
+        return (E // G) * 3 * D * F_l + rows * (D + 3 * F_l)
+
+    candidates = {tuple(a for a in g if size(a) > 1) for g in options.values()}
+    candidates = [g for g in candidates if E % math.prod(size(a) for a in g) == 0]
+    return min(sorted(candidates), key=cost)
+
+
+def sharded_experts(x_ND, idx_NK, weights_NK, experts: Experts, mesh, choice: str = "auto"):
+    """The routed experts under a mesh, in `shard_map` over the batch axes: no step ever sees
+    another shard's tokens except through the expert all-to-all.
+
+    x_ND, idx_NK, weights_NK are split over the batch axes (data, fsdp, expert) present in
+    `mesh`. The expert weights enter split over the exchange group (`exchange_group`) on E and
+    over tensor on F; any fsdp split of D they are stored with is all-gathered (one layer at a
+    time) — when fsdp is in the group, XLA moves each shard's weights by an all-to-all instead.
+    Without a group each shard sorts its own assignments and runs all E experts; with one,
+    `expert_all_to_all`. Partial sums over the tensor-split mlp width are psum'd over tensor.
+    Returns y_ND in the compute dtype.
+    """
+    cfg = experts.cfg
+    dtype = jnp.dtype(cfg.dtype)
+    names = mesh.axis_names
+    ax = lambda a: a if a in names and mesh.shape[a] > 1 else None  # noqa: E731
+    batch = tuple(a for a in BATCH_AXES if a in names)
+    shards = math.prod(mesh.shape[a] for a in batch)
+    E = cfg.n_routed_experts
+    group = exchange_group(cfg, mesh, x_ND.shape[0] // shards, choice)
+    gather_fsdp = ax("fsdp") and "fsdp" not in group
+    platform = _platform()
 
     def local(x, idx, w, wg, wu, wd):
-        wg = jax.lax.all_gather(wg, "fsdp", axis=1, tiled=True)
-        wu = jax.lax.all_gather(wu, "fsdp", axis=1, tiled=True)
-        wd = jax.lax.all_gather(wd, "fsdp", axis=2, tiled=True)
-        x = jax.lax.all_gather(x, "expert", axis=0, tiled=True)
-        idx = jax.lax.all_gather(idx, "expert", axis=0, tiled=True)
-        w = jax.lax.all_gather(w, "expert", axis=0, tiled=True)
-        e_local = wg.shape[0]
-        local_id = idx - jax.lax.axis_index("expert") * e_local
-        mine = (local_id >= 0) & (local_id < e_local)
-        key = jnp.where(mine, local_id, e_local)  # other shards' experts: one trailing group
-
-        def run(x_sorted, group_sizes):
-            cfg = experts.cfg
-            return grouped_swiglu(
-                x_sorted, group_sizes[:e_local], wg, wu, wd, cfg.moe_impl, cfg.moe_tile
+        if gather_fsdp:
+            wg = jax.lax.all_gather(wg, "fsdp", axis=1, tiled=True)
+            wu = jax.lax.all_gather(wu, "fsdp", axis=1, tiled=True)
+            wd = jax.lax.all_gather(wd, "fsdp", axis=2, tiled=True)
+        if group:
+            y = expert_all_to_all(x, idx, w, wg, wu, wd, cfg, group, platform)
+        else:
+            order, group_sizes = _sort_by_expert(idx, E)
+            x_sorted = jnp.take(x, order // idx.shape[1], axis=0)
+            y_sorted = grouped_swiglu(
+                x_sorted, group_sizes, wg, wu, wd, cfg.moe_impl, cfg.moe_tile, platform
             )
+            y = _combine(y_sorted, order, w)
+        if ax("tensor"):
+            y = jax.lax.psum(y, "tensor")
+        return y.astype(dtype)
 
-        y = dispatch_combine(x, key, jnp.where(mine, w, 0.0), e_local + 1, run)
-        y = jax.lax.psum(y, "tensor")
-        return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
-
-    w_in, w_out = P("expert", "fsdp", "tensor"), P("expert", "tensor", "fsdp")
+    e_spec = group or None
+    d_spec = ax("fsdp") if gather_fsdp else None
+    w_in = P(e_spec, d_spec, ax("tensor"))
+    w_out = P(e_spec, ax("tensor"), d_spec)
+    tokens = P(batch, None)
     fn = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(P(batch, None), P(batch, None), P(batch, None), w_in, w_in, w_out),
-        out_specs=P(batch, None),
+        in_specs=(tokens, tokens, tokens, w_in, w_in, w_out),
+        out_specs=tokens,
     )
-    cast = lambda a: a.astype(dtype)
+    cast = lambda a: a.astype(dtype)  # noqa: E731
     return fn(
         cast(x_ND), idx_NK, weights_NK, cast(experts.gate), cast(experts.up), cast(experts.down)
     )
@@ -209,9 +394,13 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    """Shared experts + routed experts. Returns (y_BTD, {"counts": [E], "balance": scalar})."""
+    """Shared experts + routed experts. Returns (y_BTD, {"counts": [E], "balance": scalar}).
+
+    `exchange` picks the mesh axes the routed experts split over for the token all-to-all
+    ("auto", "none", "expert", "fsdp_expert"; see `exchange_group`)."""
 
     cfg: ModelConfig
+    exchange: str = "auto"
 
     @nn.compact
     def __call__(self, x_BTD, valid_BT):
@@ -235,10 +424,13 @@ class MoE(nn.Module):
         experts = Experts(cfg, name="experts")
         mesh = jax.sharding.get_abstract_mesh()
         shards = 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
-        # Expert parallelism needs the tokens to split evenly over the batch shards (always true
-        # for training batches, which are validated; not for the batch-1 init trace).
-        if not mesh.empty and mesh.shape.get("expert", 1) > 1 and (B * T) % shards == 0:
-            y_ND = expert_parallel(x_ND, idx_NK, weights_NK, experts, mesh)
+        # Under a mesh each batch shard dispatches its own tokens (shard_map). That needs the
+        # tokens to split evenly over the batch shards: always true for training batches (they
+        # are validated), not for the batch-1 init trace, which takes the global path.
+        if not mesh.empty and (B * T) % shards == 0:
+            y_ND = sharded_experts(x_ND, idx_NK, weights_NK, experts, mesh, self.exchange)
+        elif B * T * idx_NK.shape[1] <= E:  # decode-sized: copy only the selected experts
+            y_ND = gathered_combine(x_ND.astype(dtype), idx_NK, weights_NK, experts)
         else:
             y_ND = dispatch_combine(x_ND.astype(dtype), idx_NK, weights_NK, E, experts)
         y_BTD = y_ND.reshape(B, T, D)
