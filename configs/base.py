@@ -29,7 +29,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.mtp_weight = 0.3  # λ
     c.train.balance_loss_weight = 1e-4  # α
     c.train.bias_update_rate = 1e-3  # γ
-    c.train.remat = "full"  # none | full | dots | dots_no_batch
+    c.train.remat = "full"  # none | full | dots | dots_no_batch | save_attn | save_attn_ffn
+    # Cross-entropy chunk: positions of each sequence per chunk (a chunk's logits are
+    # [batch, ce_chunk, vocab] float32); 0 = the whole sequence at once ([B,T,V] logits).
+    c.train.ce_chunk = 0
     c.train.sample_prompt = "def "
     c.train.sample_tokens = 64
     c.train.sample_temperature = 0.7  # top-k 40; 0 = greedy
@@ -42,6 +45,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.optim.clip_norm = 1.0
     c.optim.b1 = 0.9
     c.optim.b2 = 0.95
+    c.optim.moment_dtype = "float32"  # AdamW m and v storage: "float32" | "bfloat16" (V3: bf16)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

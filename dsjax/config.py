@@ -13,7 +13,7 @@ from typing import Any
 
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn", "save_attn_ffn")
 ATTENTION_IMPLS = ("auto", "reference", "chunked")
 MOE_IMPLS = ("auto", "ragged_dot", "tiled")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -96,8 +96,12 @@ class ModelConfig:
             "v_head_dim",
             "max_position_embeddings",
         )
+
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
         for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+            if not is_int(getattr(self, name)) or getattr(self, name) <= 0:
                 fail(name, "must be a positive integer")
         for name in (
             "q_lora_rank",
@@ -106,7 +110,7 @@ class ModelConfig:
             "num_mtp_layers",
             "first_k_dense_replace",
         ):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 fail(name, "must be a non-negative integer")
         if self.qk_rope_head_dim % 2:
             fail("qk_rope_head_dim", "must be even (rotary pairs)")

@@ -14,6 +14,7 @@ import flax
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from dsjax.config import ModelConfig
 from dsjax.layers.mla import MLA
@@ -21,10 +22,19 @@ from dsjax.layers.mlp import Linear, SwiGLU
 from dsjax.layers.moe import MoE
 from dsjax.layers.norms import RMSNorm
 
+# Names of the block outputs that the "save_*" policies keep for the backward pass (each one
+# [B,T,D] in the compute dtype per layer) instead of recomputing the sub-layer that made it.
+ATTN_OUT, FFN_OUT = "attn_out", "ffn_out"
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The MLA output only: the backward pass skips re-running attention (its projections and the
+    # O(T^2) core); the FFN/MoE (dispatch, all-to-alls) is recomputed.
+    "save_attn": jax.checkpoint_policies.save_only_these_names(ATTN_OUT),
+    # MLA and FFN/MoE outputs: no sub-layer forward is recomputed except the cheap norms; the
+    # internals (MoE dispatch buffers, attention scores) are still not kept.
+    "save_attn_ffn": jax.checkpoint_policies.save_only_these_names(ATTN_OUT, FFN_OUT),
 }
 
 
@@ -34,7 +44,11 @@ class ModelOutput:
     in prefill/decode modes with run_mtp=True it is [B,T,V], the last k positions meaningless);
     `hidden` [B,T,D] the last block's output (before the final norm); MoE statistics per MoE layer:
     `expert_counts` [L_moe,E] tokens routed per expert, `balance_loss` [L_moe] (α = 1), and the
-    same for the MTP blocks (`mtp_expert_counts` [D,E], `mtp_balance_loss` [D]) when they are MoE."""
+    same for the MTP blocks (`mtp_expert_counts` [D,E], `mtp_balance_loss` [D]) when they are MoE.
+
+    With `logits=False` (the chunked cross-entropy of training) `logits` and `mtp_logits` are None
+    and `head_input` [B,T,D] (the final-normed hidden) and `mtp_head_input[k-1]` [B,T-k,D] hold
+    what the output projection would have been applied to (see `head_kernel`)."""
 
     logits: jax.Array
     mtp_logits: tuple[jax.Array, ...] | None
@@ -43,6 +57,8 @@ class ModelOutput:
     balance_loss: jax.Array | None
     mtp_expert_counts: jax.Array | None
     mtp_balance_loss: jax.Array | None
+    head_input: jax.Array | None = None
+    mtp_head_input: tuple[jax.Array, ...] | None = None
 
 
 class Block(nn.Module):
@@ -58,7 +74,8 @@ class Block(nn.Module):
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
         h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed", name="attn_norm")(x_BTD)
-        x_BTD = x_BTD + MLA(cfg, self.mode, name="attn")(h, positions_BT, segment_ids_BT)
+        attn_BTD = MLA(cfg, self.mode, name="attn")(h, positions_BT, segment_ids_BT)
+        x_BTD = x_BTD + checkpoint_name(attn_BTD, ATTN_OUT)
         h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed", name="ffn_norm")(x_BTD)
         if self.moe:
             y, stats = MoE(cfg, name="moe")(h, segment_ids_BT > 0)
@@ -67,6 +84,7 @@ class Block(nn.Module):
                 cfg.hidden_size, cfg.intermediate_size, dtype, pdtype, cfg.init_std, name="mlp"
             )(h)
             stats = {}
+        y = checkpoint_name(y, FFN_OUT)
         x_BTD = nn.with_logical_constraint(x_BTD + y, ("batch", "length", "embed"))
         return x_BTD, stats
 
@@ -180,6 +198,7 @@ class Transformer(nn.Module):
         segment_ids_BT=None,
         mode: str = "train",
         run_mtp: bool | None = None,
+        logits: bool = True,
     ) -> ModelOutput:
         cfg = self.cfg
         B, T = tokens_BT.shape
@@ -201,9 +220,11 @@ class Transformer(nn.Module):
                 x, positions_BT, segment_ids_BT
             )
         hidden = x
-        logits = self.head(self.final_norm(hidden))
+        head_input = self.final_norm(hidden)
+        want_logits = logits
+        logits = self.head(head_input) if want_logits else None
 
-        mtp_logits, mtp_counts, mtp_balance = None, [], []
+        mtp_logits, mtp_counts, mtp_balance, mtp_inputs = None, [], [], []
         run_mtp = (mode == "train") if run_mtp is None else run_mtp
         if cfg.num_mtp_layers and run_mtp:
             mtp_logits, h = [], hidden
@@ -224,11 +245,13 @@ class Transformer(nn.Module):
                 h, normed, s = MTPModule(cfg, mode, name=f"mtp_{k - 1}")(
                     h[:, :n], self.embed(next_tokens), positions_BT[:, :n], segment_ids_BT[:, :n]
                 )
-                mtp_logits.append(self.head(normed))
+                mtp_inputs.append(normed)
+                if want_logits:
+                    mtp_logits.append(self.head(normed))
                 if s:
                     mtp_counts.append(s["counts"])
                     mtp_balance.append(s["balance"])
-            mtp_logits = tuple(mtp_logits)
+            mtp_logits = tuple(mtp_logits) if want_logits else None
         return ModelOutput(
             logits=logits,
             mtp_logits=mtp_logits,
@@ -237,7 +260,16 @@ class Transformer(nn.Module):
             balance_loss=stats.get("balance"),
             mtp_expert_counts=jnp.stack(mtp_counts) if mtp_counts else None,
             mtp_balance_loss=jnp.stack(mtp_balance) if mtp_balance else None,
+            head_input=None if want_logits else head_input,
+            mtp_head_input=None if want_logits or not mtp_inputs else tuple(mtp_inputs),
         )
+
+
+def head_kernel(cfg: ModelConfig, params) -> jax.Array:
+    """The output projection [D, V] (the tied embedding transposed when `tie_word_embeddings`)."""
+    if cfg.tie_word_embeddings:
+        return params["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]
 
 
 def init_variables(cfg: ModelConfig, rng: jax.Array, batch: int = 1, seq_len: int = 8):
@@ -266,6 +298,17 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int):
         lambda t: Transformer(cfg).init(jax.random.key(0), t, mode="prefill", run_mtp=True), tokens
     )
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+
+
+# The cache layout, declared here with `init_cache`: leaves of the scanned stacks are
+# [L, B, S, ...] (nn.scan adds the leading layer axis), MTP modules' leaves [B, S, ...].
+SCANNED_CACHE_STACKS = ("dense_layers", "moe_layers")
+
+
+def cache_batch_axis(top_level_name: str) -> int:
+    """Batch axis of the cache leaves under `init_cache(...)[top_level_name]`; the sequence
+    (slot) axis is the next one."""
+    return 1 if top_level_name in SCANNED_CACHE_STACKS else 0
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax
@@ -21,7 +22,13 @@ from flax import linen as nn
 
 from dsjax import sharding
 from dsjax.config import ModelConfig
-from dsjax.model import ModelOutput, Transformer, cheap_compile_options
+from dsjax.model import (
+    REMAT_POLICIES,
+    ModelOutput,
+    Transformer,
+    cheap_compile_options,
+    head_kernel,
+)
 
 
 class TrainingError(RuntimeError):
@@ -48,12 +55,91 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     return ModelConfig(**model)
 
 
+_REMAT_POLICIES = ("none", *REMAT_POLICIES)  # model.REMAT_POLICIES: the one list
+# (group, field, kind, rule): kind "int" or "float"; rule a (text, predicate) pair.
+_AT_LEAST_1 = ("must be >= 1", lambda v: v >= 1)
+_AT_LEAST_0 = ("must be >= 0", lambda v: v >= 0)
+_POSITIVE = ("must be > 0", lambda v: v > 0)
+_FRACTION = ("must be in [0, 1)", lambda v: 0 <= v < 1)
+_UNIT = ("must be in [0, 1]", lambda v: 0 <= v <= 1)
+_CONFIG_RULES = (
+    ("train", "steps", "int", _AT_LEAST_1),
+    ("train", "batch_size", "int", _AT_LEAST_1),
+    ("train", "grad_accum", "int", _AT_LEAST_1),
+    ("train", "log_every", "int", _AT_LEAST_1),
+    ("train", "eval_every", "int", _AT_LEAST_1),
+    ("train", "eval_batches", "int", _AT_LEAST_1),
+    ("train", "sample_tokens", "int", _AT_LEAST_0),
+    ("train", "ce_chunk", "int", _AT_LEAST_0),
+    ("train", "mtp_weight", "float", _AT_LEAST_0),
+    ("train", "balance_loss_weight", "float", _AT_LEAST_0),
+    ("train", "bias_update_rate", "float", _AT_LEAST_0),
+    ("train", "sample_temperature", "float", _AT_LEAST_0),
+    ("optim", "lr", "float", _AT_LEAST_0),
+    ("optim", "min_lr_ratio", "float", _UNIT),
+    ("optim", "warmup_steps", "int", _AT_LEAST_0),
+    ("optim", "weight_decay", "float", _AT_LEAST_0),
+    ("optim", "clip_norm", "float", _POSITIVE),
+    ("optim", "b1", "float", _FRACTION),
+    ("optim", "b2", "float", _FRACTION),
+    ("data", "seq_len", "int", _AT_LEAST_1),
+    ("data", "eval_fraction", "float", _FRACTION),
+    ("data", "tokenizer_train_bytes", "int", _AT_LEAST_1),
+    ("data", "max_documents", "int", _AT_LEAST_0),
+    ("checkpoint", "every", "int", _AT_LEAST_1),
+    ("checkpoint", "keep", "int", _AT_LEAST_1),
+)
+
+
+def _check_field(config, group: str, name: str, kind: str, rule) -> None:
+    """One `config.<group>.<name>` against its rule (absent optional fields pass)."""
+    section = config.get(group)
+    if section is None or name not in section:
+        return
+    value, (text, ok) = section[name], rule
+    field = f"config.{group}.{name}={value!r}"
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if kind == "int" and not is_int:
+        raise ValueError(f"{field} must be an integer")
+    if kind == "float" and not (is_int or isinstance(value, float)):
+        raise ValueError(f"{field} must be a number")
+    if kind == "float" and not math.isfinite(value):
+        raise ValueError(f"{field} must be finite")
+    if not ok(value):
+        raise ValueError(f"{field} {text}")
+
+
 def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
-    """Raises ValueError naming the field for a run that cannot work."""
+    """Raises ValueError naming the field and its rule for a run that cannot work.
+
+    Every numeric field with a rule is checked (types, ranges, finiteness); with a `mesh`
+    (None skips them) also the rules that involve the device layout.
+    """
+    if not isinstance(config.get("seed"), int) or isinstance(config.get("seed"), bool):
+        raise ValueError(f"config.seed={config.get('seed')!r} must be an integer")
+    for group, name, kind, rule in _CONFIG_RULES:
+        _check_field(config, group, name, kind, rule)
     t = config.train
-    for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every"):
-        if int(t[name]) < 1:
-            raise ValueError(f"config.train.{name}={t[name]} must be >= 1")
+    if t.get("remat", "full") not in _REMAT_POLICIES:
+        raise ValueError(f"config.train.remat={t.remat!r} must be one of {_REMAT_POLICIES}")
+    moment = config.optim.get("moment_dtype")
+    if moment is not None and moment not in ("float32", "bfloat16"):
+        raise ValueError(f"config.optim.moment_dtype={moment!r} must be 'float32' or 'bfloat16'")
+    for key in ("data", "fsdp", "expert", "tensor"):
+        size = config.mesh.get(key, 1)
+        if not isinstance(size, int) or isinstance(size, bool) or size == 0 or size < -1:
+            raise ValueError(f"config.mesh.{key}={size!r}: must be a positive size or -1")
+    try:
+        cfg = model_config(config)
+    except TypeError as e:
+        raise ValueError(f"config.model: {e}") from None
+    if config.data.seq_len > cfg.max_position_embeddings:
+        raise ValueError(
+            f"config.data.seq_len={config.data.seq_len} exceeds "
+            f"config.model.max_position_embeddings={cfg.max_position_embeddings}"
+        )
+    if mesh is None:
+        return
     shards = sharding.batch_shards(mesh)
     if t.batch_size % (t.grad_accum * shards):
         raise ValueError(
@@ -64,12 +150,6 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
         raise ValueError(
             f"config.train.batch_size={t.batch_size} must divide by the "
             f"{jax.process_count()} processes"
-        )
-    cfg = model_config(config)
-    if config.data.seq_len > cfg.max_position_embeddings:
-        raise ValueError(
-            f"config.data.seq_len={config.data.seq_len} exceeds "
-            f"config.model.max_position_embeddings={cfg.max_position_embeddings}"
         )
     if cfg.n_routed_experts and cfg.n_routed_experts % mesh.shape["expert"]:
         raise ValueError(
@@ -94,11 +174,54 @@ def make_optimizer(config: ml_collections.ConfigDict):
             lambda path, _: getattr(path[-1], "key", None) != "scale", params
         )
 
-    tx = optax.chain(
-        optax.clip_by_global_norm(o.clip_norm),
-        optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask),
-    )
+    moment_dtype = o.get("moment_dtype", "float32")
+    if moment_dtype == "float32":
+        adamw = optax.adamw(
+            schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask
+        )
+    else:
+        adamw = optax.chain(
+            scale_by_adam_in(jnp.dtype(moment_dtype), b1=o.b1, b2=o.b2),
+            optax.add_decayed_weights(o.weight_decay, decay_mask),
+            optax.scale_by_learning_rate(schedule),
+        )
+    tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw)
     return tx, schedule
+
+
+def scale_by_adam_in(moment_dtype, b1: float, b2: float, eps: float = 1e-8):
+    """Adam's scaling with BOTH moments stored in `moment_dtype` (DeepSeek-V3 keeps them in BF16);
+    the update math runs in float32: m, v are read up to f32, updated, bias-corrected, and stored
+    back rounded. The state is an `optax.ScaleByAdamState` like optax.adam's."""
+
+    def init(params):
+        zeros = lambda p: jnp.zeros(p.shape, moment_dtype)  # noqa: E731
+        return optax.ScaleByAdamState(
+            count=jnp.zeros([], jnp.int32),
+            mu=jax.tree.map(zeros, params),
+            nu=jax.tree.map(zeros, params),
+        )
+
+    def update(grads, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        c = count.astype(jnp.float32)
+        c1, c2 = 1.0 - b1**c, 1.0 - b2**c
+
+        def one(g, m, v):
+            g = g.astype(jnp.float32)
+            m = b1 * m.astype(jnp.float32) + (1.0 - b1) * g
+            v = b2 * v.astype(jnp.float32) + (1.0 - b2) * jnp.square(g)
+            u = (m / c1) / (jnp.sqrt(v / c2) + eps)
+            return u, m.astype(moment_dtype), v.astype(moment_dtype)
+
+        out = jax.tree.map(one, grads, state.mu, state.nu)
+        is_triple = lambda x: isinstance(x, tuple)  # noqa: E731
+        pick = lambda i: jax.tree.map(lambda t: t[i], out, is_leaf=is_triple)  # noqa: E731
+        updates = jax.tree.map(lambda u, g: u.astype(g.dtype), pick(0), grads)
+        return updates, optax.ScaleByAdamState(count=count, mu=pick(1), nu=pick(2))
+
+    return optax.GradientTransformation(init, update)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -110,6 +233,39 @@ def cross_entropy_sums(logits_BTV, targets_BT, weights_BT):
     return ((lse - picked) * weights_BT).sum(), weights_BT.sum()
 
 
+def chunked_cross_entropy_sums(head_input_BTD, kernel_DV, targets_BT, weights_BT, chunk: int):
+    """(Σ w·CE, Σ w) like `cross_entropy_sums(head_input @ kernel, ...)`, computed `chunk`
+    positions of every sequence at a time (a chunk's logits are [B, chunk, V] float32) inside a
+    rematerialised scan, so the [B,T,V] logits never exist whole, in the forward or the backward
+    pass. `kernel_DV` is used as given (cast it to the compute dtype first); T is padded to a
+    multiple of `chunk` with zero-weight positions."""
+    B, T, D = head_input_BTD.shape
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    if pad:
+        head_input_BTD = jnp.pad(head_input_BTD, ((0, 0), (0, pad), (0, 0)))
+        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+        weights_BT = jnp.pad(weights_BT, ((0, 0), (0, pad)))
+
+    def chunks(x):  # [B, n*c, ...] -> [n, B, c, ...]
+        return jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def body(carry, xs):
+        h_BcD, t_Bc, w_Bc = xs
+        logits = jnp.dot(
+            h_BcD.astype(kernel_DV.dtype), kernel_DV, preferred_element_type=jnp.float32
+        )
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        s, m = cross_entropy_sums(logits, t_Bc, w_Bc)
+        return (carry[0] + s, carry[1] + m), None
+
+    zero = jnp.float32(0.0)
+    xs = (chunks(head_input_BTD), chunks(targets_BT), chunks(weights_BT.astype(jnp.float32)))
+    (ce_sum, n_tok), _ = jax.lax.scan(body, (zero, zero), xs)
+    return ce_sum, n_tok
+
+
 def mtp_weights(batch, k: int):
     """Depth-k label weights: position i predicts targets[i+k] from inputs[i+k]; valid only when
     both positions are real and belong to the same document."""
@@ -119,20 +275,28 @@ def mtp_weights(batch, k: int):
 
 
 def loss_fn(params, moe_bias, batch, *, model: Transformer, train_cfg):
+    chunk = int(train_cfg.get("ce_chunk", 0) or 0)
     out: ModelOutput = model.apply(
         {"params": params, "moe_bias": moe_bias},
         batch["inputs"],
         batch["positions"],
         batch["segment_ids"],
+        logits=not chunk,
     )
-    ce_sum, n = cross_entropy_sums(out.logits, batch["targets"], batch["weights"])
+    if chunk:  # the head applied chunk by chunk: no [B,T,V] logits
+        kernel = head_kernel(model.cfg, params).astype(jnp.dtype(model.cfg.dtype))
+        ce = lambda h, t, w: chunked_cross_entropy_sums(h, kernel, t, w, chunk)  # noqa: E731
+        main_in, mtp_in = out.head_input, out.mtp_head_input
+    else:
+        ce, main_in, mtp_in = cross_entropy_sums, out.logits, out.mtp_logits
+    ce_sum, n = ce(main_in, batch["targets"], batch["weights"])
     main = ce_sum / jnp.maximum(n, 1.0)
     loss = main
     aux = {"main_ce": main, "tokens": n, "out": out}
-    if out.mtp_logits:
+    if mtp_in:
         mtp = []
-        for k, logits in enumerate(out.mtp_logits, start=1):
-            s, m = cross_entropy_sums(logits, batch["targets"][:, k:], mtp_weights(batch, k))
+        for k, x in enumerate(mtp_in, start=1):
+            s, m = ce(x, batch["targets"][:, k:], mtp_weights(batch, k))
             mtp.append(s / jnp.maximum(m, 1.0))
         aux["mtp_ce"] = sum(mtp) / len(mtp)
         loss = loss + train_cfg.mtp_weight * aux["mtp_ce"]
@@ -251,8 +415,9 @@ def state_shardings(model: Transformer, tx, mesh, seq_len: int):
     boxed = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)
     logical = nn.get_partition_spec(boxed)
     var_shardings = sharding.logical_to_sharding(logical, mesh)
+    # The key is made inside the trace: under an abstract (AOT) mesh no concrete array may exist.
     abstract = jax.eval_shape(
-        functools.partial(init_state, model=model, tx=tx, seq_len=seq_len), jax.random.key(0)
+        lambda: init_state(jax.random.key(0), model=model, tx=tx, seq_len=seq_len)
     )
     replicated = sharding.replicated(mesh)
     opt_shardings = optax.tree_map_params(
@@ -266,7 +431,7 @@ def state_shardings(model: Transformer, tx, mesh, seq_len: int):
     shardings = TrainState(
         step=replicated,
         params=var_shardings["params"],
-        moe_bias=var_shardings["moe_bias"],
+        moe_bias=var_shardings.get("moe_bias", {}),  # dense configs have no routing bias
         opt_state=opt_shardings,
     )
     abstract = jax.tree.map(

@@ -17,6 +17,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import linen as nn
 
@@ -24,7 +25,7 @@ from configs import tiny
 from dsjax import data, sharding
 from dsjax import train_step as ts
 from dsjax.checkpoint import Checkpointer, load_for_inference
-from dsjax.model import Transformer
+from dsjax.model import Transformer, init_variables
 from dsjax.train_lib import TrainingError, train_and_evaluate
 from tests.conftest import ROOT
 
@@ -228,7 +229,8 @@ def test_sharded_training_equals_single_device():
     shard_shape = experts.addressable_shards[0].data.shape
     assert shard_shape[1] == cfg.n_routed_experts // 2 and shard_shape[2] == cfg.hidden_size // 2
     emb = state.params["embed"]["embedding"]
-    assert emb.addressable_shards[0].data.shape == (cfg.vocab_size, cfg.hidden_size // 2)
+    # weights without an expert dim shard their embed dim over fsdp x expert (2 x 2)
+    assert emb.addressable_shards[0].data.shape == (cfg.vocab_size, cfg.hidden_size // 4)
     mu = state.opt_state[1][0].mu["embed"]["embedding"]  # Adam moment follows its parameter
     assert mu.sharding == emb.sharding
 
@@ -299,7 +301,16 @@ def test_bias_update_balances_load_only_when_enabled(rate):
 
 
 # ----------------------------------------------------------------------------- failures
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tokenizer_dir):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tokenizer_dir, monkeypatch):
+    """The learning rate turns NaN at the third update: its loss is still finite but the
+    parameters are not, so step 3 is not saved and checkpoint 2 stays the last good one."""
+    import optax
+
+    monkeypatch.setattr(
+        optax,
+        "warmup_cosine_decay_schedule",
+        lambda **kw: lambda count: jnp.where(count >= 2, jnp.nan, 1e-3),
+    )
     c = tiny_config(
         tokenizer_dir,
         train__steps=6,
@@ -307,10 +318,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tokenizer_d
         train__log_every=1,
         optim__warmup_steps=1,
     )
-    c.optim.lr = float("nan")  # the first update poisons the weights: step 2 sees NaN
-    with pytest.raises(TrainingError, match="at step 2"):
+    with pytest.raises(TrainingError, match=r"after step 3 are not finite.*last good .* step 2"):
         train_and_evaluate(c, str(tmp_path))
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
 
 
 @pytest.mark.parametrize(
@@ -378,3 +388,100 @@ def test_two_processes_train_together_and_agree(tmp_path, tokenizer_dir):
     losses = [[ln for ln in out.splitlines() if ln.startswith("done:")] for out, _ in outs]
     assert len(losses[0]) == 1 and losses[0] == losses[1], outs
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+
+
+# ----------------------------------------------------------------------------- memory levers
+def test_dense_config_trains_with_bf16_moments_and_chunked_ce():
+    """n_routed_experts=0 (every layer dense) trains on a sharded mesh, here with both memory
+    levers on: AdamW moments stored in bf16 and the cross-entropy over chunks (T=16, chunk 6:
+    a padded last chunk)."""
+    config = tiny.get_config()
+    config.model.n_routed_experts = 0
+    config.data.seq_len = 16
+    config.optim.warmup_steps = 1  # step 0 has lr 0; steps 1, 2 learn
+    config.optim.moment_dtype = "bfloat16"
+    config.train.ce_chunk = 6
+    cfg = ts.model_config(config)
+    batch = _synthetic_batch(cfg, 8, 16)
+    mesh = sharding.make_mesh(data=2, fsdp=4, expert=1, tensor=1)
+    losses, state = _run_steps(config, mesh, [batch] * 3)
+    assert all(math.isfinite(x) for x in losses), losses
+    assert losses[2] < losses[0] - 1e-3, losses
+    assert state.moe_bias == {} and "moe_layers" not in state.params
+    adam = state.opt_state[1][0]
+    assert {x.dtype for x in jax.tree.leaves((adam.mu, adam.nu))} == {jnp.dtype(jnp.bfloat16)}
+    emb = state.params["embed"]["embedding"]
+    assert adam.mu["embed"]["embedding"].sharding == emb.sharding
+
+
+def _adam_reference(grads, steps, b1, b2, eps, round_to):
+    """float64 NumPy Adam whose stored moments are rounded to `round_to` after every step."""
+    m = np.zeros_like(grads[0], np.float64)
+    v = np.zeros_like(grads[0], np.float64)
+    out = []
+    for t, g in enumerate(grads[:steps], start=1):
+        g = np.asarray(g, np.float64)
+        m32 = b1 * m + (1 - b1) * g
+        v32 = b2 * v + (1 - b2) * g * g
+        out.append((m32 / (1 - b1**t)) / (np.sqrt(v32 / (1 - b2**t)) + eps))
+        m = np.asarray(m32.astype(round_to), np.float64)
+        v = np.asarray(v32.astype(round_to), np.float64)
+    return out, m, v
+
+
+@pytest.mark.parametrize("moment_dtype", ["bfloat16", "float32"])
+def test_adam_moments_stored_in_moment_dtype(moment_dtype):
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    grads = [rng.normal(size=(5, 7)).astype(np.float32) * s for s in (1.0, 3.0, 0.1, 2.0)]
+    tx = ts.scale_by_adam_in(jnp.dtype(moment_dtype), b1=0.9, b2=0.95)
+    state = tx.init({"w": jnp.zeros((5, 7))})
+    round_to = ml_dtypes.bfloat16 if moment_dtype == "bfloat16" else np.float32
+    ref, m_ref, v_ref = _adam_reference(grads, 4, 0.9, 0.95, 1e-8, round_to)
+    update = jax.jit(tx.update)
+    for g, want in zip(grads, ref, strict=True):
+        u, state = update({"w": jnp.asarray(g)}, state)
+        np.testing.assert_allclose(np.asarray(u["w"]), want, rtol=2e-6, atol=1e-7)
+    assert state.mu["w"].dtype == jnp.dtype(moment_dtype) == state.nu["w"].dtype
+    np.testing.assert_allclose(np.asarray(state.mu["w"], np.float64), m_ref, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(state.nu["w"], np.float64), v_ref, rtol=1e-6)
+    if moment_dtype == "float32":  # the same numbers as optax's own Adam
+        ox = optax.scale_by_adam(b1=0.9, b2=0.95)
+        os_, ms = ox.init({"w": jnp.zeros((5, 7))}), tx.init({"w": jnp.zeros((5, 7))})
+        for g in grads:
+            a, os_ = ox.update({"w": jnp.asarray(g)}, os_)
+            b, ms = tx.update({"w": jnp.asarray(g)}, ms)
+            np.testing.assert_allclose(np.asarray(b["w"]), np.asarray(a["w"]), rtol=1e-6)
+
+
+def test_chunked_cross_entropy_equals_whole_loss_and_gradients():
+    """ce_chunk=5 over T=12 (3 chunks, the last padded; MTP depth 1 over T-1=11) gives the
+    unchunked loss and gradients to <= 1e-6 relative, in float32."""
+    import ml_collections
+
+    from tests.helpers import rel_err
+    from tests.helpers import tiny_config as model_cfg
+
+    cfg = model_cfg(num_hidden_layers=2)
+    variables = init_variables(cfg, jax.random.key(0), 2, 12)
+    batch = {k: jnp.asarray(v) for k, v in _synthetic_batch(cfg, 2, 12).items()}
+    model = Transformer(cfg)
+
+    def loss_and_grads(chunk):
+        tc = ml_collections.ConfigDict(
+            dict(ce_chunk=chunk, mtp_weight=0.3, balance_loss_weight=1e-4)
+        )
+
+        def f(p):
+            return ts.loss_fn(p, variables["moe_bias"], batch, model=model, train_cfg=tc)
+
+        (loss, aux), g = jax.jit(jax.value_and_grad(f, has_aux=True))(variables["params"])
+        return loss, aux["main_ce"], aux["mtp_ce"], g
+
+    whole, chunked = loss_and_grads(0), loss_and_grads(5)
+    for a, b in zip(chunked[:3], whole[:3], strict=True):
+        assert rel_err(a, b) <= 1e-6
+    for path, a in jax.tree_util.tree_leaves_with_path(chunked[3]):
+        b = functools.reduce(lambda t, k: t[k.key], path, whole[3])
+        assert rel_err(a, b) <= 1e-6, path

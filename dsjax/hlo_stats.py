@@ -1,0 +1,166 @@
+"""Collectives in an optimized HLO module (`compiled.as_text()`), with bytes per step.
+
+Ops inside a `while` body (the scanned layer stacks, gradient accumulation) run once per
+iteration: each computation's multiplicity is propagated from ENTRY through call sites, using
+the `known_trip_count` XLA attaches to while loops whose trip count it knows (else 1: then the
+figure is a lower bound and `unknown_trip_counts` says so). XLA:TPU's text carries no
+`known_trip_count`; there the bound is read from the loop condition (`i < N`, a scan's form).
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+COLLECTIVES = (
+    "all-gather",
+    "all-reduce",
+    "reduce-scatter",
+    "all-to-all",
+    "ragged-all-to-all",
+    "collective-permute",
+)
+_DTYPE_BYTES = {
+    "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+    "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+}  # fmt: skip
+_SHAPE = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z]*)?)\[([0-9,]*)\]")
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*(?:\(|\{)")
+_CALLEE = re.compile(r"\b(calls|to_apply|body|condition)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_OP = re.compile(r"=\s*(.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
+_GROUPS_LIST = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
+_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_CONDITION = re.compile(r"\bcondition=%?([\w.\-]+)")
+_CONST = re.compile(r"s32\[\]\S* constant\((\d+)\)")
+
+
+def _dtype_bytes(dtype: str) -> float:
+    if dtype.startswith("f8") or dtype.startswith("s8") or dtype.startswith("u8"):
+        return 1
+    return _DTYPE_BYTES.get(dtype, 0)
+
+
+def shape_bytes(text: str) -> list[float]:
+    """Bytes of every array shape written in `text` (e.g. '(bf16[8,16], f32[])')."""
+    out = []
+    for dtype, dims in _SHAPE.findall(text):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        out.append(n * _dtype_bytes(dtype))
+    return out
+
+
+def _split_computations(hlo: str) -> tuple[list[tuple[str, list[str]]], str | None]:
+    comps, entry, current = [], None, None
+    for line in hlo.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            m = _HEADER.match(line)
+            if m:
+                current = (m.group(1), [])
+                comps.append(current)
+                if line.startswith("ENTRY"):
+                    entry = m.group(1)
+                continue
+        if current is not None and line.startswith(" "):
+            current[1].append(line)
+    return comps, entry
+
+
+def _condition_bounds(comps) -> dict[str, int]:
+    """{condition computation: N} for conditions whose root is `counter < constant(N)`."""
+    bounds = {}
+    for name, lines in comps:
+        root = next((ln for ln in lines if "ROOT" in ln), "")
+        consts = [int(c) for ln in lines for c in _CONST.findall(ln)]
+        if "compare(" in root and "direction=LT" in root and len(consts) == 1:
+            bounds[name] = consts[0]
+    return bounds
+
+
+def _multiplicities(comps, entry) -> tuple[dict[str, float], int]:
+    """Times each computation runs per execution of ENTRY (callees precede callers in text)."""
+    bounds = _condition_bounds(comps)
+    mult: dict[str, float] = collections.defaultdict(float)
+    if entry is None:
+        return {name: 1.0 for name, _ in comps}, 0
+    mult[entry] = 1.0
+    unknown = 0
+    for name, lines in reversed(comps):
+        m = mult.get(name, 0.0)
+        if not m:
+            continue
+        for line in lines:
+            is_while = " while(" in line
+            trip = None
+            if is_while:
+                found = _TRIP.search(line)
+                cond = _CONDITION.search(line)
+                trip = int(found.group(1)) if found else bounds.get(cond.group(1) if cond else "")
+                unknown += trip is None
+            for kind, callee in _CALLEE.findall(line):
+                factor = trip if (trip is not None and kind == "body") else 1
+                mult[callee] += m * factor
+            for group in _BRANCHES.findall(line):
+                for callee in group.split(","):
+                    mult[callee.strip().lstrip("%")] += m
+    return mult, unknown
+
+
+def _group_size(line: str, default: int) -> int:
+    m = _GROUPS_MESH.search(line)
+    if m:
+        sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'=(\d+)", m.group(1))}
+        names = re.findall(r"'([^']+)'", m.group(2))
+        n = 1
+        for name in names:
+            n *= sizes.get(name, 1)
+        return n
+    m = _GROUPS_IOTA.search(line)
+    if m:
+        return int(m.group(2))
+    m = _GROUPS_LIST.search(line)
+    if m:
+        return max(1, len([x for x in m.group(1).split(",") if x]))
+    return default
+
+
+def _moved_bytes(op: str, size: float, n: int) -> float:
+    """Bytes one device sends for a ring/torus implementation of `op` on `size`-byte results."""
+    frac = (n - 1) / n if n > 1 else 0.0
+    if op == "all-gather" or op in ("all-to-all", "ragged-all-to-all"):
+        return size * frac
+    if op == "reduce-scatter":
+        return size * (n - 1)
+    if op == "all-reduce":
+        return 2 * size * frac
+    return size  # collective-permute
+
+
+def collectives(hlo: str, num_devices: int) -> dict:
+    """{op: {"count", "result_bytes", "moved_bytes"}} per step, plus `unknown_trip_counts`."""
+    comps, entry = _split_computations(hlo)
+    mult, unknown = _multiplicities(comps, entry)
+    stats = {op: {"count": 0, "result_bytes": 0.0, "moved_bytes": 0.0} for op in COLLECTIVES}
+    for name, lines in comps:
+        m = mult.get(name, 0.0)
+        if not m:
+            continue
+        for line in lines:
+            found = _OP.search(line)
+            if not found:
+                continue
+            result, op, start = found.group(1), found.group(2), found.group(3)
+            sizes = shape_bytes(result)
+            if not sizes:
+                continue
+            # An async '-start' returns a tuple (operands, results, context): take the largest.
+            size = max(sizes) if start else sum(sizes)
+            n = _group_size(line, num_devices)
+            stats[op]["count"] += int(m)
+            stats[op]["result_bytes"] += m * size
+            stats[op]["moved_bytes"] += m * _moved_bytes(op, size, n)
+    return {"ops": stats, "unknown_trip_counts": unknown}

@@ -1,0 +1,635 @@
+"""The planner: will this config train (or decode) on that slice, and how fast at best?
+
+    python -m dsjax.plan --config=configs/deepseek_v3.py --topology=v5p:4x8x8 \
+        [--mode=train|decode] [--config.mesh.fsdp=32 --config.mesh.expert=8 ...] \
+        [--batch_per_chip=1] [--batch=64 --cache_len=32768] [--json=PATH] [--search]
+
+It compiles the REAL program (`dsjax.train_step.train_step` with `state_shardings`, or the
+model's absorbed-latent decode forward of one token per row over a cache) for abstract TPU chips
+(`jax.experimental.topologies`; libtpu from requirements-tpu.txt) or the local GPUs
+(`--topology=gpu`), and reports per device: parameters, optimizer state, temporaries, total
+against HBM, compile time, FLOPs (analytic and XLA's), the collectives of the optimized HLO with
+bytes per step, and a roofline step time from published chip figures (dsjax/tpu_specs.py) ->
+an upper-bound MFU. Beside the compiler's figures an analytic breakdown shows where memory goes.
+Exit status: 0 fits, 1 does not fit (numbers printed), 2 cannot plan (libtpu / GPU missing).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no TPU metadata server on a CPU machine
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # others may hold libtpu's lock file
+os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
+os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
+
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import importlib.util  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from dsjax import hlo_stats, metrics, sharding, tpu_specs  # noqa: E402
+from dsjax import train_step as ts  # noqa: E402
+from dsjax.model import Transformer  # noqa: E402
+
+GIB = 1024**3
+SAVED_PER_LAYER = {"full": 1, "save_attn": 2, "save_attn_ffn": 3, "dots_no_batch": 6, "dots": 8}
+
+
+class PlanError(Exception):
+    """A plan cannot be made (missing libtpu/GPU, bad arguments); `code` is the exit status."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What to compile for: the devices and, for TPUs, the chip figures."""
+
+    label: str
+    devices: tuple
+    peak_flops: float | None  # per device
+    hbm_bytes: float | None
+    hbm_bytes_per_s: float | None
+    ici_bytes_per_s: float | None
+
+
+# ----------------------------------------------------------------------------- target
+def make_target(topology: str) -> Target:
+    """TPU topology name (v5p:4x8x8, v5e:2x2, v6e:4x4, v4:2x2x1) or 'gpu' (the local GPUs)."""
+    if topology.strip().lower() == "gpu":
+        try:
+            devices = jax.devices("gpu")
+        except RuntimeError:
+            devices = []
+        if not devices:
+            raise PlanError(
+                "GPU plans need the device: run the planner on the GPU machine itself "
+                "(no GPU is visible here; for TPUs pass e.g. --topology=v5p:4x8x8)"
+            )
+        peak, _ = metrics.peak_flops_per_device(devices[0], "bfloat16")
+        return Target(f"{len(devices)} x {devices[0].device_kind}", tuple(devices), peak,
+                      _gpu_memory(devices[0]), None, None)  # fmt: skip
+    spec, dims = tpu_specs.parse_topology(topology)
+    if importlib.util.find_spec("libtpu") is None:
+        raise PlanError(
+            "TPU plans need libtpu (the XLA:TPU compiler): pip install -r requirements-tpu.txt"
+        )
+    from jax.experimental import topologies
+
+    name = tpu_specs.libtpu_topology_name(spec, dims)
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+    per_chip = len(devices) / tpu_specs.num_chips(dims)  # v4: one device per TensorCore
+    return Target(
+        f"{name} ({tpu_specs.num_chips(dims)} chips, {len(devices)} devices)",
+        tuple(devices),
+        spec.peak_bf16_flops / per_chip,
+        spec.hbm_bytes / per_chip,
+        spec.hbm_bytes_per_s / per_chip,
+        spec.ici_bytes_per_s / per_chip,
+    )
+
+
+def _gpu_memory(device) -> float | None:
+    try:
+        return float(device.memory_stats()["bytes_limit"])
+    except Exception:  # noqa: BLE001 - a backend without memory stats
+        return None
+
+
+# ----------------------------------------------------------------------------- helpers
+def shard_bytes(tree) -> float:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+    total = 0.0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def _size(text: str) -> float:
+    m = re.fullmatch(r"([0-9.]+)([KMGT]?)i?B?", text.strip())
+    return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
+
+
+def compile_or_oom(lowered):
+    """(compiled, None) or (None, {"temp_bytes", "hbm_bytes", "message"}) when XLA says OOM."""
+    try:
+        return lowered.compile(), None
+    except Exception as e:  # noqa: BLE001 - XLA raises a runtime error with the numbers
+        text = str(e)
+        if "RESOURCE_EXHAUSTED" not in text and "memory" not in text.lower():
+            raise
+        oom = {"message": text.splitlines()[0][:400]}
+        num = r"\(([0-9.]+[KMGT]?)\)"
+        m = re.search(rf"HLO temporaries {num} exceeds available HBM {num}", text)
+        if m:
+            oom["temp_bytes"], oom["hbm_bytes"] = _size(m.group(1)), _size(m.group(2))
+        m = re.search(r"Used ([0-9.]+[KMGT]?) of ([0-9.]+[KMGT]?) hbm", text)
+        if m:
+            oom["used_bytes"], oom["hbm_bytes"] = _size(m.group(1)), _size(m.group(2))
+        return None, oom
+
+
+def _cost(compiled) -> dict:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001
+        return {}
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+def _memory_from_compiled(compiled, args_bytes: float) -> dict:
+    ma = compiled.memory_analysis()
+    if ma is None:
+        return {"args_bytes": args_bytes}
+    out = {
+        "args_bytes": float(ma.argument_size_in_bytes),
+        "output_bytes": float(ma.output_size_in_bytes),
+        "alias_bytes": float(ma.alias_size_in_bytes),
+        "temp_bytes": float(ma.temp_size_in_bytes),
+        "code_bytes": float(ma.generated_code_size_in_bytes),
+    }
+    out["total_bytes"] = (
+        out["args_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+        + out["code_bytes"]
+    )  # fmt: skip
+    return out
+
+
+def _fill_fit(report: dict, target: Target, memory: dict, oom: dict | None) -> None:
+    hbm = (oom or {}).get("hbm_bytes") or target.hbm_bytes
+    if oom:
+        memory["temp_bytes"] = oom.get("temp_bytes", float("nan"))
+        memory["total_bytes"] = oom.get("used_bytes") or memory["args_bytes"] + memory["temp_bytes"]
+        memory["compiler_message"] = oom["message"]
+    report["memory"] = memory
+    report["hbm_bytes"] = hbm
+    report["fits"] = bool(oom is None and (hbm is None or memory["total_bytes"] <= hbm))
+    report["headroom_bytes"] = (hbm - memory["total_bytes"]) if hbm else None
+
+
+def _roofline(report: dict, target: Target, flops_dev: float, hw_flops_dev: float,
+              hbm_bytes_dev: float) -> None:  # fmt: skip
+    """compute / HBM / ICI times at the published peaks; the step cannot be faster than the
+    largest (perfect overlap), so analytic FLOPs over it is an upper bound on MFU."""
+    est = {}
+    if target.peak_flops:
+        est["compute_s"] = hw_flops_dev / target.peak_flops
+    if target.hbm_bytes_per_s:
+        est["hbm_s"] = hbm_bytes_dev / target.hbm_bytes_per_s
+    if target.ici_bytes_per_s and report.get("collectives"):
+        moved = sum(v["moved_bytes"] for v in report["collectives"]["ops"].values())
+        est["ici_s"] = moved / target.ici_bytes_per_s
+    if est:
+        est["step_s"] = max(est.values())
+        if target.peak_flops:
+            est["mfu_upper_bound"] = flops_dev / (est["step_s"] * target.peak_flops)
+    report["estimate"] = est
+
+
+# ----------------------------------------------------------------------------- train
+def train_analytic(cfg, config, params_bytes: float, optimizer_bytes: float, mesh) -> dict:
+    """Per-device bytes by cause: the state exactly (from shardings), activations estimated."""
+    T, D, V = config.data.seq_len, cfg.hidden_size, cfg.vocab_size
+    B = config.train.batch_size / sharding.batch_shards(mesh) / config.train.grad_accum
+    tensor = mesh.shape["tensor"]
+    act = jnp.dtype(cfg.dtype).itemsize
+    layers = cfg.num_hidden_layers + cfg.num_mtp_layers
+    per_layer = SAVED_PER_LAYER.get(cfg.remat, 24)  # "none": every intermediate (rough)
+    chunk = int(config.train.get("ce_chunk", 0) or 0)
+    logit_T = min(chunk, T) if chunk else T * (1 + cfg.num_mtp_layers)
+    k = cfg.num_experts_per_tok if cfg.n_routed_experts else 0
+    heads = cfg.num_attention_heads / tensor
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    attn = B * T * heads * (2 * qk + 2 * cfg.v_head_dim) * act * 3
+    moe = B * T * k * (4 * D + 3 * cfg.moe_intermediate_size / tensor) * act
+    dense = B * T * 3 * cfg.intermediate_size / tensor * act
+    out = {
+        "params": params_bytes,
+        "grads": params_bytes,
+        "optimizer": optimizer_bytes,
+        "saved_activations": layers * per_layer * B * T * D * act,
+        "logits": 3 * B * logit_T * V / tensor * 4,
+        "layer_working_set": attn + max(moe, dense),
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def _batch_abstract(mesh, batch: int, seq_len: int) -> dict:
+    bs = sharding.batch_sharding(mesh)
+    dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32,
+              "segment_ids": jnp.int32, "weights": jnp.float32}  # fmt: skip
+    return {k: jax.ShapeDtypeStruct((batch, seq_len), d, sharding=bs) for k, d in dtypes.items()}
+
+
+def plan_train(config: ml_collections.ConfigDict, target: Target) -> dict:
+    """Compiles the real train step for `target`; returns the report dict."""
+    mesh = sharding.make_mesh(**config.mesh, devices=list(target.devices))
+    cfg = ts.model_config(config)
+    model, (tx, schedule) = Transformer(cfg), ts.make_optimizer(config)
+    T, batch = config.data.seq_len, config.train.batch_size
+    if batch % (sharding.batch_shards(mesh) * config.train.grad_accum):
+        raise PlanError(
+            f"config.train.batch_size={batch} must divide by grad_accum x the "
+            f"{sharding.batch_shards(mesh)} batch shards of mesh {dict(mesh.shape)}",
+            1,
+        )
+    abstract, shardings = ts.state_shardings(model, tx, mesh, T)  # outside the mesh (tx.init)
+    n = len(target.devices)
+    report = _header(config, cfg, target, mesh, "train")
+    report.update(batch=batch, seq_len=T, tokens_per_step=batch * T)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        step = jax.jit(
+            functools.partial(
+                ts.train_step, model=model, tx=tx, schedule=schedule, train_cfg=config.train
+            ),  # fmt: skip
+            in_shardings=(shardings, sharding.batch_sharding(mesh)),
+            out_shardings=(shardings, sharding.replicated(mesh)),
+            donate_argnums=0,
+        )
+        lowered = step.lower(abstract, _batch_abstract(mesh, batch, T))
+        compiled, oom = compile_or_oom(lowered)
+    report["compile_s"] = time.perf_counter() - t0
+    state_bytes = shard_bytes(abstract)
+    memory = {
+        "params_bytes": shard_bytes(abstract.params),
+        "optimizer_bytes": shard_bytes(abstract.opt_state),
+        "args_bytes": state_bytes,
+    }
+    if compiled is not None:
+        memory.update(_memory_from_compiled(compiled, state_bytes))
+    _fill_fit(report, target, memory, oom)
+    report["analytic_bytes"] = train_analytic(
+        cfg, config, memory["params_bytes"], memory["optimizer_bytes"], mesh
+    )
+    flops_dev = metrics.train_flops_per_token(cfg, T) * batch * T / n
+    recompute = 1.0 if cfg.remat == "save_attn_ffn" else (1.0 if cfg.remat == "none" else 4 / 3)
+    report["flops"] = {
+        "analytic_per_device": flops_dev,
+        "with_recompute_per_device": flops_dev * recompute,
+    }
+    hbm_traffic = 0.0
+    if compiled is not None:
+        cost = _cost(compiled)
+        report["flops"]["xla_per_device"] = cost.get("flops")
+        report["collectives"] = hlo_stats.collectives(compiled.as_text(), n)
+        hbm_traffic = float(cost.get("bytes accessed", 0.0))
+    # At least: weights read in forward, recompute and backward, state read+written once.
+    hbm_traffic = max(hbm_traffic, 3 * memory["params_bytes"] + 2 * state_bytes)
+    _roofline(report, target, flops_dev, flops_dev * recompute, hbm_traffic)
+    return report
+
+
+def _header(config, cfg, target: Target, mesh, mode: str) -> dict:
+    counts_b = None
+    try:
+        from dsjax.model import count_params
+
+        counts_b = {k: v / 1e9 for k, v in count_params(cfg).items()}
+    except Exception:  # noqa: BLE001 - counting is informative only
+        pass
+    return {
+        "config": config.get("name", "?"),
+        "mode": mode,
+        "target": target.label,
+        "devices": len(target.devices),
+        "mesh": dict(mesh.shape),
+        "remat": cfg.remat,
+        "dtype": cfg.dtype,
+        "param_dtype": cfg.param_dtype,
+        "moment_dtype": config.optim.get("moment_dtype", "float32"),
+        "ce_chunk": int(config.train.get("ce_chunk", 0) or 0),
+        "params_billion": counts_b,
+        "hbm_per_device_bytes": target.hbm_bytes,
+        "peak_flops_per_device": target.peak_flops,
+    }
+
+
+# ----------------------------------------------------------------------------- decode
+def plan_decode(config: ml_collections.ConfigDict, target: Target, batch: int,
+                cache_len: int) -> dict:  # fmt: skip
+    """Compiles one decode step: `batch` rows, one token each, over a `cache_len` latent cache,
+    weights in the compute dtype (bf16 for V3)."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.param_dtype = config.model.dtype  # inference weights
+    mesh = sharding.make_mesh(**config.mesh, devices=list(target.devices))
+    cfg = ts.model_config(config)
+    model = Transformer(cfg)
+    tokens = jax.ShapeDtypeStruct((batch, cache_len), jnp.int32)
+    boxed = jax.eval_shape(
+        lambda t: model.init(jax.random.key(0), t, mode="prefill", run_mtp=False), tokens
+    )
+    specs = nn.get_partition_spec({k: v for k, v in boxed.items() if k != "cache"})
+    var_sh = sharding.logical_to_sharding(specs, mesh)
+    unboxed = nn.unbox(boxed)
+    shards = sharding.batch_shards(mesh)
+    row_axes = sharding.BATCH_AXES if batch % shards == 0 else None
+
+    def cache_sharding(path, leaf):
+        top = getattr(path[0], "key", "")
+        axis = 1 if top in ("dense_layers", "moe_layers") else 0
+        spec = [None] * leaf.ndim
+        spec[axis] = row_axes
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+    cache_sh = jax.tree_util.tree_map_with_path(cache_sharding, unboxed["cache"])
+    variables = {k: v for k, v in unboxed.items() if k != "cache"}
+    abs_vars = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            variables, var_sh)  # fmt: skip
+    abs_cache = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             unboxed["cache"], cache_sh)  # fmt: skip
+    row_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(row_axes, None))
+    tok = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=row_sh)
+
+    def decode_step(variables, cache, tokens_B1, positions_B1):
+        out, new = model.apply({**variables, "cache": cache}, tokens_B1, positions_B1,
+                               mode="decode", run_mtp=False, mutable=["cache"])  # fmt: skip
+        return out.logits[:, -1], new["cache"]
+
+    report = _header(config, cfg, target, mesh, "decode")
+    report.update(batch=batch, cache_len=cache_len)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        step = jax.jit(decode_step, in_shardings=(var_sh, cache_sh, row_sh, row_sh),
+                       out_shardings=(None, cache_sh), donate_argnums=1)  # fmt: skip
+        compiled, oom = compile_or_oom(step.lower(abs_vars, abs_cache, tok, tok))
+    report["compile_s"] = time.perf_counter() - t0
+    params_b, cache_b = shard_bytes(abs_vars), shard_bytes(abs_cache)
+    memory = {"params_bytes": params_b, "cache_bytes": cache_b, "args_bytes": params_b + cache_b}
+    if compiled is not None:
+        memory.update(_memory_from_compiled(compiled, params_b + cache_b))
+    _fill_fit(report, target, memory, oom)
+    report["analytic_bytes"] = {"params": params_b, "cache": cache_b, "total": params_b + cache_b}
+    br = metrics.flops_breakdown(cfg, 2 * cache_len - 1)  # causal context (T+1)/2 = cache_len
+    flops_dev = (sum(br.values()) - br["mtp"]) * batch / len(target.devices)
+    report["flops"] = {"analytic_per_device": flops_dev}
+    if compiled is not None:
+        report["flops"]["xla_per_device"] = _cost(compiled).get("flops")
+        report["collectives"] = hlo_stats.collectives(compiled.as_text(), len(target.devices))
+    _roofline(report, target, flops_dev, flops_dev, params_b + cache_b)  # weights + cache once
+    if report["estimate"].get("step_s"):
+        report["estimate"]["tokens_per_s"] = batch / report["estimate"]["step_s"]
+    return report
+
+
+# ----------------------------------------------------------------------------- search
+def mesh_candidates(n: int, cfg) -> list[dict]:
+    """(data, fsdp, expert, tensor) with product n: data and tensor up to 8, tensor dividing the
+    heads, expert the routed experts."""
+    out = []
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    for tensor, expert, data in itertools.product(divisors, divisors, divisors):
+        if n % (tensor * expert * data) or tensor > 8 or data > 8:
+            continue
+        if cfg.num_attention_heads % tensor:
+            continue
+        if expert > 1 and (not cfg.n_routed_experts or cfg.n_routed_experts % expert):
+            continue
+        out.append({"data": data, "fsdp": n // (tensor * expert * data), "expert": expert,
+                    "tensor": tensor})  # fmt: skip
+    return out
+
+
+def search(config, target: Target, top: int, log=print) -> list[dict]:
+    """Ranks mesh x batch-per-chip x remat candidates analytically (state bytes exact from the
+    shardings, activations and step time estimated), compiles the `top` best that the estimate
+    says fit, and returns their reports: fitting first, then by estimated time per token."""
+    n = len(target.devices)
+    cfg = ts.model_config(config)
+    shapes, logical = _param_shapes_and_specs(cfg)
+    scored = []
+    for mesh_kw in mesh_candidates(n, cfg):
+        mesh = sharding.make_mesh(**mesh_kw, devices=list(target.devices))
+        try:
+            p_elems = _shard_elems(shapes, logical, mesh)
+        except ValueError:  # a dimension the mesh does not divide
+            continue
+        for bpc, remat in itertools.product((1, 2, 4), ("full", "save_attn", "save_attn_ffn")):
+            c = ml_collections.ConfigDict(config.to_dict())
+            c.mesh.update(mesh_kw)
+            c.train.remat = remat
+            c.train.batch_size = bpc * sharding.batch_shards(mesh) * c.train.grad_accum
+            scored.append((_analytic_score(c, target, mesh, p_elems), c))
+    scored.sort(key=lambda x: x[0]["s_per_token"])
+    fitting = [s for s in scored if s[0]["fits"]] or scored
+    log(f"search: {len(scored)} candidates, {sum(s[0]['fits'] for s in scored)} fit analytically; "
+        f"compiling the best {min(top, len(fitting))}")  # fmt: skip
+    reports = []
+    for score, c in fitting[:top]:
+        log(f"  compiling mesh {dict(c.mesh)} batch {c.train.batch_size} remat {c.train.remat} "
+            f"(analytic {score['bytes'] / GIB:.1f} GiB, {score['step_s'] * 1e3:.0f} ms)")  # fmt: skip
+        r = plan_train(c, target)
+        r["analytic_score"] = score
+        reports.append(r)
+    per_token = lambda r: r["estimate"].get("step_s", math.inf) / r["tokens_per_step"]  # noqa: E731
+    reports.sort(key=lambda r: (not r["fits"], per_token(r)))
+    return reports
+
+
+def _param_shapes_and_specs(cfg):
+    boxed = jax.eval_shape(
+        lambda t: Transformer(cfg).init(jax.random.key(0), t),
+        jax.ShapeDtypeStruct((1, 8), jnp.int32),
+    )
+    return nn.unbox(boxed)["params"], nn.get_partition_spec(boxed)["params"]
+
+
+def _shard_elems(shapes, logical, mesh) -> float:
+    """Elements of the parameters one device holds under `mesh` (ValueError if indivisible)."""
+    shardings = sharding.logical_to_sharding(logical, mesh)
+    total = 0.0
+    for leaf, sh in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings), strict=True):
+        total += math.prod(sh.shard_shape(leaf.shape))
+    return total
+
+
+def _analytic_score(c, target: Target, mesh, p_elems: float) -> dict:
+    """Analytic memory and step time of a candidate (no compile)."""
+    cfg = ts.model_config(c)
+    pb = jnp.dtype(cfg.param_dtype).itemsize
+    mb = jnp.dtype(c.optim.get("moment_dtype", "float32")).itemsize
+    mem = train_analytic(cfg, c, p_elems * pb, 2 * p_elems * mb, mesh)
+    T, n = c.data.seq_len, len(target.devices)
+    kw = dict(mesh.shape)
+    flops = metrics.train_flops_per_token(cfg, T) * c.train.batch_size * T / n
+    recompute = 1.0 if cfg.remat == "save_attn_ffn" else 4 / 3
+    compute = flops * recompute / (target.peak_flops or 1.0)
+    # Communication per device: FSDP weight gathers (forward, recompute, backward; compute
+    # dtype) + gradient reduce-scatter (param dtype); MoE token exchange over the expert axis
+    # (dispatch + combine, forward + backward); tensor-parallel all-reduces (4 per layer-pass).
+    act = jnp.dtype(cfg.dtype).itemsize
+    gathered = p_elems * kw["fsdp"]
+    B = c.train.batch_size / sharding.batch_shards(mesh)
+    comm = 0.0
+    if kw["fsdp"] > 1:
+        comm += (3 * act + pb) * gathered * (1 - 1 / kw["fsdp"])
+    if kw["expert"] > 1:
+        comm += 4 * B * T * cfg.num_experts_per_tok * cfg.hidden_size * act * cfg.num_moe_layers
+    if kw["tensor"] > 1:
+        comm += 8 * B * T * cfg.hidden_size * act * cfg.num_hidden_layers
+    ici = comm / (target.ici_bytes_per_s or math.inf)
+    step = max(compute, ici)
+    fits = target.hbm_bytes is None or mem["total"] <= 0.9 * target.hbm_bytes
+    return {"fits": fits, "bytes": mem["total"], "step_s": step,
+            "s_per_token": step / (c.train.batch_size * T)}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- output
+def _g(x) -> str:
+    """Bytes in GiB / MiB / KiB (1024-based, as XLA prints 'G')."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    for unit, size in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(x) >= size:
+            return f"{x / size:.2f} {unit}"
+    return f"{x:.0f} B"
+
+
+def format_report(r: dict) -> str:
+    """Human-readable lines of one report."""
+    m, lines = r["memory"], []
+    lines.append(f"== {r['config']} {r['mode']} on {r['target']}; mesh {r['mesh']}")
+    extra = (f"batch {r['batch']} x seq {r['seq_len']}" if r["mode"] == "train"
+             else f"batch {r['batch']} rows, cache {r['cache_len']} positions")  # fmt: skip
+    lines.append(f"   {extra}; remat {r['remat']}; dtype {r['dtype']}/{r['param_dtype']}; "
+                 f"moments {r['moment_dtype']}; ce_chunk {r['ce_chunk']}")  # fmt: skip
+    if r.get("params_billion"):
+        p = r["params_billion"]
+        lines.append(f"   parameters: {p['total']:.2f}B total, {p['activated']:.2f}B activated, "
+                     f"{p['mtp']:.2f}B MTP")  # fmt: skip
+    lines.append(f"   compile: {r['compile_s']:.1f} s")
+    lines.append("   per device (compiler):")
+    state = (f"latent cache {_g(m['cache_bytes'])}" if "cache_bytes" in m
+             else f"optimizer state {_g(m.get('optimizer_bytes'))}")  # fmt: skip
+    lines.append(f"     parameters {_g(m.get('params_bytes'))}, {state}, "
+                 f"arguments {_g(m.get('args_bytes'))}")  # fmt: skip
+    lines.append(f"     temporaries {_g(m.get('temp_bytes'))}, total {_g(m.get('total_bytes'))} "
+                 f"of {_g(r['hbm_bytes'])} HBM -> fits: {'YES' if r['fits'] else 'NO'}, headroom "
+                 f"{_g(r['headroom_bytes'])}")  # fmt: skip
+    if "compiler_message" in m:
+        lines.append(f"     compiler: {m['compiler_message']}")
+    a = r["analytic_bytes"]
+    lines.append("   per device (analytic): " + ", ".join(f"{k} {_g(v)}" for k, v in a.items()))
+    f = r["flops"]
+    xla = f.get("xla_per_device")
+    lines.append(f"   FLOPs/step/device: analytic {f['analytic_per_device']:.3e}"
+                 + (f", with recompute {f['with_recompute_per_device']:.3e}"
+                    if "with_recompute_per_device" in f else "")
+                 + (f", XLA cost analysis {xla:.3e}" if xla else ""))  # fmt: skip
+    col = r.get("collectives")
+    if col:
+        parts = [f"{op} x{v['count']} {_g(v['result_bytes'])} (sends {_g(v['moved_bytes'])})"
+                 for op, v in col["ops"].items() if v["count"]]  # fmt: skip
+        lines.append("   collectives/step/device: " + ("; ".join(parts) or "none"))
+        if col["unknown_trip_counts"]:
+            unknown = col["unknown_trip_counts"]
+            lines.append(f"     ({unknown} loops of unknown trip count counted once)")
+    e = r.get("estimate", {})
+    if e:
+        parts = [f"{k[:-2]} {v * 1e3:.1f} ms" for k, v in e.items()
+                 if k.endswith("_s") and k != "tokens_per_s"]  # fmt: skip
+        tail = f"; MFU <= {e['mfu_upper_bound'] * 100:.1f}%" if "mfu_upper_bound" in e else ""
+        tps = f"; {e['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in e else ""
+        lines.append("   roofline: " + ", ".join(parts) + tail + tps)
+    return "\n".join(lines)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return x
+
+
+# ----------------------------------------------------------------------------- CLI
+def main(argv) -> int:
+    from absl import flags
+
+    del argv
+    f = flags.FLAGS
+    config = f.config
+    if config is None:
+        raise PlanError("--config=configs/NAME.py is required")
+    if not f.topology:
+        raise PlanError("--topology is required (e.g. v5p:4x8x8, v5e:2x2, v6e:4x4, v4:2x2x1, gpu)")
+    target = make_target(f.topology)
+    if f.mode == "decode":
+        reports = [plan_decode(config, target, f.batch, f.cache_len)]
+    else:
+        if f.batch_per_chip:
+            mesh = sharding.make_mesh(**config.mesh, devices=list(target.devices))
+            config.train.batch_size = f.batch_per_chip * sharding.batch_shards(mesh)
+        if f.search:
+            reports = search(config, target, f.top)
+        else:
+            reports = [plan_train(config, target)]
+    for r in reports:
+        print(format_report(r))
+    if f.json:
+        with open(f.json, "w") as fh:
+            json.dump(_jsonable(reports if f.search else reports[0]), fh, indent=2)
+    return 0 if reports and reports[0]["fits"] else 1
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/deepseek_v3.py")
+    flags.DEFINE_string(
+        "topology", None, "TPU topology (v5p:4x8x8, v5e:2x2, v6e:4x4, v4:2x2x1) or gpu"
+    )
+    flags.DEFINE_enum("mode", "train", ["train", "decode"], "program to compile")
+    flags.DEFINE_integer("batch_per_chip", 1,
+                         "train: sequences per batch shard (data x fsdp x expert); 0 = "
+                         "config.train.batch_size")  # fmt: skip
+    flags.DEFINE_integer("batch", 64, "decode: rows (sequences) decoded together")
+    flags.DEFINE_integer("cache_len", 32768, "decode: latent cache positions per row")
+    flags.DEFINE_string("json", None, "write the report(s) as JSON here")
+    flags.DEFINE_bool("search", False, "search meshes x batch per chip x remat (train)")
+    flags.DEFINE_integer("top", 4, "--search: how many of the analytically best to compile")
+
+
+def run() -> None:
+    from absl import app
+
+    _define_flags()
+
+    def entry(argv):
+        try:
+            sys.exit(main(argv))
+        except PlanError as e:
+            print(f"plan: {e}", file=sys.stderr)
+            sys.exit(e.code)
+        except ValueError as e:  # a config or mesh the user gave that cannot work
+            print(f"plan: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(entry)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,160 @@
+"""The planner: real XLA:TPU compiles of tiny and small for a v5e:2x2 slice (libtpu), its report
+fields, the exit status of a config that cannot fit, and the HLO collective accounting."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import small, tiny
+from dsjax import hlo_stats, plan, tpu_specs
+from tests.conftest import ROOT
+
+needs_libtpu = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("libtpu") is None,
+    reason="libtpu not installed (pip install -r requirements-tpu.txt)",
+)
+
+
+@pytest.fixture(scope="module")
+def v5e_2x2():
+    return plan.make_target("v5e:2x2")
+
+
+def _check_report(r, target):
+    assert r["devices"] == 4 and r["hbm_bytes"] == target.hbm_bytes == 15.75 * 1024**3
+    m = r["memory"]
+    for key in ("params_bytes", "args_bytes", "total_bytes"):
+        assert m[key] > 0, key
+    assert m["temp_bytes"] >= 0 and m["total_bytes"] >= m["args_bytes"]
+    assert r["fits"] is True and 0 < r["headroom_bytes"] < r["hbm_bytes"]
+    assert r["compile_s"] > 0
+    assert r["flops"]["analytic_per_device"] > 0 and r["flops"]["xla_per_device"] > 0
+    ops = r["collectives"]["ops"]
+    assert set(ops) == set(hlo_stats.COLLECTIVES)
+    assert r["collectives"]["unknown_trip_counts"] == 0
+    est = r["estimate"]
+    assert est["step_s"] > 0 and est["compute_s"] > 0 and est["hbm_s"] > 0
+    assert 0 < est["mfu_upper_bound"] <= 1
+    assert r["analytic_bytes"]["total"] > 0
+    json.dumps(plan._jsonable(r))  # the --json output
+    text = plan.format_report(r)
+    for word in ("fits: YES", "temporaries", "collectives", "roofline", "MFU <="):
+        assert word in text, word
+    return ops
+
+
+@needs_libtpu
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_train_plan_compiles_for_v5e_2x2(v5e_2x2, name):
+    config = {"tiny": tiny, "small": small}[name].get_config()
+    config.data.seq_len = 32
+    config.train.batch_size = 8  # 2 per chip on the data=4 mesh
+    r = plan.plan_train(config, v5e_2x2)
+    ops = _check_report(r, v5e_2x2)
+    assert r["mesh"] == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 1}
+    assert r["memory"]["temp_bytes"] > 0
+    # data parallel: the gradients are all-reduced over the 4 chips, every step
+    assert ops["all-reduce"]["count"] > 0 and ops["all-reduce"]["moved_bytes"] > 0
+    assert r["memory"]["optimizer_bytes"] == pytest.approx(2 * r["memory"]["params_bytes"], 0.01)
+    assert r["analytic_bytes"]["params"] == r["memory"]["params_bytes"]
+
+
+@needs_libtpu
+def test_decode_plan_compiles_for_v5e_2x2(v5e_2x2):
+    config = tiny.get_config()
+    config.mesh.update(data=1, fsdp=4)
+    r = plan.plan_decode(config, v5e_2x2, batch=8, cache_len=128)
+    _check_report(r, v5e_2x2)
+    # cache [L, B/4, S, C + R] per chip: 2 rows of 128 positions of 32 + 8 values, f32, 3 layers
+    assert r["memory"]["cache_bytes"] == 3 * 2 * 128 * (32 + 8) * 4
+    assert r["estimate"]["tokens_per_s"] > 0
+
+
+@needs_libtpu
+def test_a_config_that_cannot_fit_exits_1_with_the_numbers(tmp_path):
+    """A 2^26-token vocabulary: embedding + head in f32 are 32 GiB per v5e chip (15.75 GiB)."""
+    out = tmp_path / "plan.json"
+    cmd = [sys.executable, "-m", "dsjax.plan", "--config=configs/tiny.py", "--topology=v5e:2x2",
+           "--mode=decode", "--batch=4", "--cache_len=16", "--config.model.vocab_size=67108864",
+           f"--json={out}"]  # fmt: skip
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "Traceback" not in p.stdout + p.stderr
+    assert "fits: NO" in p.stdout and "15.75 GiB HBM" in p.stdout, p.stdout
+    r = json.loads(out.read_text())
+    assert r["fits"] is False and r["memory"]["params_bytes"] >= 32 * 1024**3
+    assert r["headroom_bytes"] < 0
+
+
+def test_missing_libtpu_and_missing_gpu_say_what_to_do(monkeypatch):
+    with pytest.raises(plan.PlanError, match="GPU plans need the device") as e:
+        plan.make_target("gpu")  # the test machine has no GPU
+    assert e.value.code == 2
+    monkeypatch.setattr(plan.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(plan.PlanError, match="pip install -r requirements-tpu.txt"):
+        plan.make_target("v5p:4x8x8")
+
+
+def test_topology_names():
+    spec, dims = tpu_specs.parse_topology("v5p:4x8x8")
+    assert spec.name == "v5p" and tpu_specs.num_chips(dims) == 256
+    assert tpu_specs.parse_topology("v6e:16x32")[1] == (16, 32)
+    for bad in ("v5p:4x8", "v7:2x2", "v5e2x2"):
+        with pytest.raises(ValueError, match="topology"):
+            tpu_specs.parse_topology(bad)
+
+
+_HLO = """HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  ROOT %s = f32[] add(f32[] %a, f32[] %b)
+}
+
+%cond (p: (s32[], bf16[64,128])) -> pred[] {
+  %p = (s32[], bf16[64,128]) parameter(0)
+  %c = s32[]{:T(128)} constant(61)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+%body (p: (s32[], bf16[64,128])) -> (s32[], bf16[64,128]) {
+  %ag = bf16[64,128]{1,0} all-gather(bf16[8,128]{1,0} %x), replica_groups=mesh['axis_0'=8,'axis_1'=4] {'axis_0'}, dimensions={0}
+  %ar-start = (f32[1024]{0}, f32[1024]{0}) all-reduce-start(f32[1024]{0} %y), replica_groups=[8,4]<=[32], to_apply=%add
+  ROOT %t = (s32[], bf16[64,128]) tuple(%i, %ag)
+}
+
+ENTRY %main (a: bf16[64,128]) -> bf16[64,128] {
+  %w = (s32[], bf16[64,128]) while(%init), condition=%cond, body=%body
+  %a2a = bf16[32,16]{1,0} all-to-all(bf16[32,16]{1,0} %z), replica_groups={{0,1,2,3}}, dimensions={0}
+  ROOT %r = bf16[64,128] get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_collectives_count_loop_bodies_per_iteration():
+    """Hand-worked: the loop body runs 61 times (its condition is i < 61)."""
+    c = hlo_stats.collectives(_HLO, num_devices=32)
+    ops = c["ops"]
+    assert c["unknown_trip_counts"] == 0
+    ag = 64 * 128 * 2
+    assert ops["all-gather"]["count"] == 61 and ops["all-gather"]["result_bytes"] == 61 * ag
+    assert ops["all-gather"]["moved_bytes"] == pytest.approx(61 * ag * 7 / 8)  # group of 8
+    ar = 1024 * 4
+    assert ops["all-reduce"]["count"] == 61
+    assert ops["all-reduce"]["moved_bytes"] == pytest.approx(61 * 2 * ar * 3 / 4)  # group of 4
+    assert ops["all-to-all"]["count"] == 1
+    assert ops["all-to-all"]["moved_bytes"] == pytest.approx(32 * 16 * 2 * 3 / 4)
+    assert ops["reduce-scatter"]["count"] == 0
+
+
+def test_requirements_tpu_pins_the_installed_jax():
+    import jax
+
+    with open(os.path.join(ROOT, "requirements-tpu.txt")) as f:
+        lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+    assert f"jax[tpu]=={jax.__version__}" in lines
