@@ -1,13 +1,22 @@
 """Decode benchmark: dsjax generate vs Hugging Face transformers, latent cache size, MTP speed-up.
 
-    python benchmarks/decode_bench.py [--config=configs/small.py] [--prompt-len=64]
-        [--new-tokens=128] [--batches=1,8] [--train-steps=300] [--skip-hf]
+    python benchmarks/decode_bench.py [--config=issue8|configs/small.py] [--prompt-len=16]
+        [--new-tokens=64] [--batches=1,8] [--repeats=5] [--train-steps=300] [--skip-hf]
+        [--skip-moe] [--threads=N]
+
+For a fair ratio on a shared machine pin both sides to the same cores, e.g.
+`taskset -c 1 python benchmarks/decode_bench.py` (XLA:CPU sizes its pool by the affinity mask,
+torch gets `--threads`, default the same mask); the load average is printed before and after.
+
+The default model (`--config=issue8`) is issue 8's checkpoint shape: hidden 256, 4 layers,
+16 experts top-4, 1 shared, vocab 8192, q LoRA 128, kv LoRA 64, float32.
 
 1. Throughput: greedy decoding of the same random checkpoint (the config's model, float32,
    written with `save_hf_checkpoint` and read by `DeepseekV3ForCausalLM.from_pretrained`) at
    each batch size; prefill time is measured separately (max_new_tokens=1) and subtracted, so
    "decode tok/s" is generated tokens after the first per second of decode loop. Also reports
-   whether both produced the same tokens.
+   whether both produced the same tokens. dsjax and HF take turns inside every repeat, so
+   drifting load from other processes hits both alike.
 2. Cache bytes per token per sequence: dsjax's absorbed latent cache (formula
    L * (kv_lora_rank + qk_rope_head_dim) * itemsize, and the actual arrays) against the
    expanded per-head keys and values (formula L * H * (d_n + d_r + d_v) * itemsize, and the
@@ -17,7 +26,11 @@
    `--train-steps` steps (optax AdamW) on a repetitive pattern (each sequence follows a fixed
    random permutation of the vocabulary, from a random start token).
 
-Timings are the best of `--repeats` runs after a compile/warm-up run. Print-only: the lead
+4. The routed-MoE layer alone at decode token counts (the sorted tiled dispatch the model runs
+   on CPU vs gathering the selected experts' weights vs a dense one-hot over all experts).
+
+Timings are the medians of `--repeats` runs after a compile/warm-up run (each call's time is
+printed too, to spot outliers). Print-only: the lead
 copies the tables into benchmarks/RESULTS.md with the machine named.
 """
 
@@ -26,6 +39,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
 import sys
 import tempfile
 import time
@@ -67,10 +81,22 @@ DEFAULT_CONFIG = dict(
 )
 
 
+ISSUE8_CONFIG = dict(
+    DEFAULT_CONFIG,
+    vocab_size=8192,
+    hidden_size=256,
+    intermediate_size=512,
+    moe_intermediate_size=128,
+    num_experts_per_tok=4,
+    q_lora_rank=128,
+    kv_lora_rank=64,
+)
+
+
 # ====================================================================== shared helpers
 def load_model_config(path: str | None) -> ModelConfig:
     """ModelConfig from a configs/*.py file (`get_config().model`), float32, no remat."""
-    fields = dict(DEFAULT_CONFIG)
+    fields = dict(ISSUE8_CONFIG if path == "issue8" else DEFAULT_CONFIG)
     if path and Path(path).exists():
         spec = importlib.util.spec_from_file_location("bench_config", path)
         module = importlib.util.module_from_spec(spec)
@@ -111,14 +137,16 @@ def random_variables(cfg: ModelConfig, seed: int = 0, gain: float = 1.5, std: fl
     return jax.tree_util.tree_map_with_path(make, shapes)
 
 
-def best_time(fn, repeats: int) -> float:
-    """Best wall time of `repeats` calls (after the caller's warm-up)."""
+def best_time(fn, repeats: int, label: str = "") -> float:
+    """Median wall time of `repeats` calls (after the caller's warm-up); prints every call."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return min(times)
+    if label:
+        print(f"  {label}: " + " ".join(f"{t * 1e3:.0f}" for t in times) + " ms", flush=True)
+    return float(np.median(times))
 
 
 def table(rows: list[list], header: list[str]) -> str:
@@ -133,17 +161,16 @@ def table(rows: list[list], header: list[str]) -> str:
 
 
 # ====================================================================== 1. throughput
-def bench_dsjax(cfg, variables, prompts, new_tokens, repeats, **kw):
-    """(total seconds, prefill seconds, tokens) of greedy generate for `prompts`."""
-    run = lambda n: generate(cfg, variables, prompts, n, **kw)
-    run(new_tokens), run(1)  # compile both buckets
-    total = best_time(lambda: run(new_tokens), repeats)
-    first = best_time(lambda: run(1), repeats)
-    return total, first, run(new_tokens)
+def dsjax_runner(cfg, variables, prompts, new_tokens, **kw):
+    """run(n) -> token lists of greedy `generate` with n new tokens (both buckets compiled)."""
+    run = lambda n: generate(cfg, variables, prompts, n, **kw).tokens  # noqa: E731
+    run(1)
+    run(new_tokens)
+    return run
 
 
-def bench_hf(model, prompts, new_tokens, repeats):
-    """(total seconds, prefill seconds, tokens, cache bytes per token) of HF greedy generate."""
+def hf_runner(model, prompts):
+    """run(n) -> (token lists, DynamicCache) of HF greedy `generate` with n new tokens."""
     import torch
 
     ids = torch.tensor(prompts)
@@ -153,21 +180,46 @@ def bench_hf(model, prompts, new_tokens, repeats):
 
     def run(n):
         with torch.no_grad():
-            return model.generate(
+            out = model.generate(
                 ids, max_new_tokens=n, min_new_tokens=n, return_dict_in_generate=True, **kw
             )
+        return out.sequences[:, ids.shape[1] :].tolist(), out.past_key_values
 
     run(2)
-    total = best_time(lambda: run(new_tokens), repeats)
-    first = best_time(lambda: run(1), repeats)
-    out = run(new_tokens)
-    cache = out.past_key_values
+    return run
+
+
+def hf_cache_bytes_per_token(cache, batch: int, new_tokens: int, prompt_len: int) -> float:
+    """Bytes of HF's DynamicCache per token per sequence (the last token is never cached)."""
     nbytes = 0
     for layer in cache.layers:
         nbytes += layer.keys.numel() * layer.keys.element_size()
         nbytes += layer.values.numel() * layer.values.element_size()
-    seq = out.sequences.shape[1] - 1  # the last token is never written to the cache
-    return total, first, out.sequences[:, ids.shape[1] :].tolist(), nbytes / (len(prompts) * seq)
+    return nbytes / (batch * (prompt_len + new_tokens - 1))
+
+
+def alternate(runs: dict, new_tokens: int, repeats: int, batch: int) -> dict:
+    """Median seconds of each runner's full call and its 1-token (prefill) call, the runners
+    taking turns within every repeat so that drifting machine load hits all of them alike."""
+    times = {(name, n): [] for name in runs for n in (new_tokens, 1)}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            for n in (new_tokens, 1):
+                t0 = time.perf_counter()
+                run(n)
+                times[name, n].append(time.perf_counter() - t0)
+    for (name, n), ts in times.items():
+        what = "total" if n == new_tokens else "prefill"
+        print(f"  {name} B={batch} {what}: " + " ".join(f"{t * 1e3:.0f}" for t in ts) + " ms")
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages (other processes compete for the same cores)."""
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
 
 
 # ====================================================================== 3. speculative
@@ -246,16 +298,85 @@ def bench_speculative(cfg, variables, prompts, new_tokens, repeats):
     ]
 
 
+# ====================================================================== 4. MoE at decode sizes
+def dense_moe(x_ND, idx_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD):
+    """Every routed expert on every token, combined with one-hot routing weights (no sort, no
+    gather of weights): N * E rows of work instead of the dispatch's padded tiles."""
+    combine_NE = (jax.nn.one_hot(idx_NK, w_gate_EDF.shape[0]) * weights_NK[..., None]).sum(1)
+    gate = jnp.einsum("nd,edf->enf", x_ND, w_gate_EDF)
+    up = jnp.einsum("nd,edf->enf", x_ND, w_up_EDF)
+    y_END = jnp.einsum("enf,efd->end", jax.nn.silu(gate) * up, w_down_EFD)
+    return jnp.einsum("end,ne->nd", y_END, combine_NE)
+
+
+def gathered_moe(x_ND, idx_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD):
+    """Each (token, slot) with its own expert's weights gathered: N * K weight copies."""
+    gate = jnp.einsum("nd,nkdf->nkf", x_ND, w_gate_EDF[idx_NK])
+    up = jnp.einsum("nd,nkdf->nkf", x_ND, w_up_EDF[idx_NK])
+    y_NKD = jnp.einsum("nkf,nkfd->nkd", jax.nn.silu(gate) * up, w_down_EFD[idx_NK])
+    return jnp.einsum("nkd,nk->nd", y_NKD, weights_NK)
+
+
+def bench_moe_decode(cfg: ModelConfig, batches, repeats: int = 300) -> list[list]:
+    """ms per routed-MoE layer at decode token counts: the sorted, tiled dispatch the model runs
+    on CPU (`moe.dispatch_combine` + `grouped_swiglu`, "tiled") against `gathered_moe` and
+    `dense_moe` (same weights, routing and result to 1e-4)."""
+    from dsjax.layers import moe
+
+    E, D, F, K = (
+        cfg.n_routed_experts,
+        cfg.hidden_size,
+        cfg.moe_intermediate_size,
+        cfg.num_experts_per_tok,
+    )
+    rng = np.random.default_rng(0)
+    w = [
+        jnp.asarray(rng.standard_normal(s) / math.sqrt(s[1]), jnp.float32)
+        for s in ((E, D, F), (E, D, F), (E, F, D))
+    ]
+    # The weights are arguments (as in the model), not constants XLA could lay out at will.
+    fns = [
+        jax.jit(
+            lambda x, i, c, w: moe.dispatch_combine(
+                x, i, c, E, lambda xs, g: moe.grouped_swiglu(xs, g, *w, "tiled", cfg.moe_tile)
+            )
+        ),
+        jax.jit(lambda x, i, c, w: gathered_moe(x, i, c, *w)),
+        jax.jit(lambda x, i, c, w: dense_moe(x, i, c, *w)),
+    ]
+    out = []
+    for B in batches:
+        x = jnp.asarray(rng.standard_normal((B, D)), jnp.float32)
+        idx = jnp.asarray(np.stack([rng.choice(E, K, replace=False) for _ in range(B)]))
+        c = jnp.asarray(rng.dirichlet(np.ones(K), B), jnp.float32)
+        args = (x, idx, c, w)
+        ref = fns[0](*args)
+        row = [B]
+        for fn in fns:
+            np.testing.assert_allclose(fn(*args), ref, rtol=1e-4, atol=1e-4)
+            row.append(best_time(lambda a=args, f=fn: jax.block_until_ready(f(*a)), repeats) * 1e3)
+        out.append(row)
+    return out
+
+
 # ====================================================================== main
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/small.py")
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--config", default="issue8")
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--skip-moe", action="store_true", help="skip the MoE-at-decode-sizes table")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch intra-op threads (default: the cores this process may use, which is also "
+        "what XLA:CPU sizes its pool by)",
+    )
     args = p.parse_args(argv)
 
     cfg = load_model_config(args.config)
@@ -278,38 +399,58 @@ def main(argv=None) -> None:
         tmp = tempfile.mkdtemp()
         save_hf_checkpoint(tmp, cfg, variables)
         hf_model = DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        torch.set_num_threads(args.threads)
+        print(
+            f"torch {torch.__version__}: {torch.get_num_threads()} threads, OMP_WAIT_POLICY="
+            f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}; XLA:CPU: "
+            f"{len(os.sched_getaffinity(0))} schedulable cores",
+            flush=True,
+        )
 
-    # 1. Throughput.
+    # 1. Throughput (dsjax and HF alternate within every repeat).
+    print(f"load average before: {load_average()}", flush=True)
     rows, hf_cache = [], None
     for B in batches:
         prompts = rng.integers(3, cfg.vocab_size, (B, args.prompt_len)).tolist()
-        total, first, res = bench_dsjax(cfg, variables, prompts, args.new_tokens, args.repeats)
-        decode = B * (args.new_tokens - 1) / (total - first)
-        rows.append(["dsjax", B, B * args.new_tokens / total, decode, first * 1e3, ""])
+        runs = {"dsjax": dsjax_runner(cfg, variables, prompts, args.new_tokens)}
         if hf_model is not None:
-            h_total, h_first, h_tokens, hf_cache = bench_hf(
-                hf_model, prompts, args.new_tokens, args.repeats
-            )
-            same = np.mean([a == b for a, b in zip(h_tokens, res.tokens, strict=True)])
-            rows.append(
-                [
-                    "HF transformers",
-                    B,
-                    B * args.new_tokens / h_total,
-                    B * (args.new_tokens - 1) / (h_total - h_first),
-                    h_first * 1e3,
-                    f"{same:.0%} rows identical",
-                ]
-            )
+            hf_run = hf_runner(hf_model, prompts)
+            runs["HF"] = lambda n, r=hf_run: r(n)[0]
+        med = alternate(runs, args.new_tokens, args.repeats, B)
+        ours = runs["dsjax"](args.new_tokens)
+        note = ""
+        for name in runs:
+            total, first = med[name, args.new_tokens], med[name, 1]
+            decode = B * (args.new_tokens - 1) / (total - first)
+            if name == "HF":
+                h_tokens, cache = hf_runner(hf_model, prompts)(args.new_tokens)
+                hf_cache = hf_cache_bytes_per_token(cache, B, args.new_tokens, args.prompt_len)
+                same = np.mean([a == b for a, b in zip(h_tokens, ours, strict=True)])
+                dsjax_decode = rows[-1][3]
+                note = f"{same:.0%} rows identical; dsjax/HF decode {dsjax_decode / decode:.2f}x"
+            label = "dsjax" if name == "dsjax" else "HF transformers"
+            rows.append([label, B, B * args.new_tokens / total, decode, first * 1e3, note])
         print(
             table(
-                rows[-2:] if hf_model else rows[-1:],
+                rows[-len(runs) :],
                 ["impl", "batch", "tok/s (total)", "decode tok/s", "prefill ms", "note"],
             ),
             flush=True,
         )
+    print(f"load average after: {load_average()}", flush=True)
     print("\n## Greedy decode throughput\n")
     print(table(rows, ["impl", "batch", "tok/s (total)", "decode tok/s", "prefill ms", "note"]))
+
+    # 4 (printed here, next to the throughput it explains). MoE at decode token counts.
+    if not args.skip_moe:
+        print("\n## Routed MoE layer at decode sizes (ms per layer, same weights and routing)\n")
+        print(
+            table(
+                bench_moe_decode(cfg, batches),
+                ["tokens", "sorted tiled dispatch (now)", "gathered experts", "dense one-hot"],
+            ),
+            flush=True,
+        )
 
     # 2. Cache bytes per token.
     itemsize = jnp.dtype(cfg.dtype).itemsize

@@ -1,30 +1,32 @@
-"""Continuous-batching generation engine (used by serve.py).
+"""Continuous-batching generation engine (used by serve.py), over the decode core.
 
-A fixed number of slots share one static-shape latent cache (batch = slots, S = `max_len`
+A fixed number of slots share one `decode.DecodeState` (batch = slots, S = `max_len`
 positions). A background thread loops:
 
 1. frees the slots of finished or cancelled requests;
-2. admits queued requests into free slots: each prompt is prefilled alone into a fresh
-   [1, P] cache (P = its bucketed length), its first token is sampled, and the row is copied
-   into the slot's row of every cache leaf (scanned stacks are [L, B, S, ...], so the batch axis
-   is found per leaf, not assumed);
-3. runs one decode step that advances every active slot by one token, each slot with its own
-   position, sampling parameters and PRNG key (token i of a request is drawn with
-   fold_in(request_key, i), so its samples do not depend on its neighbours). The step runs
-   over the first R slots and the first W positions only (R, W bucketed powers of two that
-   cover every active slot and position), so light load and short requests do not pay for
-   many slots and a long max_len. New requests take the lowest free slot.
+2. admits queued requests into free slots: one jitted program prefills the prompt alone into a
+   fresh [1, P] state (P = its bucketed length), samples its first token and copies the row into
+   the slot's row of every state leaf (batch and sequence axes from `decode.state_axes`, i.e. the
+   layout declared with the cache);
+3. runs one `decode.step` for every active slot: each slot with its own position, sampling
+   parameters, PRNG key, stop ids and length limit (stop rules are decided on the device), and
+   with MTP speculation when any active request speculates (`SamplingParams.speculative`,
+   default: on when the checkpoint has an MTP module). The step runs over the first R slots and
+   the first W positions only (R, W bucketed powers of two covering every active slot and
+   position). New requests take the lowest free slot.
 
 Rows never interact (attention is per row, MoE is dropless and per token), so a request's
-greedy output is the same whatever else is in the batch. Stale cache contents of a previous
-occupant are harmless: slot s is visible to a query at position p only if s <= p, and every
-slot up to p has been rewritten by the current request by then.
+output is the same whatever else is in the batch, and equals `generate`'s for the same seed and
+row (the key rule is `dsjax.sampling`'s). Stale cache contents of a previous occupant are
+harmless: slot s is visible to a query at position p only if s <= p, and every slot up to p has
+been rewritten by the current request by then.
 
-Results are delivered per token through a callback (called on the engine thread; keep it cheap,
-e.g. `loop.call_soon_threadsafe(queue.put_nowait, event)`); `stream()` wraps that as an async
+Results are delivered through a callback (called on the engine thread; keep it cheap, e.g.
+`loop.call_soon_threadsafe(queue.put_nowait, event)`); `stream()` wraps that as an async
 iterator and `generate()` as a blocking call. `submit` raises `QueueFull` when `max_queue`
 requests are waiting. No exception escapes the engine thread: a failing request gets an event
-with finish_reason "error".
+with finish_reason "error"; a failing callback ends its request with "error"; cancellation and
+shutdown end requests with "cancelled".
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsjax import decode
 from dsjax.config import ModelConfig
-from dsjax.generate import RowSampling, bucket_length, decode_step, prefill, zeros_cache
+from dsjax.sampling import MAX_LOGPROBS, SamplingParams
 
 __all__ = ["Engine", "QueueFull", "SamplingParams", "TokenEvent"]
 
@@ -56,55 +59,22 @@ class QueueFull(RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """Per-request generation parameters.
-
-    Attributes:
-      max_tokens: tokens to generate at most (>= 1).
-      temperature: 0 = greedy.
-      top_k: keep the k most likely tokens (0 = all).
-      top_p: nucleus mass (1 = off).
-      seed: PRNG seed of this request (None: derived from the engine seed and request id).
-      stop_token_ids: tokens that end the request (in addition to the engine's eos_id).
-      ignore_eos: do not stop on the engine's eos_id.
-    """
-
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-
-    def validate(self) -> None:
-        """Raises ValueError naming the bad field."""
-        if (
-            isinstance(self.max_tokens, bool)
-            or not isinstance(self.max_tokens, int)
-            or (self.max_tokens < 1)
-        ):
-            raise ValueError(f"max_tokens={self.max_tokens!r}: must be a positive integer")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature={self.temperature!r}: must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p!r}: must be in (0, 1]")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k!r}: must be an integer >= 0")
-
-
-@dataclasses.dataclass(frozen=True)
 class TokenEvent:
     """New tokens of one request; `finish_reason` is set on the request's last event.
 
     finish_reason: None (more to come), "stop" (eos / stop token), "length" (max_tokens),
     "cancelled" or "error" (then `error` holds the message).
+    logprobs[i]: log-probability of tokens[i] under log_softmax of the raw logits (temperature
+    1); top_logprobs[i]: the top-n (token, logprob) pairs, descending. Both only when the
+    request's `SamplingParams.logprobs` is not None.
     """
 
     request_id: int
     tokens: tuple[int, ...]
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: tuple[float, ...] | None = None
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
 
 
 @dataclasses.dataclass
@@ -115,100 +85,71 @@ class _Request:
     prompt: list[int]
     params: SamplingParams
     callback: Callable[[TokenEvent], None]
-    key_data: np.ndarray
+    row: int
     generated: int = 0
     cancelled: bool = False
+    failed: str | None = None
     finished: bool = False
     slot: int | None = None
 
 
 # ====================================================================== jitted pieces
+def _put_rows(full, part, batch_axes, start: int | jax.Array):
+    """Writes `part` (fewer rows / positions) into `full` at row `start`, position 0."""
+
+    def put(x, v, a):
+        idx = [jnp.int32(0)] * x.ndim
+        idx[a] = jnp.asarray(start, jnp.int32)
+        return jax.lax.dynamic_update_slice(x, v.astype(x.dtype), idx)
+
+    return jax.tree.map(put, full, part, batch_axes)
+
+
 @functools.partial(
-    jax.jit, static_argnames=("cfg", "axes", "rows", "window"), donate_argnames=("cache",)
+    jax.jit, static_argnames=("cfg", "speculative", "top_n", "axes"), donate_argnames=("state",)
 )
-def _decode_all(
-    cfg: ModelConfig,
-    variables,
-    cache,
-    tokens_B,
-    positions_B,
-    counts_B,
-    temperature_B,
-    top_k_B,
-    top_p_B,
-    key_data_B,
-    *,
-    axes,
-    rows: int,
-    window: int,
-):
-    """One token for slots 0..rows-1: writes tokens_B at positions_B, samples token counts_B.
-
-    Only the first `rows` slots (every active one is among them) and the first `window` cache
-    positions (every position is below it) take part, so a step costs O(rows * window), not
-    O(slots * max_len). `axes` are the cache leaves' batch axes (the position axis follows).
-    """
-    sampling = RowSampling(temperature_B, top_k_B, top_p_B, jax.random.wrap_key_data(key_data_B))
-    flat, tree = jax.tree.flatten(cache)
-
-    def view(x, a):
-        return jax.lax.slice_in_dim(jax.lax.slice_in_dim(x, 0, rows, axis=a), 0, window, axis=a + 1)
-
-    sub = jax.tree.unflatten(tree, [view(x, a) for x, a in zip(flat, axes, strict=True)])
-    logits, _, sub = decode_step(cfg, variables, sub, tokens_B[:, None], positions_B[:, None])
-    zeros = lambda x: [jnp.int32(0)] * x.ndim
-    flat = [
-        jax.lax.dynamic_update_slice(x, v, zeros(x))
-        for x, v in zip(flat, jax.tree.leaves(sub), strict=True)
-    ]
-    return sampling.sample(logits[:, 0], counts_B), jax.tree.unflatten(tree, flat)
+def _admit_jit(cfg, variables, state, tokens_1P, length_1, req, slot, *, speculative, top_n, axes):
+    """Prefills one prompt into a fresh [1, P] state, samples token 0 and copies the row into
+    row `slot` of `state`; returns (state, StepOutput of the row)."""
+    row, first = decode.prefill(
+        cfg,
+        variables,
+        tokens_1P,
+        length_1,
+        req,
+        cache_len=tokens_1P.shape[1],
+        speculative=speculative,
+        top_n=top_n,
+    )
+    batch_axes = jax.tree.unflatten(jax.tree.structure(state), list(axes[0]))
+    return _put_rows(state, row, batch_axes, slot), first
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _prefill_one(
-    cfg: ModelConfig, variables, tokens_1P, length_1, temperature_1, top_k_1, top_p_1, key_data_1
-):
-    """Prefills one prompt into a fresh [1, P] cache and samples its first token."""
-    sampling = RowSampling(temperature_1, top_k_1, top_p_1, jax.random.wrap_key_data(key_data_1))
-    logits, _, cache = prefill(cfg, variables, tokens_1P, length_1, tokens_1P.shape[1])
-    return sampling.sample(logits, jnp.zeros((1,), jnp.int32)), cache
+@functools.partial(
+    jax.jit,
+    static_argnames=("cfg", "speculative", "top_n", "axes", "rows", "window"),
+    donate_argnames=("state",),
+)
+def _step_jit(cfg, variables, state, live_R, *, speculative, top_n, axes, rows, window):
+    """One decode step over slots 0..rows-1 and cache positions 0..window-1 (every active slot
+    and position is among them); rows with live_R False are held done."""
+    tree = jax.tree.structure(state)
+    batch_axes = jax.tree.unflatten(tree, list(axes[0]))
+    seq_axes = jax.tree.unflatten(tree, list(axes[1]))
 
+    def view(x, b, s):
+        x = jax.lax.slice_in_dim(x, 0, rows, axis=b)
+        return x if s < 0 else jax.lax.slice_in_dim(x, 0, window, axis=s)
 
-def _insert_row(cache, row_cache, slot, *, axes):
-    """Copies a [.., 1, P, ..] row cache into row `slot` (slots 0..P-1) of every leaf."""
-
-    def put(leaf, row, axis):
-        start = [jnp.int32(0)] * leaf.ndim
-        start[axis] = slot
-        return jax.lax.dynamic_update_slice(leaf, row.astype(leaf.dtype), start)
-
-    return jax.tree.map(put, cache, row_cache, axes)
-
-
-def cache_batch_axes(cfg: ModelConfig):
-    """Pytree (like the main cache) of each leaf's batch axis, found from shapes alone.
-
-    The slot (sequence) axis is the next one: leaves are [L, B, S, ...] or [B, S, ...].
-    """
-    one = jax.eval_shape(lambda: zeros_cache(cfg, 1, 8, mtp=False))
-    two = jax.eval_shape(lambda: zeros_cache(cfg, 2, 8, mtp=False))
-    longer = jax.eval_shape(lambda: zeros_cache(cfg, 1, 16, mtp=False))
-
-    def differ(a, b):
-        return [i for i, (x, y) in enumerate(zip(a.shape, b.shape, strict=True)) if x != y]
-
-    def axis(a, b, c):
-        batch, seq = differ(a, b), differ(a, c)
-        if len(batch) != 1 or seq != [batch[0] + 1]:
-            raise ValueError(f"cache leaf shape {a.shape}: expected [..., B, S, ...]")
-        return batch[0]
-
-    return jax.tree.map(axis, one, two, longer)
+    sub = jax.tree.map(view, state, batch_axes, seq_axes)
+    sub = sub.replace(done_B=sub.done_B | ~live_R)
+    sub, out = decode.step(cfg, variables, sub, speculative=speculative, top_n=top_n)
+    return _put_rows(state, sub, batch_axes, 0), out
 
 
 # ====================================================================== engine
 class Engine:
-    """Continuous batching over `slots` rows of one latent cache; see the module docstring.
+    """Continuous batching over `slots` rows of one decode state; see the module docstring.
 
     Args:
       cfg: model config.
@@ -218,11 +159,13 @@ class Engine:
         4096).
       max_queue: waiting requests at most (submit raises QueueFull beyond).
       eos_id: token that ends a request (unless SamplingParams.ignore_eos).
-      seed: engine PRNG seed for requests without their own seed.
+      seed: engine seed for requests without their own seed (request id = row of the key).
       min_batch, min_window: a step runs over the first R slots and attends over the first W
         positions, R (W) the smallest of min_batch (min_window) * 2^k or slots (max_len) that
-        covers every active slot (position): light load and short requests do not pay for
-        `slots` and `max_len`. One compilation per (R, W) used.
+        covers every active slot (position). One compilation per (R, W) used.
+      speculative: default of `SamplingParams.speculative` (None: on when the checkpoint has an
+        MTP module, i.e. cfg.num_mtp_layers > 0 and variables["params"]["mtp_0"] exists).
+      max_stop_ids: stop ids per request at most (eos included).
     """
 
     def __init__(
@@ -237,6 +180,8 @@ class Engine:
         seed: int = 0,
         min_batch: int = 1,
         min_window: int = 256,
+        speculative: bool | None = None,
+        max_stop_ids: int = 16,
     ):
         if slots < 1:
             raise ValueError(f"slots={slots}: must be >= 1")
@@ -244,32 +189,30 @@ class Engine:
             raise ValueError(f"min_window={min_window}, min_batch={min_batch}: must be >= 1")
         if max_queue < 1:
             raise ValueError(f"max_queue={max_queue}: must be >= 1")
+        if max_stop_ids < 1:
+            raise ValueError(f"max_stop_ids={max_stop_ids}: must be >= 1")
+        if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
+            raise ValueError(f"eos_id={eos_id}: must be in [0, vocab_size={cfg.vocab_size})")
         max_len = max_len or min(cfg.max_position_embeddings, 4096)
         if not 2 <= max_len <= cfg.max_position_embeddings:
             raise ValueError(
                 f"max_len={max_len}: must be in [2, max_position_embeddings="
                 f"{cfg.max_position_embeddings}]"
             )
+        has_mtp = cfg.num_mtp_layers > 0 and "mtp_0" in variables.get("params", {})
+        if speculative and not has_mtp:
+            raise ValueError("speculative=True needs an MTP module (cfg.num_mtp_layers >= 1)")
         self.cfg, self.slots, self.max_len, self.max_queue = cfg, slots, max_len, max_queue
-        self.eos_id = eos_id
+        self.eos_id, self.seed = eos_id, seed
         self._variables = variables
-        self._key = jax.random.key(seed)
-        self._axes = cache_batch_axes(cfg)
-        self._flat_axes = tuple(jax.tree.leaves(self._axes))
-        # Step shapes: rows (slots) and attention windows (positions), powers of two from
-        # min_batch / min_window, then the full size.
+        self._can_speculate = has_mtp
+        self._spec_default = has_mtp if speculative is None else bool(speculative)
+        self._stop_width = max_stop_ids
         self._row_buckets = [*(b for b in (min_batch << i for i in range(32)) if b < slots), slots]
         self._windows = [*(w for w in (min_window << i for i in range(32)) if w < max_len), max_len]
-        self._insert = jax.jit(functools.partial(_insert_row, axes=self._axes), donate_argnums=0)
-        self._cache = self._new_cache()
-        # Host-side per-slot state (what the next decode step feeds in).
-        self._tokens = np.zeros(slots, np.int32)
-        self._positions = np.zeros(slots, np.int32)
-        self._counts = np.zeros(slots, np.int32)
-        self._temperature = np.zeros(slots, np.float32)
-        self._top_k = np.zeros(slots, np.int32)
-        self._top_p = np.ones(slots, np.float32)
-        self._key_data = np.zeros((slots, *jax.random.key_data(self._key).shape), np.uint32)
+        self._state = self._new_state()
+        batch_axes, seq_axes = decode.state_axes(self._state)
+        self._axes = (tuple(jax.tree.leaves(batch_axes)), tuple(jax.tree.leaves(seq_axes)))
         self._slot_req: list[_Request | None] = [None] * slots
 
         self._cv = threading.Condition()
@@ -281,8 +224,26 @@ class Engine:
         self._counters = collections.Counter()
 
     # ------------------------------------------------------------------ lifecycle
-    def _new_cache(self):
-        return zeros_cache(self.cfg, self.slots, self.max_len, mtp=False)
+    def _new_state(self) -> decode.DecodeState:
+        """An all-done state of `slots` rows (shapes from the prefill program, traced once)."""
+        req = decode.row_requests([], [], None, self._stop_width, pad_to=self.slots)
+
+        def empty(variables, req):
+            tokens = jnp.zeros((self.slots, 1), jnp.int32)
+            state, _ = decode.prefill(
+                self.cfg,
+                variables,
+                tokens,
+                jnp.ones((self.slots,), jnp.int32),
+                req,
+                cache_len=self.max_len,
+                speculative=self._can_speculate,
+            )
+            return state
+
+        shapes = jax.eval_shape(empty, self._variables, req)
+        state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return state.replace(done_B=jnp.ones((self.slots,), bool))
 
     def start(self) -> Engine:
         """Starts the background thread (idempotent); returns self."""
@@ -311,10 +272,79 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def warmup(self, prompt_lengths: Sequence[int] = (1,)) -> None:
-        """Compiles the decode step and the prefill for the buckets of `prompt_lengths`."""
+    def warmup(
+        self,
+        prompt_lengths: Sequence[int] = (1,),
+        *,
+        logprobs: bool = False,
+        speculative: bool | None = None,
+        all_windows: bool = False,
+    ) -> None:
+        """Compiles, before service, every program the engine can run for these prompts.
+
+        The prefill (admit) program for the bucket of each of `prompt_lengths`, and the decode
+        step for EVERY row bucket (staggered requests move the step from R=min_batch up to
+        `slots` rows) at the attention window(s) each prompt length starts in (`all_windows`:
+        every window up to `max_len`), in plain and, when the checkpoint has an MTP module,
+        speculative form (`speculative` True/False: only that form), with log-probs too when
+        `logprobs`. Runs on a scratch all-done state (one extra state in memory meanwhile), so
+        it is safe while the engine serves; the compiled programs are the ones service calls.
+        """
         for n in prompt_lengths:
-            self.generate([0] * n, SamplingParams(max_tokens=2, ignore_eos=True))
+            if not 1 <= n < self.max_len:
+                raise ValueError(f"prompt_lengths: {n} must be in [1, max_len={self.max_len})")
+        top_ns = (None, MAX_LOGPROBS) if logprobs else (None,)
+        if speculative is None:
+            forms = (False, True) if self._can_speculate else (False,)
+        elif speculative and not self._can_speculate:
+            raise ValueError("speculative=True needs an MTP module (cfg.num_mtp_layers >= 1)")
+        else:
+            forms = (bool(speculative),)
+        buckets = sorted({min(decode.bucket_length(n), self.max_len) for n in prompt_lengths})
+        state = self._new_state()
+        req = decode.row_requests([SamplingParams(max_tokens=1)], [0], None, self._stop_width)
+        for P in buckets:
+            for top_n in top_ns:
+                state, _ = _admit_jit(
+                    self.cfg,
+                    self._variables,
+                    state,
+                    np.zeros((1, P), np.int32),
+                    np.ones((1,), np.int32),
+                    req,
+                    np.int32(0),
+                    speculative=self._can_speculate,
+                    top_n=top_n,
+                    axes=self._axes,
+                )
+        if all_windows:
+            windows = list(self._windows)
+        else:  # the window a step uses first after admitting a prompt of length n (cf. _step)
+            windows = sorted(
+                {
+                    next((w for w in self._windows if w > n + spec), self.max_len)
+                    for n in prompt_lengths
+                    for spec in forms
+                }
+            )
+        state = state.replace(done_B=jnp.ones_like(state.done_B))
+        for rows in self._row_buckets:
+            live = np.zeros(rows, bool)
+            for window in windows:
+                for spec in forms:
+                    for top_n in top_ns:
+                        state, out = _step_jit(
+                            self.cfg,
+                            self._variables,
+                            state,
+                            live,
+                            speculative=spec,
+                            top_n=top_n,
+                            axes=self._axes,
+                            rows=rows,
+                            window=window,
+                        )
+        jax.block_until_ready(state)
 
     # ------------------------------------------------------------------ client API
     def submit(
@@ -322,8 +352,14 @@ class Engine:
         prompt: Sequence[int],
         params: SamplingParams = SamplingParams(),
         callback: Callable[[TokenEvent], None] | None = None,
+        *,
+        row: int = 0,
     ) -> int:
         """Queues a request; returns its id. Events go to `callback` on the engine thread.
+
+        `row` is the row index folded into the key of a seeded request (`generate(rng=seed)`
+        gives prompt i row i), e.g. choice i of an `n` > 1 request; unseeded requests use the
+        engine seed with row = request id.
 
         Raises:
           ValueError: empty prompt, token ids out of range, bad params, or prompt length +
@@ -332,7 +368,17 @@ class Engine:
           RuntimeError: the engine is not running.
         """
         prompt = [int(t) for t in prompt]
-        params.validate()
+        params.validate(self.cfg.vocab_size)
+        if params.speculative and not self._can_speculate:
+            raise ValueError("speculative=True: this checkpoint has no MTP module to draft with")
+        n_stops = len(set(params.stop_token_ids) | {self.eos_id} - {None})
+        if n_stops > self._stop_width:
+            raise ValueError(
+                f"stop_token_ids: {n_stops} stop ids (eos included) exceed max_stop_ids="
+                f"{self._stop_width}"
+            )
+        if not isinstance(row, int) or row < 0:
+            raise ValueError(f"row={row!r}: must be an integer >= 0")
         if not prompt:
             raise ValueError("prompt is empty: generation needs at least one token")
         if min(prompt) < 0 or max(prompt) >= self.cfg.vocab_size:
@@ -345,13 +391,12 @@ class Engine:
         with self._cv:
             rid = self._next_id
             self._next_id += 1
-        key = (
-            jax.random.key(params.seed)
-            if params.seed is not None
-            else jax.random.fold_in(self._key, rid)
-        )
         req = _Request(
-            rid, prompt, params, callback or (lambda ev: None), np.asarray(jax.random.key_data(key))
+            rid,
+            prompt,
+            params,
+            callback or (lambda ev: None),
+            row if params.seed is not None else rid,
         )
         with self._cv:
             if self._thread is None or self._stopping:
@@ -383,10 +428,26 @@ class Engine:
             self._finish(req, "cancelled")
 
     def stats(self) -> dict[str, Any]:
-        """Slots, free slots, active and queued requests, and running totals."""
+        """Slots, free slots, active and queued requests, running totals and speculation.
+
+        Totals: submitted, prefills, steps, step_us, tokens (= generated_tokens), forwards
+        (row decode forwards), draft_tokens, accepted_tokens, finished_<reason>; derived:
+        acceptance_rate (accepted / drafted) and tokens_per_forward (decoded tokens per row
+        forward).
+        """
         with self._cv:
             active = sum(r is not None for r in self._slot_req)
+            c = self._counters
+            decoded = c["generated_tokens"] - c["prefills"]
             return {
+                "generated_tokens": 0,
+                "forwards": 0,
+                "draft_tokens": 0,
+                "accepted_tokens": 0,
+                "acceptance_rate": c["accepted_tokens"] / c["draft_tokens"]
+                if c["draft_tokens"]
+                else 0.0,
+                "tokens_per_forward": decoded / c["forwards"] if c["forwards"] else 0.0,
                 "slots": self.slots,
                 "active": active,
                 "free_slots": self.slots - active,
@@ -442,14 +503,12 @@ class Engine:
                 self.cancel(rid)
 
     # ------------------------------------------------------------------ engine thread
-    def _deliver(
-        self, req: _Request, tokens: tuple[int, ...], finish: str | None, error: str | None = None
-    ) -> None:
+    def _deliver(self, req: _Request, ev: TokenEvent) -> None:
         try:
-            req.callback(TokenEvent(req.id, tokens, finish, error))
-        except Exception:  # a broken consumer must not stop the engine
-            log.exception("callback of request %d failed; cancelling it", req.id)
-            req.cancelled = True
+            req.callback(ev)
+        except Exception as err:  # a broken consumer must not stop the engine
+            log.exception("callback of request %d failed; ending it with an error", req.id)
+            req.failed = req.failed or f"callback failed: {type(err).__name__}: {err}"
 
     def _finish(self, req: _Request, reason: str, error: str | None = None) -> None:
         """Frees the request's slot and sends its last event (once)."""
@@ -460,13 +519,13 @@ class Engine:
             self._requests.pop(req.id, None)
             if req.slot is not None:
                 self._slot_req[req.slot] = None
-                self._reset_slot(req.slot)
             self._counters[f"finished_{reason}"] += 1
-        self._deliver(req, (), reason, error)
+        self._deliver(req, TokenEvent(req.id, (), reason, error))
 
-    def _reset_slot(self, slot: int) -> None:
-        self._tokens[slot] = self._positions[slot] = self._counts[slot] = 0
-        self._temperature[slot], self._top_k[slot], self._top_p[slot] = 0.0, 0, 1.0
+    def _fail_all(self, err: Exception) -> None:
+        self._state = self._new_state()
+        for req in [r for r in self._slot_req if r is not None]:
+            self._finish(req, "error", f"{type(err).__name__}: {err}")
 
     def _run(self) -> None:
         while not self._stopping:
@@ -474,20 +533,18 @@ class Engine:
                 self._iteration()
             except Exception as err:  # never let the engine thread die
                 log.exception("engine iteration failed; failing the active requests")
-                self._cache = self._new_cache()
-                for req in [r for r in self._slot_req if r is not None]:
-                    self._finish(req, "error", f"{type(err).__name__}: {err}")
+                self._fail_all(err)
 
     def _iteration(self) -> None:
-        """Frees cancelled slots, admits queued requests, runs one decode step."""
+        """Ends cancelled / failed requests, admits queued requests, runs one decode step."""
         with self._cv:
             while not (self._stopping or self._queue or any(self._slot_req)):
                 self._cv.wait()
             if self._stopping:
                 return
-            cancelled = [r for r in self._slot_req if r is not None and r.cancelled]
-        for req in cancelled:
-            self._finish(req, "cancelled")
+            ending = [r for r in self._slot_req if r is not None and (r.cancelled or r.failed)]
+        for req in ending:
+            self._end_early(req)
         while True:
             with self._cv:
                 free = [i for i, r in enumerate(self._slot_req) if r is None]
@@ -500,91 +557,120 @@ class Engine:
         if any(self._slot_req):
             self._step()
 
+    def _end_early(self, req: _Request) -> None:
+        if req.failed:
+            self._finish(req, "error", req.failed)
+        else:
+            self._finish(req, "cancelled")
+
+    def _row_request(self, req: _Request) -> decode.RowRequest:
+        return decode.row_requests(
+            [req.params],
+            [req.row],
+            self.eos_id,
+            self._stop_width,
+            default_seed=self.seed,
+            speculative_default=self._spec_default,
+        )
+
     def _admit(self, req: _Request) -> None:
         """Prefills `req` into its slot and emits its first token."""
-        slot = req.slot
         try:
             n = len(req.prompt)
-            P = min(bucket_length(n), self.max_len)
+            P = min(decode.bucket_length(n), self.max_len)
             tokens = np.zeros((1, P), np.int32)
             tokens[0, :n] = req.prompt
-            p = req.params
-            first, row_cache = _prefill_one(
+            self._state, first = _admit_jit(
                 self.cfg,
                 self._variables,
+                self._state,
                 tokens,
                 np.array([n], np.int32),
-                np.array([p.temperature], np.float32),
-                np.array([p.top_k], np.int32),
-                np.array([p.top_p], np.float32),
-                req.key_data[None],
+                self._row_request(req),
+                np.int32(req.slot),
+                speculative=self._can_speculate,
+                top_n=None if req.params.logprobs is None else MAX_LOGPROBS,
+                axes=self._axes,
             )
-            self._cache = self._insert(self._cache, row_cache, jnp.int32(slot))
-            first = int(np.asarray(first)[0])
+            first = jax.device_get(first)
         except Exception as err:
             log.exception("prefill of request %d failed", req.id)
             self._finish(req, "error", f"{type(err).__name__}: {err}")
-            if any(x.is_deleted() for x in jax.tree.leaves(self._cache)):  # donated, then failed
+            if any(x.is_deleted() for x in jax.tree.leaves(self._state)):  # donated, then failed
                 raise
             return
-        self._tokens[slot], self._positions[slot], self._counts[slot] = first, n, 1
-        self._temperature[slot], self._top_k[slot], self._top_p[slot] = (
-            p.temperature,
-            p.top_k,
-            p.top_p,
-        )
-        self._key_data[slot] = req.key_data
         self._counters["prefills"] += 1
-        self._emit(req, first)
+        self._emit(req, first, 0)
 
-    def _emit(self, req: _Request, token: int) -> None:
-        """Delivers one new token; finishes the request if it stops here."""
-        req.generated += 1
-        self._counters["tokens"] += 1
-        p = req.params
-        stop = token in p.stop_token_ids or (not p.ignore_eos and token == self.eos_id)
-        if req.cancelled:
-            self._finish(req, "cancelled")
-        elif stop or req.generated >= p.max_tokens:
-            self._deliver(req, (token,), None)
-            self._finish(req, "stop" if stop else "length")
-        else:
-            self._deliver(req, (token,), None)
+    def _emit(self, req: _Request, out, i: int) -> None:
+        """Delivers row i of a StepOutput (host arrays) to `req`; finishes it if it ended."""
+        n = int(out.n_B[i])
+        if n == 0:
+            return
+        tokens = tuple(int(t) for t in out.tokens_B2[i, :n])
+        req.generated += n
+        self._counters["generated_tokens"] += n
+        self._counters["tokens"] += n
+        if req.cancelled or req.failed:
+            self._end_early(req)
+            return
+        logprobs = top = None
+        k = req.params.logprobs
+        if k is not None:
+            logprobs = tuple(float(x) for x in out.logprobs_B2[i, :n])
+            top = tuple(
+                tuple(
+                    (int(t), float(x))
+                    for t, x in zip(
+                        out.top_ids_B2N[i, j, :k], out.top_logprobs_B2N[i, j, :k], strict=True
+                    )
+                )
+                for j in range(n)
+            )
+        self._deliver(req, TokenEvent(req.id, tokens, None, None, logprobs, top))
+        if req.failed:
+            self._end_early(req)
+        elif out.done_B[i]:
+            self._finish(req, "stop" if out.stopped_B[i] else "length")
 
     def _step(self) -> None:
-        """One decode step for all slots."""
+        """One decode step for all active slots."""
         active = [(i, r) for i, r in enumerate(self._slot_req) if r is not None]
-        top = max(int(self._positions[i]) for i, _ in active)
+        speculative = any(
+            self._spec_default if r.params.speculative is None else r.params.speculative
+            for _, r in active
+        )
+        # Position of each slot's last token = prompt length + generated - 1; a speculative
+        # step also writes the next position.
+        top = max(len(r.prompt) + r.generated - 1 for _, r in active) + speculative
         window = next(w for w in self._windows if w > top)
         rows = next(b for b in self._row_buckets if b > active[-1][0])
+        live = np.zeros(rows, bool)
+        live[[i for i, _ in active]] = True
+        want = any(r.params.logprobs is not None for _, r in active)
         t0 = time.perf_counter()
         try:
-            nxt, self._cache = _decode_all(
+            self._state, out = _step_jit(
                 self.cfg,
                 self._variables,
-                self._cache,
-                self._tokens[:rows],
-                self._positions[:rows],
-                self._counts[:rows],
-                self._temperature[:rows],
-                self._top_k[:rows],
-                self._top_p[:rows],
-                self._key_data[:rows],
-                axes=self._flat_axes,
+                self._state,
+                live,
+                speculative=speculative,
+                top_n=MAX_LOGPROBS if want else None,
+                axes=self._axes,
                 rows=rows,
                 window=window,
             )
-            nxt = np.asarray(nxt)
+            out = jax.device_get(out)
         except Exception as err:
             log.exception("decode step failed; failing %d active requests", len(active))
-            self._cache = self._new_cache()
-            for _, req in active:
-                self._finish(req, "error", f"{type(err).__name__}: {err}")
+            self._fail_all(err)
             return
         self._counters["steps"] += 1
         self._counters["step_us"] += int(1e6 * (time.perf_counter() - t0))
+        self._counters["forwards"] += len(active)
+        if out.drafted_B is not None:
+            self._counters["draft_tokens"] += int(out.drafted_B.sum())
+            self._counters["accepted_tokens"] += int(out.accepted_B.sum())
         for i, req in active:
-            self._tokens[i] = nxt[i]
-            self._positions[i] += 1
-            self._counts[i] += 1
-            self._emit(req, int(nxt[i]))
+            self._emit(req, out, i)
