@@ -2,10 +2,12 @@
 
     python serve.py --checkpoint=DIR [--host=127.0.0.1] [--port=8000] [--api-key=KEY]
                     [--slots=8] [--max-queue=64] [--max-len=N] [--dtype=bfloat16]
+                    [--max-body-bytes=4194304]
     python serve.py --checkpoint=DIR --prompt="Once upon a time" [--max-tokens=64]
 
 DIR is a train.py workdir (checkpoints/ + tokenizer/) or a Hugging Face directory (config.json,
-safetensors, tokenizer.json). The API is described in dsjax/server.py.
+safetensors, tokenizer.json). The API is described in dsjax/server.py. With --prompt, FastAPI is
+not imported (dsjax.loading loads the model).
 """
 
 from __future__ import annotations
@@ -42,6 +44,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["float32", "bfloat16", "float16"],
         help="parameter and compute dtype (default: the checkpoint's)",
     )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=4 * 2**20,
+        help="largest request body accepted; larger ones get 413 before parsing",
+    )
+    p.add_argument(
+        "--speculative",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="MTP speculative decoding by default (auto: on when the checkpoint has MTP layers);"
+        " requests may override it with 'speculative'",
+    )
     p.add_argument("--model-name", default=None, help="name in the API (default: DIR's name)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="warning")
@@ -57,31 +72,43 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper())
     from pathlib import Path
 
-    import jax
-
-    from dsjax.engine import Engine
+    from dsjax.chat_template import encode_text
     from dsjax.generate import generate
-    from dsjax.server import create_app, load_model
+    from dsjax.loading import load_model
 
-    cfg, variables, tokenizer, add_bos = load_model(args.checkpoint, args.dtype)
+    if args.max_body_bytes < 1:
+        print(f"error: --max-body-bytes={args.max_body_bytes}: must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        cfg, variables, tokenizer, add_bos = load_model(args.checkpoint, args.dtype)
+    except (ValueError, OSError) as err:  # a missing, damaged or unsupported checkpoint
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     name = args.model_name or Path(args.checkpoint).resolve().name
+    has_mtp = cfg.num_mtp_layers > 0 and "mtp_0" in variables.get("params", {})
+    speculative = {"auto": None, "on": True, "off": False}[args.speculative]
+    if speculative and not has_mtp:
+        print("error: --speculative=on: this checkpoint has no MTP layers", file=sys.stderr)
+        return 2
     if args.prompt is not None:
-        ids = tokenizer.encode(args.prompt)
-        if add_bos and tokenizer.bos_id is not None:
-            ids = [tokenizer.bos_id, *ids]
+        ids = encode_text(tokenizer, args.prompt, add_bos)  # as the server encodes a prompt
         result = generate(
             cfg,
             variables,
             [ids],
             args.max_tokens,
             temperature=args.temperature,
-            rng=jax.random.key(args.seed),
+            rng=args.seed,  # the same seed -> the same samples as an HTTP request's
             eos_id=tokenizer.eos_id,
+            speculative=has_mtp if speculative is None else speculative,  # as the server would
         )
         print(args.prompt + tokenizer.decode(result.tokens[0]))
         return 0
 
     import uvicorn
+
+    from dsjax.engine import Engine
+    from dsjax.server import create_app
 
     engine = Engine(
         cfg,
@@ -92,9 +119,17 @@ def main(argv: list[str] | None = None) -> int:
         eos_id=tokenizer.eos_id,
         seed=args.seed,
         min_batch=args.min_batch,
+        speculative=speculative,
     ).start()
     engine.warmup()
-    app = create_app(engine, tokenizer, name, api_key=args.api_key, add_bos=add_bos)
+    app = create_app(
+        engine,
+        tokenizer,
+        name,
+        api_key=args.api_key,
+        add_bos=add_bos,
+        max_body_bytes=args.max_body_bytes,
+    )
     print(
         f"serving {name} on http://{args.host}:{args.port} ({args.slots} slots, context "
         f"{engine.max_len})",

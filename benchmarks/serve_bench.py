@@ -7,10 +7,11 @@ Without --checkpoint a random checkpoint of the config's model (float32) is writ
 temporary Hugging Face directory together with a byte-level BPE tokenizer trained on a small
 built-in corpus. serve.py runs in a subprocess on a free local port; each client sends
 `--requests` streamed completions one after another (token-id prompts of `--prompt-len`,
-`max_tokens` tokens each with ignore_eos, greedy), after one warm-up round per level (which
-compiles the step shapes it needs). Reported per concurrency level: generated
+`max_tokens` tokens each with ignore_eos, greedy), after a warm-up of two requests per client
+per level (which compiles the step shapes it needs). Reported per concurrency level: generated
 tokens per second over the whole run, requests per second, mean time to first token and mean
-request latency. Print-only: the lead copies the table into benchmarks/RESULTS.md.
+request latency; then the mean decode step, the speculative (MTP) acceptance rate and the tokens
+per row forward over the measured runs (engine counters from /health). Print-only: the lead copies the table into benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -156,9 +157,11 @@ def main(argv=None) -> None:
             if time.time() > deadline:
                 raise SystemExit("server did not start")
             time.sleep(0.5)
-        # Warm up: compile the prompt bucket and the step shapes of every level.
+        # Warm up: compile the prompt bucket and the step shapes of every level. Two requests
+        # per client, so the staggered tails (fewer active rows: smaller row buckets) compile
+        # here too; one round left them to the measured run (4 clients: 14 tok/s, not 900).
         for level in (int(c) for c in args.clients.split(",")):
-            asyncio.run(run_level(url, level, 1, args.prompt_len, args.max_tokens, vocab, seed=0))
+            asyncio.run(run_level(url, level, 2, args.prompt_len, args.max_tokens, vocab, seed=0))
         before = httpx.get(f"{url}/health").json()
         rows = []
         for level in (int(c) for c in args.clients.split(",")):
@@ -177,12 +180,15 @@ def main(argv=None) -> None:
             )
             print(table(rows[-1:], HEADER), flush=True)
         stats = httpx.get(f"{url}/health").json()
-        steps = stats["steps"] - before["steps"]
-        step_ms = (stats["step_us"] - before["step_us"]) / max(steps, 1) / 1e3
+        delta = {k: stats.get(k, 0) - before.get(k, 0) for k in SPEC_KEYS}
+        step_ms = delta["step_us"] / max(delta["steps"], 1) / 1e3
+        accepted = delta["accepted_tokens"] / delta["draft_tokens"] if delta["draft_tokens"] else 0
+        per_forward = (delta["generated_tokens"] - delta["prefills"]) / max(delta["forwards"], 1)
         print(
             f"\n## Server throughput ({args.slots} slots, context {args.max_len}, prompt "
             f"{args.prompt_len} tokens, {args.max_tokens} generated per request, "
-            f"mean decode step {step_ms:.2f} ms)\n"
+            f"mean decode step {step_ms:.2f} ms, speculative acceptance {accepted:.2f}, "
+            f"{per_forward:.2f} tokens per row forward)\n"
         )
         print(table(rows, HEADER))
     finally:
@@ -190,6 +196,15 @@ def main(argv=None) -> None:
         server.wait(timeout=30)
 
 
+SPEC_KEYS = (
+    "steps",
+    "step_us",
+    "generated_tokens",
+    "prefills",
+    "forwards",
+    "draft_tokens",
+    "accepted_tokens",
+)
 HEADER = ["clients", "requests", "tok/s", "req/s", "mean TTFT ms", "mean latency ms"]
 
 if __name__ == "__main__":

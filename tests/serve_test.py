@@ -2,7 +2,9 @@
 
 One tiny random Hugging Face checkpoint (with a BPE tokenizer trained in-test and a chat
 template) serves every test. Engine results are checked against `dsjax.generate`; the HTTP
-server runs as a subprocess on a free local port.
+server runs as ONE subprocess on a free local port (the official `openai` client talks to it);
+log-probabilities are checked against the Hugging Face model in torch. Request parsing is
+tested without a server in api_requests_test.py.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pytest
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
+from dsjax.api_responses import TokenText
 from dsjax.engine import Engine, QueueFull, SamplingParams
 from dsjax.generate import generate
 from dsjax.hf import load_hf_checkpoint
@@ -269,6 +272,22 @@ def test_queue_full_is_503_in_app(model):
         r = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3})
         assert r.status_code == 200, r.text
 
+        # A request the engine cancels (here: shutdown) is an error, never finish_reason "stop".
+        result = {}
+        body = {"prompt": "hello", "max_tokens": 120, "ignore_eos": True}
+        sender = threading.Thread(
+            target=lambda: result.update(r=client.post("/v1/completions", json=body))
+        )
+        sender.start()
+        while not engine.stats()["active"]:
+            time.sleep(0.001)
+        engine.stop()
+        sender.join(30)
+        assert result["r"].status_code == 503, result["r"].text
+        assert result["r"].json()["error"]["code"] == "request_cancelled"
+        r = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3})
+        assert r.status_code == 503 and "not running" in r.json()["error"]["message"]
+
 
 # ====================================================================== HTTP server
 def _post(url, path, body, **kw):
@@ -386,7 +405,7 @@ def test_bad_requests_get_openai_errors_and_server_keeps_serving(server):
     )
     err = error(_post(server, "/v1/completions", {"prompt": [5] * 120, "max_tokens": 20}), 400)
     assert err["code"] == "context_length_exceeded" and "140" in err["message"]
-    error(_post(server, "/v1/completions", {"prompt": "x", "n": 2}), 400)
+    error(_post(server, "/v1/completions", {"prompt": "x", "n": 0}), 400)
     error(_post(server, "/v1/completions", {"prompt": "x", "temperature": "hot"}), 400)
     error(_post(server, "/v1/completions", {"prompt": [[]]}), 400)
     error(_post(server, "/v1/chat/completions", {"messages": "hi"}), 400)
@@ -428,6 +447,19 @@ def test_dropped_stream_frees_its_slot(server):
     assert health["tokens"] - before["tokens"] < 120  # stopped early, not run to the end
 
 
+def test_serve_prompt_samples_like_http_for_the_same_seed(server, checkpoint, capsys):
+    """`serve.py --prompt` (generate, no FastAPI) and an HTTP request with the same seed."""
+    sys.path.insert(0, str(REPO))
+    import serve
+
+    args = ["--prompt=the quick", "--max-tokens=10", "--temperature=1", "--seed=77"]
+    assert serve.main([f"--checkpoint={checkpoint}", *args]) == 0
+    printed = capsys.readouterr().out.rstrip("\n")
+    body = {"prompt": "the quick", "max_tokens": 10, "temperature": 1, "seed": 77}
+    r = _post(server, "/v1/completions", body)
+    assert printed == "the quick" + r.json()["choices"][0]["text"]
+
+
 def test_load_model_from_workdir_and_hf_dir(tmp_path, checkpoint, model):
     """serve.py's loader: a train.py workdir (Orbax model + config, tokenizer/) and an HF dir."""
     import dataclasses
@@ -435,7 +467,7 @@ def test_load_model_from_workdir_and_hf_dir(tmp_path, checkpoint, model):
     import jax
     import orbax.checkpoint as ocp
 
-    from dsjax.server import load_model
+    from dsjax.loading import load_model
 
     cfg, variables, tok = model
     options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
@@ -455,3 +487,198 @@ def test_load_model_from_workdir_and_hf_dir(tmp_path, checkpoint, model):
         got_cfg, got_vars, got_tok, add_bos = load_model(path)
         assert got_cfg == cfg and got_tok.eos_id == tok.eos_id and add_bos is False
         assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), got_vars, variables))
+
+
+# ====================================================================== OpenAI client
+def test_openai_client_completions_chat_stream_n_and_logprobs(server, checkpoint, model):
+    """The official client: models list, completions and chat (streamed and not), n=2 with a
+    seed, logprobs checked against the Hugging Face model's log-softmax."""
+    import openai
+
+    _, _, tok = model
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+    prompt = PROMPT_IDS[6]
+    greedy = {"model": "tiny", "max_tokens": 6, "temperature": 0}
+    greedy["extra_body"] = {"ignore_eos": True}
+    out = client.completions.create(prompt=prompt, logprobs=3, **greedy)
+    choice = out.choices[0]
+    lp = choice.logprobs
+    assert choice.finish_reason == "length" and out.usage.completion_tokens == 6
+    assert len(lp.tokens) == len(lp.token_logprobs) == 6
+    for token_lp, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(top) == 3 and max(top.values()) == pytest.approx(token_lp, abs=1e-6)  # greedy
+    # The token strings name the generated ids (whole characters, or "bytes:\xNN" pieces).
+    token_text = TokenText(tok)
+    id_of = {token_text(i)[0]: i for i in range(tok.vocab_size)}
+    ids = prompt + [id_of[t] for t in lp.tokens]
+    assert tok.decode(ids[len(prompt) :]) == choice.text
+    # Independent reference: HF transformers' log-softmax at each generated position.
+    hf = DeepseekV3ForCausalLM.from_pretrained(checkpoint).float().eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1)
+    want = [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(ids[len(prompt) :])]
+    assert lp.token_logprobs == pytest.approx(want, abs=2e-4)
+
+    streamed = list(client.completions.create(prompt=prompt, stream=True, logprobs=3, **greedy))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == choice.text
+    pieces = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert [t for p in pieces for t in p.tokens] == lp.tokens
+    assert [x for p in pieces for x in p.token_logprobs] == lp.token_logprobs
+    assert [x for p in pieces for x in p.text_offset] == lp.text_offset
+
+    # n=2 with a seed: two distinct choices; choice 0 is the n=1 result for that seed.
+    body = {"prompt": "the quick", "max_tokens": 8, "temperature": 1.0, "seed": 123}
+    body["extra_body"] = {"ignore_eos": True}
+    two = client.completions.create(model="tiny", n=2, **body)
+    one = client.completions.create(model="tiny", **body)
+    assert [c.index for c in two.choices] == [0, 1] and two.usage.completion_tokens == 16
+    assert two.choices[0].text == one.choices[0].text != two.choices[1].text
+
+    messages = [{"role": "user", "content": "hello world"}]
+    short = {"model": "tiny", "messages": messages, "max_completion_tokens": 5, "temperature": 0}
+    chat = client.chat.completions.create(logprobs=True, top_logprobs=2, **short)
+    content = chat.choices[0].logprobs.content
+    assert chat.choices[0].message.role == "assistant" and 1 <= len(content) <= 5
+    assert tok.decode([id_of[c.token] for c in content]) == chat.choices[0].message.content
+    assert all(bytes(c.bytes) == token_text(id_of[c.token])[1] for c in content)
+    assert all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
+    stream = client.chat.completions.create(stream=True, **short)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == chat.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt="x", n=2, best_of=1)
+    assert info.value.body["param"] == "best_of"
+
+    # best_of=3: the candidate (of the 3 that n=3 gives for the seed) with the best mean logprob.
+    candidates = client.completions.create(model="tiny", n=3, logprobs=0, **body).choices
+    best = client.completions.create(model="tiny", best_of=3, **body)
+    means = [sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in candidates]
+    assert best.choices[0].text == candidates[means.index(max(means))].text
+    assert best.choices[0].logprobs is None and best.usage.completion_tokens == 24
+
+
+# ====================================================================== hardening
+def _error_json(r, status):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return err
+
+
+def test_hostile_bodies_and_fields_get_4xx(server):
+    url = f"{server}/v1/completions"
+    raw = lambda b: httpx.post(url, content=b, headers=_headers(), timeout=30)  # noqa: E731
+    assert "nests" in _error_json(raw(b"[" * 100_000 + b"]" * 100_000), 400)["message"]
+    big_int = b'{"prompt": "x", "seed": ' + b"7" * 5000 + b"}"
+    assert "digits" in _error_json(raw(big_int), 400)["message"]
+    assert _error_json(raw(b'{"prompt": "a\\ud800b"}'), 400)["param"] == "prompt"
+
+    def param(path, body):
+        return _error_json(_post(server, path, body), 400)["param"]
+
+    for field, value in [("top_k", 2**31), ("seed", 10**30), ("seed", 2**64), ("logprobs", 99)]:
+        assert param("/v1/completions", {"prompt": "x", field: value}) == field
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    bad = {**chat, "max_completion_tokens": "x"}
+    assert param("/v1/chat/completions", bad) == "max_completion_tokens"
+    # Never silently ignored: each is implemented or a 400 naming it.
+    echo = {"prompt": "the", "max_tokens": 2, "temperature": 0, "echo": True}
+    assert _post(server, "/v1/completions", echo).json()["choices"][0]["text"].startswith("the")
+    for field, value in [("best_of", 0), ("frequency_penalty", 1), ("suffix", "!"), ("nope", 1)]:
+        assert param("/v1/completions", {"prompt": "x", field: value}) == field
+    # Requests that can never fit: 400 saying the limit (4 slots + 32 queued), not 503.
+    err = _error_json(_post(server, "/v1/completions", {"prompt": [[5]] * 100}), 400)
+    assert err["code"] == "too_many_sequences" and "at most 36" in err["message"]
+
+
+def test_big_body_is_refused_before_parsing_and_health_answers(server):
+    body = b'{"prompt": "' + b"a" * 50_000_000 + b'"}'
+    result = {}
+
+    def send():
+        t0 = time.perf_counter()
+        result["r"] = httpx.post(
+            f"{server}/v1/completions", content=body, headers=_headers(), timeout=60
+        )
+        result["s"] = time.perf_counter() - t0
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    health = httpx.get(f"{server}/health", timeout=10)
+    sender.join(60)
+    assert health.status_code == 200
+    err = _error_json(result["r"], 413)
+    assert err["code"] == "request_too_large" and "4194304" in err["message"]
+    assert result["s"] < 20
+
+
+def test_non_streaming_disconnect_cancels_and_metrics(server):
+    before = httpx.get(f"{server}/health").json()
+    # 16 choices x 120 tokens on 4 slots: the client hangs up once the first ones run.
+    body = json.dumps(
+        {"prompt": "the", "n": 16, "max_tokens": 120, "ignore_eos": True, "temperature": 0}
+    ).encode()
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        while not httpx.get(f"{server}/health").json()["active"]:
+            time.sleep(0.002)
+    deadline = time.time() + 30
+    while True:
+        health = httpx.get(f"{server}/health").json()
+        cancelled = health.get("finished_cancelled", 0) - before.get("finished_cancelled", 0)
+        if health["free_slots"] == health["slots"] and not health["queued"] and cancelled >= 4:
+            break
+        assert time.time() < deadline, health
+        time.sleep(0.02)
+    assert health["generated_tokens"] - before["generated_tokens"] < 16 * 120
+    metrics = httpx.get(f"{server}/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    values = dict(
+        line.rsplit(" ", 1) for line in metrics.text.splitlines() if not line.startswith("#")
+    )
+    assert float(values["dsjax_generated_tokens_total"]) >= health["generated_tokens"]
+    assert values["dsjax_active_slots"] == "0" and values["dsjax_queue_depth"] == "0"
+    assert float(values['dsjax_requests_finished_total{reason="cancelled"}']) >= 4
+    assert "dsjax_speculative_acceptance_ratio" in values
+
+
+def test_any_json_value_in_any_field_is_200_or_4xx(server, server_process):
+    """Property: one running server, random JSON in one field of a valid request."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from dsjax.api_requests import CHAT_FIELDS, COMPLETION_FIELDS
+
+    scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6)
+    values = st.recursive(
+        scalars,
+        lambda inner: (
+            st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+        ),
+        max_leaves=6,
+    )
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(sorted(COMPLETION_FIELDS | CHAT_FIELDS)), values, st.booleans())
+    def check(field, value, chat):
+        base = {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "the"}
+        body = {**base, "max_tokens": 2, field: value}
+        r = httpx.post(
+            f"{server}/v1/{'chat/' if chat else ''}completions",
+            content=json.dumps(body),
+            headers={**_headers(), "content-type": "application/json"},
+            timeout=60,
+        )
+        if r.status_code != 200:
+            assert 400 <= r.status_code < 500, r.text
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+    check()
+    assert "unhandled error" not in server_process[2].read_text()
