@@ -2,6 +2,9 @@
 
 Config overrides: `--config.train.steps=200 --config.mesh.expert=2 ...`. Rerunning the same command
 resumes from the latest checkpoint in the work directory (default `runs/<config name>`).
+Every failure a user can cause (config file or override, data, tokenizer, work directory,
+checkpoints, a full disk) ends the run with one `error: ...` line on stderr and exit code 2; a
+finished run's command reruns as a no-op (exit 0).
 Multi-host: launch one process per host with `--coordinator_address=HOST:PORT
 --num_processes=N --process_id=I` (or let `jax.distributed.initialize()` detect the cluster with
 `--distributed`).
@@ -27,12 +30,91 @@ flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
+# Failures a user can cause (config, data, work directory, checkpoints, disk): one line, exit 2.
+# OSError covers a full disk, permissions and missing files.
+USER_ERRORS = (ValueError, OSError, ImportError)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text
+
+
+def fail(message: str) -> None:
+    """Prints `error: message` on stderr and exits with code 2 (no traceback)."""
+    sys.stderr.flush()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+class _DropOrbaxErrors(logging.Filter):
+    """Orbax's background save threads log each failure with its traceback (a full disk gave
+    ~110 of them) before `wait_until_finished` re-raises it, which becomes our one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        orbax = f"{os.sep}orbax{os.sep}" in (record.pathname or "")
+        return not (orbax and record.levelno >= logging.ERROR)
+
+
+def _is_closed_loop_echo(exc: BaseException | None) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _drop_closed_loop_echoes() -> None:
+    """After a failed async save, TensorStore's callbacks into Orbax's closed event loops print
+    `RuntimeError: Event loop is closed` tracebacks (dozens); drop exactly those."""
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def on_exception(kind, value, tb):
+        if not _is_closed_loop_echo(value):
+            excepthook(kind, value, tb)
+
+    def on_unraisable(unraisable):
+        if not _is_closed_loop_echo(unraisable.exc_value):
+            unraisablehook(unraisable)
+
+    sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
+
+
+def _quiet_background_noise() -> None:
+    """After a failure, background threads (Orbax's async save loop, grain prefetch) may log
+    or print tracebacks while the process shuts down; they repeat the error already reported."""
+    logging.disable(logging.CRITICAL)
+    absl_logging.set_verbosity(absl_logging.FATAL)
+    import threading
+
+    threading.excepthook = lambda args: None
+    sys.unraisablehook = lambda unraisable: None
+
+
+def _config_error(e: BaseException) -> str:
+    """One line for a config file that fails to load (syntax error, exception, missing)."""
+    if isinstance(e, SyntaxError):
+        where = f"{e.filename}:{e.lineno}: " if e.filename else ""
+        return f"cannot load --config: {where}{e.msg}"
+    return f"cannot load --config: {type(e).__name__}: {_one_line(e)[:500]}"
+
+
+def load_config():
+    """The --config ConfigDict (config_flags loads the file lazily: any failure is one line)."""
+    try:
+        config = FLAGS.config
+        config.keys()
+        return config
+    except Exception as e:  # noqa: BLE001  a config file can fail in any way a module can
+        fail(_config_error(e))
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
     logging.getLogger("dsjax").setLevel(logging.INFO)
+    absl_logging.get_absl_handler().addFilter(_DropOrbaxErrors())
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "Event loop is closed" echoes
+    _drop_closed_loop_echoes()
+    config = load_config()
     import jax
 
     if FLAGS.coordinator_address or FLAGS.distributed:
@@ -45,24 +127,32 @@ def main(argv):
         )
     from dsjax import train_lib
 
-    try:
-        config = FLAGS.config
-        config.keys()  # config_flags loads the file lazily: fail here, in one line
-    except OSError as e:  # config_flags loads the file lazily
-        print(f"error: cannot load --config: {str(e).splitlines()[-1].strip()}", file=sys.stderr)
-        sys.exit(2)
     workdir = FLAGS.workdir or os.path.join("runs", config.get("name", "run"))
     try:
         summary = train_lib.train_and_evaluate(config, workdir)
-    except (ValueError, FileNotFoundError, ImportError, train_lib.TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (*USER_ERRORS, train_lib.TrainingError) as e:
+        _quiet_background_noise()
+        fail(_one_line(e))
+    if summary.get("complete"):
+        print(
+            f"done: the run in {os.path.abspath(workdir)} is complete (step {summary['step']}, "
+            f"config.train.steps={config.train.steps}); raise --config.train.steps to train on"
+        )
+        return
+    _report(summary, workdir, jax.process_index() == 0)
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.6f}"
+
+
+def _report(summary, workdir: str, chief: bool) -> None:
     # Every process reports the loss it computed (they must agree); the chief adds the rest.
     print(
-        f"done: step {summary['step']}, loss {summary['loss']:.6f}, "
-        f"eval loss {summary['eval_loss']:.6f}"
+        f"done: step {summary['step']}, loss {_fmt(summary.get('loss'))}, "
+        f"eval loss {_fmt(summary.get('eval_loss'))}"
     )
-    if jax.process_index() == 0:
+    if chief:
         rate = summary.get("tokens_per_sec")
         print(
             f"{summary['wall_seconds']:.0f}s"
@@ -76,15 +166,17 @@ def main(argv):
 
 
 def parse_flags(argv):
-    """absl flag parsing, but a bad flag or config key is one line on stderr and exit code 2."""
+    """absl flag parsing, but a bad flag, config key or config file is one line on stderr and
+    exit code 2."""
     try:
         return FLAGS(argv)
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
         # ml_collections reports a misspelled key as a repr'd multi-line KeyError.
         text = str(e)[1:-1] if isinstance(e, KeyError | AttributeError) else str(e)
         text = text.replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
-        print(f"error: {text}", file=sys.stderr)
-        sys.exit(2)
+        fail(text)
+    except Exception as e:  # noqa: BLE001  the config file is loaded while parsing overrides
+        fail(_config_error(e))
 
 
 if __name__ == "__main__":

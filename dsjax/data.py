@@ -99,11 +99,18 @@ def _stdlib_documents() -> Documents:
 
 
 def _jsonl_texts(path: str, name: str) -> Iterator[tuple[str, str]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 ({e})") from None
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ValueError(f"{path}:{lineno}: not a valid JSON line ({e})") from None
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise ValueError(f"{path}:{lineno}: each JSON line needs a string field 'text'")
@@ -232,7 +239,19 @@ def get_tokenizer(config: ml_collections.ConfigDict, workdir: str | os.PathLike[
             _data_field(config, "tokenizer_train_bytes"), "config.data.tokenizer_train_bytes", 1
         )
         order = np.random.default_rng(int(config.seed)).permutation(train)
-        tokenizer = train_bpe(_budgeted_texts(docs, order, budget), vocab_size)
+        seen = [0]
+
+        def counted() -> Iterator[str]:
+            for text in _budgeted_texts(docs, order, budget):
+                seen[0] += len(text)
+                yield text
+
+        tokenizer = train_bpe(counted(), vocab_size)
+        if not seen[0]:
+            raise ValueError(
+                f"config.data.source {_data_field(config, 'source')!r}: its {len(train)} "
+                "training documents hold no text (all empty)"
+            )
         # Save to a temporary directory first so a crash never leaves half a tokenizer.
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = tokenizer.save(tempfile.mkdtemp(prefix=".tokenizer-", dir=local.parent))
@@ -281,12 +300,15 @@ class PackIterDataset(grain.IterDataset):
     next row. Only the final row of a finite stream is padded.
     """
 
-    def __init__(self, parent: grain.IterDataset, seq_len: int) -> None:
+    def __init__(
+        self, parent: grain.IterDataset, seq_len: int, max_empty_chunks: int | None = None
+    ) -> None:
         super().__init__(parent)
         self._seq_len = seq_len
+        self._max_empty = max_empty_chunks
 
     def __iter__(self) -> _PackIterator:
-        return _PackIterator(self._parent.__iter__(), self._seq_len)
+        return _PackIterator(self._parent.__iter__(), self._seq_len, self._max_empty)
 
 
 class _PackIterator(grain.DatasetIterator):
@@ -297,22 +319,36 @@ class _PackIterator(grain.DatasetIterator):
     yields from that state. Only ints, so it survives a JSON round trip.
     """
 
-    def __init__(self, parent: grain.DatasetIterator, seq_len: int) -> None:
+    def __init__(
+        self, parent: grain.DatasetIterator, seq_len: int, max_empty_chunks: int | None = None
+    ) -> None:
         super().__init__(parent)
         self._seq_len = seq_len
+        self._max_empty = max_empty_chunks
         self._positions = np.arange(seq_len, dtype=np.int32)
         self._chunk: list[np.ndarray] | None = None
         self._chunk_state: dict[str, Any] = {}
         self._doc = self._offset = 0
 
     def _next_chunk(self) -> bool:
-        """Fetches the next non-empty chunk; False when the parent is exhausted."""
+        """Fetches the next non-empty chunk; False when the parent is exhausted.
+
+        A repeated stream whose every document is empty would loop here for ever: more than
+        `max_empty_chunks` empty chunks in a row (two epochs' worth) raise ValueError."""
+        empty = 0
         while True:
             state = self._parent.get_state()
             try:
                 chunk = next(self._parent)
             except StopIteration:
                 return False
+            if not chunk:
+                empty += 1
+                if self._max_empty is not None and empty > self._max_empty:
+                    raise ValueError(
+                        "the documents of this split hold no text (every one is empty after "
+                        "tokenizing): check config.data.source"
+                    )
             if chunk:
                 self._chunk, self._chunk_state, self._doc, self._offset = chunk, state, 0, 0
                 return True
@@ -414,7 +450,14 @@ def make_iterator(
     train, held_out = split_documents(docs, float(_data_field(config, "eval_fraction")))
     indices = train if split == "train" else held_out
     if not indices:
-        raise ValueError("the eval split is empty because config.data.eval_fraction is 0")
+        eval_fraction = float(_data_field(config, "eval_fraction"))
+        why = (
+            "because config.data.eval_fraction is 0"
+            if eval_fraction == 0
+            else f"with config.data.eval_fraction={eval_fraction}: the corpus has only "
+            f"{len(docs)} document(s) and at least one must stay for training"
+        )
+        raise ValueError(f"the eval split is empty {why}")
     shard = indices[process_index::process_count]
     if not shard:
         raise ValueError(
@@ -427,7 +470,8 @@ def make_iterator(
     ds = ds.repeat(num_epochs).batch(_TOKENIZE_CHUNK, batch_fn=list)
     ds = ds.map(functools.partial(_tokenize_chunk, docs=docs, tok=tokenizer))
     read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
-    rows = PackIterDataset(ds.to_iter_dataset(read_options), seq_len)
+    empty_limit = 2 * (len(shard) // _TOKENIZE_CHUNK + 2)  # two epochs of chunks
+    rows = PackIterDataset(ds.to_iter_dataset(read_options), seq_len, empty_limit)
     per_process = batch_size // process_count
     stack = functools.partial(_stack_rows, batch_size=per_process)
     batches = rows.batch(per_process, drop_remainder=False, batch_fn=stack)

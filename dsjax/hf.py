@@ -10,9 +10,13 @@ Everything about the correspondence lives in one table, `hf_tensor_table(cfg)`: 
 `TensorEntry` per HF key saying which leaf it belongs to, at which (layer, expert) index, and
 whether it is transposed. Loading and saving both walk that table.
 
-Loading streams: safetensors headers are parsed by hand (`np.memmap` of each file, which also
-handles FP8 `F8_E4M3` and `BF16` through `ml_dtypes`), every leaf is preallocated once in the
-target dtype, and each tensor is copied straight from the mapped file into its slot of the
+Loading validates before it allocates: config.json, the index and every safetensors header
+are checked (`safetensors_io.py`: types, offsets, byte sizes; ValueError naming the file), the
+number of tensors config.json implies is checked against the files by arithmetic before the
+table is built (a config with 10**6 layers is refused in bounded memory), keys, shapes and
+dtypes against the table, and the parameters' size against the available host memory. Then it
+streams: the files are memory-mapped (`np.memmap`, FP8 `F8_E4M3` and `BF16` through
+`ml_dtypes`), every leaf is preallocated once in the target dtype, and each tensor is copied straight from the mapped file into its slot of the
 stacked leaf, one shard at a time. Peak host memory is therefore about one copy of the model
 (plus one dequantised tensor), never a dict of per-expert tensors followed by a stack.
 
@@ -31,6 +35,7 @@ import re
 import shutil
 import struct
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +46,10 @@ import numpy as np
 from flax.core import meta
 
 from dsjax.config import DTYPES, ModelConfig
+from dsjax.safetensors_io import NP_TO_ST as _NP_TO_ST
+from dsjax.safetensors_io import ST_TO_NP as _ST_TO_NP
+from dsjax.safetensors_io import SafetensorsFile as _SafetensorsFile
+from dsjax.safetensors_io import read_json_object
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -48,14 +57,6 @@ CONFIG_FILE = "config.json"
 SCALE_SUFFIX = "_scale_inv"
 DEFAULT_BLOCK = (128, 128)
 
-# safetensors dtype code <-> numpy dtype.
-_ST_TO_NP: dict[str, np.dtype] = {
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-}
-_NP_TO_ST: dict[np.dtype, str] = {v: k for k, v in _ST_TO_NP.items()}
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 # config.json `architectures` whose checkpoints this module reads (Kimi-K2 and Moonlight use V3's).
 SUPPORTED_ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
@@ -282,74 +283,20 @@ def leaf_shapes(cfg: ModelConfig) -> dict[tuple[str, Path_], tuple[int, ...]]:
     return {(e.collection, e.path): e.leaf_shape for e in hf_tensor_table(cfg) if not e.alias}
 
 
-# ====================================================================== safetensors reading
-class _SafetensorsFile:
-    """A safetensors file: header parsed eagerly, data memory-mapped lazily."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise ValueError(f"{path} is not a safetensors file (truncated header)")
-            (n,) = struct.unpack("<Q", raw)
-            size = os.fstat(f.fileno()).st_size
-            if n > size - 8:
-                raise ValueError(f"{path} is not a safetensors file (header length {n})")
-            try:
-                header = json.loads(f.read(n))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} has a corrupt safetensors header: {err}") from err
-        header.pop("__metadata__", None)
-        self.data_start = 8 + n
-        self.tensors: dict[str, dict[str, Any]] = header
-        for name, info in header.items():
-            begin, end = info["data_offsets"]
-            if not 0 <= begin <= end <= size - self.data_start:
-                raise ValueError(
-                    f"{name} in {path}: data_offsets {info['data_offsets']} out of range"
-                )
-        self._mm: np.memmap | None = None
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        """Shape of tensor `name` from the header."""
-        return tuple(self.tensors[name]["shape"])
-
-    def dtype_code(self, name: str) -> str:
-        """safetensors dtype code (F32, BF16, F8_E4M3, ...) of tensor `name`."""
-        return self.tensors[name]["dtype"]
-
-    def read(self, name: str) -> np.ndarray:
-        """A read-only view of tensor `name` backed by the memory map (no copy)."""
-        info = self.tensors[name]
-        code = info["dtype"]
-        if code not in _ST_TO_NP:
-            raise ValueError(
-                f"{name} in {self.path} has dtype {code}; supported: {sorted(_ST_TO_NP)}"
-            )
-        dtype = _ST_TO_NP[code]
-        shape = tuple(info["shape"])
-        begin, end = info["data_offsets"]
-        if end - begin != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"{name} in {self.path}: byte size does not match shape {shape}")
-        if end == begin:
-            return np.zeros(shape, dtype)
-        if self._mm is None:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
-        raw = self._mm[self.data_start + begin : self.data_start + end]
-        return raw.view(dtype).reshape(shape)
-
-    def close(self) -> None:
-        """Drops the memory map (its pages leave the process once nothing references them)."""
-        self._mm = None
-
-
+# ====================================================================== reading
 def _checkpoint_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint: the index's shards, else model.safetensors."""
     index = path / INDEX_FILE
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json_object(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise ValueError(f'{index} has no "weight_map" object of tensor name -> file name')
         names = list(dict.fromkeys(weight_map.values()))
+        outside = [n for n in names if Path(n).name != n]
+        if outside:
+            raise ValueError(f"{index} lists shard(s) {outside} outside its directory")
         missing = [n for n in names if not (path / n).exists()]
         if missing:
             raise ValueError(f"{index} lists shard(s) {missing} that do not exist")
@@ -381,6 +328,8 @@ def _checkpoint_dtype(hf: Mapping[str, Any], where: dict[str, _SafetensorsFile])
 def _block_size(hf: Mapping[str, Any]) -> tuple[int, int]:
     """FP8 weight block size from config.json quantization_config (default 128x128)."""
     quant = hf.get("quantization_config") or {}
+    if not isinstance(quant, dict):
+        raise ValueError(f"config.json quantization_config={quant!r} is not an object")
     method = quant.get("quant_method", "fp8")
     if quant and method != "fp8":
         raise ValueError(
@@ -429,10 +378,12 @@ def _validate(
     if missing:
         mtp_missing = [e for e in missing if (_layer_of(e.key) or 0) >= first_mtp]
         if len(mtp_missing) == len(missing):
+            names = ", ".join(e.key for e in mtp_missing[:4])
+            more = f" and {len(mtp_missing) - 4} more" if len(mtp_missing) > 4 else ""
             raise ValueError(
-                f"config.json num_nextn_predict_layers={hf_mtp} but MTP tensor "
-                f"{mtp_missing[0].key} is missing in {path} ({len(mtp_missing)} MTP tensors "
-                "missing); pass load_mtp=False to load the model without MTP layers"
+                f"config.json num_nextn_predict_layers={hf_mtp} but MTP tensor(s) {names}{more} "
+                f"are missing in {path} ({len(mtp_missing)} MTP tensors missing); pass "
+                "load_mtp=False to load the model without MTP layers"
             )
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ValueError(f"missing tensor {missing[0].key} in {path}{more}")
@@ -483,6 +434,102 @@ def _validate(
             raise ValueError(f"{e.key} has dtype {code}; supported: {sorted(_ST_TO_NP)}")
 
 
+def _use_mtp(
+    load_mtp: bool | str, hf: Mapping[str, Any], where: Mapping[str, Any], path: Path
+) -> bool:
+    """Whether to load the MTP layers config.json declares (see `load_hf_checkpoint`)."""
+    if load_mtp != "auto":
+        return bool(load_mtp)
+    declared, layers = hf.get("num_nextn_predict_layers") or 0, hf.get("num_hidden_layers")
+    if not isinstance(layers, int) or not isinstance(declared, int) or declared <= 0:
+        return True  # nothing to decide here; from_hf reports bad values
+    present = any((_layer_of(key) or -1) >= layers for key in where)
+    if not present:
+        warnings.warn(
+            f"{path}: config.json says num_nextn_predict_layers={declared} but the checkpoint "
+            f"holds no MTP tensors (model.layers.{layers}.* and up; transformers' "
+            "save_pretrained does not save them): loading without MTP layers "
+            "(num_mtp_layers=0)",
+            stacklevel=3,
+        )
+    return present
+
+
+def _implied_tensor_count(cfg: ModelConfig) -> int:
+    """Number of required tensors of `cfg`'s checkpoint, by arithmetic over the templates:
+    cheap for any config, unlike building the table."""
+
+    def tally(specs: list[_Spec], repeat: int) -> int:
+        per = sum(cfg.n_routed_experts if s.per_expert else 1 for s in specs if not s.optional)
+        return per * repeat
+
+    d = cfg.hidden_size
+    globals_ = 2 + (0 if cfg.tie_word_embeddings else 1)  # embedding, final norm, head
+    mtp_extra = [_vector(n, "n", d) for n in "abc"] + [_linear("p", "p", d, 2 * d)]
+    mtp_block = mtp_extra + _attention_specs(cfg) + _ffn_specs(cfg, cfg.mtp_is_moe)
+    return (
+        globals_
+        + tally(_attention_specs(cfg) + _ffn_specs(cfg, False), cfg.num_dense_layers)
+        + tally(_attention_specs(cfg) + _ffn_specs(cfg, True), cfg.num_moe_layers)
+        + tally(mtp_block, cfg.num_mtp_layers)
+    )
+
+
+def _check_sizes_against_files(path: Path, cfg: ModelConfig, where: Mapping[str, Any]) -> None:
+    """config.json must not imply far more tensors than the files hold.
+
+    Building the key table costs memory in proportion to the tensors the config implies
+    (layers x experts), so a config.json with num_hidden_layers=10**6 is refused here, by
+    arithmetic; a near miss goes on to `_validate`, which names the missing tensors.
+    """
+    count = _implied_tensor_count(cfg)
+    if count > 2 * len(where) + 1024:
+        what = (
+            f"num_hidden_layers={cfg.num_hidden_layers}, n_routed_experts={cfg.n_routed_experts}, "
+            f"num_mtp_layers={cfg.num_mtp_layers}"
+        )
+        raise ValueError(
+            f"{path / CONFIG_FILE} ({what}) implies {count} tensors but the safetensors files "
+            f"of {path} hold only {len(where)}: config.json does not describe these files"
+        )
+
+
+def available_host_memory() -> int | None:
+    """Bytes this process can still allocate: MemAvailable, capped by a cgroup limit (None if
+    unknown)."""
+    limits = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = Path("/sys/fs/cgroup/memory.current").read_text().strip()
+        if limit != "max":
+            limits.append(int(limit) - int(used))
+    except (OSError, ValueError):
+        pass
+    return min(limits) if limits else None
+
+
+def _check_host_memory(path: Path, table: list[TensorEntry], param_dtype: np.dtype) -> None:
+    """The preallocated leaves (one model copy) must fit in the available host memory."""
+    slots = {(e.collection, e.path): e for e in table if not e.alias}
+    needed = sum(
+        math.prod(e.leaf_shape) * (4 if e.collection == "moe_bias" else param_dtype.itemsize)
+        for e in slots.values()
+    )
+    available = available_host_memory()
+    if available is not None and needed > available:
+        raise ValueError(
+            f"loading {path} needs {needed / 2**30:.1f} GiB of host memory for the parameters "
+            f"({param_dtype.name}) but only {available / 2**30:.1f} GiB is available"
+        )
+
+
 def _copy_into(dest: np.ndarray, src: np.ndarray, transpose: bool, rows: int = 128) -> None:
     """`dest[...] = src.T` (or `src`), casting; the transpose goes in bands of `rows` source
     rows, several times faster than one strided copy of a large matrix."""
@@ -508,7 +555,7 @@ def load_hf_checkpoint(
     path: str | os.PathLike,
     dtype: Any = jnp.float32,
     *,
-    load_mtp: bool = True,
+    load_mtp: bool | str = "auto",
     config_overrides: Mapping[str, Any] | None = None,
     place: Callable[[np.ndarray], Any] | None = None,
 ) -> tuple[ModelConfig, dict[str, Any]]:
@@ -519,7 +566,11 @@ def load_hf_checkpoint(
       dtype: parameter (and compute) dtype of the result; None keeps the checkpoint's own
         (config.json `dtype`/`torch_dtype`). FP8 weights are dequantised in float32 first.
         The router bias (`moe_bias`) is always float32.
-      load_mtp: False drops MTP layers (the returned config has num_mtp_layers=0).
+      load_mtp: "auto" (default) loads the MTP layers when the checkpoint holds their tensors
+        and drops them with one warning when it holds none (transformers' `save_pretrained`
+        writes `num_nextn_predict_layers=1` but no MTP tensors); some but not all of them is
+        an error naming the missing tensors. True requires them; False drops them. Dropped
+        layers give a config with num_mtp_layers=0.
       config_overrides: extra ModelConfig fields (e.g. remat, attention_impl).
       place: called on each finished numpy leaf to make the returned array (default
         `jnp.asarray`); e.g. a `jax.device_put` with a sharding. Leaves are handed over one
@@ -533,12 +584,16 @@ def load_hf_checkpoint(
       ValueError naming the offending tensor or config field on any mismatch.
     """
     path = Path(path)
+    if load_mtp not in (True, False, "auto"):
+        raise ValueError(f"load_mtp must be True, False or 'auto', got {load_mtp!r}")
     config_path = path / CONFIG_FILE
-    if not config_path.exists():
+    if not config_path.is_file():
         raise ValueError(f"no {CONFIG_FILE} in {path}")
-    hf = json.loads(config_path.read_text())
+    hf = read_json_object(config_path, "Hugging Face config.json")
     architectures = hf.get("architectures") or []
-    if architectures and not set(architectures) & set(SUPPORTED_ARCHITECTURES):
+    if not isinstance(architectures, list):
+        raise ValueError(f"{config_path}: architectures={architectures!r} is not a list")
+    if architectures and not set(map(str, architectures)) & set(SUPPORTED_ARCHITECTURES):
         raise ValueError(
             f"config.json architectures={architectures} is not supported; expected one of "
             f"{SUPPORTED_ARCHITECTURES}"
@@ -554,12 +609,17 @@ def load_hf_checkpoint(
     name = _checkpoint_dtype(hf, where) if dtype is None else _resolve_dtype(dtype)
     overrides: dict[str, Any] = {"dtype": name, "param_dtype": name}
     overrides.update(config_overrides or {})
-    if not load_mtp:
+    if not _use_mtp(load_mtp, hf, where, path):
         overrides["num_mtp_layers"] = 0
-    cfg = ModelConfig.from_hf(hf, **overrides)
+    try:
+        cfg = ModelConfig.from_hf(hf, **overrides)
+    except (TypeError, AttributeError, KeyError, OverflowError) as e:
+        raise ValueError(f"{config_path} has a field of the wrong type: {e!r}") from None
     block = _block_size(hf)
+    _check_sizes_against_files(path, cfg, where)  # before the table: it grows with the config
     table = hf_tensor_table(cfg)
     _validate(path, cfg, hf.get("num_nextn_predict_layers") or 0, table, where, block)
+    _check_host_memory(path, table, np.dtype(jnp.dtype(cfg.param_dtype)))
 
     param_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
     leaves: dict[tuple[str, Path_], np.ndarray] = {}

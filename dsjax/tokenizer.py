@@ -212,11 +212,18 @@ class Tokenizer:
         file = path / TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {file}")
-        backend = tokenizers.Tokenizer.from_file(str(file))
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as e:  # noqa: BLE001  the Rust loader raises a bare Exception
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"{file} is not a tokenizer.json file ({first[:200]})") from None
         config_file = file.parent / CONFIG_FILE
         config: dict[str, Any] = {}
         if config_file.is_file():
-            config = json.loads(config_file.read_text(encoding="utf-8"))
+            try:
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{config_file} is not a valid UTF-8 JSON file ({e})") from None
             if not isinstance(config, dict):
                 raise ValueError(f"{config_file}: expected a JSON object")
         vocab = backend.get_vocab(with_added_tokens=True)

@@ -6,8 +6,10 @@ latest checkpoint, possibly onto another mesh) -> jitted, donated `train_step` -
 (JSONL, TensorBoard, a progress line) -> periodic eval -> Orbax checkpoints (async, every K steps,
 at the end, and on SIGTERM/Ctrl-C) -> `loss.png` and a generated sample at the end.
 
-A non-finite loss stops the run with `TrainingError` naming the first bad step, before any
-checkpoint of the bad state is written.
+A non-finite loss stops the run with `TrainingError` naming the first bad step, and a
+checkpoint is only written of finite parameters, so a poisoned state is never kept as the last
+good one. Resuming restores the newest checkpoint that verifies (see `checkpoint.py`), moving
+damaged newer ones aside. Rerunning a finished run returns at once (`summary["complete"]`).
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import linen as nn
 
 from dsjax import data, metrics, sharding
-from dsjax.checkpoint import Checkpointer
+from dsjax.checkpoint import Checkpointer, CheckpointError
 from dsjax.model import Transformer, count_params
 from dsjax.train_step import (
     TrainingError,
@@ -43,7 +46,7 @@ from dsjax.train_step import (
 
 log = logging.getLogger("dsjax.train")
 
-__all__ = ["TrainingError", "train_and_evaluate"]
+__all__ = ["CheckpointError", "TrainingError", "prepare_workdir", "train_and_evaluate"]
 
 
 class _StopFlag:
@@ -89,6 +92,29 @@ def _evaluate(eval_fn, state, config, tokenizer, batch_sharding) -> float:
     return total / max(count, 1.0)
 
 
+def prepare_workdir(workdir: str) -> str:
+    """Creates `workdir` if needed and checks it is a writable directory (ValueError if not)."""
+    workdir = os.path.abspath(workdir)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir {workdir} is a file, not a directory")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(
+            f"the work directory {workdir} is not writable: {e.strerror or e}"
+        ) from None
+    return workdir
+
+
+@jax.jit
+def _all_finite(params) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(params)]))
+
+
 def _check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict[str, float]]]:
     """Fetches pending step metrics; raises on the first non-finite loss."""
     fetched = jax.device_get(pending)
@@ -96,11 +122,19 @@ def _check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict[str, 
     for step, m in fetched:
         m = {k: float(v) for k, v in m.items()}
         if not math.isfinite(m["loss"]):
-            raise TrainingError(
-                f"loss is {m['loss']} at step {step}; stopping (the last good checkpoint is kept)"
-            )
+            raise TrainingError(f"loss is {m['loss']} at step {step}; stopping")
         out.append((step, m))
     return out
+
+
+def _last_good(ckpt: Checkpointer) -> str:
+    """Names the newest checkpoint that verifies, for the message of a stopped run."""
+    try:
+        ckpt.wait()
+    except Exception:  # noqa: BLE001  a failed pending save is reported by close()
+        pass
+    step = ckpt.newest_verified_step()
+    return "no checkpoint kept" if step is None else f"the last good checkpoint is step {step}"
 
 
 def _sample(cfg, state, tokenizer, config) -> str | None:
@@ -126,8 +160,8 @@ def _sample(cfg, state, tokenizer, config) -> str | None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains per `config` in `workdir` (resuming from its latest checkpoint); returns a summary."""
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = prepare_workdir(workdir)
+    validate_config(config, None)  # the rules that need no mesh, before building one
     mesh = sharding.make_mesh(**config.mesh)
     validate_config(config, mesh)
     cfg = model_config(config)
@@ -163,10 +197,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             process_count=jax.process_count(),
         )
         ckpt = Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep)
-        start = ckpt.latest_step()
+        latest = ckpt.latest_step()
+        if latest is not None and latest >= steps and ckpt.newest_verified_step() == latest:
+            ckpt.close()
+            log.info("the run is complete: its checkpoint at step %d >= train.steps", latest)
+            return {"step": latest, "complete": True, "peak_flops_source": peak_source}
         state, abstract, shardings = create_sharded_state(rng, model, tx, mesh, seq_len)
+        start, restored = ckpt.restore_latest(abstract, train_iter)
         if start is not None:
-            state = ckpt.restore(start, abstract, train_iter)
+            state = restored
             log.info("resumed from the checkpoint at step %d", start)
         start = int(start or 0)
         batch_sharding = sharding.batch_sharding(mesh)
@@ -228,8 +267,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     if progress:
                         progress.update(step, last)
                     if save_now or stop.reason:
+                        if not bool(_all_finite(state.params)):
+                            raise TrainingError(
+                                f"the parameters after step {step} are not finite; stopping "
+                                "without saving them"
+                            )
                         ckpt.save(step, state, train_iter, config, force=True)
                     t_mark = time.perf_counter()  # eval and checkpoint time is not step time
+            except TrainingError as e:
+                raise TrainingError(f"{e} ({_last_good(ckpt)})") from None
             finally:
                 if progress:
                     progress.close()

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import shutil
+import struct
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -499,8 +502,8 @@ def test_mtp_load_options(mtp_checkpoint, base, tmp_path):
     config = fx.read_config(tmp_path / "no_mtp")
     config["num_nextn_predict_layers"] = 1
     fx.write_config(tmp_path / "no_mtp", config)
-    with pytest.raises(ValueError, match=r"MTP tensor model\.layers\.2\..*load_mtp=False"):
-        load_hf_checkpoint(tmp_path / "no_mtp")
+    with pytest.raises(ValueError, match=r"MTP tensor\(s\) model\.layers\.2\..*load_mtp=False"):
+        load_hf_checkpoint(tmp_path / "no_mtp", load_mtp=True)
     assert load_hf_checkpoint(tmp_path / "no_mtp", load_mtp=False)[0].num_mtp_layers == 0
 
 
@@ -639,3 +642,194 @@ def test_failed_save_keeps_the_old_checkpoint(base, tmp_path, monkeypatch):
     assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert_trees_equal(load_hf_checkpoint(target)[1], zeroed)
+
+
+# ====================================================================== load_mtp="auto"
+def test_transformers_checkpoint_without_mtp_tensors_loads_with_one_warning(tmp_path):
+    """transformers saves num_nextn_predict_layers=1 in config.json but no MTP tensors."""
+    model = fx.make_hf_model(seed=3, num_nextn_predict_layers=1)
+    path = fx.save_hf_model(model, tmp_path / "ckpt")
+    assert fx.read_config(path)["num_nextn_predict_layers"] == 1
+    assert not any(k.startswith("model.layers.2.") for k in fx.read_tensors(path))
+    with pytest.warns(UserWarning) as record:
+        cfg, v = load_hf_checkpoint(path)
+    assert len(record) == 1, [str(r.message) for r in record]
+    assert "num_nextn_predict_layers=1" in str(record[0].message)
+    assert "no MTP tensors" in str(record[0].message)
+    assert cfg.num_mtp_layers == 0 and not any(k.startswith("mtp_") for k in v["params"])
+    np.testing.assert_array_equal(
+        np.asarray(v["params"]["embed"]["embedding"]),
+        model.model.embed_tokens.weight.detach().numpy(),
+    )
+
+
+def test_auto_mtp_loads_a_complete_layer_and_names_a_partial_one(mtp_checkpoint, tmp_path):
+    _, _, path = mtp_checkpoint
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg, v = load_hf_checkpoint(path)  # "auto" with all MTP tensors present: no warning
+    assert cfg.num_mtp_layers == 1 and "mtp_0" in v["params"]
+    partial = _edit_checkpoint(
+        path,
+        tmp_path / "ckpt",
+        lambda t, c: [t.pop(k) for k in list(t) if k.startswith("model.layers.2.self_attn")],
+    )
+    with pytest.raises(ValueError, match=r"MTP tensor\(s\) model\.layers\.2\.self_attn\."):
+        load_hf_checkpoint(partial)
+    with pytest.raises(ValueError, match="load_mtp must be"):
+        load_hf_checkpoint(path, load_mtp="yes")
+
+
+# ====================================================================== malformed files
+def _safetensors_bytes(header) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+HEADER_CASES = {
+    "header_list": ([1, 2], r"header: a JSON list, not an object"),
+    "entry_string": ({"a": "x"}, r"tensor 'a' in the safetensors header of .* is a str"),
+    "no_offsets": ({"a": {"dtype": "F32", "shape": [1]}}, r"tensor 'a' .* has no 'data_offsets'"),
+    "bad_shape": (
+        {"a": {"dtype": "F32", "shape": ["1"], "data_offsets": [0, 4]}},
+        r"shape \['1'\] is not a list of integers",
+    ),
+    "span": (
+        {"a": {"dtype": "F32", "shape": [10**9], "data_offsets": [0, 0]}},
+        r"span 0 bytes but shape \[1000000000\] of F32 needs 4000000000",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADER_CASES))
+def test_malformed_safetensors_header_names_the_file(base, tmp_path, case):
+    header, pattern = HEADER_CASES[case]
+    path = tmp_path / "ckpt"
+    shutil.copytree(base[1], path)
+    (path / "model.safetensors").write_bytes(_safetensors_bytes(header))
+    with pytest.raises(ValueError, match=pattern) as err:
+        load_hf_checkpoint(path)
+    assert "model.safetensors" in str(err.value)
+
+
+JSON_CASES = {
+    "config_list": ("config.json", b"[1, 2]", r"config\.json must hold a JSON object, not a list"),
+    "config_not_json": ("config.json", b"{oops", r"config\.json is not a valid .*JSON"),
+    "config_not_utf8": ("config.json", b'{"a": "\xff\xfe"}', r"config\.json is not a UTF-8"),
+    "index_no_weight_map": (
+        "model.safetensors.index.json",
+        b'{"metadata": {}}',
+        r"index\.json has no \"weight_map\"",
+    ),
+    "index_not_json": ("model.safetensors.index.json", b"\x00\x01", r"index\.json is not"),
+    "index_escape": (
+        "model.safetensors.index.json",
+        b'{"weight_map": {"a": "../model.safetensors"}}',
+        r"outside its directory",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(JSON_CASES))
+def test_malformed_config_or_index_names_the_file(base, tmp_path, case):
+    name, content, pattern = JSON_CASES[case]
+    path = tmp_path / "ckpt"
+    shutil.copytree(base[1], path)
+    (path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=pattern):
+        load_hf_checkpoint(path)
+
+
+def _peak_rss_growth(fn) -> int:
+    """Peak bytes allocated (Python objects and numpy buffers) while running `fn`."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize(
+    "field,value,pattern",
+    [
+        ("num_hidden_layers", 10**6, r"num_hidden_layers=1000000.* implies \d+ tensors"),
+        ("n_routed_experts", 10**7, r"n_routed_experts=10000000.* implies \d+ tensors"),
+        ("vocab_size", 10**9, r"model\.embed_tokens\.weight has shape \(64, 32\) but config"),
+    ],
+)
+def test_huge_config_is_checked_against_the_files_first(base, tmp_path, field, value, pattern):
+    path = tmp_path / "ckpt"
+    shutil.copytree(base[1], path)
+    config = fx.read_config(path)
+    config[field] = value
+    fx.write_config(path, config)
+    t0 = time.perf_counter()
+
+    def load():
+        with pytest.raises(ValueError, match=pattern):
+            load_hf_checkpoint(path)
+
+    assert _peak_rss_growth(load) < 200 << 20
+    assert time.perf_counter() - t0 < 10
+
+
+def test_huge_vocab_consistent_with_the_header_is_refused_before_allocation(base, tmp_path):
+    """A 10**9-token embedding and head whose headers and (sparse) file sizes agree with
+    config.json: the parameters need more host memory than there is, said before allocating."""
+    path = tmp_path / "ckpt"
+    shutil.copytree(base[1], path)
+    config = fx.read_config(path)
+    vocab, d = 10**9, config["hidden_size"]
+    config["vocab_size"] = vocab
+    fx.write_config(path, config)
+    tensors = fx.read_tensors(path)
+    header, offset, blobs = {}, 0, []
+    for key, arr in tensors.items():
+        shape = (vocab, d) if key in ("model.embed_tokens.weight", "lm_head.weight") else arr.shape
+        nbytes = math.prod(shape) * 4
+        offsets = [offset, offset + nbytes]
+        header[key] = {"dtype": "F32", "shape": list(shape), "data_offsets": offsets}
+        blobs.append((offset, None if shape != arr.shape else arr.astype(np.float32).tobytes()))
+        offset += nbytes
+    head = _safetensors_bytes(header)
+    with open(path / "model.safetensors", "wb") as f:
+        f.write(head)
+        for start, blob in blobs:
+            if blob is not None:
+                f.seek(len(head) + start)
+                f.write(blob)
+        f.truncate(len(head) + offset)  # the 2 x 128 GB of the huge tensors stay sparse
+    t0 = time.perf_counter()
+
+    def load():
+        with pytest.raises(ValueError, match=r"needs \d+\.\d GiB of host memory"):
+            load_hf_checkpoint(path)
+
+    assert _peak_rss_growth(load) < 200 << 20
+    assert time.perf_counter() - t0 < 10
+
+
+HOSTILE_VALUES = [-(10**30), -1, 0, 10**30, 1.5, float("nan"), True, "", "x", None, [], {}, [1, 2]]
+
+
+def test_any_config_json_value_loads_or_is_one_value_error(base, tmp_path):
+    """Every config.json field set to each hostile value: a load or a ValueError, fast."""
+    import warnings
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(base[1], path)
+    config = fx.read_config(path)
+    t0 = time.perf_counter()
+    for key in config:
+        for value in HOSTILE_VALUES:
+            fx.write_config(path, {**config, key: value})
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    load_hf_checkpoint(path)
+            except ValueError:
+                pass
+    assert time.perf_counter() - t0 < 60
