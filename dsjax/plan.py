@@ -134,7 +134,8 @@ def compile_or_oom(lowered):
     except Exception as e:  # noqa: BLE001 - XLA raises a runtime error with the numbers
         text = str(e)
         if "RESOURCE_EXHAUSTED" not in text and "memory" not in text.lower():
-            raise
+            first = text.strip().splitlines()[0][:400] if text.strip() else type(e).__name__
+            raise PlanError(f"the XLA compiler failed on this plan: {first}", code=1) from e
         oom = {"message": text.splitlines()[0][:400]}
         num = r"\(([0-9.]+[KMGT]?)\)"
         m = re.search(rf"HLO temporaries {num} exceeds available HBM {num}", text)
@@ -438,7 +439,11 @@ def search(config, target: Target, top: int, log=print) -> list[dict]:
     for score, c in fitting[:top]:
         log(f"  compiling mesh {dict(c.mesh)} batch {c.train.batch_size} remat {c.train.remat} "
             f"(analytic {score['bytes'] / GIB:.1f} GiB, {score['step_s'] * 1e3:.0f} ms)")  # fmt: skip
-        r = plan_train(c, target)
+        try:
+            r = plan_train(c, target)
+        except PlanError as e:  # a compiler failure on one candidate: report it, go on
+            log(f"    skipped: {e}")
+            continue
         r["analytic_score"] = score
         reports.append(r)
     per_token = lambda r: r["estimate"].get("step_s", math.inf) / r["tokens_per_step"]  # noqa: E731
