@@ -6,9 +6,10 @@ without importing FastAPI.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+
+from dsjax.safetensors_io import read_json_object
 
 __all__ = ["load_model"]
 
@@ -53,10 +54,5 @@ def _add_bos(config_file: Path) -> bool:
     """tokenizer_config.json's `add_bos_token` (False when the file or the field is absent)."""
     if not config_file.is_file():
         return False
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{config_file}: not a UTF-8 JSON file ({err})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_file}: must hold a JSON object")
+    config = read_json_object(config_file, "tokenizer config")
     return bool(config.get("add_bos_token", False))

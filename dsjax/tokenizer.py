@@ -24,6 +24,8 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from dsjax.safetensors_io import read_json_object
+
 __all__ = [
     "BOS_TOKEN",
     "EOS_TOKEN",
@@ -220,12 +222,7 @@ class Tokenizer:
         config_file = file.parent / CONFIG_FILE
         config: dict[str, Any] = {}
         if config_file.is_file():
-            try:
-                config = json.loads(config_file.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{config_file} is not a valid UTF-8 JSON file ({e})") from None
-            if not isinstance(config, dict):
-                raise ValueError(f"{config_file}: expected a JSON object")
+            config = read_json_object(config_file, "tokenizer config")
         vocab = backend.get_vocab(with_added_tokens=True)
         tokens: dict[str, str | None] = {}
         for field, known in _KNOWN_TOKENS.items():
