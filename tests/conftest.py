@@ -10,6 +10,12 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8"
     + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    # 8 fake devices share CI's 2 cores with a second xdist worker and train.py subprocesses:
+    # a collective's participants can then arrive far apart, and XLA:CPU aborts the whole
+    # process when a rendezvous outlasts its termination timeout. Wait instead.
+    + " --xla_cpu_collective_timeout_seconds=900"
+    + " --xla_cpu_collective_call_terminate_timeout_seconds=900"
+    + " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
