@@ -10,6 +10,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.name = "base"
     c.seed = 0
     c.model = ml_collections.ConfigDict()  # fields of dsjax.ModelConfig; filled by each config
+    c.model.fp8 = False  # DeepSeek-V3 FP8 training recipe (dsjax/fp8.py); --config.model.fp8=True
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "stdlib"  # "stdlib", a glob of .txt/.jsonl/.parquet, or "arrayrecord:<glob>"

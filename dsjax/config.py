@@ -14,7 +14,7 @@ from typing import Any
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn", "save_attn_ffn")
-ATTENTION_IMPLS = ("auto", "reference", "chunked")
+ATTENTION_IMPLS = ("auto", "reference", "chunked", "cudnn")
 MOE_IMPLS = ("auto", "ragged_dot", "tiled")
 DTYPES = ("float32", "bfloat16", "float16")
 SUPPORTED_HF_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2")
@@ -75,7 +75,10 @@ class ModelConfig:
     attention_impl: str = "auto"
     attention_chunk: int = 512
     moe_impl: str = "auto"  # grouped matmul: auto | ragged_dot | tiled
-    moe_tile: int = 128
+    moe_tile: int = 0  # rows per tile of the "tiled" impl; 0 = per platform (CPU 128, GPU 512)
+    # FP8 training (SPEC §8, dsjax/fp8.py): every linear layer and expert matmul in E4M3 with
+    # 1x128 / 128x128 scaling and FP32 accumulation. Not part of the HF format.
+    fp8: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -166,8 +169,10 @@ class ModelConfig:
             fail("attention_chunk", "must be positive")
         if self.moe_impl not in MOE_IMPLS:
             fail("moe_impl", f"must be one of {MOE_IMPLS}")
-        if self.moe_tile <= 0:
-            fail("moe_tile", "must be positive")
+        if not isinstance(self.moe_tile, int) or self.moe_tile < 0:
+            fail("moe_tile", "must be a non-negative integer (0 = per platform)")
+        if not isinstance(self.fp8, bool):
+            fail("fp8", "must be a bool")
 
     # ------------------------------------------------------------------ derived
     @property

@@ -20,6 +20,12 @@ streams: the files are memory-mapped (`np.memmap`, FP8 `F8_E4M3` and `BF16` thro
 stacked leaf, one shard at a time. Peak host memory is therefore about one copy of the model
 (plus one dequantised tensor), never a dict of per-expert tensors followed by a stack.
 
+FP8 checkpoints (the official release: `F8_E4M3` weights with `_scale_inv` 128x128 block scales)
+are dequantised to `dtype` by default; `keep_fp8=True` keeps them as float8_e4m3fn kernels with
+`kernel_scale_inv` siblings (about a quarter of the float32 bytes), and
+`save_hf_checkpoint(..., fp8=True)` writes that layout back. The format itself, quantisation
+and dequantisation live in `hf_fp8.py`.
+
 Saving writes safetensors by hand too, one tensor at a time, into a temporary directory next to
 the target that is renamed into place at the end, so an interrupted save never damages an
 existing checkpoint.
@@ -41,11 +47,12 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax.core import meta
 
+from dsjax import hf_fp8
 from dsjax.config import DTYPES, ModelConfig
+from dsjax.hf_fp8 import DEFAULT_BLOCK, SCALE_SUFFIX, dequantize_fp8  # noqa: F401 (re-exported)
 from dsjax.safetensors_io import NP_TO_ST as _NP_TO_ST
 from dsjax.safetensors_io import ST_TO_NP as _ST_TO_NP
 from dsjax.safetensors_io import SafetensorsFile as _SafetensorsFile
@@ -54,8 +61,6 @@ from dsjax.safetensors_io import read_json_object
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
-SCALE_SUFFIX = "_scale_inv"
-DEFAULT_BLOCK = (128, 128)
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 # config.json `architectures` whose checkpoints this module reads (Kimi-K2 and Moonlight use V3's).
@@ -325,38 +330,6 @@ def _checkpoint_dtype(hf: Mapping[str, Any], where: dict[str, _SafetensorsFile])
     return "float32"
 
 
-def _block_size(hf: Mapping[str, Any]) -> tuple[int, int]:
-    """FP8 weight block size from config.json quantization_config (default 128x128)."""
-    quant = hf.get("quantization_config") or {}
-    if not isinstance(quant, dict):
-        raise ValueError(f"config.json quantization_config={quant!r} is not an object")
-    method = quant.get("quant_method", "fp8")
-    if quant and method != "fp8":
-        raise ValueError(
-            f"config.json quantization_config.quant_method={method!r} is not supported (fp8 only)"
-        )
-    block = quant.get("weight_block_size") or DEFAULT_BLOCK
-    if len(block) != 2 or min(block) <= 0:
-        raise ValueError(f"config.json quantization_config.weight_block_size={block!r} is invalid")
-    return int(block[0]), int(block[1])
-
-
-# float8_e4m3fn bit pattern -> float32 value: a table lookup is faster than ml_dtypes' cast.
-_FP8_TO_F32 = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
-
-
-def dequantize_fp8(w8: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:
-    """`W[i, j] = W8[i, j] * S[i // b0, j // b1]` in float32 (ragged edge blocks included)."""
-    out_dim, in_dim = w8.shape
-    b0, b1 = block
-    w = _FP8_TO_F32[np.asarray(w8).view(np.uint8)]
-    scale = np.asarray(scale_inv, np.float32)
-    for r in range(scale.shape[0]):
-        rows = slice(r * b0, min((r + 1) * b0, out_dim))
-        w[rows] *= np.repeat(scale[r], b1)[:in_dim]
-    return w
-
-
 def _layer_of(key: str) -> int | None:
     """N of a `model.layers.N.` key, else None."""
     m = _LAYER_RE.match(key)
@@ -423,6 +396,9 @@ def _validate(
                 raise ValueError(f"{e.key} is FP8 but not 2-D")
             expected = (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
             got = where[scale_key].shape(scale_key)
+            scale_code = where[scale_key].dtype_code(scale_key)
+            if scale_code not in ("F32", "BF16", "F16"):
+                raise ValueError(f"{scale_key} has dtype {scale_code}; FP8 scales are F32")
             if got != expected:
                 raise ValueError(
                     f"{scale_key} has shape {got} but {e.key} {shape} with weight_block_size "
@@ -515,18 +491,37 @@ def available_host_memory() -> int | None:
     return min(limits) if limits else None
 
 
-def _check_host_memory(path: Path, table: list[TensorEntry], param_dtype: np.dtype) -> None:
+def _leaf_layout(
+    table: list[TensorEntry], param_dtype: np.dtype, fp8_slots: set[tuple[str, Path_]]
+) -> dict[tuple[str, Path_], tuple[tuple[int, ...], np.dtype]]:
+    """`{(collection, path): (shape, dtype)}` of every leaf a load allocates: float leaves in
+    `param_dtype` (the router bias float32), FP8 leaves float8_e4m3fn plus their float32
+    `_scale_inv` siblings ([..., ceil(in/128), ceil(out/128)])."""
+    layout: dict[tuple[str, Path_], tuple[tuple[int, ...], np.dtype]] = {}
+    for e in table:
+        slot = (e.collection, e.path)
+        if e.alias or slot in layout:
+            continue
+        if slot in fp8_slots:
+            layout[slot] = (e.leaf_shape, hf_fp8.FP8_DTYPE)
+            scale_slot = (e.collection, hf_fp8.scale_path(e.path))
+            layout[scale_slot] = (hf_fp8.kernel_scale_shape(e.leaf_shape), np.dtype(np.float32))
+        else:
+            dtype = np.dtype(np.float32) if e.collection == "moe_bias" else param_dtype
+            layout[slot] = (e.leaf_shape, dtype)
+    return layout
+
+
+def _check_host_memory(
+    path: Path, layout: Mapping[tuple[str, Path_], tuple[tuple[int, ...], np.dtype]]
+) -> None:
     """The preallocated leaves (one model copy) must fit in the available host memory."""
-    slots = {(e.collection, e.path): e for e in table if not e.alias}
-    needed = sum(
-        math.prod(e.leaf_shape) * (4 if e.collection == "moe_bias" else param_dtype.itemsize)
-        for e in slots.values()
-    )
+    needed = sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout.values())
     available = available_host_memory()
     if available is not None and needed > available:
         raise ValueError(
             f"loading {path} needs {needed / 2**30:.1f} GiB of host memory for the parameters "
-            f"({param_dtype.name}) but only {available / 2**30:.1f} GiB is available"
+            f"but only {available / 2**30:.1f} GiB is available"
         )
 
 
@@ -558,6 +553,7 @@ def load_hf_checkpoint(
     load_mtp: bool | str = "auto",
     config_overrides: Mapping[str, Any] | None = None,
     place: Callable[[np.ndarray], Any] | None = None,
+    keep_fp8: bool = False,
 ) -> tuple[ModelConfig, dict[str, Any]]:
     """Loads a Hugging Face DeepSeek-V3/V2 checkpoint directory into dsjax variables.
 
@@ -575,6 +571,14 @@ def load_hf_checkpoint(
       place: called on each finished numpy leaf to make the returned array (default
         `jnp.asarray`); e.g. a `jax.device_put` with a sharding. Leaves are handed over one
         by one and the host copy dropped, so host memory peaks at about one model copy.
+      keep_fp8: keep the FP8 weights of an FP8 checkpoint (the official release) as they are:
+        each FP8 linear kernel becomes a float8_e4m3fn leaf [..., in, out] (the HF weight
+        transposed; experts stacked per layer) with a float32 sibling `<name>_scale_inv`
+        [..., ceil(in/128), ceil(out/128)] (the HF scale transposed), copied bit for bit from
+        the files: no dequantised copy exists, host memory peaks at about one FP8 model copy.
+        Other tensors follow `dtype`. A checkpoint without FP8 tensors has nothing to keep and
+        loads as with keep_fp8=False. `dsjax.hf_fp8.dequantize_variables` turns the result
+        into the keep_fp8=False one. Needs 128x128 blocks.
 
     Returns:
       (cfg, variables) with variables = {"params": ..., "moe_bias": ...} (moe_bias omitted
@@ -615,22 +619,21 @@ def load_hf_checkpoint(
         cfg = ModelConfig.from_hf(hf, **overrides)
     except (TypeError, AttributeError, KeyError, OverflowError) as e:
         raise ValueError(f"{config_path} has a field of the wrong type: {e!r}") from None
-    block = _block_size(hf)
+    block = hf_fp8.block_size(hf)
     _check_sizes_against_files(path, cfg, where)  # before the table: it grows with the config
     table = hf_tensor_table(cfg)
     _validate(path, cfg, hf.get("num_nextn_predict_layers") or 0, table, where, block)
-    _check_host_memory(path, table, np.dtype(jnp.dtype(cfg.param_dtype)))
-
     param_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+    scaled = {key[: -len(SCALE_SUFFIX)] for key in where if key.endswith(SCALE_SUFFIX)}
+    fp8_slots = hf_fp8.kept_fp8_slots(table, scaled, block, config_path) if keep_fp8 else set()
+    layout = _leaf_layout(table, param_dtype, fp8_slots)
+    _check_host_memory(path, layout)
+
     leaves: dict[tuple[str, Path_], np.ndarray] = {}
-    for e in table:
-        slot = (e.collection, e.path)
-        if e.alias or slot in leaves:
-            continue
-        leaf_dtype = np.float32 if e.collection == "moe_bias" else param_dtype
+    optional = {(e.collection, e.path) for e in table if e.optional}
+    for slot, (shape, leaf_dtype) in layout.items():
         # Optional tensors default to zero; everything else is overwritten entirely.
-        make = np.zeros if e.optional else np.empty
-        leaves[slot] = make(e.leaf_shape, leaf_dtype)
+        leaves[slot] = (np.zeros if slot in optional else np.empty)(shape, leaf_dtype)
 
     by_key = {e.key: e for e in table if not e.alias}
     for f in files:
@@ -641,7 +644,10 @@ def load_hf_checkpoint(
                 continue
             arr = f.read(key)
             scale_key = key + SCALE_SUFFIX
-            if scale_key in where:
+            if (e.collection, e.path) in fp8_slots:  # raw FP8 bytes and the scale, transposed
+                scale_leaf = leaves[(e.collection, hf_fp8.scale_path(e.path))]
+                _copy_into(scale_leaf[e.index], where[scale_key].read(scale_key), True)
+            elif scale_key in where:
                 arr = dequantize_fp8(arr, where[scale_key].read(scale_key), block)
             _copy_into(leaves[(e.collection, e.path)][e.index], arr, e.transpose)
         f.close()
@@ -772,6 +778,7 @@ def save_hf_checkpoint(
     *,
     max_shard_bytes: int = 4 << 30,
     dtype: Any = None,
+    fp8: bool = False,
 ) -> None:
     """Writes `variables` as a Hugging Face checkpoint directory loadable by transformers.
 
@@ -779,7 +786,14 @@ def save_hf_checkpoint(
     (a larger single tensor gets a shard of its own) with per-expert keys and torch [out, in]
     layout, `model.safetensors.index.json` when there is more than one shard, and for each MTP
     layer copies of the embedding and output head. `dtype` casts every parameter (None keeps
-    each leaf's dtype); the router bias stays float32.
+    each leaf's dtype; a float8 leaf saved without fp8 is dequantised to float32); the router
+    bias stays float32.
+
+    fp8=True writes the official FP8 release layout (SPEC §7): every linear weight except the
+    router and the output head as F8_E4M3 with a float32 `<name>_scale_inv` [ceil(out/128),
+    ceil(in/128)], and `quantization_config` (fp8, e4m3, dynamic, 128x128) in config.json.
+    FP8 leaves (a `keep_fp8=True` load: float8 `kernel` + `kernel_scale_inv`) are written bit
+    for bit; float leaves are quantised per 128x128 block (scale = max-abs / 448).
 
     The files are written to a temporary directory beside `path` and renamed into place at
     the end: a failed save leaves an existing checkpoint at `path` untouched.
@@ -790,6 +804,7 @@ def save_hf_checkpoint(
     table = hf_tensor_table(cfg)
 
     covered: set[tuple[str, Path_]] = set()
+    fp8_leaves: set[tuple[str, Path_]] = set()
     for e in table:
         slot = (e.collection, e.path)
         if slot in covered:
@@ -801,6 +816,17 @@ def save_hf_checkpoint(
                 f"variables leaf {e.tree_name} has shape {tuple(leaf.shape)} but cfg implies "
                 f"{e.leaf_shape}"
             )
+        if np.dtype(leaf.dtype) == hf_fp8.FP8_DTYPE and not e.alias:
+            if e.collection != "params" or not hf_fp8.fp8_eligible(e.path, e.transpose):
+                raise ValueError(
+                    f"variables leaf {e.tree_name} is float8_e4m3fn but {e.key} is never FP8 "
+                    "(embedding, norms, router and output head stay in high precision)"
+                )
+            scale_slot = (e.collection, hf_fp8.scale_path(e.path))
+            parent = _get_leaf(variables, e.collection, e.path[:-1])
+            hf_fp8.check_fp8_leaf(e.tree_name, e.leaf_shape, parent.get(scale_slot[1][-1]))
+            fp8_leaves.add(slot)
+            covered.add(scale_slot)
     for collection in ("params", "moe_bias"):
         for p in _leaf_paths(variables.get(collection, {})):
             if (collection, p) not in covered:
@@ -809,21 +835,38 @@ def save_hf_checkpoint(
                     "for this config"
                 )
 
+    if cfg.scoring_func == "softmax":
+        # V2 checkpoints have no router correction bias.
+        table = [e for e in table if e.collection != "moe_bias"]
+    quantise = {
+        e.key
+        for e in table
+        if fp8 and e.collection == "params" and hf_fp8.fp8_eligible(e.path, e.transpose)
+    }
     codes: dict[str, str] = {}
+    entries: list[TensorEntry] = []
     for e in table:
+        entries.append(e)
+        if e.key in quantise:
+            codes[e.key] = "F8_E4M3"
+            entries.append(hf_fp8.scale_entry(e))
+            codes[entries[-1].key] = "F32"
+            continue
         if e.collection == "moe_bias":
             np_dtype = np.dtype(np.float32)
+        elif (e.collection, e.path) in fp8_leaves:
+            np_dtype = out_dtype or np.dtype(np.float32)  # dequantised
         else:
             np_dtype = out_dtype or np.dtype(_get_leaf(variables, e.collection, e.path).dtype)
         if np_dtype not in _NP_TO_ST:
             raise ValueError(f"cannot save {e.tree_name} as {np_dtype}")
         codes[e.key] = _NP_TO_ST[np_dtype]
-    if cfg.scoring_func == "softmax":
-        # V2 checkpoints have no router correction bias.
-        table = [e for e in table if e.collection != "moe_bias"]
-    shards = _plan_shards(table, codes, max_shard_bytes)
+    shards = _plan_shards(entries, codes, max_shard_bytes)
 
     hf = cfg.to_hf()
+    hf.pop("quantization_config", None)
+    if fp8:
+        hf["quantization_config"] = json.loads(json.dumps(hf_fp8.QUANTIZATION_CONFIG))
     name = _ST_TO_NP[codes["model.embed_tokens.weight"]].name
     if name in DTYPES:
         hf["torch_dtype"] = hf["dtype"] = name
@@ -833,7 +876,7 @@ def save_hf_checkpoint(
     tmp.mkdir()
     try:
         (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
-        fetch = _HostSlices(variables).tensor
+        fetch = hf_fp8.Fp8Fetch(_HostSlices(variables).tensor, fp8_leaves, quantise)
         if len(shards) == 1:
             _write_shard(tmp / SINGLE_FILE, shards[0], codes, fetch)
         else:

@@ -14,13 +14,15 @@ from dsjax.safetensors_io import read_json_object
 __all__ = ["load_model"]
 
 
-def load_model(path: str | os.PathLike, dtype: str | None = None):
+def load_model(path: str | os.PathLike, dtype: str | None = None, keep_fp8: bool = False):
     """Loads (cfg, variables, tokenizer, add_bos) from a train.py workdir or a Hugging Face dir.
 
     A workdir has `checkpoints/` (Orbax, read by `dsjax.checkpoint.load_for_inference`) and
     `tokenizer/`; a Hugging Face directory has config.json, safetensors and tokenizer.json.
     `dtype` (e.g. "bfloat16") overrides the parameter/compute dtype; None keeps the checkpoint's.
-    `add_bos` is tokenizer_config.json's `add_bos_token` (False when absent).
+    `add_bos` is tokenizer_config.json's `add_bos_token` (False when absent). `keep_fp8` keeps
+    the FP8 weights of an FP8 Hugging Face checkpoint as float8 + `*_scale_inv` blocks (see
+    `dsjax.hf.load_hf_checkpoint`); a workdir or a float checkpoint has nothing to keep.
 
     Raises:
       ValueError: `path` is neither kind of directory, or tokenizer_config.json is not a JSON
@@ -39,7 +41,9 @@ def load_model(path: str | os.PathLike, dtype: str | None = None):
     elif (path / "config.json").is_file():
         from dsjax.hf import load_hf_checkpoint
 
-        cfg, variables = load_hf_checkpoint(path, dtype=None if dtype is None else jnp.dtype(dtype))
+        cfg, variables = load_hf_checkpoint(
+            path, dtype=None if dtype is None else jnp.dtype(dtype), keep_fp8=keep_fp8
+        )
         tok_dir = path
     else:
         raise ValueError(

@@ -81,7 +81,13 @@ class Block(nn.Module):
             y, stats = MoE(cfg, name="moe")(h, segment_ids_BT > 0)
         else:
             y = SwiGLU(
-                cfg.hidden_size, cfg.intermediate_size, dtype, pdtype, cfg.init_std, name="mlp"
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                dtype,
+                pdtype,
+                cfg.init_std,
+                fp8=cfg.fp8,
+                name="mlp",
             )(h)
             stats = {}
         y = checkpoint_name(y, FFN_OUT)
@@ -112,7 +118,16 @@ def _stack(cfg: ModelConfig, moe: bool, length: int, mode: str, name: str) -> nn
 
 
 class MTPModule(nn.Module):
-    """Multi-token prediction depth k (SPEC §6): `h^k = Block(M [norm(Emb(t_{i+k})); norm(h^{k-1}_i)])`."""
+    """Multi-token prediction depth k (SPEC §6): `h^k = Block(M [norm(Emb(t_{i+k})); norm(h^{k-1}_i)])`.
+
+    `MTPModule(cfg, mode)(h_prev_BTD, emb_next_BTD, positions_BT, segment_ids_BT)` ->
+    (h_BTD, normed_BTD, stats): h_prev_BTD [B, T, D] the previous depth's hidden states (the main
+    model's for k = 1); emb_next_BTD [B, T, D] the shared embedding of the tokens k positions
+    ahead; positions/segment ids [B, T] as for `Transformer`. h_BTD is this depth's hidden state
+    (input of depth k+1), normed_BTD its head-normed form (apply the shared output head to get
+    logits predicting token t+k+1), stats the block's MoE statistics ({} when dense).
+    Parameters: enorm, hnorm [D], eh_proj [2D, D] (M), block (one decoder block), head_norm [D].
+    """
 
     cfg: ModelConfig
     mode: str = "train"
@@ -130,6 +145,7 @@ class MTPModule(nn.Module):
             dtype=dtype,
             param_dtype=pdtype,
             init_std=cfg.init_std,
+            fp8=cfg.fp8,
             name="eh_proj",
         )(jnp.concatenate([e, h], axis=-1))
         h_out, stats = Block(cfg, cfg.mtp_is_moe, self.mode, name="block")(
@@ -151,7 +167,17 @@ def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
 
 
 class Transformer(nn.Module):
-    """DeepSeek-V3: embedding, dense then MoE stacks, final norm, untied head, D MTP modules."""
+    """DeepSeek-V3: embedding, dense then MoE stacks, final norm, untied head, D MTP modules.
+
+    `Transformer(cfg).apply(variables, tokens_BT, positions_BT=None, segment_ids_BT=None,
+    mode="train", run_mtp=None, logits=True) -> ModelOutput`:
+    tokens_BT [B, T] int32; positions_BT [B, T] (default: restart at 0 at each segment start);
+    segment_ids_BT [B, T] (default all 1; 0 = padding, excluded from MoE statistics; packed
+    documents 1, 2, ...). `mode`: "train" (no cache), "prefill" / "decode" (latent cache in the
+    `cache` collection: pass `mutable=["cache"]`; see `init_cache`). `run_mtp` defaults to
+    mode == "train". `logits=False` returns the head inputs instead of the [B, T, V] logits
+    (chunked cross-entropy). Variables: {"params", "moe_bias"} (+ "cache").
+    """
 
     cfg: ModelConfig
 

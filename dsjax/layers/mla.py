@@ -27,6 +27,17 @@ MODES = ("train", "prefill", "decode")
 
 
 class MLA(nn.Module):
+    """Multi-head Latent Attention (SPEC §3); see the module docstring for the three modes.
+
+    `MLA(cfg, mode)(x_BTD, positions_BT, segment_ids_BT) -> out_BTD` (compute dtype):
+    x_BTD [B, T, D=hidden_size]; positions_BT [B, T] int (RoPE angles; in prefill/decode also the
+    cache slots written); segment_ids_BT [B, T] int (train: attention stays within equal ids,
+    packed documents; ignored in prefill/decode). Parameters: q_a [D, q_lora], q_b
+    [q_lora, H*(dn+dr)] (or q [D, H*(dn+dr)] without q_lora), kv_a [D, C+dr], kv_b
+    [C, H*(dn+dv)], o [H*dv, D]; cache collection (prefill/decode): latent [B, S, C], k_pe
+    [B, S, dr], created at init with S = the init input's length.
+    """
+
     cfg: ModelConfig
     mode: str = "train"
 
@@ -44,7 +55,7 @@ class MLA(nn.Module):
             cfg.v_head_dim,
             cfg.kv_lora_rank,
         )
-        kw = dict(dtype=dtype, param_dtype=pdtype, init_std=cfg.init_std)
+        kw = dict(dtype=dtype, param_dtype=pdtype, init_std=cfg.init_std, fp8=cfg.fp8)
 
         # Query.
         if cfg.q_lora_rank:
@@ -73,7 +84,7 @@ class MLA(nn.Module):
 
         if self.mode == "decode":
             out_BTHV = self._absorbed(
-                q_nope_BTHN, q_pe_BTHR, latent_BSC, k_pe_BSR, kv_b.kernel, positions_BT
+                q_nope_BTHN, q_pe_BTHR, latent_BSC, k_pe_BSR, kv_b.weight(dtype), positions_BT
             )
         else:
             if self.mode == "train":
@@ -98,6 +109,7 @@ class MLA(nn.Module):
                 scale=cfg.softmax_scale,
                 impl=cfg.attention_impl,
                 chunk=cfg.attention_chunk,
+                causal=True,  # q/k index = arange(T) in train and prefill (cuDNN relies on it)
             )
             out_BTHV = out[:, :, :, 0]
         out_BTHV = nn.with_logical_constraint(out_BTHV, ("batch", "length", "heads", "head_dim"))

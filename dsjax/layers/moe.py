@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
+from dsjax import fp8 as fp8_lib
 from dsjax.config import ModelConfig
 from dsjax.layers.mlp import Linear, SwiGLU
 from dsjax.sharding import BATCH_AXES
@@ -62,6 +63,11 @@ def _platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
+def _swiglu(gate, up, fp8: bool):
+    """silu(gate) * up; under FP8 its backward keeps FP8 copies of gate/up (`fp8.fp8_swiglu`)."""
+    return fp8_lib.fp8_swiglu(gate, up) if fp8 else jax.nn.silu(gate) * up
+
+
 def grouped_swiglu(
     x_MD,
     group_sizes_E,
@@ -71,17 +77,40 @@ def grouped_swiglu(
     impl: str = "auto",
     tile: int = 128,
     platform: str | None = None,
+    fp8: bool = False,
+    scales=None,
 ):
     """SwiGLU per contiguous expert group of rows (rows sorted by expert; rows past the sum of
     the group sizes give zeros).
 
-    impl "ragged_dot": `jax.lax.ragged_dot` (native grouped GEMM on GPU/TPU); "tiled": each
-    group padded to whole tiles of `tile` rows, one expert per tile, batched matmuls over tiles
-    (XLA:CPU lowers ragged_dot ~10x slower than this); "auto": tiled on CPU, else ragged_dot
-    (`platform` defaults to the mesh's, see `_platform`).
+    impl "ragged_dot": `jax.lax.ragged_dot` (the TPU's native grouped GEMM); "tiled": each
+    group padded to whole tiles of `tile` rows, one expert per tile, batched matmuls over tiles;
+    "auto": ragged_dot on TPU, tiled elsewhere (`platform` defaults to the mesh's, see
+    `_platform`). Measured (benchmarks/RESULTS.md): XLA:CPU lowers ragged_dot ~5x slower than
+    tiling; on an H100 (jax 0.11.2) ragged_dot fwd+bwd of 65536 rows x 24 experts took 129 ms
+    and 18.5 GiB of temporaries against 24.7 ms and 3.5 GiB tiled by 512 rows. `tile` 0 picks
+    per platform: 128 on CPU, 512 on GPU.
+
+    `fp8`: the three matmuls in the FP8 recipe (`dsjax.fp8.grouped_matmul`: per-expert 128x128
+    weight blocks, 1x128 activation tiles, FP32 accumulation, FP8 residuals), both impls.
+    `scales`: (gate, up, down) `scale_inv` blocks [E, ceil(in/128), ceil(out/128)] when the
+    weights are stored float8 (used directly under `fp8`, else dequantised to x's dtype).
     """
+    platform = platform or _platform()
     if impl == "auto":
-        impl = "tiled" if (platform or _platform()) == "cpu" else "ragged_dot"
+        impl = "ragged_dot" if platform == "tpu" else "tiled"
+    if tile == 0:
+        tile = 512 if platform == "gpu" else 128
+    quantized = fp8 or scales is not None
+    s_gate, s_up, s_down = scales if scales is not None else (None, None, None)
+    if impl == "ragged_dot" and quantized:
+        mm = lambda a, w, s: fp8_lib.grouped_matmul(  # noqa: E731
+            "ragged", a, w, group_sizes_E, s, fp8, x_MD.dtype
+        ).astype(x_MD.dtype)
+        h = _swiglu(mm(x_MD, w_gate_EDF, s_gate), mm(x_MD, w_up_EDF, s_up), fp8)
+        y = mm(h, w_down_EFD, s_down)
+        valid = jnp.arange(x_MD.shape[0]) < group_sizes_E.sum()
+        return jnp.where(valid[:, None], y, 0)
     if impl == "ragged_dot":
         gate = jax.lax.ragged_dot(x_MD, w_gate_EDF, group_sizes_E)
         up = jax.lax.ragged_dot(x_MD, w_up_EDF, group_sizes_E)
@@ -110,9 +139,16 @@ def grouped_swiglu(
         .set(x_MD, mode="drop")
         .reshape(n_tiles, tile, D)
     )
-    gate = jnp.einsum("tmd,tdf->tmf", x_TmD, w_gate_EDF[tile_expert])
-    up = jnp.einsum("tmd,tdf->tmf", x_TmD, w_up_EDF[tile_expert])
-    y_TmD = jnp.einsum("tmf,tfd->tmd", jax.nn.silu(gate) * up, w_down_EFD[tile_expert])
+    if quantized:
+        mm = lambda a, w, s: fp8_lib.grouped_matmul(  # noqa: E731
+            "tiled", a, w, tile_expert, s, fp8, x_MD.dtype
+        ).astype(x_MD.dtype)
+        h_TmF = _swiglu(mm(x_TmD, w_gate_EDF, s_gate), mm(x_TmD, w_up_EDF, s_up), fp8)
+        y_TmD = mm(h_TmF, w_down_EFD, s_down)
+    else:
+        gate = jnp.einsum("tmd,tdf->tmf", x_TmD, w_gate_EDF[tile_expert])
+        up = jnp.einsum("tmd,tdf->tmf", x_TmD, w_up_EDF[tile_expert])
+        y_TmD = jnp.einsum("tmf,tfd->tmd", jax.nn.silu(gate) * up, w_down_EFD[tile_expert])
     return y_TmD.reshape(n_tiles * tile, D).at[dest].get(mode="fill", fill_value=0)
 
 
@@ -130,11 +166,25 @@ def dispatch_combine(x_ND, idx_NK, weights_NK, num_experts, expert_fn):
 
 
 def gathered_combine(x_ND, idx_NK, weights_NK, experts):
-    """Routed experts for very few tokens: each (token, slot)'s expert weights gathered."""
+    """Routed experts for very few tokens: each (token, slot)'s expert weights gathered.
+
+    Under `cfg.fp8` each (token, slot) is a one-row tile of the FP8 tiled grouped matmul."""
     dtype = x_ND.dtype
-    g = jnp.einsum("nd,nkdf->nkf", x_ND, experts.gate.astype(dtype)[idx_NK])
-    u = jnp.einsum("nd,nkdf->nkf", x_ND, experts.up.astype(dtype)[idx_NK])
-    y = jnp.einsum("nkf,nkfd->nkd", jax.nn.silu(g) * u, experts.down.astype(dtype)[idx_NK])
+    N, K = idx_NK.shape
+    if experts.cfg.fp8:
+        x_R1D = jnp.repeat(x_ND, K, axis=0)[:, None]
+        tile_expert = idx_NK.reshape(-1)
+        (w_gate, s_gate), (w_up, s_up), (w_down, s_down) = experts.stored()
+        mm = lambda a, w, s: fp8_lib.grouped_matmul(  # noqa: E731
+            "tiled", a, w, tile_expert, s, True
+        ).astype(dtype)
+        h_R1F = _swiglu(mm(x_R1D, w_gate, s_gate), mm(x_R1D, w_up, s_up), True)
+        y = mm(h_R1F, w_down, s_down).reshape(N, K, -1)
+        return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights_NK).astype(dtype)
+    w_gate, w_up, w_down = experts.weights(dtype)
+    g = jnp.einsum("nd,nkdf->nkf", x_ND, w_gate[idx_NK])
+    u = jnp.einsum("nd,nkdf->nkf", x_ND, w_up[idx_NK])
+    y = jnp.einsum("nkf,nkfd->nkd", jax.nn.silu(g) * u, w_down[idx_NK])
     return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights_NK).astype(dtype)
 
 
@@ -236,8 +286,9 @@ def expert_all_to_all(x_nD, idx_nK, weights_nK, w_gate, w_up, w_down, cfg, axis,
         starts_PE[me], counts_E, out_offsets_E, mine_PL.reshape(-1), axis, platform,
     )  # fmt: skip
     y_grouped = grouped_swiglu(
-        x_grouped, group_sizes, w_gate, w_up, w_down, cfg.moe_impl, cfg.moe_tile, platform
-    )
+        x_grouped, group_sizes, w_gate, w_up, w_down, cfg.moe_impl, cfg.moe_tile, platform,
+        cfg.fp8,
+    )  # fmt: skip
     at_grouped_PL = _exclusive_cumsum(group_sizes)[None, :] + _exclusive_cumsum(mine_PL, axis=0)
     back_offsets_PL = jax.lax.dynamic_slice_in_dim(starts_PE, me * E_l, E_l, axis=1)
     y_sorted = exchange(
@@ -317,7 +368,7 @@ def sharded_experts(x_ND, idx_NK, weights_NK, experts: Experts, mesh, choice: st
             order, group_sizes = _sort_by_expert(idx, E)
             x_sorted = jnp.take(x, order // idx.shape[1], axis=0)
             y_sorted = grouped_swiglu(
-                x_sorted, group_sizes, wg, wu, wd, cfg.moe_impl, cfg.moe_tile, platform
+                x_sorted, group_sizes, wg, wu, wd, cfg.moe_impl, cfg.moe_tile, platform, cfg.fp8
             )
             y = _combine(y_sorted, order, w)
         if ax("tensor"):
@@ -335,10 +386,7 @@ def sharded_experts(x_ND, idx_NK, weights_NK, experts: Experts, mesh, choice: st
         in_specs=(tokens, tokens, tokens, w_in, w_in, w_out),
         out_specs=tokens,
     )
-    cast = lambda a: a.astype(dtype)  # noqa: E731
-    return fn(
-        cast(x_ND), idx_NK, weights_NK, cast(experts.gate), cast(experts.up), cast(experts.down)
-    )
+    return fn(x_ND.astype(dtype), idx_NK, weights_NK, *experts.weights(dtype))
 
 
 def balance_stats(idx_BTK, scores_BTE, valid_BT, num_experts):
@@ -380,21 +428,53 @@ class Experts(nn.Module):
         self.up = param("up", (E, D, F), ("expert", "embed", "mlp"))
         self.down = param("down", (E, F, D), ("expert", "mlp", "embed"))
 
+    def stored(self):
+        """((gate, scale_inv or None), (up, ...), (down, ...)) as stored: a weight may be
+        float8_e4m3fn [E, in, out] with `<name>_scale_inv` [E, ceil(in/128), ceil(out/128)]."""
+        out = []
+        for name, w in (("gate", self.gate), ("up", self.up), ("down", self.down)):
+            scale = None
+            if self.has_variable("params", f"{name}_scale_inv"):
+                scale = self.get_variable("params", f"{name}_scale_inv")
+            out.append((w, scale))
+        return tuple(out)
+
+    def weights(self, dtype):
+        """(gate, up, down) in `dtype`, dequantised blockwise where stored FP8."""
+        return tuple(
+            w.astype(dtype) if s is None else fp8_lib.dequantize_weight(w, s, dtype)
+            for w, s in self.stored()
+        )
+
     def __call__(self, x_sorted_MD, group_sizes_E):
-        dtype = jnp.dtype(self.cfg.dtype)
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        (w_gate, s_gate), (w_up, s_up), (w_down, s_down) = self.stored()
+        if cfg.fp8:  # the FP8 recipe quantises the master (or stored FP8) weights directly
+            scales = None if s_gate is None else (s_gate, s_up, s_down)
+        else:
+            scales, (w_gate, w_up, w_down) = None, self.weights(dtype)
         return grouped_swiglu(
             x_sorted_MD.astype(dtype),
             group_sizes_E,
-            self.gate.astype(dtype),
-            self.up.astype(dtype),
-            self.down.astype(dtype),
-            self.cfg.moe_impl,
-            self.cfg.moe_tile,
+            w_gate,
+            w_up,
+            w_down,
+            cfg.moe_impl,
+            cfg.moe_tile,
+            fp8=cfg.fp8,
+            scales=scales,
         )
 
 
 class MoE(nn.Module):
     """Shared experts + routed experts. Returns (y_BTD, {"counts": [E], "balance": scalar}).
+
+    `MoE(cfg)(x_BTD, valid_BT)`: x_BTD [B, T, D]; valid_BT [B, T] bool (tokens counted in the
+    statistics; all tokens are routed). y_BTD [B, T, D] in the compute dtype; counts [E] f32
+    tokens routed per expert; balance: the sequence-wise balance loss (α = 1). Variables:
+    params router [D, E] (f32 logits), experts gate/up [E, D, F], down [E, F, D], shared (a
+    SwiGLU of width n_shared*F); moe_bias bias [E] (the routing correction, not trained).
 
     `exchange` picks the mesh axes the routed experts split over for the token all-to-all
     ("auto", "none", "expert", "fsdp_expert"; see `exchange_group`)."""
@@ -441,6 +521,7 @@ class MoE(nn.Module):
                 dtype,
                 pdtype,
                 cfg.init_std,
+                fp8=cfg.fp8,
                 name="shared",
             )(x_BTD)
         counts, balance = balance_stats(
