@@ -272,23 +272,16 @@ def _logprobs(logits_BTV, tokens_BT, top_n):
 
 
 # ====================================================================== programs
-def prefill(
-    cfg: ModelConfig,
-    variables,
-    tokens_BP,
-    lengths_B,
-    req: RowRequest,
-    *,
-    cache_len: int,
-    speculative: bool,
-    top_n: int | None = None,
-) -> tuple[DecodeState, StepOutput]:
-    """Runs right-padded prompts from position 0 into a fresh cache of `cache_len` slots and
-    samples token 0 of each row (traceable; call under jit).
+def _mtp_vars(variables, cache):
+    mvars = {"params": variables["params"]["mtp_0"], "cache": cache}
+    bias = variables.get("moe_bias", {})
+    if "mtp_0" in bias:
+        mvars["moe_bias"] = bias["mtp_0"]
+    return mvars
 
-    Padding writes slots beyond a row's length, which no query of that row sees before they are
-    overwritten. With `speculative`, the MTP module's cache is filled too.
-    """
+
+def _oneshot_prefill(cfg, variables, tokens_BP, lengths_B, cache_len, speculative):
+    """The whole prompt in one expanded-attention forward: (cache, logits_BPV, hidden_BPD)."""
     B, P = tokens_BP.shape
     cache = zeros_cache(cfg, B, cache_len, mtp=speculative)
     positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
@@ -302,10 +295,126 @@ def prefill(
         run_mtp=speculative,
         mutable=["cache"],
     )
-    cache = upd["cache"]
+    return upd["cache"], out.logits, out.hidden
+
+
+def _pick_last(x_BTX, start, last_B, prev_BX):
+    """Row b's entry at absolute position last_B[b] if it lies in [start, start + T), else prev."""
+    T = x_BTX.shape[1]
+    off_B = last_B - start
+    here = (off_B >= 0) & (off_B < T)
+    val = x_BTX[jnp.arange(x_BTX.shape[0]), jnp.clip(off_B, 0, T - 1)]
+    return jnp.where(here[:, None], val.astype(prev_BX.dtype), prev_BX)
+
+
+def _chunked_prefill(cfg, variables, tokens_BP, lengths_B, cache_len, speculative, chunk):
+    """The prompt chunk by chunk: the first (P mod chunk, or chunk) tokens in prefill mode
+    (expanded attention from position 0), every later chunk with the absorbed decode forward
+    over the cache filled so far (a `lax.scan`: one compiled chunk program). Activations are
+    bounded by the chunk. Returns (cache, logits_BV, hidden_BD) at each row's last token."""
+    B, P = tokens_BP.shape
+    n = -(-P // chunk)
+    first = P - (n - 1) * chunk
+    cache = zeros_cache(cfg, B, cache_len, mtp=speculative)
+    main = {k: v for k, v in cache.items() if not k.startswith("mtp_")}
+    mtp_cache = cache["mtp_0"] if speculative else None
+    # MTP position t reads token t+1; the prompt's last position sees a placeholder (its slot
+    # is rewritten by the first decode step's catch-up entry), as in the one-shot prefill.
+    next_BP = jnp.concatenate([tokens_BP[:, 1:], tokens_BP[:, -1:]], 1)
+    last_B = lengths_B.astype(jnp.int32) - 1
+
+    def mtp(mode, mtp_cache, hidden_BTD, next_BT, positions_BT):
+        emb = _embed(cfg, variables, next_BT)
+        _, upd = MTPModule(cfg, mode).apply(
+            _mtp_vars(variables, mtp_cache),
+            hidden_BTD,
+            emb,
+            positions_BT,
+            jnp.ones(next_BT.shape, jnp.int32),
+            mutable=["cache"],
+        )
+        return upd["cache"]
+
+    pos0 = jnp.broadcast_to(jnp.arange(first, dtype=jnp.int32), (B, first))
+    out, upd = Transformer(cfg).apply(
+        {**_model_vars(variables), "cache": main},
+        tokens_BP[:, :first],
+        pos0,
+        (pos0 < lengths_B[:, None]).astype(jnp.int32),
+        mode="prefill",
+        run_mtp=False,
+        mutable=["cache"],
+    )
+    main = upd["cache"]
+    if speculative:
+        mtp_cache = mtp("prefill", mtp_cache, out.hidden, next_BP[:, :first], pos0)
+    D, V = out.hidden.shape[-1], out.logits.shape[-1]
+    logits_BV = _pick_last(out.logits, 0, last_B, jnp.zeros((B, V), jnp.float32))
+    hidden_BD = _pick_last(out.hidden, 0, last_B, jnp.zeros((B, D), out.hidden.dtype))
+
+    def body(carry, xs):
+        main, mtp_cache, logits_BV, hidden_BD = carry
+        tok_Bc, nxt_Bc, start = xs
+        pos_Bc = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (B, chunk))
+        logits_BcV, hidden_BcD, main = decode_forward(cfg, variables, main, tok_Bc, pos_Bc)
+        if speculative:
+            mtp_cache = mtp("decode", mtp_cache, hidden_BcD, nxt_Bc, pos_Bc)
+        logits_BV = _pick_last(logits_BcV, start, last_B, logits_BV)
+        hidden_BD = _pick_last(hidden_BcD, start, last_B, hidden_BD)
+        return (main, mtp_cache, logits_BV, hidden_BD), None
+
+    def split(x_BP):  # [B, first + (n-1)*chunk] -> [n-1, B, chunk]
+        return jnp.moveaxis(x_BP[:, first:].reshape(B, n - 1, chunk), 1, 0)
+
+    starts = first + chunk * jnp.arange(n - 1, dtype=jnp.int32)
+    (main, mtp_cache, logits_BV, hidden_BD), _ = jax.lax.scan(
+        body, (main, mtp_cache, logits_BV, hidden_BD), (split(tokens_BP), split(next_BP), starts)
+    )
+    if speculative:
+        main = {**main, "mtp_0": mtp_cache}
+    return main, logits_BV, hidden_BD
+
+
+# Prompts longer than this are prefilled chunk by chunk by default (generate and the engine).
+PREFILL_CHUNK = 512
+
+
+def prefill(
+    cfg: ModelConfig,
+    variables,
+    tokens_BP,
+    lengths_B,
+    req: RowRequest,
+    *,
+    cache_len: int,
+    speculative: bool,
+    top_n: int | None = None,
+    prefill_chunk: int | None = None,
+) -> tuple[DecodeState, StepOutput]:
+    """Runs right-padded prompts from position 0 into a fresh cache of `cache_len` slots and
+    samples token 0 of each row (traceable; call under jit).
+
+    Padding writes slots beyond a row's length, which no query of that row sees before they are
+    overwritten. With `speculative`, the MTP module's cache is filled too. Prompts longer than
+    `prefill_chunk` (None: no limit) run chunk by chunk (`_chunked_prefill`), bounding the
+    activation memory by the chunk; the result equals the one-shot prefill up to rounding.
+    """
+    B, P = tokens_BP.shape
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk={prefill_chunk}: must be a positive integer or None")
+    if P > cache_len:
+        raise ValueError(f"prompt length {P} exceeds cache_len {cache_len}")
     rows = jnp.arange(B)
     last_B = lengths_B - 1
-    logits_BV, hidden_BD = out.logits[rows, last_B], out.hidden[rows, last_B]
+    if prefill_chunk is None or P <= prefill_chunk:
+        cache, logits_BPV, hidden_BPD = _oneshot_prefill(
+            cfg, variables, tokens_BP, lengths_B, cache_len, speculative
+        )
+        logits_BV, hidden_BD = logits_BPV[rows, last_B], hidden_BPD[rows, last_B]
+    else:
+        cache, logits_BV, hidden_BD = _chunked_prefill(
+            cfg, variables, tokens_BP, lengths_B, cache_len, speculative, prefill_chunk
+        )
     keys = smp.keys_from_seeds(jnp.asarray(req.seeds_B2), jnp.asarray(req.rows_B))
     zeros = jnp.zeros((B,), jnp.int32)
     state = DecodeState(

@@ -120,6 +120,7 @@ def _admit_jit(cfg, variables, state, tokens_1P, length_1, req, slot, *, specula
         cache_len=tokens_1P.shape[1],
         speculative=speculative,
         top_n=top_n,
+        prefill_chunk=decode.PREFILL_CHUNK,  # activation memory bounded by the chunk
     )
     batch_axes = jax.tree.unflatten(jax.tree.structure(state), list(axes[0]))
     return _put_rows(state, row, batch_axes, slot), first

@@ -1,7 +1,8 @@
 """Generation: `generate(cfg, variables, prompts, max_new_tokens, ...)` over the decode core.
 
 One jitted function per (cfg, batch bucket, prompt bucket, cache bucket, speculative,
-stop-id width): `decode.prefill` (expanded MLA over right-padded prompts, token 0 sampled) and a
+stop-id width, prefill chunk): `decode.prefill` (expanded MLA over right-padded prompts, chunk by
+chunk beyond `prefill_chunk` tokens, token 0 sampled) and a
 `lax.while_loop` of `decode.step` (absorbed MLA over the latent cache, sampling, MTP draft and
 verification when `speculative=True`, stop rules) until every row is done. Sampling,
 speculative verification and the seed -> per-row key rule live in `dsjax.sampling` and are the
@@ -86,7 +87,7 @@ def _write(out_BN, idx_B, value_B, mask_B):
     return out_BN.at[rows, idx_B].set(jnp.where(mask_B, value_B, out_BN[rows, idx_B]))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "speculative"))
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "speculative", "prefill_chunk"))
 def _generate_jit(
     cfg: ModelConfig,
     variables,
@@ -96,11 +97,19 @@ def _generate_jit(
     *,
     cache_len: int,
     speculative: bool,
+    prefill_chunk: int | None,
 ):
     """Prefill + decode loop; returns (out_BN, count_B, stopped_B, drafted, accepted, forwards)."""
     B = tokens_BP.shape[0]
     state, first = decode.prefill(
-        cfg, variables, tokens_BP, lengths_B, req, cache_len=cache_len, speculative=speculative
+        cfg,
+        variables,
+        tokens_BP,
+        lengths_B,
+        req,
+        cache_len=cache_len,
+        speculative=speculative,
+        prefill_chunk=prefill_chunk,
     )
     out = jnp.zeros((B, cache_len), jnp.int32).at[:, 0].set(first.tokens_B2[:, 0])
 
@@ -176,6 +185,7 @@ def generate(
     eos_id: int | None = None,
     stop_token_ids: Sequence[int] = (),
     speculative: bool = False,
+    prefill_chunk: int | None = decode.PREFILL_CHUNK,
 ) -> GenerateResult:
     """Generates up to `max_new_tokens` tokens after each prompt.
 
@@ -193,6 +203,8 @@ def generate(
       eos_id: a row stops after generating this token (None: no eos).
       stop_token_ids: further tokens that stop a row (included in its output).
       speculative: MTP speculative decoding (needs cfg.num_mtp_layers >= 1).
+      prefill_chunk: prompts longer than this many tokens are prefilled chunk by chunk into the
+        latent cache (activation memory bounded by the chunk); None: one forward per prompt.
 
     Returns:
       GenerateResult (speculative runs also report acceptance rate and tokens per forward).
@@ -204,6 +216,10 @@ def generate(
     rows = _normalise_prompts(prompts, cfg.vocab_size)
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
+    if prefill_chunk is not None and (
+        not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < 1
+    ):
+        raise ValueError(f"prefill_chunk={prefill_chunk!r}: must be a positive integer or None")
     if speculative and cfg.num_mtp_layers == 0:
         raise ValueError("speculative=True needs an MTP module but cfg.num_mtp_layers=0")
     B = len(rows)
@@ -257,7 +273,14 @@ def generate(
     )
     out, count, stopped, drafted, accepted, forwards = jax.device_get(
         _generate_jit(
-            cfg, variables, tokens, lengths, req, cache_len=S, speculative=bool(speculative)
+            cfg,
+            variables,
+            tokens,
+            lengths,
+            req,
+            cache_len=S,
+            speculative=bool(speculative),
+            prefill_chunk=None if prefill_chunk is None else int(prefill_chunk),
         )
     )
     result = GenerateResult(

@@ -54,3 +54,16 @@ def scale_params(variables, factor: float):
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def np_attention(q, k, v, q_idx, k_idx, q_seg, k_seg, scale):
+    """float64 reference for q [B,T,G,H,K], k [B,S,G,K], v [B,S,G,V]."""
+    q, k, v = (a.astype(np.float64) for a in (q, k, v))
+    s = np.einsum("btghk,bsgk->bghts", q, k) * scale
+    mask = k_idx[:, None, :] <= q_idx[:, :, None]
+    if q_seg is not None:
+        mask &= q_seg[:, :, None] == k_seg[:, None, :]
+    s = np.where(mask[:, None, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bghts,bsgv->btghv", p, v)

@@ -10,7 +10,7 @@ from dsjax.config import ModelConfig
 from dsjax.layers.attention import attention
 from dsjax.layers.norms import RMSNorm
 from dsjax.layers.rope import apply_rope, rope_frequencies, yarn_correction_range
-from tests.helpers import rel_err, tiny_config
+from tests.helpers import np_attention, rel_err, tiny_config
 
 
 def test_rmsnorm_matches_formula():
@@ -47,19 +47,6 @@ def test_rope_rotates_interleaved_pairs():
     assert rel_err(y, ref) < 1e-5
 
 
-def _np_attention(q, k, v, q_idx, k_idx, q_seg, k_seg, scale):
-    """float64 reference for q [B,T,G,H,K], k [B,S,G,K], v [B,S,G,V]."""
-    q, k, v = (a.astype(np.float64) for a in (q, k, v))
-    s = np.einsum("btghk,bsgk->bghts", q, k) * scale
-    mask = k_idx[:, None, :] <= q_idx[:, :, None]
-    if q_seg is not None:
-        mask &= q_seg[:, :, None] == k_seg[:, None, :]
-    s = np.where(mask[:, None, None], s, -np.inf)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    return np.einsum("bghts,bsgv->btghv", p, v)
-
-
 @pytest.mark.parametrize(
     "impl,chunk", [("reference", 0), ("chunked", 4), ("chunked", 7), ("chunked", 64)]
 )
@@ -82,7 +69,7 @@ def test_attention_impls_match_float64(impl, chunk, groups, heads):
         impl=impl,
         chunk=chunk or 512,
     )
-    ref = _np_attention(q, k, v, idx, idx, seg, seg, 0.3)
+    ref = np_attention(q, k, v, idx, idx, seg, seg, 0.3)
     assert out.shape == (B, T, groups, heads, V)
     assert rel_err(out, ref) < 1e-5
 
