@@ -1,0 +1,550 @@
+"""grpo_and_evaluate: the R1-style run behind `python train.py --config=configs/grpo_arith.py`.
+
+1. Cold start (SFT): `config.sft.steps` of `train_step` on a noisy teacher's completions of the
+   arithmetic task (format right, answers right only `config.sft.p_correct` of the time, a few
+   broken formats), loss on completion tokens only. Saved once in `WORKDIR/cold_start/`; a rerun
+   reuses it. `config.sft.init_from` (a train.py work directory with the same model, e.g. an
+   earlier run of this config) replaces the stage.
+2. GRPO: per step `config.grpo.prompts` training prompts × `config.grpo.group_size` completions
+   from dsjax's jitted `generate` (temperature 1, per-row keys from the step's seed), rule-based
+   rewards (accuracy + `format_weight` × format), group advantages, π_old / π_ref log-probs, then
+   `config.grpo.inner_steps` jitted, donated `grpo_update` passes over the rollout batch.
+   Held-out evaluation (one sample per held-out prompt at temperature 1, and greedy) at step 0 (=
+   the cold-start checkpoint) and every `config.grpo.eval_every` steps.
+
+Checkpoints (Orbax, `WORKDIR/checkpoints/<step>/`): `model` (the policy's params + moe_bias, so
+`checkpoint.load_for_inference` and serve.py read it), `reference`, `optimizer` (step + AdamW
+state), `loop` (JSON: next prompt index; the rollout seed is a function of (seed, step)), and
+`config`. Resuming restores all of them, so a resumed run repeats the uninterrupted one exactly.
+Metrics per step go to `metrics.jsonl` / TensorBoard; `rewards.png` plots reward and accuracy.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import linen as nn
+
+from dsjax import metrics, sharding
+from dsjax.checkpoint import _config_json, _cpu_array_handler
+from dsjax.generate import generate
+from dsjax.grpo import GRPOState, group_advantages, grpo_state_shardings, jit_grpo_fns
+from dsjax.model import Transformer, count_params
+from dsjax.rewards import (
+    ArithTask,
+    ArithTokenizer,
+    Problem,
+    accuracy_reward,
+    cold_start_completion,
+    format_reward,
+    scratchpad,
+)
+from dsjax.train_lib import prepare_workdir
+from dsjax.train_step import (
+    TrainingError,
+    create_sharded_state,
+    make_optimizer,
+    model_config,
+    train_step,
+    validate_config,
+)
+
+log = logging.getLogger("dsjax.grpo")
+
+__all__ = ["grpo_and_evaluate", "make_task", "plot_rewards", "rollout", "score"]
+
+
+# ----------------------------------------------------------------------------- config
+def _check(config) -> None:
+    g, s = config.grpo, config.sft
+    rules = [
+        ("grpo.steps", g.steps, g.steps >= 1),
+        ("grpo.prompts", g.prompts, g.prompts >= 1),
+        ("grpo.group_size", g.group_size, g.group_size >= 2),
+        ("grpo.inner_steps", g.inner_steps, g.inner_steps >= 1),
+        ("grpo.max_new_tokens", g.max_new_tokens, g.max_new_tokens >= 1),
+        ("grpo.epsilon", g.epsilon, 0 < g.epsilon < 1),
+        ("grpo.beta", g.beta, g.beta >= 0),
+        ("grpo.lr", g.lr, g.lr >= 0),
+        ("grpo.eval_every", g.eval_every, g.eval_every >= 1),
+        ("grpo.eval_prompts", g.eval_prompts, g.eval_prompts >= 1),
+        ("grpo.temperature", g.temperature, g.temperature > 0),
+        ("sft.steps", s.steps, s.steps >= 0),
+        ("sft.p_correct", s.p_correct, 0 <= s.p_correct <= 1),
+        ("sft.p_bad_format", s.p_bad_format, 0 <= s.p_bad_format <= 1),
+    ]
+    for name, value, ok in rules:
+        if not ok:
+            raise ValueError(f"config.{name}={value!r} is out of range (see configs/grpo_arith.py)")
+    longest = len(str(config.task.max_operand)) * 2 + 3  # bos a op b =
+    if longest + g.max_new_tokens > config.data.seq_len:
+        raise ValueError(
+            f"config.data.seq_len={config.data.seq_len} must hold a prompt ({longest} tokens) + "
+            f"config.grpo.max_new_tokens={g.max_new_tokens}"
+        )
+    teacher = longest + _longest_teacher(config.task.max_operand)
+    if s.steps and teacher > config.data.seq_len:
+        raise ValueError(
+            f"config.data.seq_len={config.data.seq_len} must hold the cold start's longest "
+            f"example ({teacher} tokens)"
+        )
+
+
+def _longest_teacher(max_operand: int) -> int:
+    """Tokens of the longest cold-start completion (+ eos): the largest sum, a wrong answer
+    10 too high, and trailing text."""
+    p = Problem(max_operand, max_operand, "+")
+    answer = str(p.answer + 10)
+    text = f"<think>{scratchpad(p)}</think><answer>{answer}</answer>{answer}"
+    return len(ArithTokenizer().encode(text)) + 1
+
+
+def make_task(config) -> ArithTask:
+    t = config.task
+    return ArithTask(t.max_operand, t.ops, seed=config.seed, heldout_every=t.heldout_every)
+
+
+# ----------------------------------------------------------------------------- batches
+def _pad_rows(rows: list[list[int]], T: int, pad: int) -> np.ndarray:
+    out = np.full((len(rows), T), pad, np.int32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def sequence_batch(prompts: list[list[int]], completions: list[list[int]], T: int, pad: int):
+    """Rows prompt + completion, right-padded to T: tokens, next-token targets, positions,
+    segment_ids (0 on padding) and mask (1 where the target is a completion token). [B, T]."""
+    seqs = [p + c for p, c in zip(prompts, completions, strict=True)]
+    if max(len(s) for s in seqs) > T:
+        raise ValueError(f"a prompt + completion exceeds config.data.seq_len={T}")
+    tokens = _pad_rows(seqs, T, pad)
+    targets = np.concatenate([tokens[:, 1:], np.full((len(seqs), 1), pad, np.int32)], axis=1)
+    mask = np.zeros((len(seqs), T), np.float32)
+    seg = np.zeros((len(seqs), T), np.int32)
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        mask[i, len(p) - 1 : len(p) + len(c) - 1] = 1.0  # position t predicts token t+1
+        seg[i, : len(p) + len(c)] = 1
+    positions = np.broadcast_to(np.arange(T, dtype=np.int32), (len(seqs), T)).copy()
+    return {
+        "tokens": tokens,
+        "targets": targets,
+        "positions": positions,
+        "segment_ids": seg,
+        "mask": mask,
+    }
+
+
+def sft_batch(
+    task: ArithTask, tok: ArithTokenizer, start: int, count: int, T: int, seed: int, sft_cfg
+) -> dict[str, np.ndarray]:
+    """A train_step batch of teacher completions for problems start..start+count-1."""
+    probs = task.problems(start, count)
+    rng = np.random.default_rng([seed, 7, start])
+    prompts = [tok.encode(p.prompt, add_bos=True) for p in probs]
+    comps = [
+        tok.encode(
+            cold_start_completion(
+                p, rng, p_correct=sft_cfg.p_correct, p_bad_format=sft_cfg.p_bad_format
+            )
+        )
+        + [tok.eos_id]
+        for p in probs
+    ]
+    b = sequence_batch(prompts, comps, T, tok.pad_id)
+    return {
+        "inputs": b["tokens"],
+        "targets": b["targets"],
+        "positions": b["positions"],
+        "segment_ids": b["segment_ids"],
+        "weights": b["mask"],
+    }
+
+
+# ----------------------------------------------------------------------------- rollouts
+def score(texts: list[str], problems: list[Problem], format_weight: float):
+    """(reward, accuracy, format) float32 arrays, one per completion."""
+    acc = np.array(
+        [accuracy_reward(t, p.answer) for t, p in zip(texts, problems, strict=True)], np.float32
+    )
+    fmt = np.array([format_reward(t) for t in texts], np.float32)
+    return acc + format_weight * fmt, acc, fmt
+
+
+def rollout(
+    cfg,
+    variables,
+    tok,
+    problems,
+    *,
+    group: int,
+    max_new_tokens: int,
+    seed: int,
+    temperature: float = 1.0,
+    speculative: bool = False,
+):
+    """G completions per problem from `generate` (rows grouped: problem i owns rows iG..iG+G-1;
+    `speculative`: MTP draft + verification, same distribution). Returns (prompt ids,
+    completion ids, decoded texts, repeated problems)."""
+    reps = [p for p in problems for _ in range(group)]
+    prompts = [tok.encode(p.prompt, add_bos=True) for p in reps]
+    res = generate(
+        cfg,
+        variables,
+        prompts,
+        max_new_tokens,
+        temperature=temperature,
+        rng=seed,
+        eos_id=tok.eos_id,
+        speculative=speculative,
+    )
+    texts = [tok.decode(c) for c in res.tokens]
+    return prompts, res.tokens, texts, reps
+
+
+def _rollout_seed(seed: int, step: int) -> int:
+    return int(np.random.default_rng([seed, 1, step]).integers(2**63))
+
+
+def evaluate(cfg, variables, tok, task, config) -> dict[str, float]:
+    """Held-out accuracy / format: one temperature-1 sample per prompt (fixed seed), and greedy."""
+    probs = task.heldout(config.grpo.eval_prompts)
+    out = {}
+    for name, temp in (("eval", config.grpo.temperature), ("eval_greedy", 0.0)):
+        _, comps, texts, reps = rollout(
+            cfg,
+            variables,
+            tok,
+            probs,
+            group=1,
+            seed=999_983,
+            max_new_tokens=config.grpo.max_new_tokens,
+            temperature=temp,
+        )
+        _, acc, fmt = score(texts, reps, config.grpo.format_weight)
+        out[f"{name}_accuracy"], out[f"{name}_format"] = float(acc.mean()), float(fmt.mean())
+    return out
+
+
+# ----------------------------------------------------------------------------- cold start
+def cold_start(config, mesh, model, tok, task, workdir, start=None):
+    """(params, moe_bias) after the SFT stage, trained now or restored from WORKDIR/cold_start;
+    `start` (variables from `_load_start`) replaces it."""
+    sft = config.sft
+    sft_config = ml_collections.ConfigDict(config.to_dict())
+    sft_config.train.steps = max(sft.steps, 1)
+    sft_config.optim.lr = sft.lr
+    sft_config.optim.warmup_steps = min(sft.warmup_steps, max(sft.steps - 1, 0))
+    tx, schedule = make_optimizer(sft_config)
+    T = config.data.seq_len
+    state, abstract, shardings = create_sharded_state(
+        jax.random.key(config.seed), model, tx, mesh, T
+    )
+    if start is not None:
+        put = jax.device_put
+        return put(start["params"], shardings.params), put(start["moe_bias"], shardings.moe_bias)
+    directory = os.path.join(workdir, "cold_start")
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True))
+    target = {"params": abstract.params, "moe_bias": abstract.moe_bias}
+    if manager.latest_step() is not None:
+        restored = manager.restore(
+            manager.latest_step(), args=ocp.args.Composite(model=ocp.args.StandardRestore(target))
+        )
+        manager.close()
+        log.info("cold start: restored from %s", directory)
+        return restored["model"]["params"], restored["model"]["moe_bias"]
+    step_fn = jax.jit(
+        functools.partial(
+            train_step, model=model, tx=tx, schedule=schedule, train_cfg=sft_config.train
+        ),
+        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    bsz, t0 = config.train.batch_size, time.perf_counter()
+    for i in range(sft.steps):
+        batch = sft_batch(task, tok, i * bsz, bsz, T, config.seed, sft)
+        state, m = step_fn(state, batch)
+        if (i + 1) % config.train.log_every == 0 or i + 1 == sft.steps:
+            loss = float(m["main_ce"])
+            if not np.isfinite(loss):
+                raise TrainingError(f"cold start: loss is {loss} at SFT step {i + 1}")
+            log.info(
+                "cold start %d/%d: loss %.4f (%.0fs)",
+                i + 1,
+                sft.steps,
+                loss,
+                time.perf_counter() - t0,
+            )
+    model_vars = {"params": state.params, "moe_bias": state.moe_bias}
+    manager.save(
+        0,
+        args=ocp.args.Composite(
+            model=ocp.args.StandardSave(model_vars), config=ocp.args.JsonSave(_config_json(config))
+        ),
+    )
+    manager.wait_until_finished()
+    manager.close()
+    return state.params, state.moe_bias
+
+
+def _load_start(path: str, cfg):
+    """{"params", "moe_bias"} of the latest checkpoint of a train.py work directory (e.g. an
+    earlier grpo_arith run), in place of the SFT stage; its model must match config.model.
+    Call it outside the mesh context (it traces the model's shapes)."""
+    from dsjax.checkpoint import load_for_inference  # noqa: PLC0415
+
+    loaded_cfg, variables = load_for_inference(path)
+    if loaded_cfg.replace(remat=cfg.remat) != cfg:
+        raise ValueError(
+            f"config.sft.init_from={path!r}: its model config differs from config.model"
+        )
+    log.info("cold start: skipped, starting from %s", path)
+    return variables
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _save(manager, step: int, state: GRPOState, loop: dict, config) -> None:
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            model=ocp.args.StandardSave({"params": state.params, "moe_bias": state.moe_bias}),
+            reference=ocp.args.StandardSave(
+                {"params": state.ref_params, "moe_bias": state.ref_moe_bias}
+            ),
+            optimizer=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
+            loop=ocp.args.JsonSave(loop),
+            config=ocp.args.JsonSave(_config_json(config)),
+        ),
+        force=True,
+    )
+
+
+def _restore(manager, step: int, abstract: GRPOState):
+    r = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            model=ocp.args.StandardRestore(
+                {"params": abstract.params, "moe_bias": abstract.moe_bias}
+            ),
+            reference=ocp.args.StandardRestore(
+                {"params": abstract.ref_params, "moe_bias": abstract.ref_moe_bias}
+            ),
+            optimizer=ocp.args.StandardRestore(
+                {"step": abstract.step, "opt_state": abstract.opt_state}
+            ),
+            loop=ocp.args.JsonRestore(),
+        ),
+    )
+    state = GRPOState(
+        step=r["optimizer"]["step"],
+        params=r["model"]["params"],
+        moe_bias=r["model"]["moe_bias"],
+        opt_state=r["optimizer"]["opt_state"],
+        ref_params=r["reference"]["params"],
+        ref_moe_bias=r["reference"]["moe_bias"],
+    )
+    return state, dict(r["loop"])
+
+
+# ----------------------------------------------------------------------------- the run
+def _grpo_optimizer(config):
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.train.steps = config.grpo.steps * config.grpo.inner_steps
+    c.optim.lr = config.grpo.lr
+    c.optim.warmup_steps = min(config.grpo.warmup_steps, c.train.steps - 1)
+    c.optim.min_lr_ratio = 1.0  # constant after warm-up
+    return make_optimizer(c)
+
+
+def _variables(state: GRPOState):
+    return {"params": state.params, "moe_bias": state.moe_bias}
+
+
+def grpo_step(state, fns, cfg, tok, task, config, step: int, prompt_index: int):
+    """One GRPO step: rollout, rewards, advantages, π_old/π_ref, μ updates. Returns
+    (state, metrics dict of floats)."""
+    g = config.grpo
+    logp_fn, update_fn = fns
+    probs = task.problems(prompt_index, g.prompts)
+    prompts, comps, texts, reps = rollout(
+        cfg,
+        _variables(state),
+        tok,
+        probs,
+        group=g.group_size,
+        max_new_tokens=g.max_new_tokens,
+        seed=_rollout_seed(config.seed, step),
+        temperature=g.temperature,
+        speculative=bool(g.get("speculative", False)),
+    )
+    reward, acc, fmt = score(texts, reps, g.format_weight)
+    adv = np.asarray(group_advantages(reward.reshape(g.prompts, g.group_size))).reshape(-1)
+    batch = sequence_batch(prompts, comps, config.data.seq_len, tok.pad_id)
+    batch["advantages"] = adv.astype(np.float32)
+    old, ref = logp_fn(state, batch)
+    sums: dict[str, float] = {}
+    for _ in range(g.inner_steps):
+        state, m = update_fn(state, batch, old, ref)
+        for k, v in jax.device_get(m).items():
+            sums[k] = sums.get(k, 0.0) + float(v) / g.inner_steps
+    out = {
+        "reward_mean": float(reward.mean()),
+        "reward_std": float(reward.std()),
+        "accuracy": float(acc.mean()),
+        "format": float(fmt.mean()),
+        "response_length": float(np.mean([len(c) for c in comps])),
+        **sums,
+    }
+    if not np.isfinite(out["loss"]):
+        raise TrainingError(f"GRPO loss is {out['loss']} at step {step + 1}; stopping")
+    return state, out
+
+
+def grpo_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Cold start then GRPO per `config` in `workdir` (resuming its latest checkpoint)."""
+    workdir = prepare_workdir(workdir)
+    _check(config)
+    validate_config(config, None)
+    mesh = sharding.make_mesh(**config.mesh)
+    validate_config(config, mesh)
+    tok, task = ArithTokenizer(), make_task(config)
+    if config.model.vocab_size < tok.vocab_size:
+        raise ValueError(
+            f"config.model.vocab_size={config.model.vocab_size} is below the "
+            f"arithmetic vocabulary's {tok.vocab_size} tokens"
+        )
+    rows = config.grpo.prompts * config.grpo.group_size
+    if rows % sharding.batch_shards(mesh):
+        raise ValueError(
+            f"config.grpo.prompts × group_size = {rows} must divide by the "
+            f"{sharding.batch_shards(mesh)} data shards of the mesh"
+        )
+    cfg = model_config(config)
+    model = Transformer(cfg)
+    chief = jax.process_index() == 0
+    if chief:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    log.info("model: %.2fM parameters; mesh %s", count_params(cfg)["total"] / 1e6, dict(mesh.shape))
+    _cpu_array_handler()
+    init_from = config.sft.get("init_from")
+    start_vars = _load_start(init_from, cfg) if init_from else None
+    g, t_start = config.grpo, time.perf_counter()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        tx, schedule = _grpo_optimizer(config)
+        abstract, shardings = grpo_state_shardings(model, tx, mesh, config.data.seq_len)
+        manager = ocp.CheckpointManager(
+            os.path.join(workdir, "checkpoints"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True),
+        )
+        latest = manager.latest_step()
+        if latest is not None:
+            state, loop = _restore(manager, latest, abstract)
+            log.info("resumed from the GRPO checkpoint at step %d", latest)
+        else:
+            params, moe_bias = cold_start(config, mesh, model, tok, task, workdir, start_vars)
+            init = jax.jit(functools.partial(_fresh_state, tx=tx), out_shardings=shardings)
+            state, loop = init(params, moe_bias), {"prompt_index": 0}
+        start = int(state.step) // g.inner_steps
+        fns = jit_grpo_fns(model, tx, schedule, shardings, mesh, g, config.train)
+        writer = metrics.MetricWriter(workdir, is_chief=chief, resume_step=start)
+        last: dict[str, float] = {}
+        try:
+            if start == 0:
+                first = evaluate(cfg, _variables(state), tok, task, config)
+                writer.write(0, first)
+                log.info("step 0 (cold start): %s", _fmt(first))
+                last.update(cold_start_eval=first)
+            step, t_mark = start, time.perf_counter()
+            while step < g.steps:
+                state, m = grpo_step(state, fns, cfg, tok, task, config, step, loop["prompt_index"])
+                step += 1
+                loop["prompt_index"] += g.prompts
+                m["step_seconds"] = time.perf_counter() - t_mark
+                if step % g.eval_every == 0 or step == g.steps:
+                    m.update(evaluate(cfg, _variables(state), tok, task, config))
+                writer.write(step, m)
+                if step % config.train.log_every == 0 or step == g.steps:
+                    log.info("grpo %d/%d: %s", step, g.steps, _fmt(m))
+                if step % config.checkpoint.every == 0 or step == g.steps:
+                    _save(manager, step, state, loop, config)
+                last = {**last, **m}
+                t_mark = time.perf_counter()
+        finally:
+            writer.close()
+            manager.wait_until_finished()
+            manager.close()
+    summary = {
+        "step": step,
+        "wall_seconds": time.perf_counter() - t_start,
+        **{k: v for k, v in last.items() if k != "cold_start_eval"},
+    }
+    if chief:
+        plot_rewards(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "rewards.png"))
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    summary.update(
+        loss=last.get("loss"), eval_loss=None, peak_flops_source="not measured (GRPO run)"
+    )
+    return summary
+
+
+def _fresh_state(params, moe_bias, *, tx) -> GRPOState:
+    from dsjax.grpo import grpo_state_from  # noqa: PLC0415
+
+    return grpo_state_from(params, moe_bias, tx)
+
+
+def _fmt(m: dict) -> str:
+    keys = (
+        "reward_mean",
+        "accuracy",
+        "format",
+        "kl",
+        "clip_fraction",
+        "entropy",
+        "response_length",
+        "eval_accuracy",
+        "eval_format",
+        "eval_greedy_accuracy",
+    )
+    return ", ".join(f"{k} {m[k]:.3f}" for k in keys if k in m)
+
+
+def plot_rewards(metrics_path, out_png):
+    """Reward mean and accuracy per step (lines), held-out accuracy and format (points)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    records = metrics.read_metrics(metrics_path)
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for key, style in (
+        ("reward_mean", "-"),
+        ("accuracy", "-"),
+        ("format", "-"),
+        ("eval_accuracy", "o-"),
+        ("eval_format", "s--"),
+    ):
+        pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, label=key, markersize=4)
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("reward / rate")
+    ax.grid(True, alpha=0.3)
+    if records:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, format="png")
+    return out_png

@@ -1,0 +1,288 @@
+"""GRPO: advantages and loss against float64 NumPy, rewards on crafted strings, a tiny sharded
+rollout + update (ratio 1 and KL 0 at the first pass, the reference frozen), checkpoint round trip."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+from dsjax import sharding
+from dsjax.grpo import (
+    group_advantages,
+    grpo_objective,
+    grpo_state_from,
+    grpo_state_shardings,
+    jit_grpo_fns,
+)
+from dsjax.grpo_lib import _restore, _save, grpo_step, rollout, score, sequence_batch
+from dsjax.model import Transformer, init_variables
+from dsjax.rewards import (
+    ArithTask,
+    ArithTokenizer,
+    Problem,
+    accuracy_reward,
+    cold_start_completion,
+    format_reward,
+    parse_answer,
+    scratchpad,
+)
+from tests.helpers import tiny_config
+
+
+# ----------------------------------------------------------------------------- NumPy references
+def np_advantages(r):
+    r = np.asarray(r, np.float64)
+    out = np.zeros_like(r)
+    for i, row in enumerate(r):
+        s = row.std()
+        out[i] = 0.0 if s <= 1e-6 else (row - row.mean()) / s
+    return out
+
+
+def np_objective(logp, old, ref, adv, mask, eps, beta):
+    """−J by explicit loops over completions and tokens (float64)."""
+    per_completion = []
+    for i in range(logp.shape[0]):
+        terms = []
+        for t in range(logp.shape[1]):
+            if mask[i, t] == 0:
+                continue
+            rho = np.exp(logp[i, t] - old[i, t])
+            surr = min(rho * adv[i], np.clip(rho, 1 - eps, 1 + eps) * adv[i])
+            q = np.exp(ref[i, t]) / np.exp(logp[i, t])
+            kl = q - np.log(q) - 1
+            terms.append(surr - beta * kl)
+        if terms:
+            per_completion.append(np.mean(terms))
+    return -np.mean(per_completion)
+
+
+def test_advantages_match_numpy():
+    r = np.array([[1.0, 0.0, 1.0, 0.0], [1.5, 1.5, 1.5, 1.5], [0.5, 1.5, 0.0, 1.0]], np.float32)
+    got = np.asarray(group_advantages(r))
+    np.testing.assert_allclose(got, np_advantages(r), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[1], 0.0)  # std 0 -> advantage 0
+    np.testing.assert_allclose(got[0], [1.0, -1.0, 1.0, -1.0], atol=1e-6)  # hand-worked
+
+
+def test_objective_matches_numpy():
+    rng = np.random.default_rng(0)
+    B, T = 6, 7
+    logp = np.log(rng.uniform(0.05, 1.0, (B, T)))
+    old = logp + rng.normal(0, 0.4, (B, T))  # ratios well inside and outside [1-ε, 1+ε]
+    ref = logp + rng.normal(0, 0.3, (B, T))
+    adv = rng.normal(0, 1, B)
+    mask = np.zeros((B, T))
+    for i, (a, n) in enumerate([(1, 4), (2, 5), (0, 7), (3, 1), (2, 3), (0, 0)]):
+        mask[i, a : a + n] = 1.0  # different lengths; the last completion is empty
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    loss, m = grpo_objective(
+        f32(logp), f32(old), f32(ref), f32(adv), f32(mask), epsilon=0.2, beta=0.04
+    )
+    want = np_objective(logp, old, ref, adv, mask, 0.2, 0.04)
+    assert abs(float(loss) - want) < 1e-5 * max(1.0, abs(want))
+    rho = np.exp(logp - old)
+    want_clip = ((np.abs(rho - 1) > 0.2) * mask).sum() / mask.sum()
+    assert abs(float(m["clip_fraction"]) - want_clip) < 1e-6
+    assert 0 < want_clip < 1
+
+
+# ----------------------------------------------------------------------------- rewards
+@pytest.mark.parametrize(
+    "text, fmt, acc",
+    [
+        ("<think>3 + 4</think><answer>7</answer>", 1.0, 1.0),  # right
+        ("  <think>x</think>\n<answer> 7 </answer> ", 1.0, 1.0),  # whitespace only around
+        ("<think>3 + 4</think><answer>8</answer>", 1.0, 0.0),  # wrong answer
+        ("<answer>7</answer>", 0.0, 1.0),  # missing think block
+        ("<think>3 + 4<answer>7</answer>", 0.0, 1.0),  # missing </think>
+        ("<think>3 + 4</think><answer>7</answer>7", 0.0, 1.0),  # extra text after
+        ("7<think>a</think><answer>7</answer>", 0.0, 1.0),  # extra text before
+        ("<think>a</think><answer>7</answer><answer>7</answer>", 0.0, 0.0),  # repeated answer
+        ("<think>a</think><think>b</think><answer>7</answer>", 0.0, 1.0),  # repeated think
+        ("<think>a</think><answer>7+</answer>", 1.0, 0.0),  # unparseable
+        ("<think>a</think><answer></answer>", 0.0, 0.0),  # empty answer
+        ("<think>a</think><answer>7", 0.0, 0.0),  # unclosed answer
+        ("", 0.0, 0.0),
+    ],
+)
+def test_rewards_on_crafted_completions(text, fmt, acc):
+    assert format_reward(text) == fmt
+    assert accuracy_reward(text, 7) == acc
+
+
+def test_task_tokenizer_and_teacher():
+    tok, task = ArithTokenizer(), ArithTask(99, "+-", seed=3)
+    text = "<think>12 + 30</think><answer>-42</answer>"
+    assert tok.decode(tok.encode(text) + [tok.eos_id, 5]) == text
+    assert tok.encode("<answer>")[0] == 5 and len(tok.encode(text)) == 4 + 7 + 3
+    with pytest.raises(ValueError, match="'x'"):
+        tok.encode("1x2")
+    assert task.problem(5) == ArithTask(99, "+-", seed=3).problem(5)  # a function of (seed, n)
+    held = {(p.a, p.b, p.op) for p in task.heldout(200)}
+    assert not held & {(p.a, p.b, p.op) for p in task.problems(0, 2000)}
+    assert Problem(3, 9, "-").answer == -6 and Problem(3, 9, "+").prompt == "3+9="
+    assert scratchpad(Problem(47, 38, "+")) == "7+8=15 4+3+1=8"
+    assert scratchpad(Problem(3, 4, "+")) == "3+4=7 0+0+0=0"
+    rng = np.random.default_rng(0)
+    texts = [
+        cold_start_completion(Problem(20, 5, "+"), rng, p_correct=0.5, p_bad_format=0.2)
+        for _ in range(400)
+    ]
+    acc = np.mean([parse_answer(t) == 25 for t in texts])
+    fmt = np.mean([format_reward(t) for t in texts])
+    assert 0.4 < acc < 0.6 and 0.74 < fmt < 0.86
+
+
+# ----------------------------------------------------------------------------- model step
+def _grpo_cfg():
+    g = ml_collections.ConfigDict()
+    g.epsilon, g.beta = 0.2, 0.04
+    t = ml_collections.ConfigDict()
+    t.balance_loss_weight, t.bias_update_rate = 1e-4, 1e-3
+    return g, t
+
+
+@pytest.fixture(scope="module")
+def run():
+    """One sharded rollout (2 prompts x G=4 on 8 fake devices) and two update passes."""
+    cfg = tiny_config(vocab_size=24, num_hidden_layers=2, max_position_embeddings=32)
+    model, tok = Transformer(cfg), ArithTokenizer()
+    mesh = sharding.make_mesh()
+    tx = optax.adam(1e-2)
+    schedule = optax.constant_schedule(1e-2)
+    T = 24
+    variables = init_variables(cfg, jax.random.key(0))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        _, shardings = grpo_state_shardings(model, tx, mesh, T)
+        init = jax.jit(functools.partial(grpo_state_from, tx=tx), out_shardings=shardings)
+        state = init(variables["params"], variables["moe_bias"])
+        ref_before = jax.device_get((state.ref_params, state.ref_moe_bias))
+        policy_before = jax.device_get(state.params)
+        problems = [Problem(3, 4, "+"), Problem(12, 9, "+")]
+        v = {"params": state.params, "moe_bias": state.moe_bias}
+        prompts, comps, texts, reps = rollout(
+            cfg, v, tok, problems, group=4, max_new_tokens=8, seed=7
+        )
+        reward, _, _ = score(texts, reps, 0.5)
+        reward = reward + np.arange(8) % 2  # make groups non-uniform: non-zero advantages
+        batch = sequence_batch(prompts, comps, T, tok.pad_id)
+        batch["advantages"] = np.asarray(group_advantages(reward.reshape(2, 4))).reshape(-1)
+        g, t = _grpo_cfg()
+        logp_fn, update_fn = jit_grpo_fns(model, tx, schedule, shardings, mesh, g, t)
+        old, ref = logp_fn(state, batch)
+        state, m1 = update_fn(state, batch, old, ref)
+        state, m2 = update_fn(state, batch, old, ref)
+        yield dict(
+            state=state,
+            m1=jax.device_get(m1),
+            m2=jax.device_get(m2),
+            comps=comps,
+            batch=batch,
+            ref_before=ref_before,
+            policy_before=policy_before,
+            old=np.asarray(old),
+            ref=np.asarray(ref),
+            abstract_sh=shardings,
+            mesh=mesh,
+            model=model,
+            tx=tx,
+            fns=(logp_fn, update_fn),
+            cfg=cfg,
+            tok=tok,
+        )
+
+
+def test_first_pass_ratio_one_kl_zero(run):
+    m1 = run["m1"]
+    assert abs(m1["ratio_mean"] - 1.0) < 1e-5
+    assert abs(m1["kl"]) < 1e-6 and m1["clip_fraction"] == 0.0
+    np.testing.assert_allclose(run["old"], run["ref"], atol=1e-6)  # policy = reference
+    assert all(np.isfinite(v) for v in m1.values())
+    # The second pass sees the updated policy: the KL to the reference is now positive.
+    assert run["m2"]["kl"] > 0 and abs(run["m2"]["ratio_mean"] - 1.0) > 1e-6
+
+
+def test_updates_reach_policy_only(run):
+    state = run["state"]
+    ref_after = jax.device_get((state.ref_params, state.ref_moe_bias))
+    jax.tree.map(np.testing.assert_array_equal, ref_after, run["ref_before"])
+    moved = jax.tree.map(
+        lambda a, b: float(np.abs(np.asarray(a) - b).max()),
+        jax.device_get(state.params),
+        run["policy_before"],
+    )
+    assert max(jax.tree.leaves(moved)) > 0
+    assert int(state.step) == 2
+
+
+def test_batch_masks_completion_tokens(run):
+    b, comps = run["batch"], run["comps"]
+    for i, c in enumerate(comps):
+        n_prompt = int(b["segment_ids"][i].sum()) - len(c)
+        assert b["mask"][i].sum() == len(c)
+        # masked targets are exactly the completion's tokens
+        np.testing.assert_array_equal(b["targets"][i][b["mask"][i] > 0], c)
+        assert b["mask"][i][: n_prompt - 1].sum() == 0
+
+
+def _run_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 5
+    c.model = {"vocab_size": 24}
+    c.data = {"seq_len": 24}
+    c.grpo = dict(
+        prompts=2, group_size=4, max_new_tokens=8, temperature=1.0, inner_steps=2, format_weight=0.5
+    )
+    return c
+
+
+def test_resume_is_exact(run, tmp_path):
+    """Save -> restore -> one GRPO step equals the same step taken without the round trip."""
+    import orbax.checkpoint as ocp
+
+    from dsjax.checkpoint import _cpu_array_handler
+
+    _cpu_array_handler()  # CPU: no per-array slicing programs (~20 s each to compile)
+    state, mesh, config = run["state"], run["mesh"], _run_config()
+    task = ArithTask(9, "+", seed=config.seed)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        abstract, _ = grpo_state_shardings(run["model"], run["tx"], mesh, 24)
+        manager = ocp.CheckpointManager(
+            str(tmp_path),
+            options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
+        )
+        _save(manager, 1, state, {"prompt_index": 2}, config)
+        restored, loop = _restore(manager, 1, abstract)
+        manager.close()
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
+        args = (run["fns"], run["cfg"], run["tok"], task, config, 1)
+        resumed, m_resumed = grpo_step(restored, *args, loop["prompt_index"])
+        straight, m_straight = grpo_step(state, *args, 2)  # donates `state`: last use
+    assert m_resumed == m_straight and np.isfinite(m_straight["loss"])
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed), jax.device_get(straight))
+
+
+def test_config_errors_name_the_field():
+    from configs.grpo_arith import get_config
+    from dsjax.grpo_lib import _check
+
+    _check(get_config())  # the demo config is valid
+    bad = get_config()
+    bad.data.seq_len = 30
+    with pytest.raises(ValueError, match=r"seq_len=30 must hold a prompt .*max_new_tokens=28"):
+        _check(bad)
+    bad.grpo.max_new_tokens = 20
+    with pytest.raises(ValueError, match=r"config.data.seq_len=30 .*cold start"):
+        _check(bad)
+    bad = get_config()
+    bad.grpo.group_size = 1
+    with pytest.raises(ValueError, match=r"config.grpo.group_size=1"):
+        _check(bad)
