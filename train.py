@@ -129,7 +129,12 @@ def main(argv):
 
     workdir = FLAGS.workdir or os.path.join("runs", config.get("name", "run"))
     try:
-        summary = train_lib.train_and_evaluate(config, workdir)
+        if config.get("trainer", "pretrain") == "grpo":  # R1-style RL (configs/grpo_arith.py)
+            from dsjax import grpo_lib
+
+            summary = grpo_lib.grpo_and_evaluate(config, workdir)
+        else:
+            summary = train_lib.train_and_evaluate(config, workdir)
     except (*USER_ERRORS, train_lib.TrainingError) as e:
         _quiet_background_noise()
         fail(_one_line(e))
@@ -162,6 +167,11 @@ def _report(summary, workdir: str, chief: bool) -> None:
         )
         if summary.get("sample"):
             print("sample:\n" + summary["sample"])
+        if summary.get("heldout_sample"):
+            print(summary["heldout_sample"])
+        plot = os.path.join(os.path.abspath(workdir), "loss.png")
+        if os.path.exists(plot):
+            print(f"loss plot: {plot}")
         print(f"work directory: {os.path.abspath(workdir)}")
 
 

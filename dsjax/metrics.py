@@ -23,7 +23,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -339,7 +339,7 @@ def read_metrics(metrics_path: str | os.PathLike) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------- progress
 
 
-def format_duration(seconds: float) -> str:
+def format_duration(seconds: float | None) -> str:
     """Compact duration: '42s', '4m12s', '1h05m', '2d03h' ('?' for unknown/negative)."""
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
         return "?"
@@ -403,7 +403,10 @@ class Progress:
         parts = [f"step {step}/{self.total_steps} {self._bar(step)}"]
         fields = []
         if metrics.get("loss") is not None:
-            fields.append(f"loss {float(metrics['loss']):.3f}")
+            loss = f"loss {float(metrics['loss']):.3f}"
+            if metrics.get("main_ce") is not None:  # comparable with `eval` (loss adds MTP CE)
+                loss += f" (main CE {float(metrics['main_ce']):.3f})"
+            fields.append(loss)
         if metrics.get("eval_loss") is not None:
             fields.append(f"eval {float(metrics['eval_loss']):.3f}")
         if metrics.get("tokens_per_sec") is not None:
@@ -455,33 +458,94 @@ class Progress:
 # ---------------------------------------------------------------------------------- plots
 
 
+def smooth(values: Sequence[float], weight: float) -> list[float]:
+    """Debiased exponential moving average (TensorBoard's smoothing): `weight` 0 = raw values."""
+    out, avg = [], 0.0
+    for n, v in enumerate(values, start=1):
+        avg = weight * avg + (1.0 - weight) * v
+        out.append(avg / (1.0 - weight**n) if weight else v)
+    return out
+
+
+def _smoothing(n_points: int) -> float:
+    """EMA weight for a curve of `n_points` logged points: none below 10, at most 0.75 (a few
+    points of lag, so the smoothed curve still follows a fast early drop)."""
+    return 0.0 if n_points < 10 else min(0.75, 1.0 - 5.0 / n_points)
+
+
+def loss_curves(records: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """The (step, value) series `plot_loss` draws, all cross-entropies in nats per token.
+
+    "train": the training MAIN cross-entropy (`main_ce`: next-token CE only, what `eval_loss`
+    measures on held-out data; the optimised `loss` adds λ·MTP CE and the balance loss, so it is
+    not comparable) — or `loss` for logs written before `main_ce` existed ("train_total");
+    "train_smoothed": that series smoothed (`smooth`); "eval": held-out main CE (`eval_loss`);
+    "mtp": the MTP modules' CE (`mtp_ce`; logs without MTP have none).
+    """
+
+    def series(key: str) -> list[tuple[int, float]]:
+        out = []
+        for r in records:
+            v = None if r.get(key) is None else _to_float(r[key])
+            if v is not None and "step" in r:
+                out.append((int(r["step"]), v))
+        return out
+
+    curves: dict[str, list[tuple[int, float]]] = {}
+    train = series("main_ce")
+    curves["train" if train else "train_total"] = train or series("loss")
+    raw = train or curves["train_total"]
+    curves["train_smoothed"] = list(
+        zip([s for s, _ in raw], smooth([v for _, v in raw], _smoothing(len(raw))), strict=True)
+    )
+    curves["eval"] = series("eval_loss")
+    mtp = [(s, v) for s, v in series("mtp_ce") if v > 0]  # 0.0 is logged when there is no MTP
+    if mtp:
+        curves["mtp"] = mtp
+    return curves
+
+
 def plot_loss(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> Path:
-    """Plots train `loss` (line) and `eval_loss` (points) against step from a metrics.jsonl file
-    into a PNG (Agg renderer; no pyplot global state). Works with any number of points."""
+    """Plots the `loss_curves` of a metrics.jsonl file into a PNG (Agg renderer; no pyplot global
+    state): training main cross-entropy (faint raw, bold smoothed) beside held-out main
+    cross-entropy, and the MTP cross-entropy as its own line. Works with any number of points."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    train, evals = [], []
-    for record in read_metrics(metrics_path):
-        if record.get("loss") is not None:
-            train.append((record["step"], record["loss"]))
-        if record.get("eval_loss") is not None:
-            evals.append((record["step"], record["eval_loss"]))
+    curves = loss_curves(read_metrics(metrics_path))
     fig = Figure(figsize=(8, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    if train:
-        steps, losses = zip(*train, strict=True)
-        ax.plot(steps, losses, marker="." if len(train) < 50 else None, label="train loss")
-    if evals:
-        steps, losses = zip(*evals, strict=True)
-        ax.plot(steps, losses, "o", color="tab:red", label="eval loss")
-    if not (train or evals):
+    raw_key = "train" if "train" in curves else "train_total"
+    raw, label = (
+        curves[raw_key],
+        {
+            "train": "train main CE",
+            "train_total": "train loss (incl. MTP, balance)",
+        }[raw_key],
+    )
+    if raw:
+        steps, values = zip(*raw, strict=True)
+        if len(raw) >= 10:
+            ax.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=1)
+            steps, values = zip(*curves["train_smoothed"], strict=True)
+            label += " (smoothed)"
+        ax.plot(steps, values, color="tab:blue", marker="." if len(raw) < 50 else None, label=label)
+    if curves.get("mtp"):
+        steps, values = zip(*curves["mtp"], strict=True)
+        mtp = smooth(values, _smoothing(len(values)))
+        ax.plot(steps, mtp, color="tab:green", alpha=0.8, label="train MTP CE (smoothed)")
+    if curves["eval"]:
+        steps, values = zip(*curves["eval"], strict=True)
+        ax.plot(steps, values, "o-", color="tab:red", label="held-out main CE")
+    if not (raw or curves["eval"]):
         ax.text(0.5, 0.5, "no loss recorded yet", ha="center", va="center", transform=ax.transAxes)
     else:
         ax.legend()
+    if curves["eval"]:
+        ax.set_title(f"held-out main CE {curves['eval'][0][1]:.3f} -> {curves['eval'][-1][1]:.3f}")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     out = Path(out_png)

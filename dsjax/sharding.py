@@ -101,3 +101,18 @@ def batch_shards(mesh: Mesh) -> int:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def rules_for_mesh(mesh: Mesh | jax.sharding.AbstractMesh, rules=LOGICAL_RULES):
+    """`rules` with the mesh axes that `mesh` lacks dropped (a rule left with none maps to None).
+
+    For a mesh of your own with only some of data/fsdp/expert/tensor (e.g. `("data", "fsdp")`):
+    `with jax.set_mesh(mesh), nn.logical_axis_rules(rules_for_mesh(mesh)): ...` and
+    `logical_to_sharding(specs, mesh, rules_for_mesh(mesh))`.
+    """
+    names = set(mesh.axis_names)
+    out = []
+    for logical, axes in rules:
+        kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in names)
+        out.append((logical, kept[0] if len(kept) == 1 else (kept or None)))
+    return tuple(out)

@@ -4,7 +4,8 @@ Mesh from `config.mesh` -> validated config -> tokenizer (trained on the corpus 
 workdir) -> Grain iterators -> state initialised straight into its shardings (or restored from the
 latest checkpoint, possibly onto another mesh) -> jitted, donated `train_step` -> metrics
 (JSONL, TensorBoard, a progress line) -> periodic eval -> Orbax checkpoints (async, every K steps,
-at the end, and on SIGTERM/Ctrl-C) -> `loss.png` and a generated sample at the end.
+at the end, and on SIGTERM/Ctrl-C) -> `loss.png` and, at the end, a sample from
+`config.train.sample_prompt` beside the greedy continuation of a held-out prompt and the real text.
 
 A non-finite loss stops the run with `TrainingError` naming the first bad step, and a
 checkpoint is only written of finite parameters, so a poisoned state is never kept as the last
@@ -137,25 +138,89 @@ def _last_good(ckpt: Checkpointer) -> str:
     return "no checkpoint kept" if step is None else f"the last good checkpoint is step {step}"
 
 
-def _sample(cfg, state, tokenizer, config) -> str | None:
-    """A sampled continuation of `config.train.sample_prompt` (single-process runs)."""
+# Lines of the held-out prompt / continuations shown at the end of a run.
+_SHOW_PROMPT_LINES, _SHOW_LINES = 6, 8
+
+
+def heldout_prompt(config, tokenizer, max_prompt_tokens: int) -> tuple[str, str, str] | None:
+    """(document name, prompt, real continuation) from the first held-out document.
+
+    The prompt is that document's text up to and including its first `def `/`class ` line (its
+    first 8 lines if it has none), with whole leading lines dropped until it fits in
+    `max_prompt_tokens`; the continuation is the text that really follows it. None when the eval
+    split is empty.
+    """
+    docs = data.load_documents(
+        data._data_field(config, "source"), int(data._data_field(config, "max_documents"))
+    )
+    _, held_out = data.split_documents(docs, float(data._data_field(config, "eval_fraction")))
+    for index in held_out:
+        lines = docs[index].splitlines(keepends=True)
+        if len(lines) < 2:
+            continue
+        starts = [i for i, ln in enumerate(lines) if ln.lstrip().startswith(("def ", "class "))]
+        end = next((i + 1 for i in starts if i + 1 < len(lines)), min(8, len(lines) - 1))
+        first = max(0, end - 64)  # a prompt that fits in a training row is far shorter
+        while (
+            first < end - 1 and len(tokenizer.encode("".join(lines[first:end]))) > max_prompt_tokens
+        ):
+            first += 1
+        prompt = "".join(lines[first:end])
+        if prompt.strip() and len(tokenizer.encode(prompt)) <= max_prompt_tokens:
+            return docs.names[index], prompt, "".join(lines[end:])
+    return None
+
+
+def _head_lines(text: str, n: int) -> str:
+    return "".join(text.splitlines(keepends=True)[:n]).rstrip("\n")
+
+
+def _sample(cfg, state, tokenizer, config) -> tuple[str | None, str | None]:
+    """What the model learned, from one `generate` call of two rows (single-process runs):
+
+    - a sampled continuation of `config.train.sample_prompt` (`config.train.sample_temperature`,
+      top-k 40), returned as prompt + continuation;
+    - the greedy continuation of a held-out prompt (`heldout_prompt`), returned as a text block
+      that prints the prompt's last lines, the model's continuation and the real one.
+    """
     if jax.process_count() > 1 or config.train.sample_tokens <= 0:
-        return None
+        return None, None
     from dsjax.generate import generate  # noqa: PLC0415  (generation is optional here)
 
+    n_new = config.train.sample_tokens
+    add_bos = tokenizer.bos_id is not None
+    prompts = [tokenizer.encode(config.train.sample_prompt, add_bos=add_bos)]
+    temperatures, top_ks = [config.train.sample_temperature], [40]
+    budget = max(1, min(config.data.seq_len, cfg.max_position_embeddings) - n_new - 1)
+    held = heldout_prompt(config, tokenizer, budget)
+    if held is not None:
+        prompts.append(tokenizer.encode(held[1], add_bos=add_bos))
+        temperatures.append(0.0)
+        top_ks.append(0)
     variables = jax.device_get({"params": state.params, "moe_bias": state.moe_bias})
-    prompt = tokenizer.encode(config.train.sample_prompt, add_bos=tokenizer.bos_id is not None)
     result = generate(
         cfg,
         variables,
-        [prompt],
-        max_new_tokens=config.train.sample_tokens,
-        temperature=config.train.sample_temperature,
-        top_k=40,
+        prompts,
+        max_new_tokens=n_new,
+        temperature=temperatures,
+        top_k=top_ks,
         rng=jax.random.key(config.seed),
         eos_id=tokenizer.eos_id,
     )
-    return config.train.sample_prompt + tokenizer.decode(result.tokens[0])
+    sample = config.train.sample_prompt + tokenizer.decode(result.tokens[0])
+    if held is None:
+        return sample, None
+    name, prompt, real = held
+    real = tokenizer.decode(tokenizer.encode(real)[:n_new])  # as many tokens as the model got
+    prompt_tail = "".join(prompt.splitlines(keepends=True)[-_SHOW_PROMPT_LINES:])
+    block = (
+        f"held-out document {name} (never trained on), greedy continuation:\n"
+        f"--- prompt (last lines) ---\n{prompt_tail.rstrip()}\n"
+        f"--- model ---\n{_head_lines(tokenizer.decode(result.tokens[1]), _SHOW_LINES)}\n"
+        f"--- real ---\n{_head_lines(real, _SHOW_LINES)}"
+    )
+    return sample, block
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -301,7 +366,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             metrics.plot_loss(
                 os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "loss.png")
             )
-            summary["sample"] = _sample(cfg, state, tokenizer, config)
+            summary["sample"], summary["heldout_sample"] = _sample(cfg, state, tokenizer, config)
             with open(os.path.join(workdir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
         return summary

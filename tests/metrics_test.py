@@ -318,3 +318,23 @@ def test_plot_loss(tmp_path, case):
     out = plot_loss(path, tmp_path / "plots" / "loss.png")
     data = out.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
+
+
+def test_loss_curves_compare_main_cross_entropy_like_with_like():
+    """The plotted training curve is the main CE (what eval_loss measures), not the optimised
+    total; MTP CE is its own series; smoothing is debiased (a constant stays constant)."""
+    records = [{"step": 0, "eval_loss": 7.5}] + [
+        {"step": s, "loss": 6.0 + 0.3 * 7.0, "main_ce": 6.0, "mtp_ce": 7.0, "balance": 1.0}
+        for s in range(1, 21)
+    ]
+    records[-1]["eval_loss"] = 6.1
+    curves = metrics.loss_curves(records)
+    assert "train_total" not in curves
+    assert curves["train"] == [(s, 6.0) for s in range(1, 21)]
+    assert [s for s, _ in curves["train_smoothed"]] == list(range(1, 21))
+    assert [v for _, v in curves["train_smoothed"]] == pytest.approx([6.0] * 20)
+    assert curves["mtp"] == [(s, 7.0) for s in range(1, 21)]
+    assert curves["eval"] == [(0, 7.5), (20, 6.1)]
+    assert metrics.smooth([1.0, 0.0], 0.5) == pytest.approx([1.0, 1 / 3])  # (0.5*0.5)/(1-0.25)
+    old = metrics.loss_curves([{"step": 1, "loss": 4.0}, {"step": 1, "mtp_ce": 0.0}])
+    assert old["train_total"] == [(1, 4.0)] and "mtp" not in old  # logs without main_ce / MTP
