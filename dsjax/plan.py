@@ -90,7 +90,10 @@ def make_target(topology: str) -> Target:
     from jax.experimental import topologies
 
     name = tpu_specs.libtpu_topology_name(spec, dims)
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+    extra = {}
+    if tpu_specs.num_chips(dims) < 4:  # less than one host: libtpu needs the host's bounds
+        extra["chips_per_host_bounds"] = [*dims, 1, 1][:3]
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=name, **extra).devices
     per_chip = len(devices) / tpu_specs.num_chips(dims)  # v4: one device per TensorCore
     return Target(
         f"{name} ({tpu_specs.num_chips(dims)} chips, {len(devices)} devices)",
