@@ -6,35 +6,20 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from dsjax import decode
 from dsjax.generate import generate
-from dsjax.model import abstract_variables
 from dsjax.sampling import SamplingParams
-from tests.helpers import rel_err, tiny_config
+from tests.helpers import random_variables, rel_err, tiny_config
 
 CFG = tiny_config(num_hidden_layers=2)  # one dense and one MoE layer, one MTP module
 
 
 @pytest.fixture(scope="module")
 def variables():
-    """Random variables from shapes (no init compile), logits well separated."""
-    rng = np.random.default_rng(7)
-
-    def make(path, s):
-        name = jax.tree_util.keystr(path)
-        if "moe_bias" in name:
-            return jnp.asarray(rng.uniform(0, 0.3, s.shape), s.dtype)
-        if name.endswith("['scale']"):
-            return jnp.asarray(1 + 0.2 * rng.standard_normal(s.shape), s.dtype)
-        std = 1.0 if "embedding" in name else 1.5 / np.sqrt(s.shape[-2])
-        return jnp.asarray(std * rng.standard_normal(s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(make, nn.unbox(abstract_variables(CFG)))
+    return random_variables(CFG, seed=7)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk",))

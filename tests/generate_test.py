@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import linen as nn
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from dsjax.config import ModelConfig
@@ -27,37 +26,14 @@ from dsjax.generate import (
     verify_draft,
 )
 from dsjax.hf import load_hf_checkpoint
-from dsjax.model import Transformer, abstract_variables, init_cache
-from tests.helpers import rel_err, tiny_config
+from dsjax.model import Transformer, init_cache
+from tests.helpers import random_variables, rel_err, tiny_config
 
 TINY = tiny_config()
 PROMPTS = [[5, 9, 14, 3, 7], [11], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
 
 
 # ====================================================================== model builders
-def random_variables(cfg: ModelConfig, seed: int, gain: float = 1.5):
-    """Random variables with well-separated logits, built from shapes (no init compile).
-
-    Kernels ~ N(0, (gain / sqrt(fan_in))^2), embeddings N(0, 1), norm scales 1 + 0.2 N(0, 1),
-    routing biases U[0, 0.3].
-    """
-    shapes = nn.unbox(abstract_variables(cfg))
-    rng = np.random.default_rng(seed)
-
-    def make(path, s):
-        name = jax.tree_util.keystr(path)
-        if "moe_bias" in name:
-            return jnp.asarray(rng.uniform(0, 0.3, s.shape), s.dtype)
-        if name.endswith("['scale']"):
-            return jnp.asarray(1 + 0.2 * rng.standard_normal(s.shape), s.dtype)
-        if "embedding" in name:
-            return jnp.asarray(rng.standard_normal(s.shape), s.dtype)
-        fan_in = s.shape[-2]
-        return jnp.asarray(gain / math.sqrt(fan_in) * rng.standard_normal(s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(make, shapes)
-
-
 def drafter_variables(cfg: ModelConfig, seed: int, residual: float):
     """A model whose MTP module nearly copies the main model's next prediction.
 

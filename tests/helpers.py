@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
 from dsjax.config import ModelConfig
+from dsjax.model import abstract_variables
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -67,3 +72,26 @@ def np_attention(q, k, v, q_idx, k_idx, q_seg, k_seg, scale):
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     return np.einsum("bghts,bsgv->btghv", p, v)
+
+
+def random_variables(cfg: ModelConfig, seed: int, gain: float = 1.5):
+    """Random variables with well-separated logits, built from shapes (no init compile).
+
+    Kernels ~ N(0, (gain / sqrt(fan_in))^2), embeddings N(0, 1), norm scales 1 + 0.2 N(0, 1),
+    routing biases U[0, 0.3].
+    """
+    shapes = nn.unbox(abstract_variables(cfg))
+    rng = np.random.default_rng(seed)
+
+    def make(path, s):
+        name = jax.tree_util.keystr(path)
+        if "moe_bias" in name:
+            return jnp.asarray(rng.uniform(0, 0.3, s.shape), s.dtype)
+        if name.endswith("['scale']"):
+            return jnp.asarray(1 + 0.2 * rng.standard_normal(s.shape), s.dtype)
+        if "embedding" in name:
+            return jnp.asarray(rng.standard_normal(s.shape), s.dtype)
+        fan_in = s.shape[-2]
+        return jnp.asarray(gain / math.sqrt(fan_in) * rng.standard_normal(s.shape), s.dtype)
+
+    return jax.tree_util.tree_map_with_path(make, shapes)
