@@ -149,6 +149,13 @@ def _step_jit(cfg, variables, state, live_R, *, speculative, top_n, axes, rows, 
 
 
 # ====================================================================== engine
+# Running totals `Engine.stats` always reports (finished_<reason> appear as requests finish).
+_TOTALS = (
+    "submitted", "prefills", "steps", "step_us", "tokens", "generated_tokens", "forwards",
+    "draft_tokens", "accepted_tokens",
+)  # fmt: skip
+
+
 class Engine:
     """Continuous batching over `slots` rows of one decode state; see the module docstring.
 
@@ -441,10 +448,7 @@ class Engine:
             c = self._counters
             decoded = c["generated_tokens"] - c["prefills"]
             return {
-                "generated_tokens": 0,
-                "forwards": 0,
-                "draft_tokens": 0,
-                "accepted_tokens": 0,
+                **dict.fromkeys(_TOTALS, 0),  # present (0) before the first request
                 "acceptance_rate": c["accepted_tokens"] / c["draft_tokens"]
                 if c["draft_tokens"]
                 else 0.0,
