@@ -17,7 +17,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn", "save_at
 ATTENTION_IMPLS = ("auto", "reference", "chunked", "cudnn")
 MOE_IMPLS = ("auto", "ragged_dot", "tiled")
 DTYPES = ("float32", "bfloat16", "float16")
-SUPPORTED_HF_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2")
+SUPPORTED_HF_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2", "deepseek_v32")
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -79,6 +79,12 @@ class ModelConfig:
     # FP8 training (SPEC §8, dsjax/fp8.py): every linear layer and expert matmul in E4M3 with
     # 1x128 / 128x128 scaling and FP32 accumulation. Not part of the HF format.
     fp8: bool = False
+    # DeepSeek Sparse Attention (V3.2, SPEC §10; HF deepseek_v32): each query attends only to the
+    # `index_topk` keys its lightning indexer (index_n_heads x index_head_dim) scores highest.
+    # index_topk = 0 is dense MLA (V3). V3.2: 2048, 64 heads, head dim 128.
+    index_topk: int = 0
+    index_n_heads: int = 64
+    index_head_dim: int = 128
 
     def __post_init__(self):
         self.validate()
@@ -173,6 +179,19 @@ class ModelConfig:
             fail("moe_tile", "must be a non-negative integer (0 = per platform)")
         if not isinstance(self.fp8, bool):
             fail("fp8", "must be a bool")
+        if not is_int(self.index_topk) or self.index_topk < 0:
+            fail("index_topk", "must be a non-negative integer (0 = dense MLA)")
+        if self.index_topk:
+            if not self.q_lora_rank:
+                fail("q_lora_rank", "DeepSeek Sparse Attention (index_topk > 0) needs q LoRA")
+            if not is_int(self.index_n_heads) or self.index_n_heads <= 0:
+                fail("index_n_heads", "must be a positive integer when index_topk > 0")
+            if not is_int(self.index_head_dim) or self.index_head_dim < self.qk_rope_head_dim:
+                fail(
+                    "index_head_dim",
+                    f"must be an integer >= qk_rope_head_dim={self.qk_rope_head_dim} "
+                    "(RoPE rotates its first qk_rope_head_dim dims)",
+                )
 
     # ------------------------------------------------------------------ derived
     @property
@@ -187,6 +206,11 @@ class ModelConfig:
     def mtp_is_moe(self) -> bool:
         """MTP blocks sit at layer index num_hidden_layers, so they are MoE whenever MoE exists."""
         return self.n_routed_experts > 0 and self.num_hidden_layers >= self.first_k_dense_replace
+
+    @property
+    def use_dsa(self) -> bool:
+        """DeepSeek Sparse Attention (a lightning indexer and top-k keys per query) is on."""
+        return self.index_topk > 0
 
     @property
     def qk_head_dim(self) -> int:
@@ -291,6 +315,12 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=_first(hf.get("eos_token_id")),
         )
+        if model_type == "deepseek_v32":
+            kw.update(
+                index_topk=hf.get("index_topk", 2048),
+                index_n_heads=hf.get("index_n_heads", 64),
+                index_head_dim=hf.get("index_head_dim", 128),
+            )
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config.json hidden_act={hf['hidden_act']!r}: only silu is supported")
         if hf.get("attention_bias"):
@@ -322,9 +352,22 @@ class ModelConfig:
                 if value is not None:
                     rope[key] = value
         v2 = self.scoring_func == "softmax"
+        arch, model_type = (
+            ("DeepseekV2ForCausalLM", "deepseek_v2")
+            if v2
+            else ("DeepseekV3ForCausalLM", "deepseek_v3")
+        )
+        dsa: dict[str, Any] = {}
+        if self.use_dsa:
+            arch, model_type = "DeepseekV32ForCausalLM", "deepseek_v32"
+            dsa = dict(
+                index_topk=self.index_topk,
+                index_n_heads=self.index_n_heads,
+                index_head_dim=self.index_head_dim,
+            )
         return {
-            "architectures": ["DeepseekV2ForCausalLM" if v2 else "DeepseekV3ForCausalLM"],
-            "model_type": "deepseek_v2" if v2 else "deepseek_v3",
+            "architectures": [arch],
+            "model_type": model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -358,6 +401,7 @@ class ModelConfig:
             "hidden_act": "silu",
             "attention_bias": False,
             "torch_dtype": "bfloat16" if self.param_dtype == "bfloat16" else "float32",
+            **dsa,
         }
 
 

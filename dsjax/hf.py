@@ -64,7 +64,11 @@ CONFIG_FILE = "config.json"
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 # config.json `architectures` whose checkpoints this module reads (Kimi-K2 and Moonlight use V3's).
-SUPPORTED_ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
+SUPPORTED_ARCHITECTURES = (
+    "DeepseekV3ForCausalLM",
+    "DeepseekV2ForCausalLM",
+    "DeepseekV32ForCausalLM",
+)
 
 Path_ = tuple[str, ...]
 
@@ -162,6 +166,15 @@ def _attention_specs(cfg: ModelConfig) -> list[_Spec]:
         _linear("self_attn.o_proj.weight", "attn/o/kernel", d, h * cfg.v_head_dim),
         _vector("post_attention_layernorm.weight", "ffn_norm/scale", d),
     ]
+    if cfg.use_dsa:  # DeepSeek-V3.2's lightning indexer (SPEC §10)
+        n, i, ix = cfg.index_n_heads, cfg.index_head_dim, "self_attn.indexer."
+        specs += [
+            _linear(ix + "wq_b.weight", "attn/indexer/wq_b/kernel", n * i, cfg.q_lora_rank),
+            _linear(ix + "wk.weight", "attn/indexer/wk/kernel", i, d),
+            _vector(ix + "k_norm.weight", "attn/indexer/k_norm/scale", i),
+            _vector(ix + "k_norm.bias", "attn/indexer/k_norm/bias", i),
+            _linear(ix + "weights_proj.weight", "attn/indexer/weights_proj/kernel", n, d),
+        ]
     return specs
 
 

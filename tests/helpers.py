@@ -78,7 +78,7 @@ def random_variables(cfg: ModelConfig, seed: int, gain: float = 1.5):
     """Random variables with well-separated logits, built from shapes (no init compile).
 
     Kernels ~ N(0, (gain / sqrt(fan_in))^2), embeddings N(0, 1), norm scales 1 + 0.2 N(0, 1),
-    routing biases U[0, 0.3].
+    routing biases U[0, 0.3], LayerNorm biases 0.1 N(0, 1).
     """
     shapes = nn.unbox(abstract_variables(cfg))
     rng = np.random.default_rng(seed)
@@ -89,6 +89,8 @@ def random_variables(cfg: ModelConfig, seed: int, gain: float = 1.5):
             return jnp.asarray(rng.uniform(0, 0.3, s.shape), s.dtype)
         if name.endswith("['scale']"):
             return jnp.asarray(1 + 0.2 * rng.standard_normal(s.shape), s.dtype)
+        if name.endswith("['bias']"):  # LayerNorm bias (the DSA indexer's k_norm)
+            return jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype)
         if "embedding" in name:
             return jnp.asarray(rng.standard_normal(s.shape), s.dtype)
         fan_in = s.shape[-2]
