@@ -1,6 +1,8 @@
 """R1-style GRPO demo on 2-digit addition, for a 2-core CPU: a short cold-start SFT on a noisy
 teacher (format right, answers right only half of the time), then GRPO with the accuracy and
-format rewards. `python train.py --config=configs/grpo_arith.py` (dispatches on `trainer`)."""
+format rewards. `python train.py --config=configs/grpo_arith.py` (dispatches on `trainer`).
+`--config.sft.init_from=DIR` skips the cold start: GRPO straight from a train.py work directory
+or a Hugging Face DeepSeek-format directory (its own model and tokenizer)."""
 
 import ml_collections
 
@@ -59,7 +61,11 @@ def get_config():
     c.sft.warmup_steps = 20
     c.sft.p_correct = 0.5  # the noisy teacher's answers are right half of the time
     c.sft.p_bad_format = 0.1
-    c.sft.init_from = ""  # a train.py work directory with this model: start there, no SFT
+    # Start from a checkpoint instead of the cold start (no SFT): a train.py work directory with
+    # this model, or any Hugging Face DeepSeek-format directory (config.json + *.safetensors +
+    # tokenizer.json): then its config.json sets the model (config.model keeps only dtype,
+    # param_dtype and other run choices) and its tokenizer encodes the task.
+    c.sft.init_from = ""
 
     c.grpo = ml_collections.ConfigDict()
     c.grpo.steps = 100

@@ -3,8 +3,13 @@
 1. Cold start (SFT): `config.sft.steps` of `train_step` on a noisy teacher's completions of the
    arithmetic task (format right, answers right only `config.sft.p_correct` of the time, a few
    broken formats), loss on completion tokens only. Saved once in `WORKDIR/cold_start/`; a rerun
-   reuses it. `config.sft.init_from` (a train.py work directory with the same model, e.g. an
-   earlier run of this config) replaces the stage.
+   reuses it. `config.sft.init_from` replaces the stage (`resolve_start`):
+   - a train.py work directory with the same model (e.g. an earlier run of this config);
+   - a Hugging Face DeepSeek-format directory (config.json + *.safetensors + tokenizer.json):
+     R1-Zero style, GRPO straight from its weights. Its config.json sets the model (config.model
+     keeps only dtype/param_dtype and other run choices, `_RUN_FIELDS`), its tokenizer encodes
+     the task (`rewards.HFTaskTokenizer`; bos/eos from config.json or the tokenizer files; the
+     R1 tags become whatever tokens it gives them) and is saved to `WORKDIR/tokenizer/`.
 2. GRPO: per step `config.grpo.prompts` training prompts × `config.grpo.group_size` completions
    from dsjax's jitted `generate` (temperature 1, per-row keys from the step's seed), rule-based
    rewards (accuracy + `format_weight` × format), group advantages, π_old / π_ref log-probs, then
@@ -15,7 +20,9 @@
 Checkpoints (Orbax, `WORKDIR/checkpoints/<step>/`): `model` (the policy's params + moe_bias, so
 `checkpoint.load_for_inference` and serve.py read it), `reference`, `optimizer` (step + AdamW
 state), `loop` (JSON: next prompt index; the rollout seed is a function of (seed, step)), and
-`config`. Resuming restores all of them, so a resumed run repeats the uninterrupted one exactly.
+`config` (with the model actually run). Resuming restores all of them, so a resumed run repeats
+the uninterrupted one exactly; a run started from a Hugging Face directory resumes from its
+checkpoint's config and `WORKDIR/tokenizer/` without reading that directory again.
 Metrics per step go to `metrics.jsonl` / TensorBoard; `rewards.png` plots reward and accuracy.
 """
 
@@ -26,6 +33,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -42,7 +50,9 @@ from dsjax.model import Transformer, count_params
 from dsjax.rewards import (
     ArithTask,
     ArithTokenizer,
+    HFTaskTokenizer,
     Problem,
+    TaskTokenizer,
     accuracy_reward,
     cold_start_completion,
     format_reward,
@@ -60,7 +70,16 @@ from dsjax.train_step import (
 
 log = logging.getLogger("dsjax.grpo")
 
-__all__ = ["grpo_and_evaluate", "make_task", "plot_rewards", "rollout", "score"]
+__all__ = [
+    "grpo_and_evaluate",
+    "load_task_tokenizer",
+    "make_task",
+    "plot_rewards",
+    "resolve_start",
+    "rollout",
+    "score",
+    "start_kind",
+]
 
 
 # ----------------------------------------------------------------------------- config
@@ -92,7 +111,7 @@ def _check(config) -> None:
             f"config.grpo.max_new_tokens={g.max_new_tokens}"
         )
     teacher = longest + _longest_teacher(config.task.max_operand)
-    if s.steps and teacher > config.data.seq_len:
+    if s.steps and not s.get("init_from") and teacher > config.data.seq_len:
         raise ValueError(
             f"config.data.seq_len={config.data.seq_len} must hold the cold start's longest "
             f"example ({teacher} tokens)"
@@ -145,7 +164,7 @@ def sequence_batch(prompts: list[list[int]], completions: list[list[int]], T: in
 
 
 def sft_batch(
-    task: ArithTask, tok: ArithTokenizer, start: int, count: int, T: int, seed: int, sft_cfg
+    task: ArithTask, tok: TaskTokenizer, start: int, count: int, T: int, seed: int, sft_cfg
 ) -> dict[str, np.ndarray]:
     """A train_step batch of teacher completions for problems start..start+count-1."""
     probs = task.problems(start, count)
@@ -236,9 +255,8 @@ def evaluate(cfg, variables, tok, task, config) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- cold start
-def cold_start(config, mesh, model, tok, task, workdir, start=None):
-    """(params, moe_bias) after the SFT stage, trained now or restored from WORKDIR/cold_start;
-    `start` (variables from `_load_start`) replaces it."""
+def cold_start(config, mesh, model, tok, task, workdir):
+    """(params, moe_bias) after the SFT stage, trained now or restored from WORKDIR/cold_start."""
     sft = config.sft
     sft_config = ml_collections.ConfigDict(config.to_dict())
     sft_config.train.steps = max(sft.steps, 1)
@@ -249,9 +267,6 @@ def cold_start(config, mesh, model, tok, task, workdir, start=None):
     state, abstract, shardings = create_sharded_state(
         jax.random.key(config.seed), model, tx, mesh, T
     )
-    if start is not None:
-        put = jax.device_put
-        return put(start["params"], shardings.params), put(start["moe_bias"], shardings.moe_bias)
     directory = os.path.join(workdir, "cold_start")
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True))
     target = {"params": abstract.params, "moe_bias": abstract.moe_bias}
@@ -310,6 +325,234 @@ def _load_start(path: str, cfg):
         )
     log.info("cold start: skipped, starting from %s", path)
     return variables
+
+
+# ----------------------------------------------------------------------------- starting points
+# config.model fields that are run choices, not part of a checkpoint's architecture: they still
+# apply when the model comes from a Hugging Face directory (remat comes from config.train).
+_RUN_FIELDS = (
+    "dtype",
+    "param_dtype",
+    "init_std",
+    "attention_impl",
+    "attention_chunk",
+    "moe_impl",
+    "moe_tile",
+    "fp8",
+)
+TOKENIZER_DIR = "tokenizer"  # WORKDIR/tokenizer/: the HF start's tokenizer, kept for resume
+
+
+def start_kind(path: str) -> str:
+    """What `config.sft.init_from` = `path` is: "workdir" (a train.py work directory: has
+    checkpoints/) or "hf" (a Hugging Face DeepSeek-format directory: config.json with a
+    supported model_type, and safetensors).
+
+    Raises:
+      ValueError: `path` is neither, naming what is missing.
+    """
+    from dsjax.config import SUPPORTED_HF_TYPES  # noqa: PLC0415
+    from dsjax.safetensors_io import read_json_object  # noqa: PLC0415
+
+    where = f"config.sft.init_from={path!r}"
+    if not os.path.isdir(path):
+        raise ValueError(f"{where} is not a directory")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return "workdir"
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise ValueError(
+            f"{where} is neither a train.py work directory (checkpoints/) nor a Hugging Face "
+            "directory (config.json + *.safetensors)"
+        )
+    model_type = read_json_object(Path(config_file), "Hugging Face config.json").get("model_type")
+    if model_type not in SUPPORTED_HF_TYPES:
+        raise ValueError(
+            f"{where}: config.json model_type={model_type!r} is not a DeepSeek format "
+            f"({', '.join(SUPPORTED_HF_TYPES)})"
+        )
+    if not any(name.endswith(".safetensors") for name in os.listdir(path)):
+        raise ValueError(f"{where}: a Hugging Face directory needs *.safetensors; it has none")
+    return "hf"
+
+
+def load_task_tokenizer(path: str, hf_config: dict[str, Any] | None = None) -> HFTaskTokenizer:
+    """The task tokenizer of a Hugging Face directory (or of WORKDIR/tokenizer/).
+
+    Its tokenizer.json (+ tokenizer_config.json) via `dsjax.tokenizer`. bos and eos, each: the
+    token tokenizer_config.json names, else config.json's `bos_token_id` / `eos_token_id`
+    (`hf_config`; the first of an eos list), else a well-known spelling in the vocabulary (see
+    `dsjax.tokenizer`); where tokenizer_config.json and config.json disagree the former wins,
+    with a warning. pad: the tokenizer's, else `pad_token_id`, else eos.
+
+    Raises:
+      FileNotFoundError: no tokenizer.json in `path` (named).
+      ValueError: no eos token anywhere, or an id outside the tokenizer's vocabulary.
+    """
+    from dsjax.safetensors_io import read_json_object  # noqa: PLC0415
+    from dsjax.tokenizer import CONFIG_FILE, TOKENIZER_FILE, Tokenizer  # noqa: PLC0415
+
+    file = os.path.join(path, TOKENIZER_FILE)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(
+            f"{file} is missing: GRPO from a Hugging Face directory encodes the task with that "
+            "checkpoint's own tokenizer"
+        )
+    tok = Tokenizer.load(path)
+    config_file = Path(path) / CONFIG_FILE
+    named = read_json_object(config_file, "tokenizer config") if config_file.is_file() else {}
+    hf = hf_config or {}
+    ids: dict[str, Any] = {}
+    for field, own in (("bos", tok.bos_id), ("eos", tok.eos_id)):
+        from_json = hf.get(f"{field}_token_id")
+        from_json = from_json[0] if isinstance(from_json, list) and from_json else from_json
+        if named.get(f"{field}_token") is not None:
+            if from_json is not None and from_json != own:
+                log.warning(
+                    "%s names %s id %s but config.json says %s: using the tokenizer's",
+                    config_file,
+                    field,
+                    own,
+                    from_json,
+                )
+            ids[field] = own
+        else:
+            ids[field] = from_json if from_json is not None else own
+    if ids["eos"] is None:
+        raise ValueError(
+            f"{path}: no eos token (config.json has no eos_token_id and the tokenizer files "
+            "name none): rollouts could never end"
+        )
+    pad = next(p for p in (tok.pad_id, hf.get("pad_token_id"), ids["eos"]) if p is not None)
+    return HFTaskTokenizer(tok, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=pad)
+
+
+def _save_task_tokenizer(tok: HFTaskTokenizer, directory: str) -> None:
+    """Writes `tok` (tokenizer.json + tokenizer_config.json naming its resolved bos/eos/pad and
+    add_bos_token) to `directory`, where `load_task_tokenizer` and `dsjax.loading` read it."""
+    from dsjax.tokenizer import CONFIG_FILE, Tokenizer  # noqa: PLC0415
+
+    backend = tok.tokenizer.backend
+    name = lambda i: None if i is None else backend.id_to_token(i)  # noqa: E731
+    Tokenizer(
+        backend, bos_token=name(tok.bos_id), eos_token=name(tok.eos_id), pad_token=name(tok.pad_id)
+    ).save(directory)
+    config_file = os.path.join(directory, CONFIG_FILE)
+    with open(config_file) as f:
+        tok_config = json.load(f)
+    tok_config["add_bos_token"] = tok.bos_id is not None
+    with open(config_file, "w") as f:
+        json.dump(tok_config, f, indent=2, ensure_ascii=False)
+
+
+def _with_model(config, cfg) -> ml_collections.ConfigDict:
+    """`config` with config.model replaced by every field of ModelConfig `cfg` but remat (which
+    config.train.remat sets)."""
+    import dataclasses  # noqa: PLC0415
+
+    out = ml_collections.ConfigDict(config.to_dict())
+    out.model = ml_collections.ConfigDict(
+        {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "remat"}
+    )
+    return out
+
+
+def _latest_step(workdir: str) -> int | None:
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return None
+    manager = ocp.CheckpointManager(directory)
+    latest = manager.latest_step()
+    manager.close()
+    return latest
+
+
+def _saved_model_config(workdir: str, step: int):
+    """The ModelConfig stored with the GRPO checkpoint at `step`."""
+    from dsjax.checkpoint import model_config_from_run  # noqa: PLC0415
+
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    manager.close()
+    return model_config_from_run(saved["config"])
+
+
+def resolve_start(config, workdir: str):
+    """(config, tokenizer, start variables or None) of a run, before the mesh context.
+
+    - No `config.sft.init_from`: `config`, `ArithTokenizer`, None (the cold start runs).
+    - A train.py work directory: its latest checkpoint's variables (model must match
+      config.model); its tokenizer/ if it has one (a pretraining run, or a run started from a
+      Hugging Face directory; saved to WORKDIR/tokenizer/ too), else `ArithTokenizer`.
+    - A Hugging Face DeepSeek-format directory: `config` with config.model's architecture fields
+      replaced by config.json's (the `_RUN_FIELDS` and config.train.remat still apply), its
+      tokenizer (`load_task_tokenizer`, saved to WORKDIR/tokenizer/), its weights (no SFT; the
+      reference policy is these weights).
+    Resuming (WORKDIR has a GRPO checkpoint) loads no start weights; a run with a saved
+    WORKDIR/tokenizer/ takes its model config from the checkpoint and its tokenizer from there,
+    so it reads nothing from the Hugging Face directory (which may be gone).
+    """
+    latest = _latest_step(workdir)
+    init_from = config.sft.get("init_from") or ""
+    saved_tok = os.path.join(workdir, TOKENIZER_DIR)
+    if latest is not None and os.path.isfile(os.path.join(saved_tok, "tokenizer.json")):
+        log.info(
+            "resuming a run with its own tokenizer: model config from the step-%d checkpoint, "
+            "tokenizer from %s",
+            latest,
+            saved_tok,
+        )
+        cfg = _saved_model_config(workdir, latest)
+        return _with_model(config, cfg), load_task_tokenizer(saved_tok), None
+    if not init_from:
+        return config, ArithTokenizer(), None
+    kind = start_kind(init_from)
+    if kind == "workdir":
+        start = None if latest is not None else _load_start(init_from, model_config(config))
+        their_tok = os.path.join(init_from, TOKENIZER_DIR)
+        if not os.path.isfile(os.path.join(their_tok, "tokenizer.json")):
+            return config, ArithTokenizer(), start  # e.g. an earlier grpo_arith run
+        tok = load_task_tokenizer(their_tok)  # a run started from HF, or a pretraining run
+        log.info("config.sft.init_from=%s: the task is encoded with its tokenizer/", init_from)
+        if jax.process_index() == 0:
+            _save_task_tokenizer(tok, saved_tok)
+        return config, tok, start
+    if latest is not None:
+        raise ValueError(
+            f"{workdir} holds GRPO checkpoints of a run that did not start from a Hugging Face "
+            f"directory, but config.sft.init_from={init_from!r} is one: use a new work directory"
+        )
+    return _start_from_hf(config, init_from, saved_tok)
+
+
+def _start_from_hf(config, path: str, saved_tok: str):
+    from dsjax.hf import load_hf_checkpoint  # noqa: PLC0415
+    from dsjax.safetensors_io import read_json_object  # noqa: PLC0415
+
+    hf = read_json_object(Path(path) / "config.json", "Hugging Face config.json")
+    tok = load_task_tokenizer(path, hf)  # before the weights: a missing file fails at once
+    run = {k: config.model[k] for k in _RUN_FIELDS if k in config.model}
+    run["remat"] = config.train.remat
+    cfg, variables = load_hf_checkpoint(
+        path, dtype=run.pop("param_dtype", "float32"), config_overrides=run
+    )
+    log.info(
+        "config.sft.init_from=%s is a Hugging Face directory: its model (%d layers, hidden %d, "
+        "vocab %d) replaces config.model's shape fields; no cold start, the reference policy is "
+        "its weights",
+        path,
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.vocab_size,
+    )
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(
+            f"{path}: the tokenizer has {tok.vocab_size} tokens but config.json vocab_size is "
+            f"{cfg.vocab_size}"
+        )
+    if jax.process_index() == 0:
+        _save_task_tokenizer(tok, saved_tok)
+    return _with_model(config, cfg), tok, variables
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -416,12 +659,14 @@ def grpo_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[s
     _check(config)
     validate_config(config, None)
     mesh = sharding.make_mesh(**config.mesh)
+    _cpu_array_handler()
+    config, tok, start_vars = resolve_start(config, workdir)  # outside the mesh context
     validate_config(config, mesh)
-    tok, task = ArithTokenizer(), make_task(config)
+    task = make_task(config)
     if config.model.vocab_size < tok.vocab_size:
         raise ValueError(
             f"config.model.vocab_size={config.model.vocab_size} is below the "
-            f"arithmetic vocabulary's {tok.vocab_size} tokens"
+            f"task tokenizer's {tok.vocab_size} tokens"
         )
     rows = config.grpo.prompts * config.grpo.group_size
     if rows % sharding.batch_shards(mesh):
@@ -436,9 +681,6 @@ def grpo_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[s
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     log.info("model: %.2fM parameters; mesh %s", count_params(cfg)["total"] / 1e6, dict(mesh.shape))
-    _cpu_array_handler()
-    init_from = config.sft.get("init_from")
-    start_vars = _load_start(init_from, cfg) if init_from else None
     g, t_start = config.grpo, time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         tx, schedule = _grpo_optimizer(config)
@@ -452,7 +694,12 @@ def grpo_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[s
             state, loop = _restore(manager, latest, abstract)
             log.info("resumed from the GRPO checkpoint at step %d", latest)
         else:
-            params, moe_bias = cold_start(config, mesh, model, tok, task, workdir, start_vars)
+            if start_vars is not None:  # config.sft.init_from: no cold start
+                params = jax.device_put(start_vars["params"], shardings.params)
+                moe_bias = jax.device_put(start_vars.get("moe_bias", {}), shardings.moe_bias)
+                start_vars = None
+            else:
+                params, moe_bias = cold_start(config, mesh, model, tok, task, workdir)
             init = jax.jit(functools.partial(_fresh_state, tx=tx), out_shardings=shardings)
             state, loop = init(params, moe_bias), {"prompt_index": 0}
         start = int(state.step) // g.inner_steps

@@ -5,8 +5,12 @@ rule-based rewards.
   held-out set (problems whose index hashes into the held-out bucket never appear in training);
   problem number n of a seed is a pure function of (seed, n), so the prompt iterator's state is one
   integer (exact resume).
-- `ArithTokenizer`: a character vocabulary (digits, operators, `=`, space) plus the R1 tag strings
-  `<think>`, `</think>`, `<answer>`, `</answer>` as single tokens and pad/bos/eos.
+- `TaskTokenizer`: what the GRPO loop needs of a tokenizer (encode / decode / bos / eos / pad /
+  vocab_size). Two implementations: `ArithTokenizer`, a character vocabulary (digits, operators,
+  `=`, space) plus the R1 tag strings `<think>`, `</think>`, `<answer>`, `</answer>` as single
+  tokens and pad/bos/eos (the demo); `HFTaskTokenizer`, a Hugging Face checkpoint's own
+  tokenizer (`dsjax.tokenizer.Tokenizer`), whatever tokens it gives the tags. Rewards always
+  run on decoded text.
 - `format_reward`: 1 iff the completion is `<think>…</think><answer>…</answer>` and nothing else
   (whitespace around and between the two blocks allowed; no tag inside a block).
 - `accuracy_reward`: 1 iff the completion has exactly one `<answer>…</answer>` whose content is an
@@ -20,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -27,7 +32,9 @@ __all__ = [
     "TAGS",
     "ArithTask",
     "ArithTokenizer",
+    "HFTaskTokenizer",
     "Problem",
+    "TaskTokenizer",
     "accuracy_reward",
     "cold_start_completion",
     "format_reward",
@@ -170,6 +177,32 @@ def cold_start_completion(
 
 
 # ====================================================================== tokenizer
+@runtime_checkable
+class TaskTokenizer(Protocol):
+    """What the GRPO loop needs of a tokenizer.
+
+    `encode(text, add_bos)` -> ids (bos first when `add_bos` and the tokenizer has one);
+    `decode(ids)` -> the text of a completion: stops at the first `eos_id`, drops bos/pad and
+    ids outside the vocabulary. `eos_id` ends a rollout; `pad_id` fills the right of a batch.
+    """
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def bos_id(self) -> int | None: ...
+
+    @property
+    def eos_id(self) -> int: ...
+
+    @property
+    def pad_id(self) -> int: ...
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
 class ArithTokenizer:
     """Character vocabulary for the arithmetic task; the tags are single tokens.
 
@@ -214,3 +247,50 @@ class ArithTokenizer:
                 continue
             out.append(self.tokens[i])
         return "".join(out)
+
+
+class HFTaskTokenizer:
+    """A Hugging Face tokenizer as a `TaskTokenizer`.
+
+    Args:
+      tokenizer: a `dsjax.tokenizer.Tokenizer` (tokenizer.json [+ tokenizer_config.json]).
+      bos_id: prepended by `encode(..., add_bos=True)`; None: the model has no bos (nothing is
+        prepended).
+      eos_id: ends a completion (rollouts stop on it; `decode` cuts there).
+      pad_id: right padding of batches (masked out; any id works).
+
+    Special-token strings inside text are encoded as text; `decode` keeps the text of every
+    other token, special or not (an R1 tag that the tokenizer marks special still reaches the
+    format reward, and stray special tokens count as extra text).
+    """
+
+    def __init__(self, tokenizer: Any, *, bos_id: int | None, eos_id: int, pad_id: int):
+        n = tokenizer.vocab_size
+        for name, value in (("bos_id", bos_id), ("eos_id", eos_id), ("pad_id", pad_id)):
+            if value is None and name == "bos_id":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
+                raise ValueError(
+                    f"{name}={value!r} must be a token id in [0, {n}) of the tokenizer"
+                )
+        self.tokenizer = tokenizer
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self.tokenizer.encode(text)
+        return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`, stopping at the first eos; bos, pad and out-of-vocabulary ids dropped."""
+        kept, n = [], self.vocab_size
+        for i in ids:
+            i = int(i)
+            if i == self.eos_id:
+                break
+            if i not in (self.bos_id, self.pad_id) and 0 <= i < n:
+                kept.append(i)
+        return self.tokenizer.decode(kept, skip_special_tokens=False)

@@ -27,6 +27,7 @@ from dsjax.rewards import (
     ArithTask,
     ArithTokenizer,
     Problem,
+    TaskTokenizer,
     accuracy_reward,
     cold_start_completion,
     format_reward,
@@ -180,24 +181,25 @@ def run():
         old, ref = logp_fn(state, batch)
         state, m1 = update_fn(state, batch, old, ref)
         state, m2 = update_fn(state, batch, old, ref)
-        yield dict(
-            state=state,
-            m1=jax.device_get(m1),
-            m2=jax.device_get(m2),
-            comps=comps,
-            batch=batch,
-            ref_before=ref_before,
-            policy_before=policy_before,
-            old=np.asarray(old),
-            ref=np.asarray(ref),
-            abstract_sh=shardings,
-            mesh=mesh,
-            model=model,
-            tx=tx,
-            fns=(logp_fn, update_fn),
-            cfg=cfg,
-            tok=tok,
-        )
+    # Outside the mesh context: later tests (grpo_and_evaluate) must not run inside it.
+    return dict(
+        state=state,
+        m1=jax.device_get(m1),
+        m2=jax.device_get(m2),
+        comps=comps,
+        batch=batch,
+        ref_before=ref_before,
+        policy_before=policy_before,
+        old=np.asarray(old),
+        ref=np.asarray(ref),
+        abstract_sh=shardings,
+        mesh=mesh,
+        model=model,
+        tx=tx,
+        fns=(logp_fn, update_fn),
+        cfg=cfg,
+        tok=tok,
+    )
 
 
 def test_first_pass_ratio_one_kl_zero(run):
@@ -286,3 +288,159 @@ def test_config_errors_name_the_field():
     bad.grpo.group_size = 1
     with pytest.raises(ValueError, match=r"config.grpo.group_size=1"):
         _check(bad)
+
+
+# ----------------------------------------------------------------------------- start from HF
+_HF_CHARS = tuple("0123456789+-*= ")
+_HF_SPECIAL = ("<s>", "</s>", "<pad>", "<unk>")
+
+
+def _char_tokenizer_json(path) -> dict[str, int]:
+    """A WordLevel character tokenizer over the task's alphabet (specials, characters, then the
+    tags as added tokens: ids unlike ArithTokenizer's) written to `path`/tokenizer.json. Returns
+    its vocab."""
+    import tokenizers
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+
+    from dsjax.rewards import TAGS
+
+    vocab = {t: i for i, t in enumerate((*_HF_SPECIAL, *_HF_CHARS, *TAGS))}
+    backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAGS])
+    backend.add_special_tokens(list(_HF_SPECIAL))
+    backend.save(str(path / "tokenizer.json"))
+    return vocab
+
+
+def _hf_run_config(hf_dir, steps: int):
+    from configs.grpo_arith import get_config
+
+    c = get_config()  # its config.model (vocab 32, 3 layers, hidden 96) must be ignored
+    c.sft.init_from = str(hf_dir)
+    c.task.max_operand = 9
+    c.data.seq_len = 24
+    c.grpo.update(
+        steps=steps, prompts=2, group_size=4, inner_steps=1, max_new_tokens=8, eval_every=1
+    )
+    c.grpo.eval_prompts = 8  # the rollouts' batch: one generate program for both
+    c.train.log_every = 1
+    c.checkpoint.every = 1
+    return c
+
+
+def _restore_item(workdir, item: str, cfg):
+    """The {"params", "moe_bias"} item `item` of the latest GRPO checkpoint (host arrays)."""
+    import orbax.checkpoint as ocp
+
+    from dsjax.model import abstract_variables
+
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(abstract_variables(cfg))
+    )
+    manager = ocp.CheckpointManager(str(workdir / "checkpoints"))
+    r = manager.restore(
+        manager.latest_step(), args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)})
+    )
+    manager.close()
+    return jax.device_get(r[item])
+
+
+def test_grpo_from_hf_directory(tmp_path, monkeypatch):
+    """GRPO straight from a Hugging Face directory: its model, tokenizer and weights (policy and
+    reference), then a resume that no longer needs the directory."""
+    import shutil
+
+    from dsjax import grpo_lib
+    from dsjax.checkpoint import load_for_inference
+    from dsjax.hf import save_hf_checkpoint
+    from dsjax.metrics import read_metrics
+    from tests.helpers import random_variables
+
+    hf_dir, workdir = tmp_path / "hf", tmp_path / "run"
+    # The model of the `run` fixture (its generate program is reused): vocab 24 (the tokenizer
+    # has 23), bos 0 and eos 1 in config.json; config.model says vocab 32, 3 layers, hidden 96.
+    cfg = tiny_config(vocab_size=24, num_hidden_layers=2, max_position_embeddings=32)
+    bos, eos = cfg.bos_token_id, cfg.eos_token_id
+    variables = jax.device_get(random_variables(cfg, 3, gain=1.0))
+    save_hf_checkpoint(hf_dir, cfg, variables)
+    assert grpo_lib.start_kind(str(hf_dir)) == "hf"
+
+    # No tokenizer.json: a clear error naming the file, before any weight is read.
+    with pytest.raises(FileNotFoundError, match=r"hf/tokenizer\.json is missing"):
+        grpo_lib.grpo_and_evaluate(_hf_run_config(hf_dir, 1), str(workdir))
+
+    vocab = _char_tokenizer_json(hf_dir)
+    assert vocab["<s>"] == bos and vocab["</s>"] == eos
+    tok = grpo_lib.load_task_tokenizer(str(hf_dir), {"bos_token_id": bos, "eos_token_id": eos})
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (bos, eos, vocab["<pad>"], 23)
+    assert isinstance(tok, TaskTokenizer) and isinstance(ArithTokenizer(), TaskTokenizer)
+    assert tok.encode("3+4=", add_bos=True) == [bos, vocab["3"], vocab["+"], vocab["4"], vocab["="]]
+    text = "<think>3+4=7 0+0+0=0</think><answer>-7</answer>"
+    assert tok.encode(text)[0] == vocab["<think>"] and tok.encode(text)[-1] == vocab["</answer>"]
+    assert tok.decode([bos, *tok.encode(text), eos, vocab["1"]]) == text  # cut at eos
+    assert tok.decode([vocab["1"], 23, vocab["2"]]) == "12"  # ids past the tokenizer: dropped
+
+    # tokenizer_config.json's named tokens win over config.json's ids; no tokenizer eos and no
+    # config.json eos_token_id is an error.
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(hf_dir / "tokenizer.json", other / "tokenizer.json")
+    (other / "tokenizer_config.json").write_text('{"eos_token": "</s>", "bos_token": null}')
+    tok_other = grpo_lib.load_task_tokenizer(str(other), {"eos_token_id": 7})
+    assert (tok_other.bos_id, tok_other.eos_id) == (None, eos)
+    assert tok_other.encode("3+4=", add_bos=True)[0] == vocab["3"]  # no bos to add
+    (other / "tokenizer_config.json").write_text('{"eos_token": null}')
+    with pytest.raises(ValueError, match="no eos token"):
+        grpo_lib.load_task_tokenizer(str(other), {})
+    with pytest.raises(ValueError, match="neither a train.py work directory"):
+        grpo_lib.start_kind(str(other))
+
+    seen: list[list[int]] = []
+    real_generate = grpo_lib.generate
+
+    def spy(cfg_, variables_, prompts, *a, **kw):
+        seen.extend(prompts)
+        return real_generate(cfg_, variables_, prompts, *a, **kw)
+
+    monkeypatch.setattr(grpo_lib, "generate", spy)
+    summary = grpo_lib.grpo_and_evaluate(_hf_run_config(hf_dir, 1), str(workdir))
+    assert summary["step"] == 1
+    # Every prompt is bos + that tokenizer's character ids of "a+b=".
+    for p in seen:
+        assert p[0] == bos and tok.decode(p[1:]).endswith("=") and max(p) < tok.vocab_size
+        assert p[1:] == tok.encode(tok.decode(p[1:]))
+    (m1,) = [r for r in read_metrics(str(workdir / "metrics.jsonl")) if r["step"] == 1]
+    # One inner pass at step 1: ratio 1 and KL 0 <=> the policy started as the reference.
+    assert abs(m1["ratio_mean"] - 1.0) < 1e-5 and abs(m1["kl"]) < 1e-6
+    run_cfg, policy = load_for_inference(str(workdir))
+    assert run_cfg.replace(remat="none") == cfg  # the checkpoint's model, not config.model's
+    reference = _restore_item(workdir, "reference", cfg)
+    jax.tree.map(np.testing.assert_array_equal, reference, variables)
+    assert (workdir / "tokenizer" / "tokenizer.json").is_file()
+
+    # Resume to step 2 with the Hugging Face directory gone: checkpoint + WORKDIR/tokenizer only.
+    shutil.rmtree(hf_dir)
+    summary = grpo_lib.grpo_and_evaluate(_hf_run_config(hf_dir, 2), str(workdir))
+    assert summary["step"] == 2 and np.isfinite(summary["loss"])
+    reference = _restore_item(workdir, "reference", cfg)
+    jax.tree.map(np.testing.assert_array_equal, reference, variables)  # never changes
+    moved = jax.tree.map(
+        lambda a, b: float(np.abs(a - b).max()), _restore_item(workdir, "model", cfg), variables
+    )
+    assert max(jax.tree.leaves(moved)) > 0
+    assert [r["step"] for r in read_metrics(str(workdir / "metrics.jsonl"))] == [0, 1, 2]
+
+    # The run's directory is a train.py work directory with its tokenizer: serve.py's loader
+    # reads it, and a further GRPO run starting there keeps that tokenizer.
+    from dsjax.loading import load_model
+
+    _, _, served_tok, add_bos = load_model(str(workdir))
+    assert (served_tok.bos_id, served_tok.eos_id, add_bos) == (bos, eos, True)
+    chained = _hf_run_config(workdir, 1)
+    chained = grpo_lib._with_model(chained, run_cfg)  # a work directory: config.model must match
+    config2, tok2, start2 = grpo_lib.resolve_start(chained, str(tmp_path / "run2"))
+    assert config2 is chained and (tok2.bos_id, tok2.eos_id, tok2.pad_id) == (bos, eos, 2)
+    assert tok2.encode(text) == tok.encode(text)
+    jax.tree.map(np.testing.assert_array_equal, start2, _restore_item(workdir, "model", cfg))
