@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -108,6 +109,7 @@ def load_config():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    t_start = time.perf_counter()  # the wall time the last line reports
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
     logging.getLogger("dsjax").setLevel(logging.INFO)
@@ -144,6 +146,7 @@ def main(argv):
             f"config.train.steps={config.train.steps}); raise --config.train.steps to train on"
         )
         return
+    summary.setdefault("process_seconds", time.perf_counter() - t_start)
     _report(summary, workdir, jax.process_index() == 0)
 
 
@@ -169,10 +172,37 @@ def _report(summary, workdir: str, chief: bool) -> None:
             print("sample:\n" + summary["sample"])
         if summary.get("heldout_sample"):
             print(summary["heldout_sample"])
+        lines = summary.get("sample_python_lines")
+        if lines:
+            print(
+                f"sample: {lines['parse']} of {lines['lines']} lines parse as Python"
+                " (each line alone; comment lines and a line cut off by the token budget left"
+                " out)"
+            )
         plot = os.path.join(os.path.abspath(workdir), "loss.png")
         if os.path.exists(plot):
             print(f"loss plot: {plot}")
         print(f"work directory: {os.path.abspath(workdir)}")
+        print(_final_line(summary, plot if os.path.exists(plot) else None))
+
+
+def _final_line(summary, plot: str | None) -> str:
+    """`held-out: 7.66 → 3.80 nats/token (3.10 → 1.54 bits/byte); wall 9m12s; plot: PATH`."""
+    from dsjax.metrics import format_duration
+
+    def pair(a, b, digits=2):
+        return (
+            f"{'?' if a is None else f'{a:.{digits}f}'} → {'?' if b is None else f'{b:.{digits}f}'}"
+        )
+
+    parts = [
+        f"held-out: {pair(summary.get('eval_loss_initial'), summary.get('eval_loss'))} nats/token"
+        f" ({pair(summary.get('eval_bpb_initial'), summary.get('eval_bpb'))} bits/byte)",
+        f"wall {format_duration(summary.get('process_seconds', summary.get('wall_seconds')))}",
+    ]
+    if plot:
+        parts.append(f"plot: {plot}")
+    return "; ".join(parts)
 
 
 def parse_flags(argv):

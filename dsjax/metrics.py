@@ -233,7 +233,10 @@ def peak_flops_per_device(device: Any = None, dtype: Any = "bfloat16") -> tuple[
 
 
 def _to_float(value: Any) -> float | None:
-    """A JSON-safe float: NaN and infinities become None (strict JSON has no such numbers)."""
+    """A JSON-safe float: None, NaN and infinities become None (strict JSON has no such
+    numbers)."""
+    if value is None:
+        return None
     x = float(value)
     return x if math.isfinite(x) else None
 
@@ -512,7 +515,9 @@ def plot_loss(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> Pa
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    curves = loss_curves(read_metrics(metrics_path))
+    records = read_metrics(metrics_path)
+    curves = loss_curves(records)
+    bpb = [r["eval_bpb"] for r in records if r.get("eval_bpb") is not None]
     fig = Figure(figsize=(8, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -543,7 +548,10 @@ def plot_loss(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> Pa
     else:
         ax.legend()
     if curves["eval"]:
-        ax.set_title(f"held-out main CE {curves['eval'][0][1]:.3f} -> {curves['eval'][-1][1]:.3f}")
+        title = f"held-out main CE {curves['eval'][0][1]:.3f} -> {curves['eval'][-1][1]:.3f}"
+        if bpb:
+            title += f" nats/token ({bpb[0]:.3f} -> {bpb[-1]:.3f} bits/byte)"
+        ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(True, alpha=0.3)
@@ -552,3 +560,80 @@ def plot_loss(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> Pa
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")
     return out
+
+
+# ------------------------------------------------------------- tokenizer-independent eval units
+
+
+def token_byte_lengths(tokenizer: Any, size: int | None = None) -> list[int]:
+    """[V] list: how many UTF-8 bytes of decoded text each token id stands for.
+
+    `tokenizer` is a `dsjax.tokenizer.Tokenizer`. Special tokens count 0 (decoding skips them).
+    With a byte-level decoder (GPT-2 / DeepSeek style BPE) a vocabulary piece is a string of
+    byte-alphabet characters, one per byte, so its length is read from the piece itself; decoding
+    a piece alone would not do, since a piece that holds part of a multi-byte character decodes to
+    U+FFFD (3 bytes). Other decoders (and added non-special tokens) count
+    `len(decode([id]).encode())`. The list is zero-padded to `size` (the model's vocab) if given.
+    """
+    from tokenizers import decoders, pre_tokenizers  # noqa: PLC0415  (only eval needs them)
+
+    backend = tokenizer.backend
+    vocab = tokenizer.vocab_size
+    added = backend.get_added_tokens_decoder()
+    byte_level = isinstance(backend.decoder, decoders.ByteLevel)
+    byte_chars = set(pre_tokenizers.ByteLevel.alphabet())  # one character per byte value
+    out = []
+    for i in range(vocab):
+        if i in added:
+            token = added[i]
+            out.append(0 if token.special else len(token.content.encode("utf-8")))
+            continue
+        piece = backend.id_to_token(i)
+        if byte_level and piece is not None and all(c in byte_chars for c in piece):
+            out.append(len(piece))
+        else:
+            out.append(len(tokenizer.decode([i]).encode("utf-8")))
+    if size is not None:
+        if size < vocab:
+            raise ValueError(f"size {size} is smaller than the tokenizer's vocab_size {vocab}")
+        out += [0] * (size - vocab)
+    return out
+
+
+def bits_per_byte(total_nats: float, total_bytes: float) -> float | None:
+    """Σ cross-entropy (nats) over target tokens / ln 2 / Σ UTF-8 bytes those tokens decode to:
+    a loss that does not change with the tokenizer. None when there are no bytes."""
+    if total_bytes <= 0:
+        return None
+    return float(total_nats) / math.log(2.0) / float(total_bytes)
+
+
+def _parses_alone(line: str) -> bool:
+    """Whether one dedented source line is valid Python on its own: a block header (`...:`) gets
+    an indented `pass`; `elif`/`else`/`except`/`finally` headers are tried after the `if`/`try`
+    block they continue, and a decorator before a `def`."""
+    import ast  # noqa: PLC0415
+
+    text = line.strip()
+    if text.endswith(":"):
+        text += "\n    pass"
+    first = text.split(None, 1)[0].rstrip(":")
+    if first in ("elif", "else"):
+        text = "if _:\n    pass\n" + text
+    elif first in ("except", "finally"):
+        text = "try:\n    pass\n" + text
+    elif text.startswith("@"):
+        text += "\ndef _():\n    pass"
+    try:
+        ast.parse(text)
+    except (SyntaxError, ValueError):  # ValueError: a NUL byte in the text
+        return False
+    return True
+
+
+def python_line_check(text: str) -> tuple[int, int]:
+    """(lines that parse as Python on their own, lines) of `text`, blank and comment-only lines
+    left out (a `#` line always parses): how code-like a model's sample is, line by line (see
+    `_parses_alone`)."""
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    return sum(_parses_alone(ln) for ln in lines), len(lines)

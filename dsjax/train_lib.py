@@ -3,9 +3,11 @@
 Mesh from `config.mesh` -> validated config -> tokenizer (trained on the corpus once, kept in the
 workdir) -> Grain iterators -> state initialised straight into its shardings (or restored from the
 latest checkpoint, possibly onto another mesh) -> jitted, donated `train_step` -> metrics
-(JSONL, TensorBoard, a progress line) -> periodic eval -> Orbax checkpoints (async, every K steps,
-at the end, and on SIGTERM/Ctrl-C) -> `loss.png` and, at the end, a sample from
-`config.train.sample_prompt` beside the greedy continuation of a held-out prompt and the real text.
+(JSONL, TensorBoard, a progress line) -> periodic held-out eval (`eval_loss` in nats per token,
+`eval_bpb` in bits per UTF-8 byte, which does not change with the tokenizer) -> Orbax checkpoints
+(async, every K steps, at the end, and on SIGTERM/Ctrl-C) -> `loss.png` and, at the end, a sample
+from `config.train.sample_prompt` beside the greedy continuation of a held-out prompt and the real
+text, with how many of the sample's lines parse as Python (`summary["sample_python_lines"]`).
 
 A non-finite loss stops the run with `TrainingError` naming the first bad step, and a
 checkpoint is only written of finite parameters, so a poisoned state is never kept as the last
@@ -47,7 +49,14 @@ from dsjax.train_step import (
 
 log = logging.getLogger("dsjax.train")
 
-__all__ = ["CheckpointError", "TrainingError", "prepare_workdir", "train_and_evaluate"]
+__all__ = [
+    "CheckpointError",
+    "TrainingError",
+    "heldout_prompt",
+    "heldout_prompts",
+    "prepare_workdir",
+    "train_and_evaluate",
+]
 
 
 class _StopFlag:
@@ -75,8 +84,20 @@ def _global_batch(local: dict[str, np.ndarray], batch_sharding) -> dict[str, jax
     return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
 
 
-def _evaluate(eval_fn, state, config, tokenizer, batch_sharding) -> float:
-    """Mean held-out cross-entropy over the first `eval_batches` batches (same every time)."""
+@jax.jit
+def _target_bytes(byte_table_V, targets_BT, weights_BT) -> jax.Array:
+    """UTF-8 bytes the counted (weight > 0) target tokens decode to, summed (int32)."""
+    return jnp.where(weights_BT > 0, byte_table_V[targets_BT], 0).sum()
+
+
+def _evaluate(eval_fn, state, config, tokenizer, batch_sharding, byte_table_V):
+    """(mean held-out cross-entropy in nats per token, bits per byte) over the first
+    `eval_batches` batches of the eval split (the same batches every time).
+
+    Bits per byte = Σ nats / ln 2 / Σ UTF-8 bytes of the counted target tokens
+    (`byte_table_V` = `metrics.token_byte_lengths`), comparable across tokenizers; None when the
+    targets hold no bytes.
+    """
     it = data.make_iterator(
         config,
         tokenizer,
@@ -86,11 +107,36 @@ def _evaluate(eval_fn, state, config, tokenizer, batch_sharding) -> float:
         num_epochs=None,
         prefetch=0,
     )
-    total = count = 0.0
+    total = count = n_bytes = 0.0
     for local in itertools.islice(it, config.train.eval_batches):
-        s, n = eval_fn(state.params, state.moe_bias, _global_batch(local, batch_sharding))
-        total, count = total + float(s), count + float(n)
-    return total / max(count, 1.0)
+        batch = _global_batch(local, batch_sharding)
+        s, n = eval_fn(state.params, state.moe_bias, batch)
+        b = _target_bytes(byte_table_V, batch["targets"], batch["weights"])
+        total, count, n_bytes = total + float(s), count + float(n), n_bytes + float(b)
+    return total / max(count, 1.0), metrics.bits_per_byte(total, n_bytes)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _initial_eval(metrics_path: str) -> tuple[float, float | None] | None:
+    """(eval_loss, eval_bpb) logged at step 0 of a run (a resumed run reads them back)."""
+    with contextlib.suppress(OSError, ValueError):
+        for r in metrics.read_metrics(metrics_path):
+            if r.get("step") == 0 and r.get("eval_loss") is not None:
+                return r["eval_loss"], r.get("eval_bpb")
+    return None
+
+
+def sample_python_lines(sample: str) -> tuple[int, int]:
+    """(lines that parse as Python alone, lines) of a generated sample, blank and comment lines
+    left out (`metrics.python_line_check`). A last line cut off by the token budget (no newline
+    after it) is left out unless it is the only line."""
+    lines = sample.splitlines(keepends=True)
+    if len(lines) > 1 and not lines[-1].endswith("\n"):
+        lines = lines[:-1]
+    return metrics.python_line_check("".join(lines))
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -142,19 +188,24 @@ def _last_good(ckpt: Checkpointer) -> str:
 _SHOW_PROMPT_LINES, _SHOW_LINES = 6, 8
 
 
-def heldout_prompt(config, tokenizer, max_prompt_tokens: int) -> tuple[str, str, str] | None:
-    """(document name, prompt, real continuation) from the first held-out document.
+def heldout_prompts(
+    config, tokenizer, max_prompt_tokens: int, n: int = 1
+) -> list[tuple[str, str, str]]:
+    """(document name, prompt, real continuation) from the first `n` usable held-out documents
+    (fewer when the eval split has fewer; the same documents every time).
 
-    The prompt is that document's text up to and including its first `def `/`class ` line (its
-    first 8 lines if it has none), with whole leading lines dropped until it fits in
-    `max_prompt_tokens`; the continuation is the text that really follows it. None when the eval
-    split is empty.
+    A prompt is its document's text up to and including the first `def `/`class ` line (the
+    first 8 lines if there is none), with whole leading lines dropped until it fits in
+    `max_prompt_tokens`; the continuation is the text that really follows it.
     """
     docs = data.load_documents(
         data._data_field(config, "source"), int(data._data_field(config, "max_documents"))
     )
     _, held_out = data.split_documents(docs, float(data._data_field(config, "eval_fraction")))
+    out: list[tuple[str, str, str]] = []
     for index in held_out:
+        if len(out) >= n:
+            break
         lines = docs[index].splitlines(keepends=True)
         if len(lines) < 2:
             continue
@@ -167,8 +218,14 @@ def heldout_prompt(config, tokenizer, max_prompt_tokens: int) -> tuple[str, str,
             first += 1
         prompt = "".join(lines[first:end])
         if prompt.strip() and len(tokenizer.encode(prompt)) <= max_prompt_tokens:
-            return docs.names[index], prompt, "".join(lines[end:])
-    return None
+            out.append((docs.names[index], prompt, "".join(lines[end:])))
+    return out
+
+
+def heldout_prompt(config, tokenizer, max_prompt_tokens: int) -> tuple[str, str, str] | None:
+    """The first of `heldout_prompts`; None when the eval split has no usable document."""
+    found = heldout_prompts(config, tokenizer, max_prompt_tokens, 1)
+    return found[0] if found else None
 
 
 def _head_lines(text: str, n: int) -> str:
@@ -294,10 +351,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         t_mark, step = time.perf_counter(), start
         t_start, tokens_run, time_run = t_mark, 0.0, 0.0
 
+        byte_table_V = jnp.asarray(
+            metrics.token_byte_lengths(tokenizer, max(cfg.vocab_size, tokenizer.vocab_size)),
+            jnp.int32,
+        )
+        evaluate = functools.partial(
+            _evaluate,
+            eval_fn,
+            config=config,
+            tokenizer=tokenizer,
+            batch_sharding=batch_sharding,
+            byte_table_V=byte_table_V,
+        )
+        eval_bpb = initial = None
         if start == 0:  # the starting point of the loss curve
-            eval_loss = _evaluate(eval_fn, state, config, tokenizer, batch_sharding)
-            writer.write(0, {"eval_loss": eval_loss})
-            log.info("step 0: eval loss %.4f", eval_loss)
+            eval_loss, eval_bpb = evaluate(state)
+            initial = (eval_loss, eval_bpb)
+            writer.write(0, {"eval_loss": eval_loss, "eval_bpb": eval_bpb})
+            log.info("step 0: eval loss %.4f nats/token, %s bits/byte", eval_loss, _fmt(eval_bpb))
             t_mark = time.perf_counter()
 
         with stop.installed():
@@ -326,8 +397,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     if peak_total:
                         last["mfu"] = tok_s * flops_per_token / peak_total
                     if eval_now:
-                        eval_loss = _evaluate(eval_fn, state, config, tokenizer, batch_sharding)
-                        last["eval_loss"] = eval_loss
+                        eval_loss, eval_bpb = evaluate(state)
+                        last["eval_loss"], last["eval_bpb"] = eval_loss, eval_bpb
                     writer.write(step, last)
                     if progress:
                         progress.update(step, last)
@@ -352,21 +423,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "step": step,
             "loss": last.get("loss"),
             "eval_loss": eval_loss,
+            "eval_bpb": eval_bpb,
             "tokens_per_sec": tokens_run / time_run if time_run else None,
             "wall_seconds": elapsed,
             "peak_flops_source": peak_source,
         }
         if peak_total and time_run:
             summary["mfu"] = summary["tokens_per_sec"] * flops_per_token / peak_total
+        if chief:
+            initial = initial or _initial_eval(os.path.join(workdir, "metrics.jsonl"))
+            summary["eval_loss_initial"], summary["eval_bpb_initial"] = initial or (None, None)
         if stop.reason:
             summary["stopped_by"] = stop.reason
             log.warning("stopped by %s at step %d; checkpoint saved", stop.reason, step)
             return summary
         if chief:
-            metrics.plot_loss(
-                os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "loss.png")
-            )
+            summary["plot"] = os.path.join(workdir, "loss.png")
+            metrics.plot_loss(os.path.join(workdir, "metrics.jsonl"), summary["plot"])
             summary["sample"], summary["heldout_sample"] = _sample(cfg, state, tokenizer, config)
+            if summary["sample"] is not None:
+                parsed, lines = sample_python_lines(summary["sample"])
+                summary["sample_python_lines"] = {"parse": parsed, "lines": lines}
             with open(os.path.join(workdir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
         return summary

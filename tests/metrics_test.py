@@ -310,7 +310,7 @@ def test_plot_loss(tmp_path, case):
     path = tmp_path / "metrics.jsonl"
     records = {
         "train_and_eval": [{"step": s, "loss": 5.0 / s} for s in range(1, 30)]
-        + [{"step": 10, "eval_loss": 0.6}, {"step": 20, "eval_loss": 0.4}],
+        + [{"step": 10, "eval_loss": 0.6, "eval_bpb": 0.3}, {"step": 20, "eval_loss": 0.4}],
         "single_point": [{"step": 1, "loss": 4.0}],
         "empty": [],
     }[case]
@@ -338,3 +338,52 @@ def test_loss_curves_compare_main_cross_entropy_like_with_like():
     assert metrics.smooth([1.0, 0.0], 0.5) == pytest.approx([1.0, 1 / 3])  # (0.5*0.5)/(1-0.25)
     old = metrics.loss_curves([{"step": 1, "loss": 4.0}, {"step": 1, "mtp_ce": 0.0}])
     assert old["train_total"] == [(1, 4.0)] and "mtp" not in old  # logs without main_ce / MTP
+
+
+# ------------------------------------------------------------- bits per byte, sample line checks
+
+
+@pytest.fixture(scope="module")
+def byte_level_tokenizer():
+    from dsjax.tokenizer import train_bpe
+
+    texts = ["def héllo(wörld):\n    return 'naïve' + \"日本語\"\n", "x = '🎉\\t' # ok\n"]
+    return train_bpe(texts * 4, 300)
+
+
+def test_token_byte_lengths_sum_to_the_utf8_bytes_of_the_text(byte_level_tokenizer):
+    """Hand check: Σ bytes per target token = len(text.encode()) for text with 2-, 3- and 4-byte
+    characters split across pieces (a piece decoded alone is U+FFFD), specials count 0."""
+    tok = byte_level_tokenizer
+    table = metrics.token_byte_lengths(tok, size=tok.vocab_size + 5)
+    assert len(table) == tok.vocab_size + 5 and table[-5:] == [0] * 5
+    assert [table[i] for i in (tok.pad_id, tok.bos_id, tok.eos_id)] == [0, 0, 0]
+    text = "def naïve():\n    s = '日本語 🎉 wörld'\n"
+    ids = tok.encode(text)
+    assert any(tok.decode([i]) == "\ufffd" for i in ids)  # the case decode-alone gets wrong
+    assert sum(table[i] for i in [tok.bos_id, *ids, tok.eos_id]) == len(text.encode("utf-8"))
+    assert sum(table[i] for i in tok.encode("abc")) == 3
+    with pytest.raises(ValueError, match="smaller than the tokenizer's vocab_size"):
+        metrics.token_byte_lengths(tok, size=10)
+
+
+def test_bits_per_byte_hand_worked():
+    # 12 tokens at 2 nats each over 16 bytes: 24 / ln 2 / 16 bits per byte.
+    assert metrics.bits_per_byte(24.0, 16) == pytest.approx(24 / np.log(2) / 16, rel=1e-12)
+    assert metrics.bits_per_byte(8 * np.log(2), 8) == pytest.approx(1.0)
+    assert metrics.bits_per_byte(1.0, 0) is None
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("def f(x):\n    return x + 1\n", (2, 2)),
+        ("  else:\n  except ValueError as e:\n  finally:\n  elif y:\n", (4, 4)),
+        ("@decorator(1)\nclass A(B):\n  # a comment (\n\n   \nx = 1  # ok\n", (3, 3)),
+        ("def Returning.\nimporting an can be be the\n_enter__(self):\nx = (\n", (0, 4)),
+        ("for i in range(3):\n    print(i\n    y = [1, 2,\n", (1, 3)),
+        ("", (0, 0)),
+    ],
+)
+def test_python_line_check(text, expected):
+    assert metrics.python_line_check(text) == expected

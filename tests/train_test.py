@@ -4,6 +4,7 @@ clean stops, restore onto another mesh, and the one-line errors of bad configs."
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import pytest
 from flax import linen as nn
 
 from configs import tiny
-from dsjax import data, sharding
+from dsjax import data, metrics, sharding
 from dsjax import train_step as ts
 from dsjax.checkpoint import Checkpointer, load_for_inference
 from dsjax.model import Transformer, init_variables
@@ -83,6 +84,39 @@ def test_tiny_model_learns_on_the_builtin_corpus(tmp_path, tokenizer_dir):
         c.train.sample_prompt
     )
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["40", "80"]
+    _check_bits_per_byte(c, rows, summary, str(tmp_path))
+    parsed, lines = summary["sample_python_lines"]["parse"], summary["sample_python_lines"]["lines"]
+    assert 0 <= parsed <= lines and lines >= 1
+
+
+def _check_bits_per_byte(c, rows, summary, workdir):
+    """eval_bpb at every eval = eval_loss · Σw / ln 2 / Σ bytes, with the count and the bytes taken
+    on the host from the same eval batches; per-segment byte sums equal the decoded text's bytes."""
+    tok = data.get_tokenizer(c, workdir)
+    table = np.asarray(metrics.token_byte_lengths(tok, c.model.vocab_size))
+    it = data.make_iterator(
+        c, tok, "eval", process_index=0, process_count=1, num_epochs=None, prefetch=0
+    )
+    count = n_bytes = 0.0
+    checked = 0
+    for batch in itertools.islice(it, c.train.eval_batches):
+        w = batch["weights"] > 0
+        count, n_bytes = count + batch["weights"].sum(), n_bytes + table[batch["targets"]][w].sum()
+        for row in range(w.shape[0]):
+            for seg in set(batch["segment_ids"][row][w[row]].tolist()):
+                ids = batch["targets"][row][w[row] & (batch["segment_ids"][row] == seg)]
+                text = tok.decode(ids.tolist())
+                if "\ufffd" not in text:  # a row may cut a multi-byte character
+                    assert table[ids].sum() == len(text.encode("utf-8"))
+                    checked += 1
+    assert checked > 0 and n_bytes > count  # BPE tokens hold more than a byte on average
+    evals = [r for r in rows if "eval_loss" in r]
+    for r in evals:
+        assert r["eval_bpb"] == pytest.approx(r["eval_loss"] * count / math.log(2) / n_bytes, 1e-5)
+    assert summary["eval_loss_initial"] == evals[0]["eval_loss"]
+    assert summary["eval_bpb_initial"] == evals[0]["eval_bpb"]
+    assert summary["eval_bpb"] == evals[-1]["eval_bpb"] < evals[0]["eval_bpb"]
+    assert summary["plot"] == os.path.join(workdir, "loss.png")
 
 
 # ----------------------------------------------------------------------------- resume
@@ -485,3 +519,11 @@ def test_chunked_cross_entropy_equals_whole_loss_and_gradients():
     for path, a in jax.tree_util.tree_leaves_with_path(chunked[3]):
         b = functools.reduce(lambda t, k: t[k.key], path, whole[3])
         assert rel_err(a, b) <= 1e-6, path
+
+
+def test_sample_python_lines_leaves_out_a_cut_off_last_line():
+    from dsjax.train_lib import sample_python_lines
+
+    assert sample_python_lines("def f(x):\n    return x\ny = (x") == (2, 2)  # last line cut off
+    assert sample_python_lines("def f(x):\n    return x\ny = (x\n") == (2, 3)  # a whole line
+    assert sample_python_lines("def f(") == (0, 1)  # the only line is kept
