@@ -139,7 +139,7 @@ def _varying(a) -> frozenset:
     return frozenset(m.varying) if m is not None else frozenset()
 
 
-def _match_varying(*arrays):
+def match_varying(*arrays):
     """Inside `shard_map`: marks every array varying over the union of their varying mesh axes,
     so a custom VJP's cotangents have its inputs' types (autodiff of the cast psums the weight
     gradient over the axes the weight was replicated on). A no-op outside shard_map."""
@@ -210,7 +210,7 @@ def _grad_w(x_q, s_x, dy_MN):
 def fp8_dot(x, w, out_dtype=None):
     """`x [..., K] @ w [K, N]` in the FP8 recipe (all three GEMMs); result in `out_dtype`
     (default x.dtype); gradients in the input dtypes."""
-    return _fp8_dot(*_match_varying(x, w), out_dtype)
+    return _fp8_dot(*match_varying(x, w), out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -244,7 +244,7 @@ _fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
 def fp8_dot_stored(x, w_q, s_w, out_dtype=None):
     """`x [..., K] @ W` with W stored as FP8 blocks (w_q [K,N] float8, s_w [K/128, N/128]): only
     x is quantised. The stored weight is frozen: its cotangents are zero."""
-    return _fp8_dot_stored(*_match_varying(x, w_q, s_w), out_dtype)
+    return _fp8_dot_stored(*match_varying(x, w_q, s_w), out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -331,7 +331,7 @@ def _dot_dtype(dtype):
 def fp8_grouped_dot(kind: str, x, w, aux):
     """Grouped expert matmul in the FP8 recipe (see `_grouped` for the kinds); per-expert
     128×128 weight blocks, 1×128 activation tiles; f32 result."""
-    x, w = _match_varying(x, w)
+    x, w = match_varying(x, w)
     return _fp8_grouped_dot(kind, x, w, aux)
 
 
@@ -362,7 +362,7 @@ _fp8_grouped_dot.defvjp(_fp8_grouped_fwd, _fp8_grouped_bwd)
 def fp8_grouped_dot_stored(kind: str, x, w_q, s_w, aux):
     """`fp8_grouped_dot` with the expert weights stored as FP8 blocks (w_q [E,K,N] float8,
     s_w [E, K/128, N/128]); frozen (zero cotangents)."""
-    x, w_q, s_w = _match_varying(x, w_q, s_w)
+    x, w_q, s_w = match_varying(x, w_q, s_w)
     return _fp8_grouped_dot_stored(kind, x, w_q, s_w, aux)
 
 

@@ -96,11 +96,7 @@ def grouped_swiglu(
     `scales`: (gate, up, down) `scale_inv` blocks [E, ceil(in/128), ceil(out/128)] when the
     weights are stored float8 (used directly under `fp8`, else dequantised to x's dtype).
     """
-    platform = platform or _platform()
-    if impl == "auto":
-        impl = "ragged_dot" if platform == "tpu" else "tiled"
-    if tile == 0:
-        tile = 512 if platform == "gpu" else 128
+    impl, tile = _resolve_impl(impl, tile, platform)
     quantized = fp8 or scales is not None
     s_gate, s_up, s_down = scales if scales is not None else (None, None, None)
     if impl == "ragged_dot" and quantized:
@@ -117,12 +113,37 @@ def grouped_swiglu(
         y = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down_EFD, group_sizes_E)
         valid = jnp.arange(x_MD.shape[0]) < group_sizes_E.sum()
         return jnp.where(valid[:, None], y, 0)
-    if impl != "tiled":
-        raise ValueError(f"moe_impl={impl!r}: expected auto, ragged_dot or tiled")
     M, D = x_MD.shape
-    E = group_sizes_E.shape[0]
     tile = max(1, min(tile, M))
-    n_tiles = -(-M // tile) + E  # each group adds at most one partial tile
+    dest, tile_expert, n_tiles = _tile_layout(group_sizes_E, M, tile)
+    x_TmD = (
+        jnp.zeros((n_tiles * tile, D), x_MD.dtype)
+        .at[dest]
+        .set(x_MD, mode="drop")
+        .reshape(n_tiles, tile, D)
+    )
+    y_TmD = _tiled_swiglu(x_TmD, tile_expert, w_gate_EDF, w_up_EDF, w_down_EFD, fp8, scales)
+    return y_TmD.reshape(n_tiles * tile, D).at[dest].get(mode="fill", fill_value=0)
+
+
+def _resolve_impl(impl: str, tile: int, platform: str | None) -> tuple[str, int]:
+    """("ragged_dot" | "tiled", tile rows) for `impl` "auto" and `tile` 0 on `platform`."""
+    platform = platform or _platform()
+    if impl == "auto":
+        impl = "ragged_dot" if platform == "tpu" else "tiled"
+    if impl not in ("ragged_dot", "tiled"):
+        raise ValueError(f"moe_impl={impl!r}: expected auto, ragged_dot or tiled")
+    return impl, tile or (512 if platform == "gpu" else 128)
+
+
+def _tile_layout(group_sizes_E, M: int, tile: int):
+    """Where the M expert-sorted rows go when each expert's group is padded to whole tiles.
+
+    Returns (dest [M] int: the padded slot of each sorted row, M·tile-out-of-range for rows past
+    the sum of the group sizes; tile_expert [n_tiles] int: each tile's expert; n_tiles: the static
+    worst case ceil(M / tile) + E, since each group adds at most one partial tile)."""
+    E = group_sizes_E.shape[0]
+    n_tiles = -(-M // tile) + E
     padded = (group_sizes_E + tile - 1) // tile * tile
     padded_end = jnp.cumsum(padded)
     start = jnp.cumsum(group_sizes_E) - group_sizes_E
@@ -133,23 +154,112 @@ def grouped_swiglu(
     tile_expert = jnp.minimum(
         jnp.searchsorted(padded_end, jnp.arange(n_tiles) * tile, side="right"), E - 1
     )
-    x_TmD = (
-        jnp.zeros((n_tiles * tile, D), x_MD.dtype)
-        .at[dest]
-        .set(x_MD, mode="drop")
-        .reshape(n_tiles, tile, D)
-    )
-    if quantized:
+    return dest, tile_expert, n_tiles
+
+
+def _tiled_swiglu(x_TmD, tile_expert, w_gate_EDF, w_up_EDF, w_down_EFD, fp8=False, scales=None):
+    """SwiGLU of every tile [t, m, D] with its own expert's weights -> [t, m, D]."""
+    if fp8 or scales is not None:
+        s_gate, s_up, s_down = scales if scales is not None else (None, None, None)
         mm = lambda a, w, s: fp8_lib.grouped_matmul(  # noqa: E731
-            "tiled", a, w, tile_expert, s, fp8, x_MD.dtype
-        ).astype(x_MD.dtype)
+            "tiled", a, w, tile_expert, s, fp8, x_TmD.dtype
+        ).astype(x_TmD.dtype)
         h_TmF = _swiglu(mm(x_TmD, w_gate_EDF, s_gate), mm(x_TmD, w_up_EDF, s_up), fp8)
-        y_TmD = mm(h_TmF, w_down_EFD, s_down)
-    else:
-        gate = jnp.einsum("tmd,tdf->tmf", x_TmD, w_gate_EDF[tile_expert])
-        up = jnp.einsum("tmd,tdf->tmf", x_TmD, w_up_EDF[tile_expert])
-        y_TmD = jnp.einsum("tmf,tfd->tmd", jax.nn.silu(gate) * up, w_down_EFD[tile_expert])
-    return y_TmD.reshape(n_tiles * tile, D).at[dest].get(mode="fill", fill_value=0)
+        return mm(h_TmF, w_down_EFD, s_down)
+    gate = jnp.einsum("tmd,tdf->tmf", x_TmD, _take_experts(*_match(w_gate_EDF, tile_expert)))
+    up = jnp.einsum("tmd,tdf->tmf", x_TmD, _take_experts(*_match(w_up_EDF, tile_expert)))
+    h_TmF = jax.nn.silu(gate) * up
+    return jnp.einsum("tmf,tfd->tmd", h_TmF, _take_experts(*_match(w_down_EFD, tile_expert)))
+
+
+_match = fp8_lib.match_varying  # custom VJPs inside shard_map need their inputs' varying axes
+
+
+@jax.custom_vjp
+def _take_experts(w_E__, tile_expert_t):
+    """w[tile_expert]: each tile's expert weights. Its backward sums the tiles' weight gradients
+    per expert with a one-hot [E, t] matmul (a dense GEMM) instead of a serial scatter-add."""
+    return w_E__.at[tile_expert_t].get(mode="promise_in_bounds")
+
+
+def _take_experts_fwd(w_E__, tile_expert_t):
+    return _take_experts(w_E__, tile_expert_t), (tile_expert_t, w_E__.shape[0])
+
+
+def _take_experts_bwd(res, g_t__):
+    tile_expert_t, E = res
+    onehot_Et = (jnp.arange(E)[:, None] == tile_expert_t[None, :]).astype(g_t__.dtype)
+    g_flat = g_t__.reshape(g_t__.shape[0], -1)
+    dw = jnp.dot(onehot_Et, g_flat, preferred_element_type=jnp.float32)
+    return dw.reshape(E, *g_t__.shape[1:]).astype(g_t__.dtype), None
+
+
+_take_experts.defvjp(_take_experts_fwd, _take_experts_bwd)
+
+
+@jax.custom_vjp
+def _expand_rows(x_ND, token_of_slot_S, slot_NK):
+    """x[token_of_slot] with zero rows where token_of_slot == N (padding slots) -> [S, D].
+    Backward: each token sums its K slots' gradients (a gather, not a scatter-add)."""
+    return jnp.take(x_ND, token_of_slot_S, axis=0, mode="fill", fill_value=0)
+
+
+def _expand_rows_fwd(x_ND, token_of_slot_S, slot_NK):
+    return _expand_rows(x_ND, token_of_slot_S, slot_NK), slot_NK
+
+
+def _expand_rows_bwd(slot_NK, g_SD):
+    return g_SD.at[slot_NK].get(mode="promise_in_bounds").sum(axis=1), None, None
+
+
+_expand_rows.defvjp(_expand_rows_fwd, _expand_rows_bwd)
+
+
+@jax.custom_vjp
+def _collect_rows(y_SD, slot_A, assignment_of_slot_S):
+    """y[slot]: each (token, k) assignment's output row -> [A, D]. Backward: each slot takes its
+    assignment's gradient (zero for padding slots), again a gather."""
+    return y_SD.at[slot_A].get(mode="promise_in_bounds")
+
+
+def _collect_rows_fwd(y_SD, slot_A, assignment_of_slot_S):
+    return _collect_rows(y_SD, slot_A, assignment_of_slot_S), assignment_of_slot_S
+
+
+def _collect_rows_bwd(assignment_of_slot_S, g_AD):
+    d_y = jnp.take(g_AD, assignment_of_slot_S, axis=0, mode="fill", fill_value=0)
+    return d_y, None, None
+
+
+_collect_rows.defvjp(_collect_rows_fwd, _collect_rows_bwd)
+
+
+def tiled_dispatch_combine(
+    x_ND, idx_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, tile, fp8=False, scales=None
+):
+    """Routed experts with the tiled grouped matmul, each token row moved straight into its
+    expert's padded tile and back: `dispatch_combine` + `grouped_swiglu(impl="tiled")` in one.
+
+    Only integer index maps are scattered (slot of each assignment, assignment of each slot);
+    the activations move by gathers in both passes (autodiff of the sort-then-pad form scatters
+    [N·K, D] rows twice per pass, serially on CPU). Returns Σ_k w_nk · expert_k(x_n) [N, D] f32.
+    """
+    N, K = idx_NK.shape
+    M, D = N * K, x_ND.shape[1]
+    flat_e = idx_NK.reshape(-1)
+    order = jnp.argsort(flat_e, stable=True)  # sorted row r holds assignment order[r]
+    group_sizes = jnp.bincount(flat_e, length=w_gate_EDF.shape[0]).astype(jnp.int32)
+    tile = max(1, min(tile, M))
+    dest, tile_expert, n_tiles = _tile_layout(group_sizes, M, tile)
+    S = n_tiles * tile
+    slot_A = jnp.zeros(M, jnp.int32).at[order].set(dest.astype(jnp.int32))
+    assignment_S = jnp.full(S, M, jnp.int32).at[dest].set(order.astype(jnp.int32), mode="drop")
+    x_TmD = _expand_rows(*_match(x_ND, assignment_S // K, slot_A.reshape(N, K))).reshape(
+        n_tiles, tile, D
+    )
+    y_TmD = _tiled_swiglu(x_TmD, tile_expert, w_gate_EDF, w_up_EDF, w_down_EFD, fp8, scales)
+    y_NKD = _collect_rows(*_match(y_TmD.reshape(S, D), slot_A, assignment_S)).reshape(N, K, D)
+    return jnp.einsum("nkd,nk->nd", y_NKD.astype(jnp.float32), weights_NK)
 
 
 def dispatch_combine(x_ND, idx_NK, weights_NK, num_experts, expert_fn):
@@ -356,6 +466,7 @@ def sharded_experts(x_ND, idx_NK, weights_NK, experts: Experts, mesh, choice: st
     group = exchange_group(cfg, mesh, x_ND.shape[0] // shards, choice)
     gather_fsdp = ax("fsdp") and "fsdp" not in group
     platform = _platform()
+    impl, tile = _resolve_impl(cfg.moe_impl, cfg.moe_tile, platform)
 
     def local(x, idx, w, wg, wu, wd):
         if gather_fsdp:
@@ -364,11 +475,13 @@ def sharded_experts(x_ND, idx_NK, weights_NK, experts: Experts, mesh, choice: st
             wd = jax.lax.all_gather(wd, "fsdp", axis=2, tiled=True)
         if group:
             y = expert_all_to_all(x, idx, w, wg, wu, wd, cfg, group, platform)
+        elif impl == "tiled":
+            y = tiled_dispatch_combine(x, idx, w, wg, wu, wd, tile, cfg.fp8)
         else:
             order, group_sizes = _sort_by_expert(idx, E)
             x_sorted = jnp.take(x, order // idx.shape[1], axis=0)
             y_sorted = grouped_swiglu(
-                x_sorted, group_sizes, wg, wu, wd, cfg.moe_impl, cfg.moe_tile, platform, cfg.fp8
+                x_sorted, group_sizes, wg, wu, wd, impl, tile, platform, cfg.fp8
             )
             y = _combine(y_sorted, order, w)
         if ax("tensor"):
@@ -446,14 +559,34 @@ class Experts(nn.Module):
             for w, s in self.stored()
         )
 
+    def _operands(self, dtype):
+        """(scales or None, (gate, up, down)) as the grouped matmuls take them: the FP8 recipe
+        quantises the master (or stored FP8) weights itself; otherwise weights in `dtype`."""
+        (w_gate, s_gate), (w_up, s_up), (w_down, s_down) = self.stored()
+        if self.cfg.fp8:
+            return (None if s_gate is None else (s_gate, s_up, s_down)), (w_gate, w_up, w_down)
+        return None, self.weights(dtype)
+
+    def routed(self, x_ND, idx_NK, weights_NK):
+        """Σ_k weights_nk · expert_{idx_nk}(x_n) -> [N, D] in the compute dtype, for all of a
+        device's tokens: the tiled grouped matmul with direct row moves, or a sort + ragged_dot."""
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        impl, tile = _resolve_impl(cfg.moe_impl, cfg.moe_tile, None)
+        if impl == "ragged_dot":
+            return dispatch_combine(
+                x_ND.astype(dtype), idx_NK, weights_NK, cfg.n_routed_experts, self
+            )
+        scales, (w_gate, w_up, w_down) = self._operands(dtype)
+        y = tiled_dispatch_combine(
+            x_ND.astype(dtype), idx_NK, weights_NK, w_gate, w_up, w_down, tile, cfg.fp8, scales
+        )
+        return y.astype(dtype)
+
     def __call__(self, x_sorted_MD, group_sizes_E):
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
-        (w_gate, s_gate), (w_up, s_up), (w_down, s_down) = self.stored()
-        if cfg.fp8:  # the FP8 recipe quantises the master (or stored FP8) weights directly
-            scales = None if s_gate is None else (s_gate, s_up, s_down)
-        else:
-            scales, (w_gate, w_up, w_down) = None, self.weights(dtype)
+        scales, (w_gate, w_up, w_down) = self._operands(dtype)
         return grouped_swiglu(
             x_sorted_MD.astype(dtype),
             group_sizes_E,
@@ -512,7 +645,7 @@ class MoE(nn.Module):
         elif B * T * idx_NK.shape[1] <= E:  # decode-sized: copy only the selected experts
             y_ND = gathered_combine(x_ND.astype(dtype), idx_NK, weights_NK, experts)
         else:
-            y_ND = dispatch_combine(x_ND.astype(dtype), idx_NK, weights_NK, E, experts)
+            y_ND = experts.routed(x_ND, idx_NK, weights_NK)
         y_BTD = y_ND.reshape(B, T, D)
         if cfg.n_shared_experts:
             y_BTD = y_BTD + SwiGLU(
