@@ -4,7 +4,8 @@ Per process: document indices of the split -> this process's shard -> (train)
 shuffle by `config.seed`, reshuffled every epoch -> repeat -> chunks of documents
 tokenized by the batched Rust encoder, each document becoming [bos] + ids + [eos]
 stored as (input, target) pairs -> concatenate-then-split packing into rows of
-`seq_len` pairs -> batches of `batch_size // process_count` rows -> thread prefetch.
+`seq_len` pairs -> (train, `config.data.shuffle_rows` > 1) rows shuffled in windows of that
+many, so one long document does not fill many consecutive batches -> batches of `batch_size // process_count` rows -> thread prefetch.
 
 Batches are dicts of numpy arrays shaped [B, T] (T = `config.data.seq_len`): int32
 ``inputs``, ``targets``, ``segment_ids`` (1, 2, ... per document fragment, 0 for
@@ -51,7 +52,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     """Defaults of the `config.data` group."""
     defaults = dict(source="stdlib", seq_len=256, eval_fraction=0.02, tokenizer="")
     return ml_collections.ConfigDict(
-        defaults | dict(tokenizer_train_bytes=8_000_000, max_documents=0)
+        defaults | dict(tokenizer_train_bytes=8_000_000, max_documents=0, shuffle_rows=0)
     )
 
 
@@ -439,6 +440,7 @@ def make_iterator(
         )
     seq_len = _int_field(_data_field(config, "seq_len"), "config.data.seq_len", 1)
     max_docs = _int_field(_data_field(config, "max_documents"), "config.data.max_documents", 0)
+    window = _int_field(_data_field(config, "shuffle_rows"), "config.data.shuffle_rows", 0)
     if tokenizer.eos_id is None:
         raise ValueError("the tokenizer has no eos_token; packing needs one to end each document")
     if num_epochs == "auto":
@@ -472,6 +474,10 @@ def make_iterator(
     read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
     empty_limit = 2 * (len(shard) // _TOKENIZE_CHUNK + 2)  # two epochs of chunks
     rows = PackIterDataset(ds.to_iter_dataset(read_options), seq_len, empty_limit)
+    if split == "train" and window > 1:  # a long document would otherwise fill many batches
+        rows = grain.experimental.WindowShuffleIterDataset(
+            rows, window_size=window, seed=int(config.seed)
+        )
     per_process = batch_size // process_count
     stack = functools.partial(_stack_rows, batch_size=per_process)
     batches = rows.batch(per_process, drop_remainder=False, batch_fn=stack)
