@@ -19,6 +19,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.tokenizer = ""  # path to a tokenizer.json (or dir); "" trains a BPE in the workdir
     c.data.tokenizer_train_bytes = 8_000_000
     c.data.max_documents = 0  # 0 = all
+    c.data.shuffle_rows = 0  # train rows shuffled in windows of this many (0/1: packing order)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
@@ -30,6 +31,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.mtp_weight = 0.3  # λ
     c.train.balance_loss_weight = 1e-4  # α
     c.train.bias_update_rate = 1e-3  # γ
+    # DeepSeek Sparse Attention (model.index_topk > 0): how the lightning indexer trains (V3.2).
+    # "off": not at all; "warmup": dense attention, only the indexers train, on their KL to the
+    # dense attention distribution (V3.2: lr 1e-3, 1000 steps); "sparse": top-k attention, the
+    # indexers on the KL over their selected keys, the rest on the LM loss (V3.2: lr 7.3e-6).
+    c.train.dsa_stage = "off"
+    c.train.indexer_loss_weight = 1.0  # weight of the indexer KL in the loss
     c.train.remat = "full"  # none | full | dots | dots_no_batch | save_attn | save_attn_ffn
     # Cross-entropy chunk: positions of each sequence per chunk (a chunk's logits are
     # [batch, ce_chunk, vocab] float32); 0 = the whole sequence at once ([B,T,V] logits).

@@ -338,6 +338,7 @@ _RUN_FIELDS = (
     "attention_chunk",
     "moe_impl",
     "moe_tile",
+    "scan_unroll",
     "fp8",
 )
 TOKENIZER_DIR = "tokenizer"  # WORKDIR/tokenizer/: the HF start's tokenizer, kept for resume

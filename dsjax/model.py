@@ -48,7 +48,11 @@ class ModelOutput:
 
     With `logits=False` (the chunked cross-entropy of training) `logits` and `mtp_logits` are None
     and `head_input` [B,T,D] (the final-normed hidden) and `mtp_head_input[k-1]` [B,T-k,D] hold
-    what the output projection would have been applied to (see `head_kernel`)."""
+    what the output projection would have been applied to (see `head_kernel`).
+
+    `indexer_kl` (scalar float32, None unless `cfg.dsa_stage` is "warmup"/"sparse" in train
+    mode): the DSA lightning indexers' KL loss, summed over layers (MTP blocks included), each
+    layer's the mean over real query tokens (see dsjax/layers/indexer.py)."""
 
     logits: jax.Array
     mtp_logits: tuple[jax.Array, ...] | None
@@ -59,6 +63,7 @@ class ModelOutput:
     mtp_balance_loss: jax.Array | None
     head_input: jax.Array | None = None
     mtp_head_input: tuple[jax.Array, ...] | None = None
+    indexer_kl: jax.Array | None = None
 
 
 class Block(nn.Module):
@@ -74,7 +79,9 @@ class Block(nn.Module):
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
         h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed", name="attn_norm")(x_BTD)
-        attn_BTD = MLA(cfg, self.mode, name="attn")(h, positions_BT, segment_ids_BT)
+        attn_BTD, indexer_kl = MLA(cfg, self.mode, with_indexer_kl=True, name="attn")(
+            h, positions_BT, segment_ids_BT
+        )
         x_BTD = x_BTD + checkpoint_name(attn_BTD, ATTN_OUT)
         h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed", name="ffn_norm")(x_BTD)
         if self.moe:
@@ -92,6 +99,8 @@ class Block(nn.Module):
             stats = {}
         y = checkpoint_name(y, FFN_OUT)
         x_BTD = nn.with_logical_constraint(x_BTD + y, ("batch", "length", "embed"))
+        if indexer_kl is not None:
+            stats = {**stats, "indexer_kl": indexer_kl}
         return x_BTD, stats
 
 
@@ -112,6 +121,7 @@ def _stack(cfg: ModelConfig, moe: bool, length: int, mode: str, name: str) -> nn
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast),
         length=length,
+        unroll=min(cfg.scan_unroll, length),
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
     return scanned(cfg, moe, mode, name=name)
@@ -237,8 +247,9 @@ class Transformer(nn.Module):
 
         x = self.embed(tokens_BT)
         stats: dict[str, Any] = {}
+        dense_stats: dict[str, Any] = {}
         if cfg.num_dense_layers:
-            x, _ = _stack(cfg, False, cfg.num_dense_layers, mode, "dense_layers")(
+            x, dense_stats = _stack(cfg, False, cfg.num_dense_layers, mode, "dense_layers")(
                 x, positions_BT, segment_ids_BT
             )
         if cfg.num_moe_layers:
@@ -251,6 +262,9 @@ class Transformer(nn.Module):
         logits = self.head(head_input) if want_logits else None
 
         mtp_logits, mtp_counts, mtp_balance, mtp_inputs = None, [], [], []
+        indexer_kls = [
+            d["indexer_kl"].sum() for d in (dense_stats, stats) if "indexer_kl" in d
+        ]  # [L] per scanned stack
         run_mtp = (mode == "train") if run_mtp is None else run_mtp
         if cfg.num_mtp_layers and run_mtp:
             mtp_logits, h = [], hidden
@@ -274,9 +288,11 @@ class Transformer(nn.Module):
                 mtp_inputs.append(normed)
                 if want_logits:
                     mtp_logits.append(self.head(normed))
-                if s:
+                if "counts" in s:
                     mtp_counts.append(s["counts"])
                     mtp_balance.append(s["balance"])
+                if "indexer_kl" in s:
+                    indexer_kls.append(s["indexer_kl"])
             mtp_logits = tuple(mtp_logits) if want_logits else None
         return ModelOutput(
             logits=logits,
@@ -288,6 +304,7 @@ class Transformer(nn.Module):
             mtp_balance_loss=jnp.stack(mtp_balance) if mtp_balance else None,
             head_input=None if want_logits else head_input,
             mtp_head_input=None if want_logits or not mtp_inputs else tuple(mtp_inputs),
+            indexer_kl=sum(indexer_kls) if indexer_kls else None,
         )
 
 

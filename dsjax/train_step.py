@@ -22,6 +22,7 @@ from flax import linen as nn
 
 from dsjax import sharding
 from dsjax.config import ModelConfig
+from dsjax.layers.indexer import DSA_STAGES
 from dsjax.model import (
     REMAT_POLICIES,
     ModelOutput,
@@ -52,6 +53,8 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     if unknown:
         raise ValueError(f"config.model has unknown field(s) {unknown}")
     model["remat"] = config.train.remat
+    if "dsa_stage" in config.train:  # the DSA indexer's training stage (MLA sees it)
+        model["dsa_stage"] = config.train.dsa_stage
     return ModelConfig(**model)
 
 
@@ -74,6 +77,7 @@ _CONFIG_RULES = (
     ("train", "mtp_weight", "float", _AT_LEAST_0),
     ("train", "balance_loss_weight", "float", _AT_LEAST_0),
     ("train", "bias_update_rate", "float", _AT_LEAST_0),
+    ("train", "indexer_loss_weight", "float", _AT_LEAST_0),
     ("train", "sample_temperature", "float", _AT_LEAST_0),
     ("optim", "lr", "float", _AT_LEAST_0),
     ("optim", "min_lr_ratio", "float", _UNIT),
@@ -122,6 +126,8 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     t = config.train
     if t.get("remat", "full") not in _REMAT_POLICIES:
         raise ValueError(f"config.train.remat={t.remat!r} must be one of {_REMAT_POLICIES}")
+    if t.get("dsa_stage", "off") not in DSA_STAGES:
+        raise ValueError(f"config.train.dsa_stage={t.dsa_stage!r} must be one of {DSA_STAGES}")
     moment = config.optim.get("moment_dtype")
     if moment is not None and moment not in ("float32", "bfloat16"):
         raise ValueError(f"config.optim.moment_dtype={moment!r} must be 'float32' or 'bfloat16'")
@@ -169,9 +175,12 @@ def make_optimizer(config: ml_collections.ConfigDict):
         end_value=o.lr * o.min_lr_ratio,
     )
 
-    def decay_mask(params):
+    stage = config.train.get("dsa_stage", "off")
+
+    def decay_mask(params):  # not norm scales, nor what no gradient trains (see _decays)
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: getattr(path[-1], "key", None) != "scale", params
+            lambda path, _: getattr(path[-1], "key", None) != "scale" and _decays(path, stage),
+            params,
         )
 
     moment_dtype = o.get("moment_dtype", "float32")
@@ -185,8 +194,39 @@ def make_optimizer(config: ml_collections.ConfigDict):
             optax.add_decayed_weights(o.weight_decay, decay_mask),
             optax.scale_by_learning_rate(schedule),
         )
-    tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw)
+    clip = optax.clip_by_global_norm(o.clip_norm)
+    if stage == "warmup":  # DSA warm-up: every parameter but the indexers' frozen
+        clip = indexer_only(clip)
+    tx = optax.chain(clip, adamw)
     return tx, schedule
+
+
+def is_indexer_param(path) -> bool:
+    """A parameter of a DSA lightning indexer (`.../attn/indexer/...`)."""
+    return any(getattr(p, "key", None) == "indexer" for p in path)
+
+
+def _decays(path, stage: str) -> bool:
+    """Weight decay applies to a parameter the stage trains: in the DSA warm-up only the
+    indexers; otherwise all but the indexers when their loss is off (no gradient reaches them)."""
+    if stage == "warmup":
+        return is_indexer_param(path)
+    return stage != "off" or not is_indexer_param(path)
+
+
+def indexer_only(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` applied to the gradients with every non-indexer entry zeroed first, so Adam sees
+    zero there and (with no decay on them) the update is exactly zero: the DSA warm-up trains
+    only the lightning indexers, and clipping measures their gradient alone. The state is
+    inner's, so the optimizer state has the same tree in every stage (checkpoints carry over)."""
+
+    def update(updates, state, params=None):
+        updates = jax.tree_util.tree_map_with_path(
+            lambda path, u: u if is_indexer_param(path) else jnp.zeros_like(u), updates
+        )
+        return inner.update(updates, state, params)
+
+    return optax.GradientTransformation(inner.init, update)
 
 
 def scale_by_adam_in(moment_dtype, b1: float, b2: float, eps: float = 1e-8):
@@ -233,13 +273,64 @@ def cross_entropy_sums(logits_BTV, targets_BT, weights_BT):
     return ((lse - picked) * weights_BT).sum(), weights_BT.sum()
 
 
+@jax.custom_vjp
+def linear_cross_entropy_sums(head_input_BTD, kernel_DV, targets_BT, weights_BT):
+    """(Σ w·CE, Σ w) of the logits `head_input @ kernel` (float32), fused with its gradient.
+
+    The same value as `cross_entropy_sums(head_input @ kernel, ...)`, but the backward pass is
+    written out: d logits = (softmax − one-hot) · w, one elementwise fusion, then the two head
+    matmuls. Autodiff of the plain form builds the one-hot part with a scatter into a zeroed
+    [B·T, V] buffer and adds it to the softmax part (three passes over the logits, the scatter
+    serial on CPU). Leading dims are free ([B, T] or [B, chunk]); `kernel_DV` is used as given
+    (cast it to the compute dtype first) and the logits are saved for the backward pass."""
+    return _linear_ce_fwd(head_input_BTD, kernel_DV, targets_BT, weights_BT)[0]
+
+
+def _linear_ce_fwd(h_BTD, kernel_DV, targets_BT, weights_BT):
+    logits = jnp.einsum(
+        "...d,dv->...v",
+        h_BTD.astype(kernel_DV.dtype),
+        kernel_DV,
+        preferred_element_type=jnp.float32,
+    )
+    if logits.ndim == 3:
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    ce = lse - jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
+    w = weights_BT.astype(jnp.float32)
+    sums = ((ce * w).sum(), w.sum())
+    return sums, (h_BTD, kernel_DV, targets_BT, weights_BT, logits, lse, ce)
+
+
+def _linear_ce_bwd(res, g):
+    h_BTD, kernel_DV, targets_BT, weights_BT, logits, lse, ce = res
+    g_sum, g_count = g
+    scale = (g_sum * weights_BT.astype(jnp.float32))[..., None]
+    onehot = jnp.arange(logits.shape[-1]) == targets_BT[..., None]
+    d_logits = ((jnp.exp(logits - lse[..., None]) - onehot) * scale).astype(kernel_DV.dtype)
+    d_h = jnp.einsum("...v,dv->...d", d_logits, kernel_DV, preferred_element_type=jnp.float32)
+    d_kernel = jnp.einsum(
+        "...d,...v->dv",
+        h_BTD.astype(kernel_DV.dtype),
+        d_logits,
+        preferred_element_type=jnp.float32,
+    )
+    d_weights = (g_sum * ce + g_count).astype(weights_BT.dtype)
+    return d_h.astype(h_BTD.dtype), d_kernel.astype(kernel_DV.dtype), None, d_weights
+
+
+linear_cross_entropy_sums.defvjp(_linear_ce_fwd, _linear_ce_bwd)
+
+
 def chunked_cross_entropy_sums(head_input_BTD, kernel_DV, targets_BT, weights_BT, chunk: int):
     """(Σ w·CE, Σ w) like `cross_entropy_sums(head_input @ kernel, ...)`, computed `chunk`
     positions of every sequence at a time (a chunk's logits are [B, chunk, V] float32) inside a
     rematerialised scan, so the [B,T,V] logits never exist whole, in the forward or the backward
     pass. `kernel_DV` is used as given (cast it to the compute dtype first); T is padded to a
-    multiple of `chunk` with zero-weight positions."""
+    multiple of `chunk` with zero-weight positions. `chunk` ≥ T is one fused call, no scan."""
     B, T, D = head_input_BTD.shape
+    if chunk >= T:
+        return linear_cross_entropy_sums(head_input_BTD, kernel_DV, targets_BT, weights_BT)
     n = -(-T // chunk)
     pad = n * chunk - T
     if pad:
@@ -252,12 +343,7 @@ def chunked_cross_entropy_sums(head_input_BTD, kernel_DV, targets_BT, weights_BT
 
     @jax.checkpoint
     def body(carry, xs):
-        h_BcD, t_Bc, w_Bc = xs
-        logits = jnp.dot(
-            h_BcD.astype(kernel_DV.dtype), kernel_DV, preferred_element_type=jnp.float32
-        )
-        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-        s, m = cross_entropy_sums(logits, t_Bc, w_Bc)
+        s, m = linear_cross_entropy_sums(*xs[:1], kernel_DV, *xs[1:])
         return (carry[0] + s, carry[1] + m), None
 
     zero = jnp.float32(0.0)
@@ -275,20 +361,18 @@ def mtp_weights(batch, k: int):
 
 
 def loss_fn(params, moe_bias, batch, *, model: Transformer, train_cfg):
-    chunk = int(train_cfg.get("ce_chunk", 0) or 0)
+    # The head is applied here, fused with the cross-entropy (ce_chunk 0: the whole sequence).
+    chunk = int(train_cfg.get("ce_chunk", 0) or 0) or batch["inputs"].shape[1]
     out: ModelOutput = model.apply(
         {"params": params, "moe_bias": moe_bias},
         batch["inputs"],
         batch["positions"],
         batch["segment_ids"],
-        logits=not chunk,
+        logits=False,
     )
-    if chunk:  # the head applied chunk by chunk: no [B,T,V] logits
-        kernel = head_kernel(model.cfg, params).astype(jnp.dtype(model.cfg.dtype))
-        ce = lambda h, t, w: chunked_cross_entropy_sums(h, kernel, t, w, chunk)  # noqa: E731
-        main_in, mtp_in = out.head_input, out.mtp_head_input
-    else:
-        ce, main_in, mtp_in = cross_entropy_sums, out.logits, out.mtp_logits
+    kernel = head_kernel(model.cfg, params).astype(jnp.dtype(model.cfg.dtype))
+    ce = lambda h, t, w: chunked_cross_entropy_sums(h, kernel, t, w, chunk)  # noqa: E731
+    main_in, mtp_in = out.head_input, out.mtp_head_input
     ce_sum, n = ce(main_in, batch["targets"], batch["weights"])
     main = ce_sum / jnp.maximum(n, 1.0)
     loss = main
@@ -307,6 +391,11 @@ def loss_fn(params, moe_bias, batch, *, model: Transformer, train_cfg):
         balance = balance + out.mtp_balance_loss.sum()
     aux["balance"] = jnp.asarray(balance, jnp.float32)
     loss = loss + train_cfg.balance_loss_weight * aux["balance"]
+    if out.indexer_kl is not None:  # DSA stages: the indexers' KL, the only loss they get
+        if model.cfg.dsa_stage == "warmup":  # main model frozen: no backward pass through it
+            loss = jax.lax.stop_gradient(loss)
+        aux["indexer_kl"] = out.indexer_kl
+        loss = loss + train_cfg.get("indexer_loss_weight", 1.0) * out.indexer_kl
     return loss, aux
 
 
@@ -360,17 +449,24 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, train_cfg):
             "balance": aux["balance"],
             "tokens": aux["tokens"],
         }
+        if "indexer_kl" in aux:
+            new["indexer_kl"] = aux["indexer_kl"]
         sums = jax.tree.map(jnp.add, sums, {"metrics": new, "counts": counts})
         return (jax.tree.map(jnp.add, grads_acc, grads), sums), None
 
     zeros_counts = jax.tree.map(jnp.zeros_like, state.moe_bias)
     zero_metrics = {k: jnp.float32(0.0) for k in ("loss", "main_ce", "mtp_ce", "balance", "tokens")}
+    if model.cfg.dsa_stage != "off":
+        zero_metrics["indexer_kl"] = jnp.float32(0.0)
     init = (
         jax.tree.map(jnp.zeros_like, state.params),
         {"metrics": zero_metrics, "counts": zeros_counts},
     )
-    (grads, sums), _ = jax.lax.scan(micro, init, _split_micro(batch, n_micro))
-    grads = jax.tree.map(lambda g: g / n_micro, grads)
+    if n_micro == 1:  # no zeroed accumulators, no scan: one pass over the batch
+        (grads, sums), _ = micro(init, batch)
+    else:
+        (grads, sums), _ = jax.lax.scan(micro, init, _split_micro(batch, n_micro))
+        grads = jax.tree.map(lambda g: g / n_micro, grads)
     metrics = {k: v / n_micro for k, v in sums["metrics"].items()}
     metrics["tokens"] = sums["metrics"]["tokens"]
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

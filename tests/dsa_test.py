@@ -4,26 +4,35 @@ A tiny random V3.2 checkpoint is built and saved by transformers itself; dsjax l
 reproduce HF's logits for sequences longer than `index_topk` (the selection matters) and shorter
 (every key kept), decode over the latent + indexer caches, and save it back. The indexer's scores
 and top-k, and the gather-based sparse attention kernel, are checked against NumPy references.
+
+Indexer training (`dsa_stage`): the KL loss against HF's own attention probabilities and float64
+NumPy scores (dense warm-up and sparse forms); a warm-up step changes only the indexers; in the
+sparse stage the LM loss trains everything but the indexers and the KL only the indexers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
 from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
 
 import dsjax.layers.indexer as indexer_lib
+from configs import tiny
+from dsjax import train_step as ts
 from dsjax.config import ModelConfig
 from dsjax.hf import load_hf_checkpoint, save_hf_checkpoint
 from dsjax.layers.indexer import Indexer, dsa_flops, select_topk
 from dsjax.layers.mla import sparse_latent_attention
 from dsjax.model import Transformer, init_cache
+from tests.helpers import random_variables, tiny_config
 
 try:
     import hf_fixtures as fx
@@ -319,3 +328,211 @@ def test_save_load_round_trip_and_hf_reads_it(hf_v32, loaded, tmp_path):
     reloaded = DeepseekV32ForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     toks = fx.tokens(BATCH, T_LONG, cfg.vocab_size, seed=9)
     np.testing.assert_array_equal(fx.hf_logits(reloaded, toks), fx.hf_logits(model, toks))
+
+
+# ====================================================================== indexer training (KL)
+def _hf_attention_and_scores(model, toks, topk):
+    """Per layer (HF attention probabilities [B, H, T, T], float64 index scores [B, T, T]) with the
+    indexers' top-k set to `topk` (T: every key, so HF's attention is dense)."""
+    captured, saved = [], []
+    hooks = []
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        saved.append(attn.indexer.index_topk)
+        attn.indexer.index_topk = topk
+        hooks.append(attn.indexer.register_forward_hook(
+            lambda m, args, _out: captured.append(("scores", m, args))
+        ))  # fmt: skip
+        hooks.append(attn.register_forward_hook(
+            lambda _m, _args, out: captured.append(("probs", out[1].detach().double().numpy()))
+        ))  # fmt: skip
+    try:
+        fx.hf_logits(model, toks)
+    finally:
+        for h in hooks:
+            h.remove()
+        for layer, k in zip(model.model.layers, saved, strict=True):
+            layer.self_attn.indexer.index_topk = k
+    out = []
+    for (_, m, args), (_, probs) in zip(captured[0::2], captured[1::2], strict=True):
+        out.append((probs, _np_indexer_scores(m, args[0], args[1], *args[2])))
+    return out
+
+
+def _np_indexer_kl(layers, topk):
+    """float64 Σ_layers mean_t KL(p_t,S || softmax(I_t,S)), S = the t-th query's top-k visible
+    keys by index score; p = HF's attention probabilities summed over heads, L1-normalised."""
+    total = 0.0
+    for probs, scores in layers:
+        B, _, T, _ = probs.shape
+        p_all = probs.sum(1)
+        kls = []
+        for b in range(B):
+            for t in range(T):
+                row = scores[b, t, : t + 1]
+                sel = np.argsort(-row)[: min(topk, t + 1)]
+                p = p_all[b, t, sel] / p_all[b, t, sel].sum()
+                q = np.exp(row[sel] - row[sel].max())
+                q /= q.sum()
+                kls.append(float((p * np.log(p / q)).sum()))
+        total += float(np.mean(kls))
+    return total
+
+
+@functools.cache
+def _indexer_kl_fn(cfg: ModelConfig):
+    model = Transformer(cfg.replace(remat="none"))
+    return jax.jit(lambda v, t: model.apply(v, t).indexer_kl)
+
+
+@pytest.mark.parametrize("stage", ["warmup", "sparse"])
+def test_indexer_kl_matches_hf_attention_and_numpy(hf_v32, loaded, small_chunks, stage):
+    """The indexer loss summed over the 2 layers equals a float64 reference built from HF's own
+    attention probabilities (dense for the warm-up, over the top-k picks for the sparse stage)
+    and NumPy index scores; several padded query chunks (SMALL_BUDGET)."""
+    model, _ = hf_v32
+    cfg, variables = loaded
+    toks = fx.tokens(BATCH, T_LONG, cfg.vocab_size, seed=12)
+    topk = T_LONG if stage == "warmup" else TOPK
+    ref = _np_indexer_kl(_hf_attention_and_scores(model, toks, topk), topk)
+    ours = float(_indexer_kl_fn(cfg.replace(dsa_stage=stage))(variables, toks))
+    assert ref > 1e-3  # a non-trivial target
+    assert abs(ours - ref) / ref < 1e-4, (ours, ref)
+    assert Transformer(cfg).apply(variables, toks[:, :4]).indexer_kl is None  # stage "off"
+
+
+def test_kl_to_index_scores_hand_values():
+    p = np.array([[[0.5, 0.5, 0.0]]], np.float32)
+    s = np.array([[[0.0, np.log(3.0), 7.0]]], np.float32)
+    mask = np.array([[[True, True, False]]])
+    # q = (1/4, 3/4) over the two visible keys: KL = 0.5 ln 2 + 0.5 ln(2/3).
+    got = float(indexer_lib.kl_to_index_scores(p, s, mask)[0, 0])
+    assert got == pytest.approx(0.5 * np.log(2.0) + 0.5 * np.log(2.0 / 3.0), rel=1e-6)
+    none = np.zeros_like(mask)
+    g = jax.grad(lambda s: indexer_lib.kl_to_index_scores(p * np.nan, s, none).sum())(s)
+    assert np.all(np.asarray(g) == 0)  # no visible key: zero loss, finite zero gradient
+
+
+# A one-layer dense DSA model: cheap to compile for the training-step tests.
+SEQ = 16
+
+
+def _dsa_run_config(stage: str):
+    cfg = tiny_config(
+        n_routed_experts=0, num_hidden_layers=1, num_mtp_layers=0,
+        index_topk=4, index_n_heads=2, index_head_dim=8,
+    )  # fmt: skip
+    c = tiny.get_config()
+    skip = ("remat", "dsa_stage")
+    c.model = ml_collections.ConfigDict(
+        {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in skip}
+    )
+    c.train.remat, c.train.dsa_stage, c.data.seq_len = "none", stage, SEQ
+    c.train.steps, c.optim.warmup_steps, c.optim.lr = 10, 0, 1e-2
+    return c
+
+
+def _dsa_batch(vocab: int, seed: int = 0):
+    rng = np.random.RandomState(seed)
+    B, T = 2, SEQ
+    seg = np.ones((B, T), np.int32)
+    seg[:, T // 2 :] = 2
+    seg[0, -3:] = 0  # padding
+    pos = np.concatenate([np.arange(T // 2), np.arange(T - T // 2)])[None].repeat(B, 0)
+    return {
+        "inputs": rng.randint(0, vocab, (B, T)).astype(np.int32),
+        "targets": rng.randint(0, vocab, (B, T)).astype(np.int32),
+        "segment_ids": seg,
+        "positions": pos.astype(np.int32),
+        "weights": (seg > 0).astype(np.float32),
+    }
+
+
+def _dsa_setup(stage: str):
+    c = _dsa_run_config(stage)
+    cfg = ts.model_config(c)
+    assert cfg.dsa_stage == stage
+    model = Transformer(cfg)
+    tx, schedule = ts.make_optimizer(c)
+    params = random_variables(cfg, seed=4)["params"]  # peaked attention: a KL worth learning
+    state = ts.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, moe_bias={}, opt_state=tx.init(params)
+    )
+    return c, model, tx, schedule, state, _dsa_batch(cfg.vocab_size)
+
+
+def _is_indexer(path) -> bool:
+    return any(getattr(p, "key", None) == "indexer" for p in path)
+
+
+def test_warmup_trains_only_the_indexer_and_lowers_its_kl():
+    c, model, tx, schedule, state, batch = _dsa_setup("warmup")
+    step = jax.jit(
+        functools.partial(ts.train_step, model=model, tx=tx, schedule=schedule, train_cfg=c.train)
+    )
+    first, m0 = step(state, batch)
+    assert float(m0["grad_norm"]) > 0 and np.isfinite(float(m0["indexer_kl"]))
+    n_indexer = 0
+    for path, a in jax.tree_util.tree_leaves_with_path(state.params):
+        b = np.asarray(_get(first.params, path))
+        if _is_indexer(path):
+            n_indexer += 1
+            assert not np.array_equal(np.asarray(a), b), jax.tree_util.keystr(path)
+        else:  # frozen: bitwise unchanged (no update, no weight decay)
+            assert np.array_equal(np.asarray(a), b), jax.tree_util.keystr(path)
+    assert n_indexer == 5  # wq_b, wk, k_norm (scale, bias), weights_proj
+    s, kls = first, [float(m0["indexer_kl"])]
+    for _ in range(9):
+        s, m = step(s, batch)
+        kls.append(float(m["indexer_kl"]))
+    assert kls[-1] < 0.5 * kls[0], kls
+
+
+def _get(tree, path):
+    for p in path:
+        tree = tree[p.key]
+    return tree
+
+
+def test_sparse_stage_lm_loss_trains_main_model_and_kl_only_the_indexer():
+    """Sparse stage (T=16 > top-k=4): the LM loss gives the indexer exactly zero gradient, the
+    indexer KL gives it a nonzero one and every other parameter exactly zero."""
+    c, model, _, _, state, batch = _dsa_setup("sparse")
+    c.train.indexer_loss_weight = 0.0
+
+    def loss_and_kl(params):
+        loss, aux = ts.loss_fn(params, {}, batch, model=model, train_cfg=c.train)
+        return loss, aux["indexer_kl"]
+
+    @jax.jit
+    def grads(params):
+        g_lm = jax.grad(lambda p: loss_and_kl(p)[0])(params)
+        g_kl = jax.grad(lambda p: loss_and_kl(p)[1])(params)
+        return g_lm, g_kl
+
+    g_lm, g_kl = grads(state.params)
+    for (path, lm), kl in zip(
+        jax.tree_util.tree_leaves_with_path(g_lm), jax.tree.leaves(g_kl), strict=True
+    ):
+        name = jax.tree_util.keystr(path)
+        if _is_indexer(path):
+            assert not np.any(np.asarray(lm)), name
+            assert np.all(np.isfinite(np.asarray(kl))) and np.any(np.asarray(kl)), name
+        else:
+            assert not np.any(np.asarray(kl)), name
+    assert any(np.any(np.asarray(g)) for p, g in jax.tree_util.tree_leaves_with_path(g_lm)
+               if not _is_indexer(p))  # fmt: skip
+
+
+def test_dsa_stage_config_errors():
+    c = _dsa_run_config("dense")
+    with pytest.raises(ValueError, match="config.train.dsa_stage='dense'"):
+        ts.validate_config(c, None)
+    c = _dsa_run_config("warmup")
+    c.model.index_topk = 0
+    with pytest.raises(ValueError, match="dsa_stage.*needs index_topk > 0"):
+        ts.model_config(c)
+    c = _dsa_run_config("warmup")
+    c.train.indexer_loss_weight = -1.0
+    with pytest.raises(ValueError, match="indexer_loss_weight"):
+        ts.validate_config(c, None)

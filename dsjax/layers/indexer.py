@@ -11,8 +11,13 @@ the invisible picks are then flagged invalid). Scores are computed per chunk of 
 memory is [chunk, N, S] at a time, never [T, N, S].
 
 The indexer is not trained by the language-model loss (its output is integer indices; HF runs it
-under `no_grad`): its inputs are detached here. The warm-up stage that trains it towards the dense
-attention distribution (KL) is not implemented.
+under `no_grad`): its inputs are detached here. It is trained by its own loss (DeepSeek-V3.2-Exp
+§2.1), the KL divergence from the main attention to the indexer's distribution, per query t:
+  L_I(t) = KL( p_t || Softmax(I_t) ),  p_t = Σ_h P_h(t, :) / H  (summed over heads, L1-normalised)
+with p a stop-gradient target. Dense warm-up (`ModelConfig.dsa_stage="warmup"`): dense attention,
+over every visible key (`dense_indexer_kl`, which recomputes the attention probabilities per query
+chunk). Sparse stage (`"sparse"`): over the selected keys S_t only, p and I both renormalised over
+S_t (`sparse_indexer_kl`, from the sparse kernel's probabilities).
 
 Also here: `dsa_flops`, the analytic attention-core FLOPs of DSA vs dense MLA.
 """
@@ -202,6 +207,83 @@ def select_topk(
 
     extra = (q_seg_BT,) if segs else ()
     return map_query_chunks(body, chunk, q_BTNI, w_BTN, q_idx_BT, *extra)
+
+
+# ====================================================================== indexer training loss
+DSA_STAGES = ("off", "warmup", "sparse")
+
+
+def kl_to_index_scores(p_BTS, scores_BTS, mask_BTS):
+    """KL(p || Softmax(scores)) per query [B, T] float32, over the keys where mask is True.
+
+    p_BTS [B, T, S] the target (rows sum to 1 over the mask, zero elsewhere; treated as
+    constant); scores_BTS [B, T, S] the indexer scores (any value where masked); mask_BTS bool.
+    A row with no masked-in key gives 0. Gradients are finite everywhere (no inf * 0)."""
+    p = jax.lax.stop_gradient(p_BTS.astype(jnp.float32))
+    keep = mask_BTS & (p > 0)  # also drops NaN targets (rows with no visible key)
+    p = jnp.where(keep, p, 0.0)
+    s = jnp.where(mask_BTS, scores_BTS.astype(jnp.float32), -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(s, -1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    z = jnp.where(mask_BTS, s - m, -jnp.inf)
+    lse = jnp.log(jnp.maximum(jnp.exp(z).sum(-1, keepdims=True), 1e-30))
+    log_q = jnp.where(mask_BTS, z - lse, 0.0)
+    log_p = jnp.log(jnp.where(keep, p, 1.0))
+    return jnp.where(keep, p * (log_p - log_q), 0.0).sum(-1)
+
+
+def dense_indexer_kl(
+    q_BTHK, k_BSHK, index_q_BTNI, index_w_BTN, index_k_BSI, *, scale: float,
+    q_idx_BT, k_idx_BS, q_seg_BT=None, k_seg_BS=None,
+):  # fmt: skip
+    """The warm-up loss per query [B, T]: KL from the dense attention distribution (softmax of
+    scale * q.k over the visible keys, averaged over the H heads = summed and L1-normalised) to
+    Softmax(I) over the same keys.
+
+    q_BTHK [B, T, H, K], k_BSHK [B, S, H, K] the attention's queries and keys (detached here: the
+    target is a constant); index_* the indexer's outputs (`Indexer`); mask as `visible_mask`.
+    Computed per query chunk with the chunk's body rematerialised: memory [B, c, H + N, S]."""
+    q_BTHK, k_BSHK = jax.lax.stop_gradient(q_BTHK), jax.lax.stop_gradient(k_BSHK)
+    B, T, H, _ = q_BTHK.shape
+    S, N = k_BSHK.shape[1], index_q_BTNI.shape[2]
+    chunk = query_chunk(B, T, (H + N) * S)
+    segs = q_seg_BT is not None
+
+    def body(q_c, iq_c, iw_c, qidx_c, *qseg):
+        mask = visible_mask(qidx_c, k_idx_BS, qseg[0] if segs else None, k_seg_BS)
+        logits = jnp.einsum("bthk,bshk->bths", q_c, k_BSHK, preferred_element_type=jnp.float32)
+        logits = jnp.where(mask[:, :, None], logits * scale, -jnp.inf)
+        p_BcS = jax.nn.softmax(logits, -1).mean(2)
+        return kl_to_index_scores(p_BcS, index_scores(iq_c, iw_c, index_k_BSI, mask), mask)
+
+    extra = (q_seg_BT,) if segs else ()
+    return map_query_chunks(body, chunk, q_BTHK, index_q_BTNI, index_w_BTN, q_idx_BT, *extra)
+
+
+def sparse_indexer_kl(index_q_BTNI, index_w_BTN, index_k_BSI, idx_BTK, valid_BTK, p_BTK):
+    """The sparse-stage loss per query [B, T]: KL over each query's selected keys S_t from the
+    sparse attention's distribution p_BTK [B, T, k] (head-averaged, zero on invalid picks; see
+    `sparse_latent_attention(..., with_probs=True)`) to Softmax(I) renormalised over S_t.
+
+    idx_BTK int32 / valid_BTK bool [B, T, k] as `select_topk` returns them. The indexer keys of
+    the picks are gathered per query chunk: memory [B, c, k, I + N]."""
+    B, T, N, Di = index_q_BTNI.shape
+    k = idx_BTK.shape[-1]
+    chunk = query_chunk(B, T, k * (Di + N))
+
+    def body(q_c, w_c, idx_c, valid_c, p_c):
+        k_BcKI = jax.vmap(lambda kk, i: kk[i])(index_k_BSI, idx_c)
+        logits = jnp.einsum("btni,btki->btnk", q_c, k_BcKI, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("btn,btnk->btk", w_c, jax.nn.relu(logits * Di**-0.5))
+        return kl_to_index_scores(p_c, scores, valid_c)
+
+    return map_query_chunks(body, chunk, index_q_BTNI, index_w_BTN, idx_BTK, valid_BTK, p_BTK)
+
+
+def mean_over_queries(kl_BT, query_valid_BT):
+    """Mean of the per-query loss over the real queries (scalar float32; 0 when none)."""
+    w = query_valid_BT.astype(jnp.float32)
+    return (kl_BT * w).sum() / jnp.maximum(w.sum(), 1.0)
 
 
 # ====================================================================== analytic FLOPs

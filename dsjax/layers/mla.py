@@ -20,6 +20,12 @@ used in every mode because the gathered latent is shared by the H heads: gatheri
 expanded keys/values instead would move H (dn + dr + dv) / (C + dr) times more bytes (V3.2: 71x)
 for 3.4x fewer FLOPs per pair. When a query can see at most k keys (the whole key axis S <= k)
 the selection is every visible key, and the dense path runs instead (identical math).
+
+Training the indexer (`cfg.dsa_stage`, train mode only; `dsjax/layers/indexer.py`): "warmup" forces
+dense attention (in every mode) and computes the KL from the dense attention distribution to the
+indexer's over all visible keys; "sparse" keeps top-k attention and computes the KL over each
+query's selected keys from the sparse kernel's probabilities. `MLA(..., with_indexer_kl=True)`
+returns the layer's KL (mean over real queries, segment id > 0) beside its output.
 """
 
 from __future__ import annotations
@@ -30,7 +36,15 @@ from flax import linen as nn
 
 from dsjax.config import ModelConfig
 from dsjax.layers.attention import attention
-from dsjax.layers.indexer import Indexer, map_query_chunks, query_chunk, select_topk
+from dsjax.layers.indexer import (
+    Indexer,
+    dense_indexer_kl,
+    map_query_chunks,
+    mean_over_queries,
+    query_chunk,
+    select_topk,
+    sparse_indexer_kl,
+)
 from dsjax.layers.mlp import Linear
 from dsjax.layers.norms import RMSNorm
 from dsjax.layers.rope import apply_rope
@@ -49,10 +63,15 @@ class MLA(nn.Module):
     [C, H*(dn+dv)], o [H*dv, D], with DSA also indexer/{wq_b, wk, k_norm, weights_proj};
     cache collection (prefill/decode): latent [B, S, C], k_pe [B, S, dr] (with DSA also
     indexer/k [B, S, index_head_dim]), created at init with S = the init input's length.
+
+    With `with_indexer_kl=True` it returns `(out_BTD, indexer_kl)`: indexer_kl the scalar float32
+    KL loss of the lightning indexer (see the module docstring) in train mode when
+    `cfg.dsa_stage` is "warmup" or "sparse", else None.
     """
 
     cfg: ModelConfig
     mode: str = "train"
+    with_indexer_kl: bool = False
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, segment_ids_BT):
@@ -96,7 +115,8 @@ class MLA(nn.Module):
         if self.mode != "train":
             latent_BSC, k_pe_BSR = self._update_cache(latent_BTC, k_pe_BTR, positions_BT)
 
-        sparse = None
+        sparse, kl_BT = None, None
+        train_indexer = cfg.use_dsa and self.mode == "train" and cfg.dsa_stage != "off"
         if cfg.use_dsa:
             # The indexer always runs (its parameters and cache exist at every length); its
             # scores are skipped (dead code) when every key fits in the top-k.
@@ -104,7 +124,7 @@ class MLA(nn.Module):
                 x_BTD, c_q, positions_BT
             )
             S = T if self.mode != "decode" else latent_BSC.shape[1]
-            if cfg.index_topk < S:
+            if cfg.index_topk < S and cfg.dsa_stage != "warmup":  # warm-up: dense attention
                 if self.mode == "train":
                     q_idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
                     k_idx, seg = q_idx, segment_ids_BT
@@ -121,9 +141,12 @@ class MLA(nn.Module):
                     latent_BSC, k_pe_BSR = latent_BTC, k_pe_BTR
 
         if sparse is not None:
-            out_BTHV = self._sparse(
-                q_nope_BTHN, q_pe_BTHR, latent_BSC, k_pe_BSR, kv_b.weight(dtype), *sparse
-            )
+            out_BTHV, p_BTK = self._sparse(
+                q_nope_BTHN, q_pe_BTHR, latent_BSC, k_pe_BSR, kv_b.weight(dtype), *sparse,
+                with_probs=train_indexer,
+            )  # fmt: skip
+            if train_indexer:
+                kl_BT = sparse_indexer_kl(index_q, index_w, index_k, *sparse, p_BTK)
         elif self.mode == "decode":
             out_BTHV = self._absorbed(
                 q_nope_BTHN, q_pe_BTHR, latent_BSC, k_pe_BSR, kv_b.weight(dtype), positions_BT
@@ -154,8 +177,17 @@ class MLA(nn.Module):
                 causal=True,  # q/k index = arange(T) in train and prefill (cuDNN relies on it)
             )
             out_BTHV = out[:, :, :, 0]
+            if train_indexer:  # warm-up, or sparse stage with every key selected
+                kl_BT = dense_indexer_kl(
+                    q_full, k_BTHK, index_q, index_w, index_k, scale=cfg.softmax_scale,
+                    q_idx_BT=q_idx, k_idx_BS=q_idx, q_seg_BT=seg, k_seg_BS=seg,
+                )  # fmt: skip
         out_BTHV = nn.with_logical_constraint(out_BTHV, ("batch", "length", "heads", "head_dim"))
-        return o_proj(out_BTHV.reshape(B, T, H * dv))
+        out_BTD = o_proj(out_BTHV.reshape(B, T, H * dv))
+        if not self.with_indexer_kl:
+            return out_BTD
+        kl = None if kl_BT is None else mean_over_queries(kl_BT, segment_ids_BT > 0)
+        return out_BTD, kl
 
     def _update_cache(self, latent_BTC, k_pe_BTR, positions_BT):
         """Writes the new tokens at their positions; returns the full cache [B, S, ...]."""
@@ -184,15 +216,20 @@ class MLA(nn.Module):
         q_lat_BTHC = jnp.einsum("bthn,chn->bthc", q_nope_BTHN, w_uk_CHN)
         return jnp.concatenate([q_lat_BTHC, q_pe_BTHR.astype(dtype)], -1), w_uv_CHV
 
-    def _sparse(self, q_nope_BTHN, q_pe_BTHR, latent_BSC, k_pe_BSR, kv_b_kernel, idx, valid):
-        """DSA: absorbed attention over each query's selected latents only."""
+    def _sparse(
+        self, q_nope_BTHN, q_pe_BTHR, latent_BSC, k_pe_BSR, kv_b_kernel, idx, valid,
+        with_probs=False,
+    ):  # fmt: skip
+        """DSA: absorbed attention over each query's selected latents only -> (out_BTHV, p_BTK
+        the head-averaged probabilities of the picks, or None without `with_probs`)."""
         q_BTHL, w_uv_CHV = self._absorb(q_nope_BTHN, q_pe_BTHR, kv_b_kernel)
         kv_BSL = jnp.concatenate([latent_BSC, k_pe_BSR.astype(latent_BSC.dtype)], -1)
         o_lat = sparse_latent_attention(
             q_BTHL, kv_BSL, idx, valid, value_dim=self.cfg.kv_lora_rank,
-            scale=self.cfg.softmax_scale,
+            scale=self.cfg.softmax_scale, with_probs=with_probs,
         )  # fmt: skip
-        return jnp.einsum("bthc,chv->bthv", o_lat, w_uv_CHV)
+        o_lat, p_BTK = o_lat if with_probs else (o_lat, None)
+        return jnp.einsum("bthc,chv->bthv", o_lat, w_uv_CHV), p_BTK
 
     def _absorbed(self, q_nope_BTHN, q_pe_BTHR, latent_BSC, k_pe_BSR, kv_b_kernel, positions_BT):
         """Multi-query attention in latent space: W_UK folded into q, W_UV applied after."""
@@ -215,7 +252,9 @@ class MLA(nn.Module):
         return jnp.einsum("bthc,chv->bthv", o_lat[:, :, 0], w_uv_CHV)
 
 
-def sparse_latent_attention(q_BTHL, kv_BSL, idx_BTK, valid_BTK, *, value_dim: int, scale: float):
+def sparse_latent_attention(
+    q_BTHL, kv_BSL, idx_BTK, valid_BTK, *, value_dim: int, scale: float, with_probs: bool = False
+):
     """Each query attends only to its selected keys, gathered from the shared latent.
 
     q_BTHL [B, T, H, L] absorbed queries; kv_BSL [B, S, L] latent keys (the first `value_dim`
@@ -223,6 +262,8 @@ def sparse_latent_attention(q_BTHL, kv_BSL, idx_BTK, valid_BTK, *, value_dim: in
     [B, T, k] (False: a pick that is not visible, ignored) -> o_BTHC [B, T, H, value_dim] in q's
     dtype. Per query chunk the gather is [B, c, k, L] and the logits [B, c, H, k]: FLOPs and
     memory O(T k), softmax in float32. A query with no valid pick gets zeros.
+    With `with_probs` it returns `(o_BTHC, p_BTK)`: p_BTK [B, T, k] float32 the attention
+    probabilities averaged over heads (the indexer's sparse-stage target; stop-gradient).
     """
     B, T, H, L = q_BTHL.shape
     k = idx_BTK.shape[-1]
@@ -239,6 +280,8 @@ def sparse_latent_attention(q_BTHL, kv_BSL, idx_BTK, valid_BTK, *, value_dim: in
             "bthk,btkc->bthc", p.astype(q_c.dtype), sel_BcKL[..., :value_dim],
             preferred_element_type=jnp.float32,
         )  # fmt: skip
+        if with_probs:
+            return out.astype(q_c.dtype), jax.lax.stop_gradient(p.mean(2))
         return out.astype(q_c.dtype)
 
     return map_query_chunks(body, chunk, q_BTHL, idx_BTK, valid_BTK)
