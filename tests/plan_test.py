@@ -54,6 +54,10 @@ def test_train_plan_compiles_for_v5e_2x2(v5e_2x2, name):
     config = {"tiny": tiny, "small": small}[name].get_config()
     config.data.seq_len = 32
     config.train.batch_size = 8  # 2 per chip on the data=4 mesh
+    # The rolled layer loop: for small's straight-line layers (scan_unroll=4) at these shapes
+    # XLA:TPU reports 0 temporary bytes (total 55.7 MB vs 80.3 MB rolled), and this test checks
+    # that every field of the report is filled.
+    config.model.scan_unroll = 1
     r = plan.plan_train(config, v5e_2x2)
     ops = _check_report(r, v5e_2x2)
     assert r["mesh"] == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 1}
