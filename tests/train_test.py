@@ -527,3 +527,32 @@ def test_sample_python_lines_leaves_out_a_cut_off_last_line():
     assert sample_python_lines("def f(x):\n    return x\ny = (x") == (2, 2)  # last line cut off
     assert sample_python_lines("def f(x):\n    return x\ny = (x\n") == (2, 3)  # a whole line
     assert sample_python_lines("def f(") == (0, 1)  # the only line is kept
+
+
+def test_linear_cross_entropy_equals_autodiff_of_the_plain_form():
+    """The fused head + cross-entropy (written-out backward) against autodiff of
+    cross_entropy_sums(h @ kernel): value and gradients of h, kernel and the weights, whole and
+    chunked (a chunk that needs padding)."""
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.standard_normal((2, 7, 16)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((16, 50)) * 0.3, jnp.float32)
+    t = jnp.asarray(rng.integers(0, 50, (2, 7)))
+    w = jnp.asarray(rng.uniform(0, 1, (2, 7)), jnp.float32)
+
+    def plain(h, k, w):
+        s, n = ts.cross_entropy_sums(jnp.einsum("btd,dv->btv", h, k), t, w)
+        return s / n + 0.1 * n
+
+    def fused(chunk):
+        def f(h, k, w):
+            s, n = ts.chunked_cross_entropy_sums(h, k, t, w, chunk)
+            return s / n + 0.1 * n
+
+        return f
+
+    a = jax.value_and_grad(plain, argnums=(0, 1, 2))(h, k, w)
+    for chunk in (7, 3):
+        b = jax.value_and_grad(fused(chunk), argnums=(0, 1, 2))(h, k, w)
+        np.testing.assert_allclose(b[0], a[0], rtol=1e-6)
+        for ga, gb in zip(a[1], b[1], strict=True):
+            np.testing.assert_allclose(gb, ga, rtol=1e-5, atol=1e-7)
