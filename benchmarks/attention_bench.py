@@ -1,5 +1,7 @@
 """Attention kernels on the backend present: reference / chunked (every chunk pair) / chunked with
-causal chunk skipping / cuDNN (NVIDIA GPU only), forward and forward+backward.
+causal chunk skipping / cuDNN (NVIDIA GPU only) / splash (Pallas TPU; elsewhere only with
+--splash-interpret, Pallas' interpreter: a correctness check, its times mean nothing), forward and
+forward+backward.
 
 Shapes follow V3's expanded MLA path: q/k head dim 192, v head dim 128, G = heads key/value heads,
 one query head each, causal. Prints one row per (T, impl, pass): median seconds, useful TFLOP/s
@@ -10,6 +12,8 @@ reference's [B, H, T, T] float32 logits fit in --ref-max-gib.
   python benchmarks/attention_bench.py                                   # CPU defaults
   python benchmarks/attention_bench.py --lengths 1024,2048,4096,8192,16384,32768 --heads 128 \\
       --ref-max-gib 16                                                   # H100
+  python benchmarks/attention_bench.py --impls chunked_skip,splash --heads 128 \
+      --lengths 4096,8192,16384,32768,65536                              # TPU
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dsjax.kernels import splash  # noqa: E402
 from dsjax.layers.attention import (  # noqa: E402
     chunk_schedule,
     chunked_attention,
@@ -52,6 +57,8 @@ def _impl_fn(name, chunk, scale):
         return lambda q, k, v: chunked_attention(q, k, v, chunk=chunk, skip=True, **idx_kw(q, k))
     if name == "cudnn":
         return lambda q, k, v: cudnn_attention(q, k, v, scale=scale)
+    if name == "splash":
+        return lambda q, k, v: splash.splash_attention(q, k, v, scale=scale)
     raise ValueError(f"unknown impl {name!r}")
 
 
@@ -69,7 +76,12 @@ def _time(fn, args, iters):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", default="1024,2048,4096,8192")
-    ap.add_argument("--impls", default="reference,chunked,chunked_skip,cudnn")
+    ap.add_argument("--impls", default="reference,chunked,chunked_skip,cudnn,splash")
+    ap.add_argument(
+        "--splash-interpret",
+        action="store_true",
+        help="run splash off TPU in Pallas' interpreter (slow; checks values only)",
+    )
     ap.add_argument("--passes", default="fwd,fwdbwd")
     ap.add_argument("--heads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=1)
@@ -115,6 +127,11 @@ def main():
                 if why:
                     print(f"{T:>6} {name:>13}   (skipped: {why})")
                     continue
+            if name == "splash" and splash.target_platform() != "tpu" and not args.splash_interpret:
+                print(
+                    f"{T:>6} {name:>13}   (skipped: not a TPU; --splash-interpret to check values)"
+                )
+                continue
             pairs = {
                 "chunked": n_chunks**2,
                 "chunked_skip": int(chunk_schedule(idx, idx, chunk=args.chunk).sum()),

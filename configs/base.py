@@ -10,6 +10,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.name = "base"
     c.seed = 0
     c.model = ml_collections.ConfigDict()  # fields of dsjax.ModelConfig; filled by each config
+    c.model.attention_impl = "auto"  # auto/reference/chunked/cudnn/splash (layers/attention.py)
     c.model.fp8 = False  # DeepSeek-V3 FP8 training recipe (dsjax/fp8.py); --config.model.fp8=True
 
     c.data = ml_collections.ConfigDict()
@@ -59,6 +60,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.expert = 1
+    c.mesh.context = 1  # context parallelism: the sequence split over this many chips
     c.mesh.tensor = 1
 
     c.checkpoint = ml_collections.ConfigDict()

@@ -17,6 +17,7 @@ from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from dsjax.config import ModelConfig
+from dsjax.layers.context import tokens_ahead
 from dsjax.layers.mla import MLA
 from dsjax.layers.mlp import Linear, SwiGLU
 from dsjax.layers.moe import MoE
@@ -74,13 +75,13 @@ class Block(nn.Module):
     mode: str = "train"
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, token_index_BT=None):
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
         h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed", name="attn_norm")(x_BTD)
         attn_BTD, indexer_kl = MLA(cfg, self.mode, with_indexer_kl=True, name="attn")(
-            h, positions_BT, segment_ids_BT
+            h, positions_BT, segment_ids_BT, token_index_BT
         )
         x_BTD = x_BTD + checkpoint_name(attn_BTD, ATTN_OUT)
         h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed", name="ffn_norm")(x_BTD)
@@ -107,8 +108,8 @@ class Block(nn.Module):
 class _ScanBlock(Block):
     """Block with the scan calling convention: (carry, broadcast args) -> (carry, per-layer out)."""
 
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
-        return super().__call__(x_BTD, positions_BT, segment_ids_BT)
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, token_index_BT):
+        return super().__call__(x_BTD, positions_BT, segment_ids_BT, token_index_BT)
 
 
 def _stack(cfg: ModelConfig, moe: bool, length: int, mode: str, name: str) -> nn.Module:
@@ -119,7 +120,7 @@ def _stack(cfg: ModelConfig, moe: bool, length: int, mode: str, name: str) -> nn
         block,
         variable_axes={"params": 0, "moe_bias": 0, "cache": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
         length=length,
         unroll=min(cfg.scan_unroll, length),
         metadata_params={nn.PARTITION_NAME: "layers"},
@@ -143,7 +144,7 @@ class MTPModule(nn.Module):
     mode: str = "train"
 
     @nn.compact
-    def __call__(self, h_prev_BTD, emb_next_BTD, positions_BT, segment_ids_BT):
+    def __call__(self, h_prev_BTD, emb_next_BTD, positions_BT, segment_ids_BT, token_index_BT=None):
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         e = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed", name="enorm")(emb_next_BTD)
@@ -159,7 +160,7 @@ class MTPModule(nn.Module):
             name="eh_proj",
         )(jnp.concatenate([e, h], axis=-1))
         h_out, stats = Block(cfg, cfg.mtp_is_moe, self.mode, name="block")(
-            x, positions_BT, segment_ids_BT
+            x, positions_BT, segment_ids_BT, token_index_BT
         )
         normed = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed", name="head_norm")(h_out)
         return h_out, normed, stats
@@ -180,13 +181,17 @@ class Transformer(nn.Module):
     """DeepSeek-V3: embedding, dense then MoE stacks, final norm, untied head, D MTP modules.
 
     `Transformer(cfg).apply(variables, tokens_BT, positions_BT=None, segment_ids_BT=None,
-    mode="train", run_mtp=None, logits=True) -> ModelOutput`:
+    mode="train", run_mtp=None, logits=True, token_index_BT=None) -> ModelOutput`:
     tokens_BT [B, T] int32; positions_BT [B, T] (default: restart at 0 at each segment start);
     segment_ids_BT [B, T] (default all 1; 0 = padding, excluded from MoE statistics; packed
     documents 1, 2, ...). `mode`: "train" (no cache), "prefill" / "decode" (latent cache in the
     `cache` collection: pass `mutable=["cache"]`; see `init_cache`). `run_mtp` defaults to
     mode == "train". `logits=False` returns the head inputs instead of the [B, T, V] logits
     (chunked cross-entropy). Variables: {"params", "moe_bias"} (+ "cache").
+    `token_index_BT` [B, T] (train only): the tokens are a permutation of their sequence (context
+    parallelism's zig-zag layout, `dsjax.layers.context`) and this is each slot's index in it; the
+    MTP modules then keep all T slots (`mtp_*[k-1]` [B, T, ...]; the sequence's last k tokens are
+    placeholders in segment 0).
     """
 
     cfg: ModelConfig
@@ -235,9 +240,14 @@ class Transformer(nn.Module):
         mode: str = "train",
         run_mtp: bool | None = None,
         logits: bool = True,
+        token_index_BT=None,
     ) -> ModelOutput:
         cfg = self.cfg
         B, T = tokens_BT.shape
+        if token_index_BT is not None and mode != "train":
+            raise ValueError(
+                f"token_index_BT (a permuted layout) is for mode='train', not {mode!r}"
+            )
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones((B, T), jnp.int32)
         if positions_BT is None:
@@ -250,11 +260,11 @@ class Transformer(nn.Module):
         dense_stats: dict[str, Any] = {}
         if cfg.num_dense_layers:
             x, dense_stats = _stack(cfg, False, cfg.num_dense_layers, mode, "dense_layers")(
-                x, positions_BT, segment_ids_BT
+                x, positions_BT, segment_ids_BT, token_index_BT
             )
         if cfg.num_moe_layers:
             x, stats = _stack(cfg, True, cfg.num_moe_layers, mode, "moe_layers")(
-                x, positions_BT, segment_ids_BT
+                x, positions_BT, segment_ids_BT, token_index_BT
             )
         hidden = x
         head_input = self.final_norm(hidden)
@@ -269,9 +279,16 @@ class Transformer(nn.Module):
         if cfg.num_mtp_layers and run_mtp:
             mtp_logits, h = [], hidden
             for k in range(1, cfg.num_mtp_layers + 1):
-                if mode == "train":
-                    if T - k <= 0:
-                        raise ValueError(f"MTP depth {k} needs more than {k} tokens; got T={T}")
+                mtp_seg = segment_ids_BT
+                if mode == "train" and T - k <= 0:
+                    raise ValueError(f"MTP depth {k} needs more than {k} tokens; got T={T}")
+                if token_index_BT is not None:
+                    # A permuted layout (context parallelism) keeps every slot; the last k
+                    # tokens of the sequence get segment 0 (no statistics, no real neighbours).
+                    n = T
+                    next_tokens = tokens_ahead(tokens_BT, token_index_BT, k)
+                    mtp_seg = jnp.where(token_index_BT + k < T, segment_ids_BT, 0)
+                elif mode == "train":
                     n = T - k
                     next_tokens = tokens_BT[:, k:]
                 else:
@@ -283,8 +300,9 @@ class Transformer(nn.Module):
                         [tokens_BT[:, k:], jnp.repeat(tokens_BT[:, -1:], k, axis=1)], axis=1
                     )
                 h, normed, s = MTPModule(cfg, mode, name=f"mtp_{k - 1}")(
-                    h[:, :n], self.embed(next_tokens), positions_BT[:, :n], segment_ids_BT[:, :n]
-                )
+                    h[:, :n], self.embed(next_tokens), positions_BT[:, :n], mtp_seg[:, :n],
+                    token_index_BT,
+                )  # fmt: skip
                 mtp_inputs.append(normed)
                 if want_logits:
                     mtp_logits.append(self.head(normed))

@@ -2,9 +2,13 @@
 
 Every parameter carries logical axis names (`nn.with_logical_partitioning`) and every large
 activation a logical constraint; this file alone decides how those names map onto the mesh axes
-`data`, `fsdp`, `expert`, `tensor`. Flax resolves a logical name with the first rule whose mesh axis
+`data`, `fsdp`, `expert`, `context`, `tensor`. Flax resolves a logical name with the first rule whose mesh axis
 is not already used by the same array, so `embed` shards parameters over `fsdp` but falls back to
 replicated for activations whose batch dimension already took `fsdp`.
+
+`context` is context parallelism: activations' sequence (`length`) dimension splits over it, and
+parameters shard over it like over `fsdp` (a context-parallel mesh is also a weight-sharding one).
+Only attention needs the other chips' tokens; it receives their MLA latent (`dsjax.layers.context`).
 """
 
 from __future__ import annotations
@@ -17,26 +21,32 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
+# A flattened [B*T] token dimension splits over the batch axes and then the sequence's `context`.
+TOKEN_AXES = (*BATCH_AXES, "context")
 
 # logical name -> mesh axes. Order matters: the first unused mesh axis wins.
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", BATCH_AXES),
-    ("length", None),
+    ("length", "context"),
     ("expert", "expert"),  # before `embed`: rules are applied in this order
-    # Parameters' embed dim over fsdp x expert: weights without an expert dim (attention, dense
-    # and shared FFNs, embedding, head) are then not replicated over the expert axis; expert
-    # weights, whose expert dim took `expert`, fall through to the next rule.
-    ("embed", ("fsdp", "expert")),
+    # Parameters' embed dim over fsdp x expert x context (mesh order, so that XLA can turn the
+    # gradients' reductions into reduce-scatters): weights without an expert dim
+    # (attention, dense and shared FFNs, embedding, head) are then not replicated over the expert
+    # or context axes; expert weights, whose expert dim took `expert`, fall through to the next.
+    ("embed", ("fsdp", "expert", "context")),
+    ("embed", ("fsdp", "context")),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     # The latent ranks of the MLA up-projections (q_b [q_lora, H*K], kv_b [kv_lora, H*(K+V)]),
     # else replicated on every chip when tensor=1 (V3: 12 GiB fp32 per chip); activations' batch
     # dims have taken these axes, so their latent dims stay whole.
-    ("q_lora", ("fsdp", "expert")),
+    ("q_lora", ("fsdp", "expert", "context")),
+    ("q_lora", ("fsdp", "context")),
     ("q_lora", "fsdp"),
-    ("kv_lora", ("fsdp", "expert")),
+    ("kv_lora", ("fsdp", "expert", "context")),
+    ("kv_lora", ("fsdp", "context")),
     ("kv_lora", "fsdp"),
     ("head_dim", None),
     ("mlp", "tensor"),
@@ -52,10 +62,11 @@ def make_mesh(
     expert: int = 1,
     tensor: int = 1,
     devices: Sequence[jax.Device] | None = None,
+    context: int = 1,
 ) -> Mesh:
-    """A 4-axis mesh (data, fsdp, expert, tensor); at most one size may be -1 (the rest)."""
+    """A 5-axis mesh (data, fsdp, expert, context, tensor); at most one size may be -1 (the rest)."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, expert, tensor]
+    sizes = [data, fsdp, expert, context, tensor]
     for name, size in zip(MESH_AXES, sizes, strict=True):
         if size == 0 or size < -1:
             raise ValueError(f"mesh.{name}={size}: must be a positive size or -1 (the rest)")

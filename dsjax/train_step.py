@@ -22,6 +22,12 @@ from flax import linen as nn
 
 from dsjax import sharding
 from dsjax.config import ModelConfig
+from dsjax.layers.context import (
+    check_context_parallel,
+    context_size,
+    fold_context,
+    to_context_layout,
+)
 from dsjax.layers.indexer import DSA_STAGES
 from dsjax.model import (
     REMAT_POLICIES,
@@ -131,7 +137,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     moment = config.optim.get("moment_dtype")
     if moment is not None and moment not in ("float32", "bfloat16"):
         raise ValueError(f"config.optim.moment_dtype={moment!r} must be 'float32' or 'bfloat16'")
-    for key in ("data", "fsdp", "expert", "tensor"):
+    for key in ("data", "fsdp", "expert", "context", "tensor"):
         size = config.mesh.get(key, 1)
         if not isinstance(size, int) or isinstance(size, bool) or size == 0 or size < -1:
             raise ValueError(f"config.mesh.{key}={size!r}: must be a positive size or -1")
@@ -139,6 +145,10 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
         cfg = model_config(config)
     except TypeError as e:
         raise ValueError(f"config.model: {e}") from None
+    if config.mesh.get("context", 1) > 1:
+        if config.mesh.get("context") == -1:
+            raise ValueError("config.mesh.context=-1: give the context axis an explicit size")
+        check_context_parallel(cfg, config.data.seq_len, config.mesh.context)
     if config.data.seq_len > cfg.max_position_embeddings:
         raise ValueError(
             f"config.data.seq_len={config.data.seq_len} exceeds "
@@ -369,9 +379,18 @@ def loss_fn(params, moe_bias, batch, *, model: Transformer, train_cfg):
         batch["positions"],
         batch["segment_ids"],
         logits=False,
+        token_index_BT=batch.get("token_index"),  # context parallelism's zig-zag layout
     )
     kernel = head_kernel(model.cfg, params).astype(jnp.dtype(model.cfg.dtype))
-    ce = lambda h, t, w: chunked_cross_entropy_sums(h, kernel, t, w, chunk)  # noqa: E731
+    # Gathered whole along D (FSDP) for the cross-entropy chunks: left to itself, XLA may instead
+    # move every chip's tokens to the chips holding a D slice of the head and materialise the
+    # logits of all of them there (31.6 GiB per chip for V3 with context parallelism at 131K).
+    kernel = nn.with_logical_constraint(kernel, (None, "vocab"))
+
+    def ce(h, t, w):  # context parallelism: each chip's share of a sequence is its own row
+        h, t, w = fold_context(h, t, w)
+        return chunked_cross_entropy_sums(h, kernel, t, w, min(chunk, h.shape[1]))
+
     main_in, mtp_in = out.head_input, out.mtp_head_input
     ce_sum, n = ce(main_in, batch["targets"], batch["weights"])
     main = ce_sum / jnp.maximum(n, 1.0)
@@ -380,7 +399,11 @@ def loss_fn(params, moe_bias, batch, *, model: Transformer, train_cfg):
     if mtp_in:
         mtp = []
         for k, x in enumerate(mtp_in, start=1):
-            s, m = ce(x, batch["targets"][:, k:], mtp_weights(batch, k))
+            if "token_index" in batch:  # permuted layout: full-length, targets laid out with it
+                t, w = batch["mtp_targets"][:, k - 1], batch["mtp_weights"][:, k - 1]
+            else:
+                t, w = batch["targets"][:, k:], mtp_weights(batch, k)
+            s, m = ce(x, t, w)
             mtp.append(s / jnp.maximum(m, 1.0))
         aux["mtp_ce"] = sum(mtp) / len(mtp)
         loss = loss + train_cfg.mtp_weight * aux["mtp_ce"]
@@ -431,12 +454,22 @@ def _split_micro(batch, n: int):
     return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
 
+def prepare_batch(batch, model):
+    """The batch as `loss_fn` takes it under the mesh in scope: with `context` > 1 the sequence is
+    split over it, in the zig-zag layout that balances causal attention (`dsjax.layers.context`)."""
+    C = context_size()
+    if C == 1:
+        return batch
+    return to_context_layout(batch, C, model.cfg.num_mtp_layers, mtp_weights)
+
+
 def train_step(state: TrainState, batch, *, model, tx, schedule, train_cfg):
     """One optimizer step over `grad_accum` micro-batches, then the routing-bias update."""
     grad_fn = jax.value_and_grad(
         functools.partial(loss_fn, model=model, train_cfg=train_cfg), has_aux=True
     )
     n_micro = train_cfg.grad_accum
+    batch = prepare_batch(batch, model)
 
     def micro(carry, mb):
         grads_acc, sums = carry

@@ -142,8 +142,9 @@ def test_cudnn_selection_rules_on_cpu():
         attention(q, k, v, q_seg_BT=idx, **kw)
 
 
-def test_chunked_in_remat_scanned_model_matches_reference_grads():
-    """The skipping kernel (lax.cond inside scans) under nn.scan + nn.remat, packed segments."""
+def test_chunked_and_splash_in_remat_scanned_model_match_reference_grads():
+    """The skipping kernel (lax.cond inside scans) and splash (Pallas interpreter; T = 12 padded
+    to 128) under nn.scan + nn.remat, packed segments."""
     from flax import linen as nn
 
     from dsjax.model import Transformer, abstract_variables
@@ -159,7 +160,7 @@ def test_chunked_in_remat_scanned_model_matches_reference_grads():
             attention_impl=impl,
             attention_chunk=4,
         )
-        for impl in ("reference", "chunked")
+        for impl in ("reference", "chunked", "splash")
     ]
     rng = np.random.default_rng(3)
     variables = jax.tree.map(
@@ -174,7 +175,189 @@ def test_chunked_in_remat_scanned_model_matches_reference_grads():
     grads = jax.jit(lambda p: [jax.value_and_grad(functools.partial(loss, c))(p) for c in cfgs])(
         variables["params"]
     )
-    (l_ref, g_ref), (l_chk, g_chk) = grads
-    assert abs(float(l_ref) - float(l_chk)) < 1e-6
-    for a, b in zip(jax.tree.leaves(g_chk), jax.tree.leaves(g_ref), strict=True):
-        assert rel_err(a, b) < 1e-4
+    (l_ref, g_ref), *others = grads
+    for l_chk, g_chk in others:
+        assert abs(float(l_ref) - float(l_chk)) < 1e-6
+        for a, b in zip(jax.tree.leaves(g_chk), jax.tree.leaves(g_ref), strict=True):
+            assert rel_err(a, b) < 1e-4
+
+
+# ====================================================================== splash (Pallas TPU)
+# On CPU the splash kernels run in Pallas' interpreter (the same kernel code, not a reference).
+def _splash_inputs(seed, B, T, G, H, K=16, V=8):
+    q, k, v = _inputs(seed, B, T, T, G=G, H=H, K=K, V=V)
+    idx = np.broadcast_to(np.arange(T), (B, T)).astype(np.int32)
+    return q, k, v, idx
+
+
+@pytest.fixture(scope="module")
+def splash_vs_reference():
+    """T = 300 -> padded to 384 = 3 blocks of 128; G = 2 key/value heads x H = 2 query heads;
+    two rows of packed documents (row 0: three documents split mid-block, row 1: one)."""
+    from dsjax.kernels import splash
+
+    B, T = 2, 300
+    q, k, v, idx = _splash_inputs(6, B, T, G=2, H=2)
+    seg = np.array([[1] * 100 + [2] * 57 + [3] * 143, [7] * 300], np.int32)
+    w = np.random.RandomState(7).randn(B, T, 2, 2, 8).astype(np.float32)
+    assert splash.padded_length(T) == 384 and splash.block_size(384) == 128
+
+    def loss(fn, q, k, v):
+        return (fn(q, k, v) * w).sum()
+
+    def splash_fn(q, k, v):
+        return attention(q, k, v, q_idx_BT=idx, k_idx_BS=idx, q_seg_BT=seg, k_seg_BS=seg,
+                         scale=0.4, impl="splash", causal=True)  # fmt: skip
+
+    def ref_fn(q, k, v):
+        return attention(q, k, v, q_idx_BT=idx, k_idx_BS=idx, q_seg_BT=seg, k_seg_BS=seg,
+                         scale=0.4, impl="reference")  # fmt: skip
+
+    @jax.jit
+    def run(q, k, v):
+        def grad(fn):
+            return jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2))(q, k, v)
+
+        return splash_fn(q, k, v), grad(splash_fn), grad(ref_fn)
+
+    out, g_splash, g_ref = run(*map(jnp.asarray, (q, k, v)))
+    ref = np_attention(q, k, v, idx, idx, seg, seg, 0.4)
+    return out, ref, g_splash, g_ref
+
+
+def test_splash_matches_float64_with_segments_and_padding(splash_vs_reference):
+    out, ref, _, _ = splash_vs_reference
+    assert out.shape == ref.shape == (2, 300, 2, 2, 8)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_splash_gradients_match_reference(splash_vs_reference):
+    _, _, g_splash, g_ref = splash_vs_reference
+    for name, a, b in zip("qkv", g_splash, g_ref, strict=True):
+        assert a.shape == b.shape, name
+        assert rel_err(a, b) < 1e-5, name
+
+
+def test_splash_without_segments_bfloat16_and_explicit_block():
+    """No segment ids, 192/128-style unequal head dims, bf16, blocks of 128 over T = 256."""
+    from dsjax.kernels.splash import splash_attention
+
+    B, T = 1, 256
+    q, k, v, idx = _splash_inputs(8, B, T, G=2, H=1, K=24, V=16)
+    out = jax.jit(lambda q, k, v: splash_attention(q, k, v, scale=0.3, block=128))(
+        *(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
+    )
+    assert out.dtype == jnp.bfloat16
+    r = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)  # noqa: E731
+    ref = np_attention(r(q), r(k), r(v), idx, idx, None, None, 0.3)
+    assert rel_err(out, ref) < 2e-2
+
+
+def test_splash_selection_rules(monkeypatch):
+    """splash needs causal=True; "auto" picks it only for programs built for TPU (decided from
+    the target platform, not the host backend) and T >= 128; impl="splash" falls back with a
+    warning where it cannot run."""
+    from dsjax.kernels import splash
+
+    def uses_pallas(T, impl, causal=True, seg=False):
+        q, k, v, idx = _splash_inputs(9, 1, T, G=2, H=1)
+        s = jnp.ones((1, T), jnp.int32) if seg else None
+        jaxpr = jax.make_jaxpr(
+            lambda q, k, v: attention(
+                q,
+                k,
+                v,
+                q_idx_BT=idx,
+                k_idx_BS=idx,
+                q_seg_BT=s,
+                k_seg_BS=s,
+                scale=1.0,
+                impl=impl,
+                causal=causal,
+            )  # fmt: skip
+        )(q, k, v)
+        return "pallas_call" in str(jaxpr)
+
+    assert not uses_pallas(256, "auto")  # built for CPU: no splash
+    assert uses_pallas(256, "splash", seg=True)  # explicit: Pallas interpreter on CPU
+    with pytest.warns(UserWarning, match="splash.*falls back.*causal=True"):
+        assert not uses_pallas(256, "splash", causal=False)
+    monkeypatch.setattr(splash, "target_platform", lambda: "tpu")
+    assert uses_pallas(256, "auto", seg=True) and uses_pallas(130, "auto")
+    assert not uses_pallas(64, "auto")  # short: padding to 128 would dominate
+    assert not uses_pallas(256, "auto", causal=False)
+    q, k, v, idx = _splash_inputs(9, 1, 256, G=2, H=1)
+    assert splash.unusable_reason(q, k[:, :128], v[:, :128], causal=True).startswith(
+        "splash is self-attention only"
+    )
+
+
+def test_splash_under_a_mesh_matches_reference():
+    """Under a (data=2, tensor=2) mesh of fake CPU devices splash runs in shard_map (batch over
+    data, heads over tensor): values and gradients equal the reference's."""
+    from dsjax import sharding
+
+    B, T = 2, 128
+    q, k, v, idx = _splash_inputs(10, B, T, G=2, H=1)
+    seg = np.array([[1] * 50 + [2] * 78, [3] * 128], np.int32)
+    mesh = sharding.make_mesh(data=2, tensor=2, devices=jax.devices()[:4])
+
+    def f(impl, q, k, v):
+        o = attention(q, k, v, q_idx_BT=idx, k_idx_BS=idx, q_seg_BT=seg, k_seg_BS=seg,
+                      scale=0.5, impl=impl, causal=True)  # fmt: skip
+        return (o * o).sum(), o
+
+    with jax.set_mesh(mesh):
+        run = jax.jit(
+            lambda q, k, v: [
+                jax.value_and_grad(functools.partial(f, i), argnums=(0, 1, 2), has_aux=True)(
+                    q, k, v
+                )
+                for i in ("splash", "reference")
+            ]
+        )
+        text = run.lower(*map(jnp.asarray, (q, k, v))).as_text()
+        ((_, o_s), g_s), ((_, o_r), g_r) = run(*map(jnp.asarray, (q, k, v)))
+    assert "shard_map" in text or "sdy.manual_computation" in text
+    assert rel_err(o_s, o_r) < 1e-5
+    for a, b in zip(g_s, g_r, strict=True):
+        assert rel_err(a, b) < 1e-5
+
+
+needs_libtpu = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("libtpu") is None,
+    reason="libtpu not installed (pip install -r requirements-tpu.txt)",
+)
+
+
+@needs_libtpu
+def test_splash_compiles_for_v5p_with_mosaic_kernels():
+    """XLA:TPU (libtpu, abstract v5p:2x2x1 chips) compiles splash forward + backward at V3's
+    head dims (q/k 192, v 128, bf16, packed segments): three Mosaic custom calls (fwd, dq, dkv)."""
+    from dsjax import plan, sharding
+    from dsjax.kernels.splash import splash_attention
+
+    target = plan.make_target("v5p:2x2x1")
+    mesh = sharding.make_mesh(data=-1, devices=target.devices)
+    B, T, G = 4, 256, 2
+
+    def loss(q, k, v, seg):
+        o = splash_attention(q, k, v, q_seg_BT=seg, k_seg_BS=seg, scale=0.1)
+        return o.astype(jnp.float32).sum()
+
+    with jax.set_mesh(mesh):
+        bs = functools.partial(sharding.batch_sharding, mesh)
+        args = (
+            jax.ShapeDtypeStruct((B, T, G, 1, 192), jnp.bfloat16, sharding=bs(5)),
+            jax.ShapeDtypeStruct((B, T, G, 192), jnp.bfloat16, sharding=bs(4)),
+            jax.ShapeDtypeStruct((B, T, G, 128), jnp.bfloat16, sharding=bs(4)),
+            jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=bs(2)),
+        )
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile().as_text()
+    calls = [line for line in text.splitlines() if 'custom_call_target="tpu_custom_call"' in line]
+    names = sorted(line.split("=")[0].strip().lstrip("%").rsplit(".", 1)[0] for line in calls)
+    assert names == [
+        "splash_mha_dkv_segmented_no_residuals",
+        "splash_mha_dq_segmented_no_residuals",
+        "splash_mha_fwd_segmented_residuals",
+    ], names

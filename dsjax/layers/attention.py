@@ -1,5 +1,6 @@
 """Attention kernels behind one function: a reference einsum, a blocked flash-style scan that
-skips fully masked chunk pairs, and cuDNN's fused attention on NVIDIA GPUs.
+skips fully masked chunk pairs, cuDNN's fused attention on NVIDIA GPUs and Pallas splash
+attention on TPUs.
 
 Shapes: queries `q_BTGHK` (G key/value heads, H query heads per key/value head), keys `k_BSGK`,
 values `v_BSGV`. The expanded MLA path uses G = heads, H = 1 (q/k head dim 192 != v head dim 128;
@@ -21,22 +22,35 @@ Implementations (`attention(impl=...)`):
   "cudnn"      `jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA GPU only: needs
                `causal=True` (the caller promises q_idx == k_idx == arange(T)), no segment ids,
                bf16/fp16 and head dims cuDNN accepts.
-  "auto"       cudnn where usable, else reference for small T*S, else chunked.
+  "splash"     Pallas TPU splash attention (`dsjax.kernels.splash`): needs `causal=True` (the
+               caller's promise, as for cuDNN), segment ids supported, q/k and v head dims may
+               differ, T is padded to a multiple of 128. Compiled by Mosaic when the program is
+               built for TPU (the mesh's devices, see `splash.target_platform`), else run in
+               Pallas' interpreter (slow: tests). Where it cannot run (causal=False: decoding;
+               q length != key length; dtypes) it falls back to "auto"'s other choices with a
+               warning naming the reason.
+  "auto"       cudnn where usable; splash when built for TPU, usable and T >= 128; else
+               reference for small T*S, else chunked.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "reference", "chunked", "cudnn")
+from dsjax.kernels import splash
+
+IMPLS = ("auto", "reference", "chunked", "cudnn", "splash")
 _MASKED = -1e30
 # Below this many query x key pairs per row the reference path is used by "auto".
 _AUTO_REFERENCE_LIMIT = 2048 * 2048
 _INT_MIN, _INT_MAX = jnp.iinfo(jnp.int32).min, jnp.iinfo(jnp.int32).max
 _CUDNN_MAX_HEAD_DIM = 256
+# "auto" on TPU uses splash from this query length on (shorter: padding to 128 would dominate).
+_AUTO_SPLASH_MIN_LEN = 128
 
 
 def _mask_BTS(q_idx_BT, k_idx_BS, q_seg_BT, k_seg_BS):
@@ -114,6 +128,20 @@ def chunk_schedule(q_idx_BT, k_idx_BS, q_seg_BT=None, k_seg_BS=None, *, chunk: i
     """The (query chunk, key chunk) pairs "chunked" computes: bool [ceil(T/c), ceil(S/c)]."""
     cq, ck = min(chunk, q_idx_BT.shape[1]), min(chunk, k_idx_BS.shape[1])
     return _schedule(q_idx_BT, k_idx_BS, q_seg_BT, k_seg_BS, cq, ck)
+
+
+def tie_to(x, *ints):
+    """`ints` (None passes through) plus an exact integer zero computed from `x`.
+
+    Inside the model's layer scan the token indices and segment ids are the same for every
+    layer, and JAX's scan partial evaluation hoists whatever depends only on them out of the
+    loop: the masks of every (query chunk, key chunk) pair, which it then stores all at once
+    (O(T S) memory: 256 GiB per chip for V3 at 131K). Depending on `x` (the queries) keeps them
+    inside the loop, built one chunk pair at a time.
+    """
+    flat = x.reshape(-1)[:1]
+    zero = jnp.where(flat == flat, 0, 0).sum().astype(jnp.int32)  # 0 even for a NaN
+    return tuple(None if i is None else i + zero.astype(i.dtype) for i in ints)
 
 
 # ====================================================================== chunked (flash) kernel
@@ -273,6 +301,7 @@ def chunked_attention(
     S, V = k_BSGK.shape[1], v_BSGV.shape[-1]
     cq, ck = min(chunk, T), min(chunk, S)
     nq, nk = -(-T // cq), -(-S // ck)
+    q_idx_BT, k_idx_BS, q_seg_BT, k_seg_BS = tie_to(q_BTGHK, q_idx_BT, k_idx_BS, q_seg_BT, k_seg_BS)
     if skip:
         need_QK = _schedule(q_idx_BT, k_idx_BS, q_seg_BT, k_seg_BS, cq, ck)
     else:
@@ -356,12 +385,27 @@ def attention(
     """Dispatches to an implementation; all return [B, T, G, H, V] in the value dtype.
 
     `causal=True` is the caller's promise that q_idx_BT and k_idx_BS are both arange(T) per row
-    (the expanded training/prefill path); only the cuDNN kernel relies on it.
+    (the expanded training/prefill path); only the cuDNN and splash kernels rely on it (they
+    ignore q_idx_BT / k_idx_BS).
     """
     if impl not in IMPLS:
         raise ValueError(f"attention impl={impl!r}: expected one of {IMPLS}")
     if (q_seg_BT is None) != (k_seg_BS is None):
         raise ValueError("attention: q_seg_BT and k_seg_BS must be given together")
+    if impl in ("auto", "splash"):
+        why = splash.unusable_reason(q_BTGHK, k_BSGK, v_BSGV, causal=causal)
+        on_tpu = splash.target_platform() == "tpu"
+        if impl == "splash" and why is None:
+            return splash.splash_attention(
+                q_BTGHK, k_BSGK, v_BSGV, q_seg_BT=q_seg_BT, k_seg_BS=k_seg_BS, scale=scale
+            )
+        if impl == "auto" and why is None and on_tpu and q_BTGHK.shape[1] >= _AUTO_SPLASH_MIN_LEN:
+            return splash.splash_attention(
+                q_BTGHK, k_BSGK, v_BSGV, q_seg_BT=q_seg_BT, k_seg_BS=k_seg_BS, scale=scale
+            )
+        if impl == "splash":
+            warnings.warn(f"attention impl='splash' falls back to 'auto': {why}", stacklevel=2)
+            impl = "auto"
     if impl in ("auto", "cudnn"):
         why = cudnn_unusable_reason(q_BTGHK, k_BSGK, v_BSGV, q_seg_BT=q_seg_BT, causal=causal)
         if why is None:

@@ -36,6 +36,7 @@ from flax import linen as nn
 
 from dsjax.config import ModelConfig
 from dsjax.layers.attention import attention
+from dsjax.layers.context import context_attention, splits_over_context
 from dsjax.layers.indexer import (
     Indexer,
     dense_indexer_kl,
@@ -55,10 +56,13 @@ MODES = ("train", "prefill", "decode")
 class MLA(nn.Module):
     """Multi-head Latent Attention (SPEC §3); see the module docstring for the three modes.
 
-    `MLA(cfg, mode)(x_BTD, positions_BT, segment_ids_BT) -> out_BTD` (compute dtype):
-    x_BTD [B, T, D=hidden_size]; positions_BT [B, T] int (RoPE angles; in prefill/decode also the
-    cache slots written); segment_ids_BT [B, T] int (train: attention stays within equal ids,
-    packed documents; ignored in prefill/decode). Parameters: q_a [D, q_lora], q_b
+    `MLA(cfg, mode)(x_BTD, positions_BT, segment_ids_BT, token_index_BT=None) -> out_BTD` (compute
+    dtype): x_BTD [B, T, D=hidden_size]; positions_BT [B, T] int (RoPE angles; in prefill/decode
+    also the cache slots written); segment_ids_BT [B, T] int (train: attention stays within equal
+    ids, packed documents; ignored in prefill/decode); token_index_BT [B, T] int (train: each
+    token's index in its sequence, what the causal mask compares; default arange(T); a permuted
+    layout such as context parallelism's zig-zag passes it). Under a mesh with `context` > 1,
+    train-mode attention runs context-parallel (`dsjax.layers.context`). Parameters: q_a [D, q_lora], q_b
     [q_lora, H*(dn+dr)] (or q [D, H*(dn+dr)] without q_lora), kv_a [D, C+dr], kv_b
     [C, H*(dn+dv)], o [H*dv, D], with DSA also indexer/{wq_b, wk, k_norm, weights_proj};
     cache collection (prefill/decode): latent [B, S, C], k_pe [B, S, dr] (with DSA also
@@ -74,7 +78,7 @@ class MLA(nn.Module):
     with_indexer_kl: bool = False
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, token_index_BT=None):
         cfg = self.cfg
         if self.mode not in MODES:
             raise ValueError(f"MLA mode={self.mode!r}: expected one of {MODES}")
@@ -126,7 +130,7 @@ class MLA(nn.Module):
             S = T if self.mode != "decode" else latent_BSC.shape[1]
             if cfg.index_topk < S and cfg.dsa_stage != "warmup":  # warm-up: dense attention
                 if self.mode == "train":
-                    q_idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+                    q_idx = _token_index(token_index_BT, B, T)
                     k_idx, seg = q_idx, segment_ids_BT
                 elif self.mode == "prefill":
                     q_idx, k_idx, seg = positions_BT, positions_BT, None
@@ -151,9 +155,15 @@ class MLA(nn.Module):
             out_BTHV = self._absorbed(
                 q_nope_BTHN, q_pe_BTHR, latent_BSC, k_pe_BSR, kv_b.weight(dtype), positions_BT
             )
+        elif self.mode == "train" and splits_over_context(B, T):
+            q_full = jnp.concatenate([q_nope_BTHN, q_pe_BTHR], -1)
+            out_BTHV = context_attention(
+                q_full, latent_BTC, k_pe_BTR, kv_b.weight(dtype),
+                _token_index(token_index_BT, B, T), segment_ids_BT, cfg=cfg,
+            )  # fmt: skip
         else:
             if self.mode == "train":
-                q_idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+                q_idx = _token_index(token_index_BT, B, T)
                 seg = segment_ids_BT
             else:  # prefill: the chunk is a sequence start; index by position.
                 q_idx, seg = positions_BT, None
@@ -174,7 +184,8 @@ class MLA(nn.Module):
                 scale=cfg.softmax_scale,
                 impl=cfg.attention_impl,
                 chunk=cfg.attention_chunk,
-                causal=True,  # q/k index = arange(T) in train and prefill (cuDNN relies on it)
+                # q/k index = arange(T) in prefill and in train's sequence order (cuDNN needs it)
+                causal=token_index_BT is None,
             )
             out_BTHV = out[:, :, :, 0]
             if train_indexer:  # warm-up, or sparse stage with every key selected
@@ -250,6 +261,12 @@ class MLA(nn.Module):
             chunk=cfg.attention_chunk,
         )
         return jnp.einsum("bthc,chv->bthv", o_lat[:, :, 0], w_uv_CHV)
+
+
+def _token_index(token_index_BT, B: int, T: int):
+    if token_index_BT is not None:
+        return token_index_BT.astype(jnp.int32)
+    return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
 
 
 def sparse_latent_attention(
