@@ -131,8 +131,9 @@ def tpu_main(args):
         tokens = args.tokens_per_chip * devices.size
         result = compile_layer(cfg, mesh, tokens, min(args.seq, args.tokens_per_chip))
         row = dict(
-            topology=args.topology, mesh=text, tokens_per_chip=args.tokens_per_chip, **result
-        )
+            topology=args.topology, mesh=text, tokens_per_chip=args.tokens_per_chip,
+            capacity_factor=args.capacity_factor, **result,
+        )  # fmt: skip
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
 
 
@@ -175,9 +176,17 @@ def main():
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--moe_impl", default="auto")
     parser.add_argument("--moe_tile", type=int, default=128)
+    parser.add_argument(
+        "--capacity_factor", type=float, default=0.0,
+        help="expert all-to-all receiver buffer of c*n*K rows (0: dropless worst case)",
+    )  # fmt: skip
     parser.add_argument("--cpu_speed", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    if args.capacity_factor:  # until ModelConfig has moe_capacity_factor (moe.py reads it)
+        from dsjax.layers import moe as moe_lib
+
+        moe_lib.moe_capacity_factor = lambda cfg: args.capacity_factor
     if args.cpu_speed:
         cpu_speed_main(args)
     else:

@@ -14,7 +14,7 @@ from typing import Any
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn", "save_attn_ffn")
-ATTENTION_IMPLS = ("auto", "reference", "chunked", "cudnn")
+ATTENTION_IMPLS = ("auto", "reference", "chunked", "cudnn", "splash")
 MOE_IMPLS = ("auto", "ragged_dot", "tiled")
 DTYPES = ("float32", "bfloat16", "float16")
 SUPPORTED_HF_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2", "deepseek_v32")
@@ -76,6 +76,9 @@ class ModelConfig:
     attention_chunk: int = 512
     moe_impl: str = "auto"  # grouped matmul: auto | ragged_dot | tiled
     moe_tile: int = 0  # rows per tile of the "tiled" impl; 0 = per platform (CPU 128, GPU 512)
+    # Expert parallelism's receive buffer: 0 = dropless (worst case G*n*min(K, E/G) rows per
+    # chip); c > 0 = ceil(c*n*K) rows, assignments past it dropped (a memory lever for 671B).
+    moe_capacity_factor: float = 0.0
     # Layers per iteration of the scanned layer stacks: 1 = a rolled loop (compile time flat in
     # depth); >= the depth = straight-line code, which saves stacking every layer's saved
     # activations into [L, ...] buffers (measured: the 4-layer CPU train step ~12% faster).
@@ -184,6 +187,9 @@ class ModelConfig:
             fail("moe_impl", f"must be one of {MOE_IMPLS}")
         if not isinstance(self.moe_tile, int) or self.moe_tile < 0:
             fail("moe_tile", "must be a non-negative integer (0 = per platform)")
+        cf = self.moe_capacity_factor
+        if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not 0 <= cf < math.inf:
+            fail("moe_capacity_factor", "must be a number >= 0 (0 = dropless)")
         if not is_int(self.scan_unroll) or self.scan_unroll < 1:
             fail("scan_unroll", "must be a positive integer (1 = a rolled loop over layers)")
         if not isinstance(self.fp8, bool):

@@ -338,6 +338,7 @@ _RUN_FIELDS = (
     "attention_chunk",
     "moe_impl",
     "moe_tile",
+    "moe_capacity_factor",
     "scan_unroll",
     "fp8",
 )

@@ -153,3 +153,77 @@ def test_exchange_group_choice_at_v3_widths():
         exchange_group(cfg, mesh(data=1, fsdp=64, expert=8, tensor=1), 4096, "fsdp_expert")
     with pytest.raises(ValueError, match="MoE.exchange='bogus'"):
         exchange_group(cfg, mesh(data=1, fsdp=8, expert=1, tensor=1), 4096, "bogus")
+
+
+def _capacity_reference(x, idx, w, experts, n_shards, R):
+    """NumPy: each receiver keeps the first R rows of its slices ordered (local expert, sender),
+    each sender's slice in its stable sorted order; kept assignments' SwiGLU outputs, summed with
+    the routing weights; dropped ones contribute zero."""
+    gate, up, down = (np.asarray(a, np.float64) for a in experts)
+    E = gate.shape[0]
+    E_l = E // n_shards
+    n, K = idx.shape[0] // n_shards, idx.shape[1]
+    keep = np.zeros(idx.shape, bool)
+    for r in range(n_shards):
+        pos = 0
+        for e in range(r * E_l, (r + 1) * E_l):
+            for p in range(n_shards):
+                rows = [
+                    (t, k) for t in range(p * n, (p + 1) * n) for k in range(K) if idx[t, k] == e
+                ]
+                for t, k in rows:
+                    keep[t, k] = pos < R
+                    pos += 1
+    y = np.zeros(x.shape, np.float64)
+    for t in range(x.shape[0]):
+        for k in range(K):
+            if keep[t, k]:
+                e = idx[t, k]
+                g, u = x[t] @ gate[e], x[t] @ up[e]
+                y[t] += w[t, k] * ((g / (1 + np.exp(-g)) * u) @ down[e])
+    return y, keep
+
+
+def test_expert_all_to_all_with_a_capacity_drops_past_it():
+    """moe_capacity_factor: the receiver buffer is c·n·K rows; the clip is the one a NumPy model
+    predicts (uneven load: most assignments to experts 0-1), and without a capacity nothing is
+    dropped. Forward and the gradient with respect to x against the NumPy model."""
+    from dsjax.layers.moe import exchange_rows, expert_all_to_all
+
+    n_shards, n, D, F, E, K = 4, 6, 8, 4, 8, 2
+    mesh = make_mesh(data=1, expert=n_shards, devices=jax.devices()[:n_shards])
+    rng = np.random.RandomState(3)
+    x = rng.randn(n_shards * n, D)
+    hot = rng.rand(n_shards * n) < 0.7  # most tokens choose experts 0 and 1
+    idx = np.where(hot[:, None], [[0, 1]], np.stack([rng.permutation(E)[:K] for _ in hot]))
+    w = rng.rand(n_shards * n, K)
+    experts = [rng.randn(E, D, F) * 0.5, rng.randn(E, D, F) * 0.5, rng.randn(E, F, D) * 0.5]
+    for factor in (0.0, 0.5):
+        cfg = tiny_config(n_routed_experts=E, num_experts_per_tok=K, moe_capacity_factor=factor)
+        R = exchange_rows(cfg, n_shards, n)
+        assert R == (n_shards * n * K if factor == 0 else 8)  # ceil(0.5 * 6 * 2) -> 8 rows
+        want, keep = _capacity_reference(x, idx, w, experts, n_shards, R)
+        assert keep.all() == (factor == 0)
+
+        def local(x, idx, w, wg, wu, wd, cfg=cfg):
+            return expert_all_to_all(x, idx, w, wg, wu, wd, cfg, "expert", "cpu")
+
+        tok, ex = P("expert"), P("expert")
+        fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, ex, ex, ex), out_specs=tok)
+        args = [jnp.asarray(a, jnp.float32) for a in (x, idx, w, *experts)]
+        args[1] = args[1].astype(jnp.int32)
+        got = jax.jit(fn)(*args)
+        assert rel_err(got, want) < 1e-5, factor
+        cot = rng.randn(*x.shape)
+        loss = lambda a, fn=fn, rest=args[1:], c=cot: (fn(a, *rest) * c).sum()  # noqa: E731
+        g_x = jax.jit(jax.grad(loss))(args[0])
+        eps, want_g = 1e-6, np.zeros_like(x)  # central differences of the NumPy model, per x[t]
+        for t in range(x.shape[0]):
+            for d in range(D):
+                xp, xm = x.copy(), x.copy()
+                xp[t, d] += eps
+                xm[t, d] -= eps
+                yp = _capacity_reference(xp, idx, w, experts, n_shards, R)[0]
+                ym = _capacity_reference(xm, idx, w, experts, n_shards, R)[0]
+                want_g[t, d] = ((yp - ym) * cot).sum() / (2 * eps)
+        assert rel_err(g_x, want_g) < 1e-4, factor

@@ -54,14 +54,14 @@ def test_train_plan_compiles_for_v5e_2x2(v5e_2x2, name):
     config = {"tiny": tiny, "small": small}[name].get_config()
     config.data.seq_len = 32
     config.train.batch_size = 8  # 2 per chip on the data=4 mesh
-    # The rolled layer loop: for small's straight-line layers (scan_unroll=4) at these shapes
-    # XLA:TPU reports 0 temporary bytes (total 55.7 MB vs 80.3 MB rolled), and this test checks
-    # that every field of the report is filled.
-    config.model.scan_unroll = 1
+    # small's layers are straight-line (scan_unroll=4): there XLA:TPU's memory_analysis reports
+    # temp_size 0 though its buffer assignment holds an HBM temp heap; the planner then takes
+    # temporaries from the compiler's peak_memory_in_bytes, which the total never falls below.
     r = plan.plan_train(config, v5e_2x2)
     ops = _check_report(r, v5e_2x2)
-    assert r["mesh"] == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 1}
-    assert r["memory"]["temp_bytes"] > 0
+    assert r["mesh"]["data"] == 4 and r["devices"] == 4
+    m = r["memory"]
+    assert m["temp_bytes"] > 0 and m["total_bytes"] >= m["peak_bytes"] > m["args_bytes"]
     # data parallel: the gradients are all-reduced over the 4 chips, every step
     assert ops["all-reduce"]["count"] > 0 and ops["all-reduce"]["moved_bytes"] > 0
     assert r["memory"]["optimizer_bytes"] == pytest.approx(2 * r["memory"]["params_bytes"], 0.01)

@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 from dsjax import fp8 as fp8_lib
 from dsjax.config import ModelConfig
 from dsjax.layers.mlp import Linear, SwiGLU
-from dsjax.sharding import BATCH_AXES
+from dsjax.sharding import TOKEN_AXES
 
 
 def route(logits_NE: jnp.ndarray, bias_E: jnp.ndarray, cfg: ModelConfig):
@@ -79,9 +79,11 @@ def grouped_swiglu(
     platform: str | None = None,
     fp8: bool = False,
     scales=None,
+    zero_tail: bool = True,
 ):
     """SwiGLU per contiguous expert group of rows (rows sorted by expert; rows past the sum of
-    the group sizes give zeros).
+    the group sizes give zeros, or with `zero_tail=False` and impl "ragged_dot" whatever the
+    grouped GEMM leaves there, for callers that never read them).
 
     impl "ragged_dot": `jax.lax.ragged_dot` (the TPU's native grouped GEMM); "tiled": each
     group padded to whole tiles of `tile` rows, one expert per tile, batched matmuls over tiles;
@@ -105,12 +107,16 @@ def grouped_swiglu(
         ).astype(x_MD.dtype)
         h = _swiglu(mm(x_MD, w_gate_EDF, s_gate), mm(x_MD, w_up_EDF, s_up), fp8)
         y = mm(h, w_down_EFD, s_down)
+        if not zero_tail:
+            return y
         valid = jnp.arange(x_MD.shape[0]) < group_sizes_E.sum()
         return jnp.where(valid[:, None], y, 0)
     if impl == "ragged_dot":
         gate = jax.lax.ragged_dot(x_MD, w_gate_EDF, group_sizes_E)
         up = jax.lax.ragged_dot(x_MD, w_up_EDF, group_sizes_E)
         y = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down_EFD, group_sizes_E)
+        if not zero_tail:
+            return y
         valid = jnp.arange(x_MD.shape[0]) < group_sizes_E.sum()
         return jnp.where(valid[:, None], y, 0)
     M, D = x_MD.shape
@@ -311,8 +317,10 @@ def exchange_padded(x_MD, out_RD, input_offsets, send_sizes, output_offsets, rec
     [U, M, D] buffer (M = rows of x, the largest possible slice), the buffer is exchanged with
     `all_to_all`, and each received slice is written at the offset its sender chose
     (`output_offsets` travel by all_to_all too). Rows of `out_RD` no slice covers keep their
-    value, as in ragged_all_to_all. Differentiable: gathers, scatters and all_to_all have
-    transposes. Traffic is padded (U * M rows): the CPU/reference path, not the fast one.
+    value, as in ragged_all_to_all. A slice that would run past the end of `out_RD` writes NaN
+    into its last row (ragged_all_to_all has no defined result there). Differentiable: gathers,
+    scatters and all_to_all have transposes. Traffic is padded (U * M rows): the CPU/reference
+    path, not the fast one.
     """
     M, D = x_MD.shape
     R = out_RD.shape[0]
@@ -325,13 +333,18 @@ def exchange_padded(x_MD, out_RD, input_offsets, send_sizes, output_offsets, rec
     got = jax.lax.all_to_all(packed_UMD.reshape(P_, -1, D), axis, 0, 0, tiled=False)
     their_offsets = jax.lax.all_to_all(output_offsets, axis, 0, 0, tiled=True)
     dst = their_offsets[:, None] + q[None, :]
-    dst = jnp.where(q[None, :] < recv_sizes[:, None], dst, R)  # past the end: dropped
-    return out_RD.at[dst.reshape(-1)].set(got.reshape(U * M, D), mode="drop")
+    inside = q[None, :] < recv_sizes[:, None]
+    rows = got.reshape(U * M, D)
+    if jnp.issubdtype(rows.dtype, jnp.floating):  # a slice past the buffer's end: loud, as the
+        overrun = (inside & (dst >= R)).reshape(-1, 1)  # real collective would fault
+        rows = jnp.where(overrun, jnp.nan, rows)
+    dst = jnp.where(inside, jnp.minimum(dst, R - 1), R)  # padding rows: dropped
+    return out_RD.at[dst.reshape(-1)].set(rows, mode="drop")
 
 
 def exchange(x_MD, out_RD, input_offsets, send_sizes, output_offsets, recv_sizes, axis, platform):
     """`ragged_all_to_all` over `axis` (its own transpose is the reverse exchange), or on CPU the
-    padded equivalent `exchange_padded`."""
+    padded equivalent `exchange_padded`. Differentiable in `x_MD` only (see `ragged_exchange`)."""
     if platform == "cpu":
         return exchange_padded(
             x_MD, out_RD, input_offsets, send_sizes, output_offsets, recv_sizes, axis
@@ -339,6 +352,54 @@ def exchange(x_MD, out_RD, input_offsets, send_sizes, output_offsets, recv_sizes
     return jax.lax.ragged_all_to_all(
         x_MD, out_RD, input_offsets, send_sizes, output_offsets, recv_sizes, axis_name=axis
     )
+
+
+def ragged_exchange(x_MD, rows: int, input_offsets, send_sizes, output_offsets, recv_sizes,
+                    axis, platform):  # fmt: skip
+    """`exchange` of x's slices into a zeroed [rows, D] buffer, with a written-out backward: the
+    reverse exchange of the cotangent (slices swap roles), nothing else.
+
+    Autodiff of `ragged_all_to_all(x, zeros, ...)` inside `shard_map` also differentiates the
+    zero buffer: it is invariant over the token axes, so JAX marks it varying (`pvary`) and the
+    transpose all-reduces its [rows, D] cotangent over every token axis (psum_invariant) and
+    masks it (select) — for V3 on v5p-256 two 3.5 GiB buffers and a 3.5 GiB all-reduce over 256
+    chips per MoE layer, all discarded. x_MD [M, D]; offsets and sizes [U] int32 as for
+    `jax.lax.ragged_all_to_all`. Returns [rows, D]."""
+    fn = _ragged_exchange_fn(rows, axis, platform)
+    return fn(*fp8_lib.match_varying(x_MD, input_offsets, send_sizes, output_offsets, recv_sizes))
+
+
+def _zeros_like_varying(shape, dtype, like):
+    """Zeros [shape] carrying `like`'s varying mesh axes (inside shard_map), so a collective that
+    writes into them types-checks without a differentiable `pvary`."""
+    return fp8_lib.match_varying(jnp.zeros(shape, dtype), like)[0]
+
+
+def _ragged_exchange_fn(rows: int, axis, platform):
+    def impl(x_MD, input_offsets, send_sizes, output_offsets, recv_sizes):
+        out = _zeros_like_varying((rows, x_MD.shape[1]), x_MD.dtype, x_MD)
+        return exchange(
+            x_MD, out, input_offsets, send_sizes, output_offsets, recv_sizes, axis, platform
+        )
+
+    fwd_only = jax.custom_vjp(impl)
+
+    def fwd(x_MD, input_offsets, send_sizes, output_offsets, recv_sizes):
+        y = impl(x_MD, input_offsets, send_sizes, output_offsets, recv_sizes)
+        return y, (input_offsets, send_sizes, output_offsets, recv_sizes, x_MD.shape[0])
+
+    def bwd(res, g_RD):
+        input_offsets, send_sizes, output_offsets, recv_sizes, M = res
+        # As jax.lax's own transpose: each sender learns where its slices landed (all_to_all of
+        # the offsets), and the cotangent rows go back there, into the sender's x layout.
+        landed = jax.lax.all_to_all(output_offsets, axis, 0, 0, tiled=True)
+        origin = jax.lax.all_to_all(input_offsets, axis, 0, 0, tiled=True)
+        out = _zeros_like_varying((M, g_RD.shape[1]), g_RD.dtype, g_RD)
+        d_x = exchange(g_RD, out, landed, recv_sizes, origin, send_sizes, axis, platform)
+        return d_x, None, None, None, None
+
+    fwd_only.defvjp(fwd, bwd)
+    return fwd_only
 
 
 def _sort_by_expert(idx_nK, num_experts):
@@ -356,10 +417,23 @@ def _combine(y_sorted_MD, order, weights_nK):
     return jnp.einsum("nkd,nk->nd", y_nKD.astype(jnp.float32), weights_nK)
 
 
+def exchange_rows(cfg: ModelConfig, group_size: int, tokens: int) -> int:
+    """Rows of a receiver's buffer in the expert all-to-all: the dropless worst case
+    G * n * min(K, E/G) (every shard of the group may send every token here, each at most once
+    per local expert), or with `cfg.moe_capacity_factor` c > 0
+    ceil(c * n * K) rounded up to 8 rows, when that is smaller: assignments past it are dropped."""
+    K, E = cfg.num_experts_per_tok, cfg.n_routed_experts
+    worst = group_size * tokens * min(K, E // group_size)
+    factor = float(cfg.moe_capacity_factor)
+    if factor > 0:
+        return min(worst, -(-math.ceil(factor * tokens * K) // 8) * 8)
+    return worst
+
+
 def expert_all_to_all(x_nD, idx_nK, weights_nK, w_gate, w_up, w_down, cfg, axis, platform):
-    """Dropless expert parallelism inside `shard_map`: this shard's n tokens go to the expert
-    shards holding their experts and come back (two ragged all-to-alls over `axis`, a mesh axis
-    name or a tuple of them; shard g of the group holds experts g*E_l .. (g+1)*E_l - 1).
+    """Expert parallelism inside `shard_map`, dropless by default: this shard's n tokens go to the
+    expert shards holding their experts and come back (two ragged all-to-alls over `axis`, a mesh
+    axis name or a tuple of them; shard g of the group holds experts g*E_l .. (g+1)*E_l - 1).
 
     Shapes (per shard, P = size of `axis`, E_l = E / P local experts, F_l local mlp width):
     x_nD, idx_nK, weights_nK; w_gate/w_up [E_l, D, F_l], w_down [E_l, F_l, D]. Returns y_nD
@@ -369,10 +443,12 @@ def expert_all_to_all(x_nD, idx_nK, weights_nK, w_gate, w_up, w_down, cfg, axis,
     2. all_gather the per-expert counts [P, E] (P*E ints): every shard knows every slice's size.
     3. Exchange one slice per (sender, expert): the slice for expert e lands in receiver e // E_l
        at (start of e's group there) + (rows of e from lower senders), so the receiver's buffer
-       is already grouped by expert — no permutation. The buffer has a static worst-case size,
-       R = P * n * min(K, E_l) rows: every shard of the group may send every token here, each at
-       most once per local expert (a token's top-k experts are distinct). Nothing is dropped for
-       any routing; a balanced load fills n*K of the R rows.
+       is already grouped by expert — no permutation. The buffer has a static size R
+       (`exchange_rows`): the dropless worst case P * n * min(K, E_l) — nothing is dropped for
+       any routing; a balanced load fills n*K of the R rows — or a capacity c * n * K. Slices
+       are clipped at R (every shard computes the same clip from the gathered counts), so under
+       a capacity the rows past it — the receiver's last local experts', higher senders first
+       within an expert — are not sent and those assignments contribute zero.
     4. Grouped SwiGLU over the E_l local experts; the reverse exchange (same slices, roles
        swapped) returns each row to its sender's sorted position; unsort and combine.
     """
@@ -385,25 +461,25 @@ def expert_all_to_all(x_nD, idx_nK, weights_nK, w_gate, w_up, w_down, cfg, axis,
     x_sorted = jnp.take(x_nD, order // K, axis=0)
     counts_PE = jax.lax.all_gather(counts_E, axis, axis=0, tiled=False)  # [sender, expert]
     starts_PE = _exclusive_cumsum(counts_PE, axis=1)  # each sender's sorted slice starts
-    before_me = (jnp.arange(P_) < me).astype(jnp.int32)
     group_start_E = _exclusive_cumsum(counts_PE.sum(0).reshape(P_, E_l), axis=1).reshape(E)
-    out_offsets_E = group_start_E + (counts_PE * before_me[:, None]).sum(0)
-    mine_PL = jax.lax.dynamic_slice_in_dim(counts_PE, me * E_l, E_l, axis=1)  # [sender, local]
+    at_PE = group_start_E[None, :] + _exclusive_cumsum(counts_PE, axis=0)  # at the receiver
+    R = exchange_rows(cfg, P_, n)
+    sent_PE = jnp.clip(R - at_PE, 0, counts_PE)  # = counts_PE unless past a capacity
+    mine_PL = jax.lax.dynamic_slice_in_dim(sent_PE, me * E_l, E_l, axis=1)  # [sender, local]
+    at_PL = jax.lax.dynamic_slice_in_dim(at_PE, me * E_l, E_l, axis=1)
     group_sizes = mine_PL.sum(0)
-    R = P_ * n * min(K, E_l)  # worst case, see the docstring
-    x_grouped = exchange(
-        x_sorted, jnp.zeros((R, x_nD.shape[1]), x_nD.dtype),
-        starts_PE[me], counts_E, out_offsets_E, mine_PL.reshape(-1), axis, platform,
-    )  # fmt: skip
+    x_grouped = ragged_exchange(
+        x_sorted, R, starts_PE[me], sent_PE[me], at_PE[me], mine_PL.reshape(-1), axis, platform
+    )
+    # Rows past the groups are never sent back: no need to zero them (a [R, D] select).
     y_grouped = grouped_swiglu(
         x_grouped, group_sizes, w_gate, w_up, w_down, cfg.moe_impl, cfg.moe_tile, platform,
-        cfg.fp8,
+        cfg.fp8, zero_tail=False,
     )  # fmt: skip
-    at_grouped_PL = _exclusive_cumsum(group_sizes)[None, :] + _exclusive_cumsum(mine_PL, axis=0)
     back_offsets_PL = jax.lax.dynamic_slice_in_dim(starts_PE, me * E_l, E_l, axis=1)
-    y_sorted = exchange(
-        y_grouped, jnp.zeros_like(x_sorted),
-        at_grouped_PL.reshape(-1), mine_PL.reshape(-1), back_offsets_PL.reshape(-1), counts_E,
+    y_sorted = ragged_exchange(
+        y_grouped, x_sorted.shape[0],
+        at_PL.reshape(-1), mine_PL.reshape(-1), back_offsets_PL.reshape(-1), sent_PE[me],
         axis, platform,
     )  # fmt: skip
     return _combine(y_sorted, order, weights_nK)
@@ -436,7 +512,7 @@ def exchange_group(cfg: ModelConfig, mesh, tokens_per_shard: int, choice: str = 
 
     def cost(group):
         G = math.prod(size(a) for a in group)
-        rows = tokens_per_shard * K if G == 1 else G * tokens_per_shard * min(K, E // G)
+        rows = tokens_per_shard * K if G == 1 else exchange_rows(cfg, G, tokens_per_shard)
         return (E // G) * 3 * D * F_l + rows * (D + 3 * F_l)
 
     candidates = {tuple(a for a in g if size(a) > 1) for g in options.values()}
@@ -448,10 +524,11 @@ def sharded_experts(x_ND, idx_NK, weights_NK, experts: Experts, mesh, choice: st
     """The routed experts under a mesh, in `shard_map` over the batch axes: no step ever sees
     another shard's tokens except through the expert all-to-all.
 
-    x_ND, idx_NK, weights_NK are split over the batch axes (data, fsdp, expert) present in
-    `mesh`. The expert weights enter split over the exchange group (`exchange_group`) on E and
-    over tensor on F; any fsdp split of D they are stored with is all-gathered (one layer at a
-    time) — when fsdp is in the group, XLA moves each shard's weights by an all-to-all instead.
+    x_ND, idx_NK, weights_NK are split over the batch axes (data, fsdp, expert) and context
+    present in `mesh`. The expert weights enter split over the exchange group (`exchange_group`)
+    on E and over tensor on F; any fsdp / context split of D they are stored with is all-gathered
+    (one layer at a time) — when fsdp is in the group, XLA moves each shard's weights by an
+    all-to-all instead.
     Without a group each shard sorts its own assignments and runs all E experts; with one,
     `expert_all_to_all`. Partial sums over the tensor-split mlp width are psum'd over tensor.
     Returns y_ND in the compute dtype.
@@ -460,19 +537,21 @@ def sharded_experts(x_ND, idx_NK, weights_NK, experts: Experts, mesh, choice: st
     dtype = jnp.dtype(cfg.dtype)
     names = mesh.axis_names
     ax = lambda a: a if a in names and mesh.shape[a] > 1 else None  # noqa: E731
-    batch = tuple(a for a in BATCH_AXES if a in names)
+    batch = tuple(a for a in TOKEN_AXES if a in names)
     shards = math.prod(mesh.shape[a] for a in batch)
     E = cfg.n_routed_experts
     group = exchange_group(cfg, mesh, x_ND.shape[0] // shards, choice)
-    gather_fsdp = ax("fsdp") and "fsdp" not in group
+    # The axes the stored weights split D over (fsdp, and context like fsdp; see sharding.py)
+    # that the exchange does not use: gathered here, so their gradient is reduce-scattered.
+    gather_d = tuple(a for a in ("fsdp", "context") if ax(a) and a not in group)
     platform = _platform()
     impl, tile = _resolve_impl(cfg.moe_impl, cfg.moe_tile, platform)
 
     def local(x, idx, w, wg, wu, wd):
-        if gather_fsdp:
-            wg = jax.lax.all_gather(wg, "fsdp", axis=1, tiled=True)
-            wu = jax.lax.all_gather(wu, "fsdp", axis=1, tiled=True)
-            wd = jax.lax.all_gather(wd, "fsdp", axis=2, tiled=True)
+        if gather_d:
+            wg = jax.lax.all_gather(wg, gather_d, axis=1, tiled=True)
+            wu = jax.lax.all_gather(wu, gather_d, axis=1, tiled=True)
+            wd = jax.lax.all_gather(wd, gather_d, axis=2, tiled=True)
         if group:
             y = expert_all_to_all(x, idx, w, wg, wu, wd, cfg, group, platform)
         elif impl == "tiled":
@@ -489,7 +568,7 @@ def sharded_experts(x_ND, idx_NK, weights_NK, experts: Experts, mesh, choice: st
         return y.astype(dtype)
 
     e_spec = group or None
-    d_spec = ax("fsdp") if gather_fsdp else None
+    d_spec = gather_d or None
     w_in = P(e_spec, d_spec, ax("tensor"))
     w_out = P(e_spec, ax("tensor"), d_spec)
     tokens = P(batch, None)
@@ -636,7 +715,7 @@ class MoE(nn.Module):
         idx_NK, weights_NK, scores_NE = route(router(x_ND), bias.value, cfg)
         experts = Experts(cfg, name="experts")
         mesh = jax.sharding.get_abstract_mesh()
-        shards = 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+        shards = 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in TOKEN_AXES)
         # Under a mesh each batch shard dispatches its own tokens (shard_map). That needs the
         # tokens to split evenly over the batch shards: always true for training batches (they
         # are validated), not for the batch-1 init trace, which takes the global path.
