@@ -204,6 +204,13 @@ _METRICS = (
     ("dsjax_context_length", "gauge", "Positions per slot (prompt + generated).", "max_len"),
     ("dsjax_generated_tokens_total", "counter", "Tokens generated.", "generated_tokens"),
     ("dsjax_forwards_total", "counter", "Decode forward passes.", "forwards"),
+    (
+        "dsjax_prefill_chunks_total",
+        "counter",
+        "Chunks of long prompts prefilled between decode steps.",
+        "prefill_chunks",
+    ),
+    ("dsjax_prefilling_slots", "gauge", "Slots whose prompt is being prefilled.", "prefilling"),
     ("dsjax_draft_tokens_total", "counter", "Speculative (MTP) draft tokens.", "draft_tokens"),
     (
         "dsjax_accepted_tokens_total",

@@ -9,7 +9,11 @@ State and programs:
   speculating), per row the last sampled token t_{n+1} (not yet in the cache) and its position,
   t_n and the hidden states (h_{n-1}, h_n) for the MTP drafter, the catch-up flag, counts, done
   and stop flags, per-row sampling parameters and key data, and statistics.
-- `prefill(...)`: runs the prompts (expanded MLA), fills a fresh cache, samples token 0.
+- `prefill(...)`: runs the prompts (expanded MLA), fills a fresh cache, samples token 0. Its
+  pieces are exposed for callers that prefill incrementally (the engine interleaves prompt chunks
+  with decode steps): `prefill_first_chunk` (expanded attention from position 0),
+  `prefill_next_chunk` (absorbed decode forward over the cache filled so far), `first_state`
+  (the state after the prompt and token 0).
 - `step(...)`: ONE decode step: absorbed-MLA forward over the latent cache, sampling, MTP draft
   and verification (speculative), stop rules (stop ids incl. eos, length). Emits 0, 1 or 2 tokens
   per row (`StepOutput`).
@@ -48,7 +52,11 @@ __all__ = [
     "StepOutput",
     "bucket_length",
     "decode_forward",
+    "first_state",
     "prefill",
+    "prefill_first_chunk",
+    "prefill_next_chunk",
+    "prompt_next_tokens",
     "row_requests",
     "state_axes",
     "step",
@@ -307,11 +315,65 @@ def _pick_last(x_BTX, start, last_B, prev_BX):
     return jnp.where(here[:, None], val.astype(prev_BX.dtype), prev_BX)
 
 
+def _mtp_fill(cfg, variables, mode, mtp_cache, hidden_BTD, next_BT, positions_BT):
+    """MTP module 0 over (h_t, Emb(t+1)) at `positions_BT`: writes its cache; returns it."""
+    emb = _embed(cfg, variables, next_BT)
+    _, upd = MTPModule(cfg, mode).apply(
+        _mtp_vars(variables, mtp_cache),
+        hidden_BTD,
+        emb,
+        positions_BT,
+        jnp.ones(next_BT.shape, jnp.int32),
+        mutable=["cache"],
+    )
+    return upd["cache"]
+
+
+def prefill_first_chunk(cfg, variables, main, mtp_cache, tokens_BT, next_BT, lengths_B):
+    """The first prompt chunk, positions 0..T-1, in prefill mode (expanded attention among these
+    tokens only; positions >= lengths_B are padding, masked by segment id) written into the main
+    cache `main` (and, when `mtp_cache` is not None, MTP module 0's cache, whose entry t reads
+    next_BT[:, t] = token t+1). Caches: any length S >= T (traceable).
+
+    Returns (main, mtp_cache, logits_BTV float32, hidden_BTD pre final norm).
+    """
+    B, T = tokens_BT.shape
+    pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    out, upd = Transformer(cfg).apply(
+        {**_model_vars(variables), "cache": main},
+        tokens_BT,
+        pos_BT,
+        (pos_BT < lengths_B[:, None]).astype(jnp.int32),
+        mode="prefill",
+        run_mtp=False,
+        mutable=["cache"],
+    )
+    if mtp_cache is not None:
+        mtp_cache = _mtp_fill(cfg, variables, "prefill", mtp_cache, out.hidden, next_BT, pos_BT)
+    return upd["cache"], mtp_cache, out.logits, out.hidden
+
+
+def prefill_next_chunk(cfg, variables, main, mtp_cache, tokens_BT, next_BT, start):
+    """A later prompt chunk at positions start..start+T-1 (`start` a traced scalar): the absorbed
+    decode forward over the cache filled so far (every position < start written), MTP module 0's
+    cache too when `mtp_cache` is not None (next_BT as in `prefill_first_chunk`).
+
+    Returns (main, mtp_cache, logits_BTV float32, hidden_BTD pre final norm).
+    """
+    B, T = tokens_BT.shape
+    pos_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+    logits_BTV, hidden_BTD, main = decode_forward(cfg, variables, main, tokens_BT, pos_BT)
+    if mtp_cache is not None:
+        mtp_cache = _mtp_fill(cfg, variables, "decode", mtp_cache, hidden_BTD, next_BT, pos_BT)
+    return main, mtp_cache, logits_BTV, hidden_BTD
+
+
 def _chunked_prefill(cfg, variables, tokens_BP, lengths_B, cache_len, speculative, chunk):
     """The prompt chunk by chunk: the first (P mod chunk, or chunk) tokens in prefill mode
-    (expanded attention from position 0), every later chunk with the absorbed decode forward
-    over the cache filled so far (a `lax.scan`: one compiled chunk program). Activations are
-    bounded by the chunk. Returns (cache, logits_BV, hidden_BD) at each row's last token."""
+    (`prefill_first_chunk`, expanded attention from position 0), every later chunk with the
+    absorbed decode forward over the cache filled so far (`prefill_next_chunk` in a `lax.scan`:
+    one compiled chunk program). Activations are bounded by the chunk. Returns
+    (cache, logits_BV, hidden_BD) at each row's last token."""
     B, P = tokens_BP.shape
     n = -(-P // chunk)
     first = P - (n - 1) * chunk
@@ -320,45 +382,22 @@ def _chunked_prefill(cfg, variables, tokens_BP, lengths_B, cache_len, speculativ
     mtp_cache = cache["mtp_0"] if speculative else None
     # MTP position t reads token t+1; the prompt's last position sees a placeholder (its slot
     # is rewritten by the first decode step's catch-up entry), as in the one-shot prefill.
-    next_BP = jnp.concatenate([tokens_BP[:, 1:], tokens_BP[:, -1:]], 1)
+    next_BP = prompt_next_tokens(tokens_BP)
     last_B = lengths_B.astype(jnp.int32) - 1
 
-    def mtp(mode, mtp_cache, hidden_BTD, next_BT, positions_BT):
-        emb = _embed(cfg, variables, next_BT)
-        _, upd = MTPModule(cfg, mode).apply(
-            _mtp_vars(variables, mtp_cache),
-            hidden_BTD,
-            emb,
-            positions_BT,
-            jnp.ones(next_BT.shape, jnp.int32),
-            mutable=["cache"],
-        )
-        return upd["cache"]
-
-    pos0 = jnp.broadcast_to(jnp.arange(first, dtype=jnp.int32), (B, first))
-    out, upd = Transformer(cfg).apply(
-        {**_model_vars(variables), "cache": main},
-        tokens_BP[:, :first],
-        pos0,
-        (pos0 < lengths_B[:, None]).astype(jnp.int32),
-        mode="prefill",
-        run_mtp=False,
-        mutable=["cache"],
+    main, mtp_cache, logits_BTV, hidden_BTD = prefill_first_chunk(
+        cfg, variables, main, mtp_cache, tokens_BP[:, :first], next_BP[:, :first], lengths_B
     )
-    main = upd["cache"]
-    if speculative:
-        mtp_cache = mtp("prefill", mtp_cache, out.hidden, next_BP[:, :first], pos0)
-    D, V = out.hidden.shape[-1], out.logits.shape[-1]
-    logits_BV = _pick_last(out.logits, 0, last_B, jnp.zeros((B, V), jnp.float32))
-    hidden_BD = _pick_last(out.hidden, 0, last_B, jnp.zeros((B, D), out.hidden.dtype))
+    D, V = hidden_BTD.shape[-1], logits_BTV.shape[-1]
+    logits_BV = _pick_last(logits_BTV, 0, last_B, jnp.zeros((B, V), jnp.float32))
+    hidden_BD = _pick_last(hidden_BTD, 0, last_B, jnp.zeros((B, D), hidden_BTD.dtype))
 
     def body(carry, xs):
         main, mtp_cache, logits_BV, hidden_BD = carry
         tok_Bc, nxt_Bc, start = xs
-        pos_Bc = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (B, chunk))
-        logits_BcV, hidden_BcD, main = decode_forward(cfg, variables, main, tok_Bc, pos_Bc)
-        if speculative:
-            mtp_cache = mtp("decode", mtp_cache, hidden_BcD, nxt_Bc, pos_Bc)
+        main, mtp_cache, logits_BcV, hidden_BcD = prefill_next_chunk(
+            cfg, variables, main, mtp_cache, tok_Bc, nxt_Bc, start
+        )
         logits_BV = _pick_last(logits_BcV, start, last_B, logits_BV)
         hidden_BD = _pick_last(hidden_BcD, start, last_B, hidden_BD)
         return (main, mtp_cache, logits_BV, hidden_BD), None
@@ -373,6 +412,14 @@ def _chunked_prefill(cfg, variables, tokens_BP, lengths_B, cache_len, speculativ
     if speculative:
         main = {**main, "mtp_0": mtp_cache}
     return main, logits_BV, hidden_BD
+
+
+def prompt_next_tokens(tokens_BP):
+    """MTP inputs of a prompt: entry t is token t+1; the last entry repeats the last token (a
+    placeholder: that MTP slot is rewritten by the first decode step's catch-up entry). Works on
+    jax and NumPy arrays."""
+    xp = jnp if isinstance(tokens_BP, jax.Array) else np
+    return xp.concatenate([tokens_BP[:, 1:], tokens_BP[:, -1:]], 1)
 
 
 # Prompts longer than this are prefilled chunk by chunk by default (generate and the engine).
@@ -415,14 +462,44 @@ def prefill(
         cache, logits_BV, hidden_BD = _chunked_prefill(
             cfg, variables, tokens_BP, lengths_B, cache_len, speculative, prefill_chunk
         )
+    return first_state(
+        cache={k: v for k, v in cache.items() if not k.startswith("mtp_")},
+        mtp_cache=cache["mtp_0"] if speculative else None,
+        logits_BV=logits_BV,
+        hidden_BD=hidden_BD,
+        last_tokens_B=tokens_BP[rows, last_B],
+        lengths_B=lengths_B,
+        req=req,
+        speculative=speculative,
+        top_n=top_n,
+    )
+
+
+def first_state(
+    *,
+    cache,
+    mtp_cache,
+    logits_BV,
+    hidden_BD,
+    last_tokens_B,
+    lengths_B,
+    req: RowRequest,
+    speculative: bool,
+    top_n: int | None = None,
+) -> tuple[DecodeState, StepOutput]:
+    """The decode state after a prefill and token 0 of each row (traceable): samples token 0 from
+    the last prompt token's logits_BV [B, V] (float32), hidden_BD [B, D] its hidden state (pre
+    final norm), last_tokens_B that token, lengths_B the prompt lengths. `cache` / `mtp_cache`
+    are stored as given (the engine passes None and keeps the caches it filled in place)."""
+    B = logits_BV.shape[0]
     keys = smp.keys_from_seeds(jnp.asarray(req.seeds_B2), jnp.asarray(req.rows_B))
     zeros = jnp.zeros((B,), jnp.int32)
     state = DecodeState(
-        cache={k: v for k, v in cache.items() if not k.startswith("mtp_")},
-        mtp_cache=cache["mtp_0"] if speculative else None,
+        cache=cache,
+        mtp_cache=mtp_cache,
         tokens_B=zeros,
         positions_B=lengths_B.astype(jnp.int32),
-        prev_tokens_B=tokens_BP[rows, last_B].astype(jnp.int32),
+        prev_tokens_B=last_tokens_B.astype(jnp.int32),
         hidden_B2D=jnp.stack([jnp.zeros_like(hidden_BD), hidden_BD], 1),
         catch_B=jnp.zeros((B,), bool),
         counts_B=zeros,

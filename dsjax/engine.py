@@ -4,11 +4,23 @@ A fixed number of slots share one `decode.DecodeState` (batch = slots, S = `max_
 positions). A background thread loops:
 
 1. frees the slots of finished or cancelled requests;
-2. admits queued requests into free slots: one jitted program prefills the prompt alone into a
-   fresh [1, P] state (P = its bucketed length), samples its first token and copies the row into
-   the slot's row of every state leaf (batch and sequence axes from `decode.state_axes`, i.e. the
-   layout declared with the cache);
-3. runs one `decode.step` for every active slot: each slot with its own position, sampling
+2. admits queued requests into free slots. A prompt of at most `prefill_chunk` tokens: one
+   jitted program prefills it alone into a fresh [1, P] state (P = its bucketed length), samples
+   its first token and copies the row into the slot's row of every state leaf (batch and sequence
+   axes from `decode.state_axes`, i.e. the layout declared with the cache). A longer prompt is
+   prefilled incrementally (step 3) and its slot joins decoding when the prompt is in its cache;
+3. runs ONE prefill chunk of the oldest incrementally prefilled prompt, straight into its slot's
+   row of the cache (`decode.prefill_first_chunk`: the first `n mod prefill_chunk` tokens, or a
+   whole chunk, in prefill mode, padded to a bucket; then `decode.prefill_next_chunk`: whole
+   chunks with the absorbed decode forward over the row's first W positions, W the smallest step
+   window covering the chunk). After the last chunk, `decode.first_state` samples token 0 into
+   the row exactly as the one-shot admit does. So one long prompt costs the running streams one
+   chunk per decode step, not the whole prompt at once. While its prompt is being prefilled the
+   slot is held done in the decode steps, and its position is parked beyond the cache, so a
+   step's cache writes for that row (at its position, and the MTP's at position - 1, - 2) fall
+   outside the cache and are dropped (JAX scatters drop out-of-bound updates): the partial cache
+   is never written by a step, and no step advances the slot;
+4. runs one `decode.step` for every decoding slot: each slot with its own position, sampling
    parameters, PRNG key, stop ids and length limit (stop rules are decided on the device), and
    with MTP speculation when any active request speculates (`SamplingParams.speculative`,
    default: on when the checkpoint has an MTP module). The step runs over the first R slots and
@@ -17,7 +29,8 @@ positions). A background thread loops:
 
 Rows never interact (attention is per row, MoE is dropless and per token), so a request's
 output is the same whatever else is in the batch, and equals `generate`'s for the same seed and
-row (the key rule is `dsjax.sampling`'s). Stale cache contents of a previous occupant are
+row (the key rule is `dsjax.sampling`'s; a long prompt's cache up to the rounding of a different
+chunk split). Stale cache contents of a previous occupant are
 harmless: slot s is visible to a query at position p only if s <= p, and every slot up to p has
 been rewritten by the current request by then.
 
@@ -79,7 +92,10 @@ class TokenEvent:
 
 @dataclasses.dataclass
 class _Request:
-    """A request and its progress (always truthy: slots hold a _Request or None)."""
+    """A request and its progress (always truthy: slots hold a _Request or None).
+
+    `chunk`: while the prompt is prefilled incrementally, the index of its next prefill chunk
+    (None otherwise: queued, or decoding)."""
 
     id: int
     prompt: list[int]
@@ -91,6 +107,7 @@ class _Request:
     failed: str | None = None
     finished: bool = False
     slot: int | None = None
+    chunk: int | None = None
 
 
 # ====================================================================== jitted pieces
@@ -110,7 +127,8 @@ def _put_rows(full, part, batch_axes, start: int | jax.Array):
 )
 def _admit_jit(cfg, variables, state, tokens_1P, length_1, req, slot, *, speculative, top_n, axes):
     """Prefills one prompt into a fresh [1, P] state, samples token 0 and copies the row into
-    row `slot` of `state`; returns (state, StepOutput of the row)."""
+    row `slot` of `state`; returns (state, StepOutput of the row). Prompts longer than
+    decode.PREFILL_CHUNK run chunk by chunk inside this one program (bounded activations)."""
     row, first = decode.prefill(
         cfg,
         variables,
@@ -124,6 +142,81 @@ def _admit_jit(cfg, variables, state, tokens_1P, length_1, req, slot, *, specula
     )
     batch_axes = jax.tree.unflatten(jax.tree.structure(state), list(axes[0]))
     return _put_rows(state, row, batch_axes, slot), first
+
+
+# Position of a slot whose prompt is being prefilled incrementally: beyond every cache, so the
+# decode steps' writes for that row (at it, at it + 1, and the MTP's at it - 1, - 2) are dropped.
+_PARKED = 2**30
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("cfg", "speculative", "axes", "window", "first"),
+    donate_argnames=("state",),
+)
+def _chunk_jit(
+    cfg, variables, state, tokens_1T, next_1T, start, length_1, last, slot,
+    *, speculative, axes, window, first,
+):  # fmt: skip
+    """One prompt chunk of the request in row `slot` at positions start..start+T-1, written into
+    that row's cache positions 0..window-1 (and MTP module 0's cache with `speculative`).
+
+    `first`: the first chunk (`decode.prefill_first_chunk`, prefill mode from position 0,
+    positions >= length_1 are padding); it also parks the row (done, position `_PARKED`) so the
+    decode steps until the last chunk leave it alone. Otherwise `decode.prefill_next_chunk`
+    (absorbed decode forward over the row's cache). Returns (state, logits_1V, hidden_1D) at
+    chunk offset `last` (the prompt's last token when this is the last chunk).
+    """
+    tree = jax.tree.structure(state)
+    batch_axes = jax.tree.unflatten(tree, list(axes[0]))
+    seq_axes = jax.tree.unflatten(tree, list(axes[1]))
+
+    def view(x, b, s):
+        x = jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=b)
+        return x if s < 0 else jax.lax.slice_in_dim(x, 0, window, axis=s)
+
+    row = jax.tree.map(view, state, batch_axes, seq_axes)
+    mtp_cache = row.mtp_cache if speculative else None
+    if first:
+        main, mtp_cache, logits_1TV, hidden_1TD = decode.prefill_first_chunk(
+            cfg, variables, row.cache, mtp_cache, tokens_1T, next_1T, length_1
+        )
+        row = row.replace(
+            positions_B=jnp.full_like(row.positions_B, _PARKED),
+            done_B=jnp.ones_like(row.done_B),
+        )
+    else:
+        main, mtp_cache, logits_1TV, hidden_1TD = decode.prefill_next_chunk(
+            cfg, variables, row.cache, mtp_cache, tokens_1T, next_1T, start
+        )
+    row = row.replace(cache=main, mtp_cache=mtp_cache if speculative else row.mtp_cache)
+    return _put_rows(state, row, batch_axes, slot), logits_1TV[:, last], hidden_1TD[:, last]
+
+
+@functools.partial(jax.jit, static_argnames=("speculative", "top_n"), donate_argnames=("state",))
+def _start_decoding_jit(
+    state, logits_1V, hidden_1D, last_token_1, length_1, req, slot, *, speculative, top_n
+):
+    """After the last prompt chunk: samples token 0 (`decode.first_state`, as the one-shot
+    admit does) and writes row `slot`'s non-cache state (unparking it); returns (state,
+    StepOutput of the row)."""
+    row, first = decode.first_state(
+        cache=None,
+        mtp_cache=None,
+        logits_BV=logits_1V,
+        hidden_BD=hidden_1D,
+        last_tokens_B=last_token_1,
+        lengths_B=length_1,
+        req=req,
+        speculative=speculative,
+        top_n=top_n,
+    )
+    updates = {
+        f.name: getattr(state, f.name).at[slot].set(getattr(row, f.name)[0])
+        for f in dataclasses.fields(row)
+        if f.name not in ("cache", "mtp_cache")
+    }
+    return state.replace(**updates), first
 
 
 @functools.partial(
@@ -151,8 +244,8 @@ def _step_jit(cfg, variables, state, live_R, *, speculative, top_n, axes, rows, 
 # ====================================================================== engine
 # Running totals `Engine.stats` always reports (finished_<reason> appear as requests finish).
 _TOTALS = (
-    "submitted", "prefills", "steps", "step_us", "tokens", "generated_tokens", "forwards",
-    "draft_tokens", "accepted_tokens",
+    "submitted", "prefills", "prefill_chunks", "steps", "step_us", "tokens", "generated_tokens",
+    "forwards", "draft_tokens", "accepted_tokens",
 )  # fmt: skip
 
 
@@ -174,6 +267,12 @@ class Engine:
       speculative: default of `SamplingParams.speculative` (None: on when the checkpoint has an
         MTP module, i.e. cfg.num_mtp_layers > 0 and variables["params"]["mtp_0"] exists).
       max_stop_ids: stop ids per request at most (eos included).
+      prefill_chunk: prompts longer than this many tokens (default decode.PREFILL_CHUNK) are
+        prefilled incrementally, one chunk of at most this many tokens per engine iteration,
+        interleaved with the decode steps of the running requests (see the module docstring):
+        a long prompt delays each running stream's next token by one chunk, not by the whole
+        prompt. Shorter prompts are prefilled in one program. Chunk programs compile once per
+        (first or later chunk, first chunk's bucketed length, attention window).
     """
 
     def __init__(
@@ -190,6 +289,7 @@ class Engine:
         min_window: int = 256,
         speculative: bool | None = None,
         max_stop_ids: int = 16,
+        prefill_chunk: int = decode.PREFILL_CHUNK,
     ):
         if slots < 1:
             raise ValueError(f"slots={slots}: must be >= 1")
@@ -199,6 +299,8 @@ class Engine:
             raise ValueError(f"max_queue={max_queue}: must be >= 1")
         if max_stop_ids < 1:
             raise ValueError(f"max_stop_ids={max_stop_ids}: must be >= 1")
+        if not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk={prefill_chunk!r}: must be a positive integer")
         if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
             raise ValueError(f"eos_id={eos_id}: must be in [0, vocab_size={cfg.vocab_size})")
         max_len = max_len or min(cfg.max_position_embeddings, 4096)
@@ -216,12 +318,14 @@ class Engine:
         self._can_speculate = has_mtp
         self._spec_default = has_mtp if speculative is None else bool(speculative)
         self._stop_width = max_stop_ids
+        self.prefill_chunk = int(prefill_chunk)
         self._row_buckets = [*(b for b in (min_batch << i for i in range(32)) if b < slots), slots]
         self._windows = [*(w for w in (min_window << i for i in range(32)) if w < max_len), max_len]
         self._state = self._new_state()
         batch_axes, seq_axes = decode.state_axes(self._state)
         self._axes = (tuple(jax.tree.leaves(batch_axes)), tuple(jax.tree.leaves(seq_axes)))
         self._slot_req: list[_Request | None] = [None] * slots
+        self._prefilling: list[_Request] = []  # incrementally prefilled, in admission order
 
         self._cv = threading.Condition()
         self._queue: collections.deque[_Request] = collections.deque()
@@ -290,7 +394,9 @@ class Engine:
     ) -> None:
         """Compiles, before service, every program the engine can run for these prompts.
 
-        The prefill (admit) program for the bucket of each of `prompt_lengths`, and the decode
+        The prefill (admit) program for the bucket of each of `prompt_lengths` (longer than
+        `prefill_chunk`: the chunk programs it runs and the program that starts its decoding),
+        and the decode
         step for EVERY row bucket (staggered requests move the step from R=min_batch up to
         `slots` rows) at the attention window(s) each prompt length starts in (`all_windows`:
         every window up to `max_len`), in plain and, when the checkpoint has an MTP module,
@@ -308,9 +414,21 @@ class Engine:
             raise ValueError("speculative=True needs an MTP module (cfg.num_mtp_layers >= 1)")
         else:
             forms = (bool(speculative),)
-        buckets = sorted({min(decode.bucket_length(n), self.max_len) for n in prompt_lengths})
+        short = [n for n in prompt_lengths if n <= self.prefill_chunk]
+        buckets = sorted({min(decode.bucket_length(n), self.max_len) for n in short})
         state = self._new_state()
         req = decode.row_requests([SamplingParams(max_tokens=1)], [0], None, self._stop_width)
+        chunks = {  # (start > 0, length, window) -> one (start, prompt length) that runs it
+            (start > 0, T, window): (start, n)
+            for n in prompt_lengths
+            if n > self.prefill_chunk
+            for start, T, window in self._chunk_plan(n)
+        }
+        for (_, T, window), (start, n) in chunks.items():
+            state, logits, hidden = self._run_chunk(state, [0] * n, 0, start, T, window)
+        if chunks:
+            for top_n in top_ns:
+                state, _ = self._run_start_decoding(state, [0], req, 0, logits, hidden, top_n)
         for P in buckets:
             for top_n in top_ns:
                 state, _ = _admit_jit(
@@ -438,10 +556,12 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Slots, free slots, active and queued requests, running totals and speculation.
 
-        Totals: submitted, prefills, steps, step_us, tokens (= generated_tokens), forwards
-        (row decode forwards), draft_tokens, accepted_tokens, finished_<reason>; derived:
-        acceptance_rate (accepted / drafted) and tokens_per_forward (decoded tokens per row
-        forward).
+        Totals: submitted, prefills (prompts in the cache, first token sampled), prefill_chunks
+        (chunks of incrementally prefilled prompts run), steps, step_us, tokens
+        (= generated_tokens), forwards (row decode forwards), draft_tokens, accepted_tokens,
+        finished_<reason>; derived: acceptance_rate (accepted / drafted) and tokens_per_forward
+        (decoded tokens per row forward). `active` counts slots holding a request, `prefilling`
+        those of them whose prompt is still being prefilled chunk by chunk.
         """
         with self._cv:
             active = sum(r is not None for r in self._slot_req)
@@ -455,6 +575,7 @@ class Engine:
                 "tokens_per_forward": decoded / c["forwards"] if c["forwards"] else 0.0,
                 "slots": self.slots,
                 "active": active,
+                "prefilling": len(self._prefilling),
                 "free_slots": self.slots - active,
                 "queued": len(self._queue),
                 "max_queue": self.max_queue,
@@ -524,6 +645,9 @@ class Engine:
             self._requests.pop(req.id, None)
             if req.slot is not None:
                 self._slot_req[req.slot] = None
+            if req.chunk is not None:
+                self._prefilling.remove(req)
+                req.chunk = None
             self._counters[f"finished_{reason}"] += 1
         self._deliver(req, TokenEvent(req.id, (), reason, error))
 
@@ -541,7 +665,8 @@ class Engine:
                 self._fail_all(err)
 
     def _iteration(self) -> None:
-        """Ends cancelled / failed requests, admits queued requests, runs one decode step."""
+        """Ends cancelled / failed requests, admits queued requests, runs one prefill chunk of
+        the oldest incrementally prefilled prompt and one decode step."""
         with self._cv:
             while not (self._stopping or self._queue or any(self._slot_req)):
                 self._cv.wait()
@@ -558,8 +683,14 @@ class Engine:
                 req = self._queue.popleft()
                 req.slot = free[0]
                 self._slot_req[free[0]] = req
-            self._admit(req)
-        if any(self._slot_req):
+                if len(req.prompt) > self.prefill_chunk:
+                    req.chunk = 0
+                    self._prefilling.append(req)
+            if req.chunk is None:
+                self._admit(req)
+        if self._prefilling:
+            self._prefill_chunk(self._prefilling[0])
+        if any(r is not None and r.chunk is None for r in self._slot_req):
             self._step()
 
     def _end_early(self, req: _Request) -> None:
@@ -607,6 +738,86 @@ class Engine:
         self._counters["prefills"] += 1
         self._emit(req, first, 0)
 
+    def _chunk_plan(self, n: int) -> list[tuple[int, int, int]]:
+        """(start, length, window) of each prefill chunk of an n-token prompt: first the
+        remainder (n mod prefill_chunk, or a whole chunk) padded to its bucket (at most a chunk),
+        then whole chunks ending exactly at n, each over the smallest step window covering it."""
+        c = self.prefill_chunk
+        k = -(-n // c)
+        r = n - (k - 1) * c
+        spans = [(0, min(decode.bucket_length(r), c))] + [(r + i * c, c) for i in range(k - 1)]
+        return [(s, T, next(w for w in self._windows if w >= s + T)) for s, T in spans]
+
+    def _run_chunk(self, state, prompt, slot, start, T, window):
+        """Runs `_chunk_jit` for prompt[start:start + T] (zero-padded) into row `slot`; returns
+        (state, logits_1V, hidden_1D) at the prompt's last token (or the chunk's last entry)."""
+        n = len(prompt)
+        tokens = np.zeros((2, T), np.int32)  # the chunk's tokens and their MTP next tokens
+        nxt = decode.prompt_next_tokens(np.asarray([prompt], np.int32))[0]
+        seg = slice(start, min(start + T, n))
+        tokens[0, : seg.stop - start], tokens[1, : seg.stop - start] = prompt[seg], nxt[seg]
+        return _chunk_jit(
+            self.cfg,
+            self._variables,
+            state,
+            tokens[:1],
+            tokens[1:],
+            np.int32(start),
+            np.array([n], np.int32),
+            np.int32(min(n - 1 - start, T - 1)),
+            np.int32(slot),
+            speculative=self._can_speculate,
+            axes=self._axes,
+            window=window,
+            first=start == 0,
+        )
+
+    def _run_start_decoding(self, state, prompt, req, slot, logits, hidden, top_n):
+        return _start_decoding_jit(
+            state,
+            logits,
+            hidden,
+            np.array(prompt[-1:], np.int32),
+            np.array([len(prompt)], np.int32),
+            req,
+            np.int32(slot),
+            speculative=self._can_speculate,
+            top_n=top_n,
+        )
+
+    def _prefill_chunk(self, req: _Request) -> None:
+        """Runs the next prefill chunk of `req`; after the last, samples and emits its first
+        token (the slot then decodes from the next step on)."""
+        assert req.chunk is not None
+        plan = self._chunk_plan(len(req.prompt))
+        start, T, window = plan[req.chunk]
+        last = req.chunk == len(plan) - 1
+        try:
+            self._state, logits, hidden = self._run_chunk(
+                self._state, req.prompt, req.slot, start, T, window
+            )
+            if last:
+                top_n = None if req.params.logprobs is None else MAX_LOGPROBS
+                self._state, first = self._run_start_decoding(
+                    self._state, req.prompt, self._row_request(req), req.slot, logits, hidden, top_n
+                )
+                first = jax.device_get(first)
+        except Exception as err:
+            log.exception("prefill chunk %d of request %d failed", req.chunk, req.id)
+            self._finish(req, "error", f"{type(err).__name__}: {err}")
+            if any(x.is_deleted() for x in jax.tree.leaves(self._state)):  # donated, then failed
+                raise
+            return
+        self._counters["prefill_chunks"] += 1
+        if not last:
+            req.chunk += 1
+            return
+        with self._cv:
+            self._prefilling.remove(req)
+            req.chunk = None
+        self._counters["prefills"] += 1
+        self._emit(req, first, 0)
+
     def _emit(self, req: _Request, out, i: int) -> None:
         """Delivers row i of a StepOutput (host arrays) to `req`; finishes it if it ended."""
         n = int(out.n_B[i])
@@ -639,8 +850,8 @@ class Engine:
             self._finish(req, "stop" if out.stopped_B[i] else "length")
 
     def _step(self) -> None:
-        """One decode step for all active slots."""
-        active = [(i, r) for i, r in enumerate(self._slot_req) if r is not None]
+        """One decode step for all decoding slots (slots being prefilled are held done)."""
+        active = [(i, r) for i, r in enumerate(self._slot_req) if r is not None and r.chunk is None]
         speculative = any(
             self._spec_default if r.params.speculative is None else r.params.speculative
             for _, r in active
