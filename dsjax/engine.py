@@ -47,7 +47,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import functools
 import logging
 import threading
 import time
@@ -59,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax import decode
+from dsjax import engine_programs as programs
 from dsjax.config import ModelConfig
 from dsjax.sampling import MAX_LOGPROBS, SamplingParams
 
@@ -108,137 +108,6 @@ class _Request:
     finished: bool = False
     slot: int | None = None
     chunk: int | None = None
-
-
-# ====================================================================== jitted pieces
-def _put_rows(full, part, batch_axes, start: int | jax.Array):
-    """Writes `part` (fewer rows / positions) into `full` at row `start`, position 0."""
-
-    def put(x, v, a):
-        idx = [jnp.int32(0)] * x.ndim
-        idx[a] = jnp.asarray(start, jnp.int32)
-        return jax.lax.dynamic_update_slice(x, v.astype(x.dtype), idx)
-
-    return jax.tree.map(put, full, part, batch_axes)
-
-
-@functools.partial(
-    jax.jit, static_argnames=("cfg", "speculative", "top_n", "axes"), donate_argnames=("state",)
-)
-def _admit_jit(cfg, variables, state, tokens_1P, length_1, req, slot, *, speculative, top_n, axes):
-    """Prefills one prompt into a fresh [1, P] state, samples token 0 and copies the row into
-    row `slot` of `state`; returns (state, StepOutput of the row). Prompts longer than
-    decode.PREFILL_CHUNK run chunk by chunk inside this one program (bounded activations)."""
-    row, first = decode.prefill(
-        cfg,
-        variables,
-        tokens_1P,
-        length_1,
-        req,
-        cache_len=tokens_1P.shape[1],
-        speculative=speculative,
-        top_n=top_n,
-        prefill_chunk=decode.PREFILL_CHUNK,  # activation memory bounded by the chunk
-    )
-    batch_axes = jax.tree.unflatten(jax.tree.structure(state), list(axes[0]))
-    return _put_rows(state, row, batch_axes, slot), first
-
-
-# Position of a slot whose prompt is being prefilled incrementally: beyond every cache, so the
-# decode steps' writes for that row (at it, at it + 1, and the MTP's at it - 1, - 2) are dropped.
-_PARKED = 2**30
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=("cfg", "speculative", "axes", "window", "first"),
-    donate_argnames=("state",),
-)
-def _chunk_jit(
-    cfg, variables, state, tokens_1T, next_1T, start, length_1, last, slot,
-    *, speculative, axes, window, first,
-):  # fmt: skip
-    """One prompt chunk of the request in row `slot` at positions start..start+T-1, written into
-    that row's cache positions 0..window-1 (and MTP module 0's cache with `speculative`).
-
-    `first`: the first chunk (`decode.prefill_first_chunk`, prefill mode from position 0,
-    positions >= length_1 are padding); it also parks the row (done, position `_PARKED`) so the
-    decode steps until the last chunk leave it alone. Otherwise `decode.prefill_next_chunk`
-    (absorbed decode forward over the row's cache). Returns (state, logits_1V, hidden_1D) at
-    chunk offset `last` (the prompt's last token when this is the last chunk).
-    """
-    tree = jax.tree.structure(state)
-    batch_axes = jax.tree.unflatten(tree, list(axes[0]))
-    seq_axes = jax.tree.unflatten(tree, list(axes[1]))
-
-    def view(x, b, s):
-        x = jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=b)
-        return x if s < 0 else jax.lax.slice_in_dim(x, 0, window, axis=s)
-
-    row = jax.tree.map(view, state, batch_axes, seq_axes)
-    mtp_cache = row.mtp_cache if speculative else None
-    if first:
-        main, mtp_cache, logits_1TV, hidden_1TD = decode.prefill_first_chunk(
-            cfg, variables, row.cache, mtp_cache, tokens_1T, next_1T, length_1
-        )
-        row = row.replace(
-            positions_B=jnp.full_like(row.positions_B, _PARKED),
-            done_B=jnp.ones_like(row.done_B),
-        )
-    else:
-        main, mtp_cache, logits_1TV, hidden_1TD = decode.prefill_next_chunk(
-            cfg, variables, row.cache, mtp_cache, tokens_1T, next_1T, start
-        )
-    row = row.replace(cache=main, mtp_cache=mtp_cache if speculative else row.mtp_cache)
-    return _put_rows(state, row, batch_axes, slot), logits_1TV[:, last], hidden_1TD[:, last]
-
-
-@functools.partial(jax.jit, static_argnames=("speculative", "top_n"), donate_argnames=("state",))
-def _start_decoding_jit(
-    state, logits_1V, hidden_1D, last_token_1, length_1, req, slot, *, speculative, top_n
-):
-    """After the last prompt chunk: samples token 0 (`decode.first_state`, as the one-shot
-    admit does) and writes row `slot`'s non-cache state (unparking it); returns (state,
-    StepOutput of the row)."""
-    row, first = decode.first_state(
-        cache=None,
-        mtp_cache=None,
-        logits_BV=logits_1V,
-        hidden_BD=hidden_1D,
-        last_tokens_B=last_token_1,
-        lengths_B=length_1,
-        req=req,
-        speculative=speculative,
-        top_n=top_n,
-    )
-    updates = {
-        f.name: getattr(state, f.name).at[slot].set(getattr(row, f.name)[0])
-        for f in dataclasses.fields(row)
-        if f.name not in ("cache", "mtp_cache")
-    }
-    return state.replace(**updates), first
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=("cfg", "speculative", "top_n", "axes", "rows", "window"),
-    donate_argnames=("state",),
-)
-def _step_jit(cfg, variables, state, live_R, *, speculative, top_n, axes, rows, window):
-    """One decode step over slots 0..rows-1 and cache positions 0..window-1 (every active slot
-    and position is among them); rows with live_R False are held done."""
-    tree = jax.tree.structure(state)
-    batch_axes = jax.tree.unflatten(tree, list(axes[0]))
-    seq_axes = jax.tree.unflatten(tree, list(axes[1]))
-
-    def view(x, b, s):
-        x = jax.lax.slice_in_dim(x, 0, rows, axis=b)
-        return x if s < 0 else jax.lax.slice_in_dim(x, 0, window, axis=s)
-
-    sub = jax.tree.map(view, state, batch_axes, seq_axes)
-    sub = sub.replace(done_B=sub.done_B | ~live_R)
-    sub, out = decode.step(cfg, variables, sub, speculative=speculative, top_n=top_n)
-    return _put_rows(state, sub, batch_axes, 0), out
 
 
 # ====================================================================== engine
@@ -431,7 +300,7 @@ class Engine:
                 state, _ = self._run_start_decoding(state, [0], req, 0, logits, hidden, top_n)
         for P in buckets:
             for top_n in top_ns:
-                state, _ = _admit_jit(
+                state, _ = programs.admit(
                     self.cfg,
                     self._variables,
                     state,
@@ -459,7 +328,7 @@ class Engine:
             for window in windows:
                 for spec in forms:
                     for top_n in top_ns:
-                        state, out = _step_jit(
+                        state, out = programs.step(
                             self.cfg,
                             self._variables,
                             state,
@@ -716,7 +585,7 @@ class Engine:
             P = min(decode.bucket_length(n), self.max_len)
             tokens = np.zeros((1, P), np.int32)
             tokens[0, :n] = req.prompt
-            self._state, first = _admit_jit(
+            self._state, first = programs.admit(
                 self.cfg,
                 self._variables,
                 self._state,
@@ -749,14 +618,15 @@ class Engine:
         return [(s, T, next(w for w in self._windows if w >= s + T)) for s, T in spans]
 
     def _run_chunk(self, state, prompt, slot, start, T, window):
-        """Runs `_chunk_jit` for prompt[start:start + T] (zero-padded) into row `slot`; returns
-        (state, logits_1V, hidden_1D) at the prompt's last token (or the chunk's last entry)."""
+        """Runs `programs.prompt_chunk` for prompt[start:start + T] (zero-padded) into row `slot`;
+        returns (state, logits_1V, hidden_1D) at the prompt's last token (or the chunk's last
+        entry)."""
         n = len(prompt)
         tokens = np.zeros((2, T), np.int32)  # the chunk's tokens and their MTP next tokens
         nxt = decode.prompt_next_tokens(np.asarray([prompt], np.int32))[0]
         seg = slice(start, min(start + T, n))
         tokens[0, : seg.stop - start], tokens[1, : seg.stop - start] = prompt[seg], nxt[seg]
-        return _chunk_jit(
+        return programs.prompt_chunk(
             self.cfg,
             self._variables,
             state,
@@ -773,7 +643,7 @@ class Engine:
         )
 
     def _run_start_decoding(self, state, prompt, req, slot, logits, hidden, top_n):
-        return _start_decoding_jit(
+        return programs.start_decoding(
             state,
             logits,
             hidden,
@@ -866,7 +736,7 @@ class Engine:
         want = any(r.params.logprobs is not None for _, r in active)
         t0 = time.perf_counter()
         try:
-            self._state, out = _step_jit(
+            self._state, out = programs.step(
                 self.cfg,
                 self._variables,
                 self._state,

@@ -18,8 +18,8 @@ import jax
 import numpy as np
 import pytest
 
-import dsjax.engine as engine_mod
 from dsjax import decode
+from dsjax import engine_programs as programs
 from dsjax.engine import Engine, SamplingParams, TokenEvent
 from dsjax.generate import generate
 from tests.helpers import random_variables, rel_err, tiny_config
@@ -61,7 +61,7 @@ def chunk_log(monkeypatch):
     chunk with its start."""
     log: list[tuple] = []
     hooks: list = []
-    real = engine_mod._chunk_jit
+    real = programs.prompt_chunk
 
     def recording(*args, **kw):
         out = real(*args, **kw)
@@ -71,7 +71,7 @@ def chunk_log(monkeypatch):
             hook(start)
         return out
 
-    monkeypatch.setattr(engine_mod, "_chunk_jit", recording)
+    monkeypatch.setattr(programs, "prompt_chunk", recording)
     return log, hooks
 
 
@@ -241,7 +241,7 @@ def test_warmup_compiles_the_chunk_programs_once_per_shape(variables, reference)
     with windows 16/32/64 a 40-token prompt runs first@16, later@16, @32, @32, @64; after a
     warmup for it, serving 40-, 37- and 33-token prompts (first chunks of 8, 5 and 1 tokens,
     padded to 8) compiles nothing more."""
-    chunk_jit, start_jit = engine_mod._chunk_jit, engine_mod._start_decoding_jit
+    chunk_jit, start_jit = programs.prompt_chunk, programs.start_decoding
     eng = Engine(
         TINY, variables, slots=2, max_len=MAX_LEN, min_batch=2, min_window=16, prefill_chunk=CHUNK
     )

@@ -170,16 +170,16 @@ def test_sampling_params_validation_names_the_field(field, value, match):
 def test_warmup_compiles_every_row_bucket_so_staggered_requests_never_compile(
     variables, monkeypatch
 ):
-    import dsjax.engine as engine_mod
+    from dsjax import engine_programs as programs
 
-    step_jit, admit_jit = engine_mod._step_jit, engine_mod._admit_jit
+    step_jit, admit_jit = programs.step, programs.admit
     rows_used = []
 
     def recording_step(*args, **kw):
         rows_used.append(kw["rows"])
         return step_jit(*args, **kw)
 
-    monkeypatch.setattr(engine_mod, "_step_jit", recording_step)
+    monkeypatch.setattr(programs, "step", recording_step)
     eng = Engine(TINY, variables, slots=4, max_len=32, min_batch=1, min_window=32)
     before = step_jit._cache_size()
     eng.warmup(prompt_lengths=[len(p) for p in PROMPTS], speculative=False)
