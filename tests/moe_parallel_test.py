@@ -1,7 +1,7 @@
 """The MoE under a mesh (shard_map dispatch, expert all-to-all) equals the single-device MoE.
 
 8 fake CPU devices; outputs, per-expert counts and gradients (input, router, experts, shared) are
-compared with the single-device program for meshes covering data/fsdp/expert/tensor, with random
+compared with the single-device program for meshes covering data/fsdp/expert/context/tensor, with random
 routing and with a routing bias that sends every token to expert 0 and none to experts 4-7.
 """
 
@@ -25,6 +25,13 @@ MESHES = {
     "expert8": (dict(data=1, expert=8), "auto", ("expert",)),
     "fsdp2_expert2_tensor2": (dict(data=1, fsdp=2, expert=2, tensor=2), "expert", ("expert",)),
     "data2_fsdp4_no_exchange": (dict(data=2, fsdp=4), "none", ()),
+    # context parallelism: tokens split over context too (x's T axis)
+    "expert2_context4": (
+        dict(data=1, expert=2, context=4),
+        "expert_context",
+        ("expert", "context"),
+    ),
+    "fsdp2_context4_gathered": (dict(data=1, fsdp=2, context=4), "none", ()),
 }
 
 
@@ -73,7 +80,7 @@ def test_sharded_moe_equals_single_device(setup, mesh_name):
     assert exchange_group(s["cfg"], mesh, B * T // 8, exchange) == group
     specs = nn.get_partition_spec(s["variables"])["params"]
     param_shardings = logical_to_sharding(specs, mesh)
-    batch = NamedSharding(mesh, P(BATCH_AXES))
+    batch = NamedSharding(mesh, P(BATCH_AXES, "context"))
     with jax.set_mesh(mesh):
         params = jax.device_put(s["params"], param_shardings)
         x, valid, cot = (jax.device_put(s[k], batch) for k in ("x", "valid", "cot"))

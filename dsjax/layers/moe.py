@@ -487,7 +487,9 @@ def expert_all_to_all(x_nD, idx_nK, weights_nK, w_gate, w_up, w_down, cfg, axis,
 
 def exchange_group(cfg: ModelConfig, mesh, tokens_per_shard: int, choice: str = "auto"):
     """The mesh axes the routed experts are split over for the token all-to-all: () (no
-    exchange: every shard all-gathers all E experts over fsdp), ("expert",) or ("fsdp", "expert").
+    exchange: every shard all-gathers all E experts over fsdp), ("expert",), ("fsdp", "expert"),
+    or with context parallelism ("expert", "context") / ("fsdp", "expert", "context") (context
+    splits tokens like fsdp, so its chips can exchange them too).
 
     "auto" takes the candidate with the fewest elements per shard, counting the expert weights a
     shard holds while the layer runs (E/G experts, whole D) and the dispatch buffers (rows R =
@@ -500,7 +502,13 @@ def exchange_group(cfg: ModelConfig, mesh, tokens_per_shard: int, choice: str = 
     D, F = cfg.hidden_size, cfg.moe_intermediate_size
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     F_l = F // size("tensor")
-    options = {"none": (), "expert": ("expert",), "fsdp_expert": ("fsdp", "expert")}
+    options = {
+        "none": (),
+        "expert": ("expert",),
+        "fsdp_expert": ("fsdp", "expert"),
+        "expert_context": ("expert", "context"),
+        "fsdp_expert_context": ("fsdp", "expert", "context"),
+    }
     if choice != "auto":
         if choice not in options:
             raise ValueError(f"MoE.exchange={choice!r}: expected auto, {', '.join(options)}")
@@ -689,7 +697,8 @@ class MoE(nn.Module):
     SwiGLU of width n_shared*F); moe_bias bias [E] (the routing correction, not trained).
 
     `exchange` picks the mesh axes the routed experts split over for the token all-to-all
-    ("auto", "none", "expert", "fsdp_expert"; see `exchange_group`)."""
+    ("auto", "none", "expert", "fsdp_expert", "expert_context", "fsdp_expert_context"; see
+    `exchange_group`)."""
 
     cfg: ModelConfig
     exchange: str = "auto"
