@@ -232,7 +232,7 @@ def decode_forward(cfg: ModelConfig, variables, cache, tokens_BT, positions_BT):
 
 def _embed(cfg, variables, tokens_BT):
     return Transformer(cfg).apply(
-        {"params": variables["params"]}, tokens_BT, method=lambda m, t: m.embed(t)
+        {"params": variables["params"]}, tokens_BT, method=lambda m, t: m.lookup(t)
     )
 
 

@@ -18,6 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from dsjax.config import ModelConfig
 from dsjax.layers.context import tokens_ahead
+from dsjax.layers.embed import embed_lookup
 from dsjax.layers.mla import MLA
 from dsjax.layers.mlp import Linear, SwiGLU
 from dsjax.layers.moe import MoE
@@ -219,6 +220,10 @@ class Transformer(nn.Module):
                 init_std=cfg.init_std,
             )
 
+    def lookup(self, tokens_BT: jax.Array) -> jax.Array:
+        """Token embeddings [B, T, D] in the compute dtype (`layers.embed.embed_lookup`)."""
+        return embed_lookup(self.embed.embedding, tokens_BT, jnp.dtype(self.cfg.dtype))
+
     def head(self, normed_BTD: jax.Array) -> jax.Array:
         """Output projection in float32 logits."""
         if self.cfg.tie_word_embeddings:
@@ -255,7 +260,7 @@ class Transformer(nn.Module):
         segment_ids_BT = segment_ids_BT.astype(jnp.int32)
         positions_BT = positions_BT.astype(jnp.int32)
 
-        x = self.embed(tokens_BT)
+        x = self.lookup(tokens_BT)
         stats: dict[str, Any] = {}
         dense_stats: dict[str, Any] = {}
         if cfg.num_dense_layers:
@@ -286,7 +291,12 @@ class Transformer(nn.Module):
                     # A permuted layout (context parallelism) keeps every slot; the last k
                     # tokens of the sequence get segment 0 (no statistics, no real neighbours).
                     n = T
-                    next_tokens = tokens_ahead(tokens_BT, token_index_BT, k)
+                    # Sorts and gathers along T leave the result unsharded: without this
+                    # constraint the MTP embedding is built whole ([B, T, D]) on every chip and
+                    # resharded by an all-reduce (V3 at 131K on v5p-256: 14 GiB + its f32 grad).
+                    next_tokens = nn.with_logical_constraint(
+                        tokens_ahead(tokens_BT, token_index_BT, k), ("batch", "length")
+                    )
                     mtp_seg = jnp.where(token_index_BT + k < T, segment_ids_BT, 0)
                 elif mode == "train":
                     n = T - k
@@ -300,7 +310,7 @@ class Transformer(nn.Module):
                         [tokens_BT[:, k:], jnp.repeat(tokens_BT[:, -1:], k, axis=1)], axis=1
                     )
                 h, normed, s = MTPModule(cfg, mode, name=f"mtp_{k - 1}")(
-                    h[:, :n], self.embed(next_tokens), positions_BT[:, :n], mtp_seg[:, :n],
+                    h[:, :n], self.lookup(next_tokens), positions_BT[:, :n], mtp_seg[:, :n],
                     token_index_BT,
                 )  # fmt: skip
                 mtp_inputs.append(normed)
