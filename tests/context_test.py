@@ -149,7 +149,9 @@ def test_context_parallel_config_errors():
     config = tiny.get_config()
     config.data.seq_len = 20
     config.mesh.context = 4
-    with pytest.raises(ValueError, match=r"seq_len=20 must divide into 2 x config.mesh.context = 8 equal"):
+    with pytest.raises(
+        ValueError, match=r"seq_len=20 must divide into 2 x config.mesh.context = 8 equal"
+    ):
         ts.validate_config(config, None)
     config.data.seq_len = 32
     config.model.index_topk = 8
