@@ -29,6 +29,8 @@ def test_v3_scale_and_mscale_match_spec():
         ("first_k_dense_replace", 62, "first_k_dense_replace"),
         ("hidden_size", 0, "hidden_size"),
         ("remat", "sometimes", "remat"),
+        ("moe_capacity_factor", -1.0, "moe_capacity_factor"),
+        ("moe_capacity_factor", True, "moe_capacity_factor"),
     ],
 )
 def test_validation_names_field(field, value, match):
