@@ -290,6 +290,9 @@ def test_splash_selection_rules(monkeypatch):
     assert splash.unusable_reason(q, k[:, :128], v[:, :128], causal=True).startswith(
         "splash is self-attention only"
     )
+    monkeypatch.setattr(splash, "_target_device", lambda: ("tpu", "TPU v3"))
+    assert not uses_pallas(256, "auto")  # Mosaic cannot build the kernel for TPU v2/v3
+    assert "TPU v4 or later" in splash.unusable_reason(q, k, v, causal=True)
 
 
 def test_splash_under_a_mesh_matches_reference():
