@@ -41,6 +41,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from dsjax.fp8 import match_varying
 from dsjax.kernels import splash
 
 IMPLS = ("auto", "reference", "chunked", "cudnn", "splash")
@@ -206,44 +207,51 @@ def _flash_forward(q_n, k_n, v_n, qidx_n, qseg_n, kidx_n, kseg_n, need_QK, scale
     return out_n, lse_n, pairs
 
 
+def _key_chunk_grads(dq_n, k_c, v_c, kidx_c, kseg_c, need_Q, q_n, qidx_n, qseg_n, dout_n,
+                     lse_n, D_n, scale, skip):  # fmt: skip
+    """One key chunk's part of the flash backward: loops over the query chunks, recomputing each
+    needed pair's probabilities from the saved log-sum-exp. Returns (dq_n with this chunk's
+    contribution added, dk_c, dv_c), gradients float32. Layouts as `_flash_backward`; also
+    used by `dsjax.layers.latent_flash` (G = its heads, H = 1)."""
+    dt = q_n.dtype
+
+    def q_body(carry, x):
+        i, need, q_c, qidx_c, qseg_c, do_c, lse_c, D_c = x
+
+        def compute(carry):
+            dk, dv, dq_n = carry
+            s, mask = _pair_logits(q_c, k_c, qidx_c, qseg_c, kidx_c, kseg_c, scale)
+            p = jnp.where(mask, jnp.exp(s - lse_c[..., None]), 0.0)
+            dv = dv + jnp.einsum(
+                "bghts,btghv->bsgv", p.astype(dt), do_c, preferred_element_type=jnp.float32
+            )
+            dp = jnp.einsum("btghv,bsgv->bghts", do_c, v_c, preferred_element_type=jnp.float32)
+            ds = (p * (dp - D_c[..., None]) * scale).astype(dt)
+            dk = dk + jnp.einsum("bghts,btghk->bsgk", ds, q_c, preferred_element_type=jnp.float32)
+            dq_i = jnp.einsum("bghts,bsgk->btghk", ds, k_c, preferred_element_type=jnp.float32)
+            return dk, dv, dq_n.at[i].add(dq_i)
+
+        return _maybe(need, compute, carry, skip), None
+
+    zeros = (jnp.zeros(k_c.shape, jnp.float32), jnp.zeros(v_c.shape, jnp.float32))
+    init = (*match_varying(k_c, *zeros)[1:], dq_n)  # inside shard_map: k_c's varying axes
+    xs = (jnp.arange(q_n.shape[0]), need_Q, q_n, qidx_n, qseg_n, dout_n, lse_n, D_n)
+    (dk, dv, dq_n), _ = jax.lax.scan(q_body, init, xs)
+    return dq_n, dk, dv
+
+
 def _flash_backward(res, dout_n, scale, skip):
     """Recomputes each needed pair's probabilities from the saved log-sum-exp: (dq, dk, dv)."""
     q_n, k_n, v_n, qidx_n, qseg_n, kidx_n, kseg_n, need_QK, out_n, lse_n = res
-    dt = q_n.dtype
     # D = rowsum(dout * out) [nq, B, G, H, cq]
     D_n = jnp.einsum("nbtghv,nbtghv->nbght", dout_n.astype(jnp.float32), out_n.astype(jnp.float32))
-    nq = q_n.shape[0]
 
     def k_body(dq_n, kx):
         need_Q, k_c, v_c, kidx_c, kseg_c = kx
-
-        def q_body(carry, x):
-            i, need, q_c, qidx_c, qseg_c, do_c, lse_c, D_c = x
-
-            def compute(carry):
-                dk, dv, dq_n = carry
-                s, mask = _pair_logits(q_c, k_c, qidx_c, qseg_c, kidx_c, kseg_c, scale)
-                p = jnp.where(mask, jnp.exp(s - lse_c[..., None]), 0.0)
-                dv = dv + jnp.einsum(
-                    "bghts,btghv->bsgv", p.astype(dt), do_c, preferred_element_type=jnp.float32
-                )
-                dp = jnp.einsum("btghv,bsgv->bghts", do_c, v_c, preferred_element_type=jnp.float32)
-                ds = (p * (dp - D_c[..., None]) * scale).astype(dt)
-                dk = dk + jnp.einsum(
-                    "bghts,btghk->bsgk", ds, q_c, preferred_element_type=jnp.float32
-                )
-                dq_i = jnp.einsum("bghts,bsgk->btghk", ds, k_c, preferred_element_type=jnp.float32)
-                return dk, dv, dq_n.at[i].add(dq_i)
-
-            return _maybe(need, compute, carry, skip), None
-
-        init = (
-            jnp.zeros(k_c.shape, jnp.float32),
-            jnp.zeros(v_c.shape, jnp.float32),
-            dq_n,
-        )
-        xs = (jnp.arange(nq), need_Q, q_n, qidx_n, qseg_n, dout_n, lse_n, D_n)
-        (dk, dv, dq_n), _ = jax.lax.scan(q_body, init, xs)
+        dq_n, dk, dv = _key_chunk_grads(
+            dq_n, k_c, v_c, kidx_c, kseg_c, need_Q, q_n, qidx_n, qseg_n, dout_n, lse_n, D_n,
+            scale, skip,
+        )  # fmt: skip
         return dq_n, (dk.astype(k_c.dtype), dv.astype(v_c.dtype))
 
     dq_n, (dk_n, dv_n) = jax.lax.scan(
@@ -251,7 +259,7 @@ def _flash_backward(res, dout_n, scale, skip):
         jnp.zeros(q_n.shape, jnp.float32),
         (need_QK.T, k_n, v_n, kidx_n, kseg_n),
     )
-    return dq_n.astype(dt), dk_n, dv_n
+    return dq_n.astype(q_n.dtype), dk_n, dv_n
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))

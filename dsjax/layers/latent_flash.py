@@ -29,6 +29,7 @@ from dsjax.layers.attention import (
     _INT_MIN,
     _MASKED,
     _chunks,
+    _key_chunk_grads,
     _mask_BTS,
     _maybe,
     _pad_axis1,
@@ -97,47 +98,27 @@ def _forward(q_n, lat_n, kpe_n, w, qidx_n, qseg_n, kidx_n, kseg_n, need_QK, scal
 
 
 def _backward(res, dout_n, scale, dn):
+    """Per key block: K/V expanded from the latent, `attention._key_chunk_grads` over the query
+    chunks (this layout is its G = h heads of H = 1 query each), and dK/dV folded back into the
+    latent, k_pe and w gradients through the expansion's VJP."""
     q_n, lat_n, kpe_n, w, qidx_n, qseg_n, kidx_n, kseg_n, need_QK, out_n, lse_n = res
-    dt, nq = q_n.dtype, q_n.shape[0]
+    dt = q_n.dtype
     D_n = jnp.einsum("nbthv,nbthv->nbht", dout_n.astype(jnp.float32), out_n.astype(jnp.float32))
+    one = lambda a, axis: jnp.expand_dims(a, axis)  # noqa: E731  (insert the H = 1 axis)
+    q5, do5, lse5, D5 = one(q_n, 4), one(dout_n, 4), one(lse_n, 3), one(D_n, 3)
 
     def k_body(carry, kx):
         need_Q, lat_c, kpe_c, kidx_c, kseg_c = kx
 
         def block(carry):
-            dq_n, dw = carry
+            dq5, dw = carry
             (k_c, v_c), expand_vjp = jax.vjp(lambda a, b, c: _expand(a, b, c, dn), lat_c, kpe_c, w)
-
-            def q_body(carry, x):
-                i, need, q_c, qidx_c, qseg_c, do_c, lse_c, D_c = x
-
-                def compute(carry):
-                    dk, dv, dq_n = carry
-                    s, mask = _logits(q_c, k_c, qidx_c, qseg_c, kidx_c, kseg_c, scale)
-                    p = jnp.where(mask, jnp.exp(s - lse_c[..., None]), 0.0)
-                    dv = dv + jnp.einsum(
-                        "bhts,bthv->bshv", p.astype(dt), do_c, preferred_element_type=jnp.float32
-                    )
-                    dp = jnp.einsum(
-                        "bthv,bshv->bhts", do_c, v_c, preferred_element_type=jnp.float32
-                    )
-                    ds = (p * (dp - D_c[..., None]) * scale).astype(dt)
-                    dk = dk + jnp.einsum(
-                        "bhts,bthk->bshk", ds, q_c, preferred_element_type=jnp.float32
-                    )
-                    dq_i = jnp.einsum(
-                        "bhts,bshk->bthk", ds, k_c, preferred_element_type=jnp.float32
-                    )
-                    return dk, dv, dq_n.at[i].add(dq_i)
-
-                return _maybe(need, compute, carry, True), None
-
-            init = (jnp.zeros(k_c.shape, jnp.float32), jnp.zeros(v_c.shape, jnp.float32))
-            init = (*match_varying(k_c, *init)[1:], dq_n)
-            xs = (jnp.arange(nq), need_Q, q_n, qidx_n, qseg_n, dout_n, lse_n, D_n)
-            (dk, dv, dq_n), _ = jax.lax.scan(q_body, init, xs)
+            dq5, dk, dv = _key_chunk_grads(
+                dq5, k_c, v_c, kidx_c, kseg_c, need_Q, q5, qidx_n, qseg_n, do5, lse5, D5,
+                scale, True,
+            )  # fmt: skip
             dlat, dkpe, dw_c = expand_vjp((dk.astype(dt), dv.astype(dt)))
-            return (dq_n, dw + dw_c.astype(jnp.float32)), (dlat, dkpe)
+            return (dq5, dw + dw_c.astype(jnp.float32)), (dlat, dkpe)
 
         def skip(carry):
             zeros = (jnp.zeros_like(lat_c), jnp.zeros_like(kpe_c))
@@ -145,12 +126,12 @@ def _backward(res, dout_n, scale, dn):
 
         return jax.lax.cond(need_Q.any(), block, skip, carry)
 
-    init = (jnp.zeros(q_n.shape, jnp.float32), jnp.zeros(w.shape, jnp.float32))
+    init = (jnp.zeros(q5.shape, jnp.float32), jnp.zeros(w.shape, jnp.float32))
     init = match_varying(q_n, lat_n, *init)[2:]
-    (dq_n, dw), (dlat_n, dkpe_n) = jax.lax.scan(
+    (dq5, dw), (dlat_n, dkpe_n) = jax.lax.scan(
         k_body, init, (need_QK.T, lat_n, kpe_n, kidx_n, kseg_n)
     )
-    return dq_n.astype(dt), dlat_n, dkpe_n, dw.astype(w.dtype)
+    return dq5[..., 0, :].astype(dt), dlat_n, dkpe_n, dw.astype(w.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
