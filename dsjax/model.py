@@ -42,14 +42,14 @@ REMAT_POLICIES = {
 
 @flax.struct.dataclass
 class ModelOutput:
-    """`logits` [B,T,V] (float32); `mtp_logits[k-1]` [B,T-k,V] predicts token t+k+1 (None if D=0;
-    in prefill/decode modes with run_mtp=True it is [B,T,V], the last k positions meaningless);
+    """`logits` [B,T,V] (float32); `mtp_logits[k-1]` [B,T,V] at position t predicts token t+k+1
+    (None if D=0); its last k positions see a placeholder token and are meaningless;
     `hidden` [B,T,D] the last block's output (before the final norm); MoE statistics per MoE layer:
     `expert_counts` [L_moe,E] tokens routed per expert, `balance_loss` [L_moe] (α = 1), and the
     same for the MTP blocks (`mtp_expert_counts` [D,E], `mtp_balance_loss` [D]) when they are MoE.
 
     With `logits=False` (the chunked cross-entropy of training) `logits` and `mtp_logits` are None
-    and `head_input` [B,T,D] (the final-normed hidden) and `mtp_head_input[k-1]` [B,T-k,D] hold
+    and `head_input` [B,T,D] (the final-normed hidden) and `mtp_head_input[k-1]` [B,T,D] hold
     what the output projection would have been applied to (see `head_kernel`).
 
     `indexer_kl` (scalar float32, None unless `cfg.dsa_stage` is "warmup"/"sparse" in train
@@ -287,31 +287,29 @@ class Transformer(nn.Module):
                 mtp_seg = segment_ids_BT
                 if mode == "train" and T - k <= 0:
                     raise ValueError(f"MTP depth {k} needs more than {k} tokens; got T={T}")
+                # Every depth keeps all T slots (any layout, train or inference), so the MTP
+                # block's sequence shards and tiles like the main model's (T - k tokens divide
+                # neither mesh axes nor 128-token FP8 tiles evenly). The last k positions of the
+                # sequence see a placeholder token: in training they get segment 0 (no
+                # statistics, zero loss weight); in inference their cache slots are rewritten
+                # once the real tokens are known.
                 if token_index_BT is not None:
-                    # A permuted layout (context parallelism) keeps every slot; the last k
-                    # tokens of the sequence get segment 0 (no statistics, no real neighbours).
-                    n = T
                     # Sorts and gathers along T leave the result unsharded: without this
                     # constraint the MTP embedding is built whole ([B, T, D]) on every chip and
                     # resharded by an all-reduce (V3 at 131K on v5p-256: 14 GiB + its f32 grad).
                     next_tokens = nn.with_logical_constraint(
                         tokens_ahead(tokens_BT, token_index_BT, k), ("batch", "length")
                     )
-                    mtp_seg = jnp.where(token_index_BT + k < T, segment_ids_BT, 0)
-                elif mode == "train":
-                    n = T - k
-                    next_tokens = tokens_BT[:, k:]
+                    index_BT = token_index_BT
                 else:
-                    # Inference keeps all T positions so the MTP cache spans the whole sequence;
-                    # the last k positions see a placeholder token (their logits are meaningless
-                    # and their cache slots are rewritten once the real tokens are known).
-                    n = T
                     next_tokens = jnp.concatenate(
                         [tokens_BT[:, k:], jnp.repeat(tokens_BT[:, -1:], k, axis=1)], axis=1
                     )
+                    index_BT = jnp.arange(T)[None, :]
+                if mode == "train":
+                    mtp_seg = jnp.where(index_BT + k < T, segment_ids_BT, 0)
                 h, normed, s = MTPModule(cfg, mode, name=f"mtp_{k - 1}")(
-                    h[:, :n], self.lookup(next_tokens), positions_BT[:, :n], mtp_seg[:, :n],
-                    token_index_BT,
+                    h, self.lookup(next_tokens), positions_BT, mtp_seg, token_index_BT,
                 )  # fmt: skip
                 mtp_inputs.append(normed)
                 if want_logits:

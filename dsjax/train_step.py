@@ -26,6 +26,7 @@ from dsjax.layers.context import (
     check_context_parallel,
     context_size,
     fold_context,
+    shift_ahead,
     to_context_layout,
 )
 from dsjax.layers.indexer import DSA_STAGES
@@ -363,11 +364,11 @@ def chunked_cross_entropy_sums(head_input_BTD, kernel_DV, targets_BT, weights_BT
 
 
 def mtp_weights(batch, k: int):
-    """Depth-k label weights: position i predicts targets[i+k] from inputs[i+k]; valid only when
-    both positions are real and belong to the same document."""
+    """Depth-k label weights [B, T]: position i predicts targets[i+k] from inputs[i+k]; valid only
+    when both positions are real and belong to the same document (zero for the last k)."""
     seg, w = batch["segment_ids"], batch["weights"]
     same = (seg[:, k:] == seg[:, :-k]).astype(jnp.float32)
-    return w[:, k:] * w[:, :-k] * same
+    return jnp.pad(w[:, k:] * w[:, :-k] * same, ((0, 0), (0, k)))
 
 
 def loss_fn(params, moe_bias, batch, *, model: Transformer, train_cfg):
@@ -402,7 +403,7 @@ def loss_fn(params, moe_bias, batch, *, model: Transformer, train_cfg):
             if "token_index" in batch:  # permuted layout: full-length, targets laid out with it
                 t, w = batch["mtp_targets"][:, k - 1], batch["mtp_weights"][:, k - 1]
             else:
-                t, w = batch["targets"][:, k:], mtp_weights(batch, k)
+                t, w = shift_ahead(batch["targets"], k), mtp_weights(batch, k)
             s, m = ce(x, t, w)
             mtp.append(s / jnp.maximum(m, 1.0))
         aux["mtp_ce"] = sum(mtp) / len(mtp)

@@ -48,8 +48,8 @@ def test_packed_documents_equal_each_document_alone():
     assert rel_err(out.logits[:, :7], alone_a.logits) < 1e-5
     assert rel_err(out.logits[:, 7:], alone_b.logits) < 1e-5
     # MTP position i uses token i+1: positions fully inside one document match too.
-    assert rel_err(out.mtp_logits[0][:, :6], alone_a.mtp_logits[0]) < 1e-5
-    assert rel_err(out.mtp_logits[0][:, 7:15], alone_b.mtp_logits[0]) < 1e-5
+    assert rel_err(out.mtp_logits[0][:, :6], alone_a.mtp_logits[0][:, :6]) < 1e-5
+    assert rel_err(out.mtp_logits[0][:, 7:15], alone_b.mtp_logits[0][:, :8]) < 1e-5
 
 
 def test_output_shapes_and_statistics():
@@ -58,8 +58,13 @@ def test_output_shapes_and_statistics():
     seg = jnp.asarray([[1] * 6 + [0] * 4, [1] * 10])
     out = jax.jit(Transformer(cfg).apply)(v, jnp.zeros((2, 10), jnp.int32), None, seg)
     assert out.logits.shape == (2, 10, cfg.vocab_size) and out.logits.dtype == jnp.float32
-    assert [m.shape for m in out.mtp_logits] == [(2, 9, 64), (2, 8, 64)]
+    # Every MTP depth keeps all T slots; its last k positions are placeholders.
+    assert [m.shape for m in out.mtp_logits] == [(2, 10, 64), (2, 10, 64)]
     assert out.expert_counts.shape == (cfg.num_moe_layers, cfg.n_routed_experts)
     # Padding (segment 0) is not counted: 16 real tokens x k experts per layer.
     np.testing.assert_allclose(out.expert_counts.sum(-1), 16 * cfg.num_experts_per_tok)
     assert out.mtp_expert_counts.shape == (2, cfg.n_routed_experts)
+    # Depth k counts the real tokens that have a token k ahead: 6 + 9 at k = 1, 6 + 8 at k = 2.
+    np.testing.assert_allclose(
+        out.mtp_expert_counts.sum(-1), np.array([15, 14]) * cfg.num_experts_per_tok
+    )

@@ -93,9 +93,7 @@ def to_context_layout(batch: dict, C: int, mtp_depths: int, mtp_weights) -> dict
     if mtp_depths:
         depths = range(1, mtp_depths + 1)
         out["mtp_targets"] = jnp.stack([shift_ahead(batch["targets"], k) for k in depths], 1)
-        out["mtp_weights"] = jnp.stack(
-            [jnp.pad(mtp_weights(batch, k), ((0, 0), (0, k))) for k in depths], 1
-        )
+        out["mtp_weights"] = jnp.stack([mtp_weights(batch, k) for k in depths], 1)
     out = jax.tree.map(lambda x: jnp.take(x, order, axis=-1), out)
     out["token_index"] = jnp.broadcast_to(jnp.asarray(order), (B, T))
     return out
