@@ -13,6 +13,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.attention_impl = "auto"  # auto/reference/chunked/cudnn/splash (layers/attention.py)
     c.model.fp8 = False  # DeepSeek-V3 FP8 training recipe (dsjax/fp8.py); --config.model.fp8=True
     c.model.moe_capacity_factor = 0.0  # 0 = dropless expert all-to-all; c > 0 caps its buffer
+    c.model.moe_fp8_dispatch = False  # with fp8: FP8 expert all-to-all payload (half the bytes)
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "stdlib"  # "stdlib", a glob of .txt/.jsonl/.parquet, or "arrayrecord:<glob>"

@@ -73,19 +73,28 @@ def _barrier(*arrays):
     return jax.lax.optimization_barrier(arrays)
 
 
+def _split_tiles(x, axis: int, block: int):
+    """x [..., n, ...] -> [..., ceil(n/block), block, ...] (zero padded): a reshape in place, no
+    transpose, so XLA can fuse the quantisation into one pass over x (a moved axis would copy it:
+    7 GiB per f32 copy of V3's expert receive buffer)."""
+    xp = _pad_axis(x, axis, block)
+    return xp.reshape(*xp.shape[:axis], xp.shape[axis] // block, block, *xp.shape[axis + 1 :])
+
+
 def quantize_tiles(x, axis: int = -1, block: int = BLOCK):
     """1×`block` tiles along `axis`: (q float8_e4m3fn like x, s float32 with `axis` of size
     ceil(n/block)); dequantised `x ≈ q * repeat(s, block, axis)`."""
-    axis = axis % x.ndim
+    return _quantize_tiles(x, axis % x.ndim, block)
+
+
+def _quantize_tiles(x, axis: int, block: int):
     n = x.shape[axis]
-    nt = _ceil_div(n, block)
-    xt = jnp.moveaxis(_pad_axis(x.astype(jnp.float32), axis, block), axis, -1)
-    xt = xt.reshape(*xt.shape[:-1], nt, block)
-    s = _scale_of(jnp.max(jnp.abs(xt), axis=-1))
-    q = (xt / s[..., None]).astype(E4M3)
-    q = jnp.moveaxis(q.reshape(*q.shape[:-2], nt * block), -1, axis)
+    xt = _split_tiles(x, axis, block)
+    s = _scale_of(jnp.max(jnp.abs(xt), axis=axis + 1))  # max|.| is exact in x's own dtype
+    q = (xt.astype(jnp.float32) / jnp.expand_dims(s, axis + 1)).astype(E4M3)
+    q = q.reshape(*q.shape[:axis], -1, *q.shape[axis + 2 :])
     q = jax.lax.slice_in_dim(q, 0, n, axis=axis)
-    q, s = _barrier(q, jnp.moveaxis(s, -1, axis))
+    q, s = _barrier(q, s)
     return q, s
 
 
@@ -93,8 +102,9 @@ def dequantize_tiles(q, s, axis: int = -1, dtype=jnp.float32, block: int = BLOCK
     """Inverse of `quantize_tiles`: `q * s` with s repeated over each tile of `axis`."""
     axis = axis % q.ndim
     n = q.shape[axis]
-    s_full = jax.lax.slice_in_dim(jnp.repeat(s, block, axis=axis), 0, n, axis=axis)
-    return (q.astype(jnp.float32) * s_full).astype(dtype)
+    x = _split_tiles(q, axis, block).astype(jnp.float32) * jnp.expand_dims(s, axis + 1)
+    x = x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2 :])
+    return jax.lax.slice_in_dim(x, 0, n, axis=axis).astype(dtype)
 
 
 def quantize_blocks(w, block: int = BLOCK):
@@ -273,12 +283,12 @@ _fp8_dot_stored.defvjp(_fp8_dot_stored_fwd, _fp8_dot_stored_bwd)
 # kind "ragged": x [M, K] rows sorted by expert, w [E, K, N], aux = group sizes [E] int32.
 # kind "tiled":  x [T, m, K] (each tile of m rows belongs to one expert), w [E, K, N],
 #                aux = tile_expert [T] int32.
-def _grouped(kind: str, x, w, aux):
+def _grouped(kind: str, x, w, aux, out_dtype=jnp.float32):
     """The grouped product on dequantised operands, f32 accumulation."""
     if kind == "ragged":
-        return jax.lax.ragged_dot(x, w, aux, preferred_element_type=jnp.float32)
+        return jax.lax.ragged_dot(x, w, aux, preferred_element_type=out_dtype)
     if kind == "tiled":
-        return jnp.einsum("tmk,tkn->tmn", x, w[aux], preferred_element_type=jnp.float32)
+        return jnp.einsum("tmk,tkn->tmn", x, w[aux], preferred_element_type=out_dtype)
     raise ValueError(f"fp8 grouped kind={kind!r}: expected ragged or tiled")
 
 
@@ -286,46 +296,73 @@ def _token_axis(kind: str) -> int:
     return 0 if kind == "ragged" else 1
 
 
+def grouped_forward(kind, x, w_q, s_w, aux, dot_dtype):
+    """The grouped product of dequantised rows x (FP8 values in `dot_dtype`, see `dot_dtype_for`)
+    and per-expert 128×128 weight blocks, f32 result. (A `dot_dtype` result measured 6.9 GiB
+    more temporaries per chip in the V3 plan on v5p-256 than f32.)"""
+    w = dequantize_blocks(w_q, s_w, dot_dtype)
+    return _grouped(kind, x.astype(dot_dtype), w, aux)
+
+
 def _grouped_fwd_core(kind, x, w_q, s_w, aux, dot_dtype):
     x_q, s_x = quantize_tiles(x, axis=-1)
-    y = _grouped(
-        kind,
-        dequantize_tiles(x_q, s_x, axis=-1, dtype=dot_dtype),
-        dequantize_blocks(w_q, s_w, dot_dtype),
-        aux,
-    )
-    return y, x_q, s_x
+    x_deq = dequantize_tiles(x_q, s_x, axis=-1, dtype=dot_dtype)
+    return grouped_forward(kind, x_deq, w_q, s_w, aux, dot_dtype), x_q, s_x
 
 
-def _grouped_grad_x(kind, dy, x_q, s_x, w_q, s_w, aux, dot_dtype):
-    """dx = the transpose of the grouped product in x, on dy quantised 1×128 along N. (The VJP
-    at the saved point: the product is linear in x, and XLA drops the unused primal.)"""
+def _grouped_transpose(kind, dy, aux, dot_dtype, *, x=None, w=None, like):
+    """The grouped product's transpose at dy: in x (given w) or in w (given x), `like` the other
+    operand (its shape and varying mesh axes). Every operand in `dot_dtype`: a mixed-precision
+    transpose would upcast the other operand whole (a 7 GiB f32 copy of V3's [262144, 7168]
+    expert rows per chip). The product is linear, so the VJP at zero is the transpose."""
+    dy = dy.astype(dot_dtype)
+    zero = match_varying(jnp.zeros(like.shape, dot_dtype), like)[0]
+    if w is not None:
+        w = w.astype(dot_dtype)
+        return jax.vjp(lambda x_: _grouped(kind, x_, w, aux, dot_dtype), zero)[1](dy)[0]
+    x = x.astype(dot_dtype)
+    return jax.vjp(lambda w_: _grouped(kind, x, w_, aux, dot_dtype), zero)[1](dy)[0]
+
+
+def _grouped_grad_x(kind, dy, x_q, w_q, s_w, aux, dot_dtype):
+    """dx = the transpose of the grouped product in x, on dy quantised 1×128 along N."""
     q, s = quantize_tiles(dy, axis=-1)
-    dy_deq = dequantize_tiles(q, s, axis=-1, dtype=jnp.float32)
+    dy_deq = dequantize_tiles(q, s, axis=-1, dtype=dot_dtype)
     w = dequantize_blocks(w_q, s_w, dot_dtype)
-    x = dequantize_tiles(x_q, s_x, axis=-1, dtype=dot_dtype)
-    (dx,) = jax.vjp(lambda x: _grouped(kind, x, w, aux), x)[1](dy_deq)
-    return dx
+    return _grouped_transpose(kind, dy_deq, aux, dot_dtype, w=w, like=x_q)
 
 
-def _grouped_grad_w(kind, x_q, s_x, dy, w_q, s_w, aux, dot_dtype):
-    """dW = the transpose of the grouped product in w, on x and dy re-quantised in 128×1 tiles
-    along the (sorted) token axis."""
+def tokens_requantized(kind, x_q, s_x, dot_dtype):
+    """The weight gradient's x: the saved 1×128 FP8 rows re-quantised in 128×1 tiles along the
+    (sorted) token axis, dequantised to `dot_dtype`. Shared by every GEMM that read the same x."""
     t = _token_axis(kind)
-    x = dequantize_tiles(x_q, s_x, axis=-1)
-    xq, xs = quantize_tiles(x, axis=t)
-    dq, ds = quantize_tiles(dy, axis=t)
-    x = dequantize_tiles(xq, xs, axis=t, dtype=dot_dtype)
-    dy_deq = dequantize_tiles(dq, ds, axis=t, dtype=jnp.float32)
-    w = dequantize_blocks(w_q, s_w, dot_dtype)
-    (dw,) = jax.vjp(lambda w: _grouped(kind, x, w, aux), w)[1](dy_deq)
-    return dw
+    x = dequantize_tiles(x_q, s_x, axis=-1, dtype=dot_dtype)
+    return dequantize_tiles(*quantize_tiles(x, axis=t), axis=t, dtype=dot_dtype)
 
 
-def _dot_dtype(dtype):
+def _grouped_grad_w(kind, x_t, dy, w_q, aux, dot_dtype):
+    """dW = the transpose of the grouped product in w, on x (`tokens_requantized`) and dy
+    re-quantised in 128×1 tiles along the token axis."""
+    t = _token_axis(kind)
+    dy_t = dequantize_tiles(*quantize_tiles(dy, axis=t), axis=t, dtype=dot_dtype)
+    return _grouped_transpose(kind, dy_t, aux, dot_dtype, x=x_t, like=w_q)
+
+
+def dot_dtype_for(dtype):
     """Dequantised operands of the portable path: bf16 stays bf16 (its 8-bit mantissa holds the
     4-bit FP8 mantissa times the scale to 2^-9), anything else f32."""
     return jnp.bfloat16 if jnp.dtype(dtype) == jnp.bfloat16 else jnp.float32
+
+
+def grouped_backward(kind, dy, x_q, s_x, w_q, s_w, aux, x_dtype, w_dtype, x_t=None):
+    """(dx in x_dtype, dW in w_dtype) of the grouped product at the saved FP8 operands; `x_t`:
+    `tokens_requantized(kind, x_q, s_x, ...)` when the caller already has it."""
+    dt = dot_dtype_for(x_dtype)
+    if x_t is None:
+        x_t = tokens_requantized(kind, x_q, s_x, dt)
+    dx = _grouped_grad_x(kind, dy, x_q, w_q, s_w, aux, dt)
+    dw = _grouped_grad_w(kind, x_t, dy, w_q, aux, dt)
+    return dx.astype(x_dtype), dw.astype(w_dtype)
 
 
 def fp8_grouped_dot(kind: str, x, w, aux):
@@ -342,18 +379,15 @@ def _fp8_grouped_dot(kind: str, x, w, aux):
 
 def _fp8_grouped_fwd(kind, x, w, aux):
     w_q, s_w = quantize_blocks(w)
-    y, x_q, s_x = _grouped_fwd_core(kind, x, w_q, s_w, aux, _dot_dtype(x.dtype))
+    y, x_q, s_x = _grouped_fwd_core(kind, x, w_q, s_w, aux, dot_dtype_for(x.dtype))
     proto = (jnp.zeros((0,) * x.ndim, x.dtype), jnp.zeros((0,) * w.ndim, w.dtype))
     return y, (x_q, s_x, w_q, s_w, aux, proto)
 
 
 def _fp8_grouped_bwd(kind, res, dy):
     x_q, s_x, w_q, s_w, aux, (x_proto, w_proto) = res
-    dt = _dot_dtype(x_proto.dtype)
-    dy = dy.astype(jnp.float32)
-    dx = _grouped_grad_x(kind, dy, x_q, s_x, w_q, s_w, aux, dt)
-    dw = _grouped_grad_w(kind, x_q, s_x, dy, w_q, s_w, aux, dt)
-    return dx.astype(x_proto.dtype), dw.astype(w_proto.dtype), None
+    dx, dw = grouped_backward(kind, dy, x_q, s_x, w_q, s_w, aux, x_proto.dtype, w_proto.dtype)
+    return dx, dw, None
 
 
 _fp8_grouped_dot.defvjp(_fp8_grouped_fwd, _fp8_grouped_bwd)
@@ -372,14 +406,14 @@ def _fp8_grouped_dot_stored(kind: str, x, w_q, s_w, aux):
 
 
 def _fp8_grouped_stored_fwd(kind, x, w_q, s_w, aux):
-    y, x_q, s_x = _grouped_fwd_core(kind, x, w_q, s_w, aux, _dot_dtype(x.dtype))
+    y, x_q, s_x = _grouped_fwd_core(kind, x, w_q, s_w, aux, dot_dtype_for(x.dtype))
     return y, (x_q, s_x, w_q, s_w, aux, jnp.zeros((0,) * x.ndim, x.dtype))
 
 
 def _fp8_grouped_stored_bwd(kind, res, dy):
     x_q, s_x, w_q, s_w, aux, x_proto = res
-    dt = _dot_dtype(x_proto.dtype)
-    dx = _grouped_grad_x(kind, dy.astype(jnp.float32), x_q, s_x, w_q, s_w, aux, dt)
+    dt = dot_dtype_for(x_proto.dtype)
+    dx = _grouped_grad_x(kind, dy, x_q, w_q, s_w, aux, dt)
     return dx.astype(x_proto.dtype), jnp.zeros_like(w_q), jnp.zeros_like(s_w), None
 
 

@@ -339,6 +339,7 @@ _RUN_FIELDS = (
     "moe_impl",
     "moe_tile",
     "moe_capacity_factor",
+    "moe_fp8_dispatch",
     "scan_unroll",
     "fp8",
 )

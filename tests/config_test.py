@@ -31,6 +31,7 @@ def test_v3_scale_and_mscale_match_spec():
         ("remat", "sometimes", "remat"),
         ("moe_capacity_factor", -1.0, "moe_capacity_factor"),
         ("moe_capacity_factor", True, "moe_capacity_factor"),
+        ("moe_fp8_dispatch", 1, "moe_fp8_dispatch"),
     ],
 )
 def test_validation_names_field(field, value, match):

@@ -234,3 +234,41 @@ def test_expert_all_to_all_with_a_capacity_drops_past_it():
                 ym = _capacity_reference(xm, idx, w, experts, n_shards, R)[0]
                 want_g[t, d] = ((yp - ym) * cot).sum() / (2 * eps)
         assert rel_err(g_x, want_g) < 1e-4, factor
+
+
+@pytest.mark.parametrize("mesh_name", ["expert8", "fsdp2_expert2_tensor2", "data2_fsdp2_expert2"])
+def test_fp8_dispatch_equals_bf16_dispatch(setup, mesh_name):
+    """FP8 training with expert parallelism ships FP8 rows + scales (`_fp8_dispatch_fn`) instead
+    of bf16 rows quantised on arrival. Quantisation is per token row, so both put the same FP8
+    values in front of the same GEMMs: outputs and every gradient equal the bf16-payload path on
+    the same mesh; without a tensor split, outputs and input gradients also equal one device's
+    FP8 MoE (weight gradients do not: dW re-quantises 128-row tiles of another buffer layout)."""
+    s = setup
+    cfg = s["cfg"].replace(fp8=True, moe_impl="ragged_dot")
+    mesh_sizes, exchange, _ = MESHES[mesh_name]
+    step = _loss_fn(MoE(cfg, exchange=exchange))
+    bias = s["biases"]["random"]
+    one_device = jax.jit(step)(s["params"], bias, s["x"], s["valid"], s["cot"])
+    mesh = make_mesh(**mesh_sizes)
+    specs = nn.get_partition_spec(s["variables"])["params"]
+    batch = NamedSharding(mesh, P(BATCH_AXES, "context"))
+    runs = {}
+    with jax.set_mesh(mesh):
+        params = jax.device_put(s["params"], logical_to_sharding(specs, mesh))
+        x, valid, cot = (jax.device_put(s[k], batch) for k in ("x", "valid", "cot"))
+        for fp8_payload in (True, False):
+            module = MoE(cfg.replace(moe_fp8_dispatch=fp8_payload), exchange=exchange)
+            fn = jax.jit(_loss_fn(module))
+            hlo = fn.lower(params, bias, x, valid, cot).as_text()
+            # FP8 rows with their f32 scales appended cross as bytes: 32 + 4 per row.
+            assert ("x36xui8>" in hlo) == fp8_payload
+            runs[fp8_payload] = fn(params, bias, x, valid, cot)
+    (y, counts, (g_params, g_x)), ref = runs[True], runs[False]
+    np.testing.assert_array_equal(np.asarray(counts), np.asarray(one_device[1]))
+    if "tensor" not in mesh_sizes:  # a tensor split cuts the down GEMM's 1x128 input tiles
+        assert rel_err(y, one_device[0]) < 1e-5 and rel_err(g_x, one_device[2][1]) < 1e-5
+    assert rel_err(y, ref[0]) < 1e-5 and rel_err(g_x, ref[2][1]) < 1e-5
+    for (path, got), want in zip(
+        jax.tree_util.tree_leaves_with_path(g_params), jax.tree.leaves(ref[2][0]), strict=True
+    ):
+        assert rel_err(got, want) < 1e-5, (jax.tree_util.keystr(path), rel_err(got, want))

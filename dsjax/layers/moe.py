@@ -389,17 +389,83 @@ def _ragged_exchange_fn(rows: int, axis, platform):
         return y, (input_offsets, send_sizes, output_offsets, recv_sizes, x_MD.shape[0])
 
     def bwd(res, g_RD):
-        input_offsets, send_sizes, output_offsets, recv_sizes, M = res
-        # As jax.lax's own transpose: each sender learns where its slices landed (all_to_all of
-        # the offsets), and the cotangent rows go back there, into the sender's x layout.
-        landed = jax.lax.all_to_all(output_offsets, axis, 0, 0, tiled=True)
-        origin = jax.lax.all_to_all(input_offsets, axis, 0, 0, tiled=True)
-        out = _zeros_like_varying((M, g_RD.shape[1]), g_RD.dtype, g_RD)
-        d_x = exchange(g_RD, out, landed, recv_sizes, origin, send_sizes, axis, platform)
-        return d_x, None, None, None, None
+        *slices, M = res
+        return _exchange_back(g_RD, M, *slices, axis, platform), None, None, None, None
 
     fwd_only.defvjp(fwd, bwd)
     return fwd_only
+
+
+def _exchange_back(g_RD, M: int, input_offsets, send_sizes, output_offsets, recv_sizes,
+                   axis, platform):  # fmt: skip
+    """The transpose of a forward `exchange` with these slices: the received rows g_RD go back
+    to their senders, into an [M, D] buffer laid out as the sender's x. As jax.lax's own
+    transpose: each sender learns where its slices landed (all_to_all of the offsets)."""
+    landed = jax.lax.all_to_all(output_offsets, axis, 0, 0, tiled=True)
+    origin = jax.lax.all_to_all(input_offsets, axis, 0, 0, tiled=True)
+    out = _zeros_like_varying((M, g_RD.shape[1]), g_RD.dtype, g_RD)
+    return exchange(g_RD, out, landed, recv_sizes, origin, send_sizes, axis, platform)
+
+
+def _pack_fp8(q_nD, s_nS):
+    """FP8 rows and their f32 tile scales as one byte payload [n, D + 4 S] (one exchange)."""
+    q = jax.lax.bitcast_convert_type(q_nD, jnp.uint8)
+    s = jax.lax.bitcast_convert_type(s_nS, jnp.uint8).reshape(s_nS.shape[0], -1)
+    return jnp.concatenate([q, s], axis=1)
+
+
+def _unpack_fp8(payload, D: int):
+    q = jax.lax.bitcast_convert_type(payload[:, :D], fp8_lib.E4M3)
+    s = payload[:, D:].reshape(payload.shape[0], -1, 4)
+    return q, jax.lax.bitcast_convert_type(s, jnp.float32)
+
+
+def _fp8_dispatch_fn(rows: int, axis, platform):
+    """FP8 dispatch (DeepSeek-V3 §3.3: the dispatch payload in FP8, the combine in BF16): a
+    custom VJP over (quantise, exchange, expert gate and up GEMMs).
+
+    `fn(x_nD, src_M, w_gate, w_up, input_offsets, send_sizes, output_offsets, recv_sizes,
+    group_sizes) -> (gate, up)` f32 [rows, F]: the sender quantises its n tokens once (1×128
+    tiles), gathers rows `src_M` (each assignment's token, sorted by expert) and ships FP8 bytes
+    plus scales — half the bf16 bytes — into the receiver's [rows, ...] buffer, whose grouped
+    GEMMs use them as they are (no second quantisation of the receive buffer, the largest
+    activation of the layer). The backward computes dx of both GEMMs on the receiver (bf16),
+    sends it back (`_exchange_back`) and scatter-adds it onto the tokens; dW from the saved FP8
+    rows as in `fp8.grouped_backward`. Ragged (`ragged_dot`) layout only; `cfg.moe_fp8_dispatch`.
+    Bit-for-bit the same FP8 values reach the GEMMs as without it (quantisation is per row)."""
+
+    def fwd(x_nD, src_M, w_gate, w_up, input_offsets, send_sizes, output_offsets, recv_sizes,
+            group_sizes):  # fmt: skip
+        D = x_nD.shape[1]
+        q, s = fp8_lib.quantize_tiles(x_nD, axis=-1)
+        payload = jnp.take(_pack_fp8(q, s), src_M, axis=0)
+        out = _zeros_like_varying((rows, payload.shape[1]), payload.dtype, payload)
+        slices = (input_offsets, send_sizes, output_offsets, recv_sizes)
+        q_R, s_R = _unpack_fp8(exchange(payload, out, *slices, axis, platform), D)
+        dt = fp8_lib.dot_dtype_for(x_nD.dtype)
+        x_R = fp8_lib.dequantize_tiles(q_R, s_R, axis=-1, dtype=dt)  # once for both GEMMs
+        blocks = [fp8_lib.quantize_blocks(w) for w in (w_gate, w_up)]
+        gate, up = (fp8_lib.grouped_forward("ragged", x_R, *b, group_sizes, dt) for b in blocks)
+        protos = (jnp.zeros((0, D), x_nD.dtype), jnp.zeros((0,), w_gate.dtype))
+        res = (q_R, s_R, blocks, src_M, slices, group_sizes, x_nD.shape[0], protos)
+        return (gate, up), res
+
+    def bwd(res, cts):
+        q_R, s_R, blocks, src_M, slices, group_sizes, n, (x_proto, w_proto) = res
+        x_t = fp8_lib.tokens_requantized("ragged", q_R, s_R, fp8_lib.dot_dtype_for(x_proto.dtype))
+        (dx_g, dw_g), (dx_u, dw_u) = (
+            fp8_lib.grouped_backward(
+                "ragged", d, q_R, s_R, *b, group_sizes, x_proto.dtype, w_proto.dtype, x_t
+            )
+            for d, b in zip(cts, blocks, strict=True)
+        )
+        dx_M = _exchange_back(dx_g + dx_u, src_M.shape[0], *slices, axis, platform)
+        dx_n = _zeros_like_varying((n, dx_M.shape[1]), jnp.float32, dx_M).at[src_M].add(dx_M)
+        return dx_n.astype(x_proto.dtype), None, dw_g, dw_u, None, None, None, None, None
+
+    fn = jax.custom_vjp(lambda *args: fwd(*args)[0])
+    fn.defvjp(fwd, bwd)
+    return lambda *args: fn(*fp8_lib.match_varying(*args))
 
 
 def _sort_by_expert(idx_nK, num_experts):
@@ -458,7 +524,6 @@ def expert_all_to_all(x_nD, idx_nK, weights_nK, w_gate, w_up, w_down, cfg, axis,
     E_l = E // P_
     me = jax.lax.axis_index(axis)
     order, counts_E = _sort_by_expert(idx_nK, E)
-    x_sorted = jnp.take(x_nD, order // K, axis=0)
     counts_PE = jax.lax.all_gather(counts_E, axis, axis=0, tiled=False)  # [sender, expert]
     starts_PE = _exclusive_cumsum(counts_PE, axis=1)  # each sender's sorted slice starts
     group_start_E = _exclusive_cumsum(counts_PE.sum(0).reshape(P_, E_l), axis=1).reshape(E)
@@ -468,17 +533,25 @@ def expert_all_to_all(x_nD, idx_nK, weights_nK, w_gate, w_up, w_down, cfg, axis,
     mine_PL = jax.lax.dynamic_slice_in_dim(sent_PE, me * E_l, E_l, axis=1)  # [sender, local]
     at_PL = jax.lax.dynamic_slice_in_dim(at_PE, me * E_l, E_l, axis=1)
     group_sizes = mine_PL.sum(0)
-    x_grouped = ragged_exchange(
-        x_sorted, R, starts_PE[me], sent_PE[me], at_PE[me], mine_PL.reshape(-1), axis, platform
-    )
-    # Rows past the groups are never sent back: no need to zero them (a [R, D] select).
-    y_grouped = grouped_swiglu(
-        x_grouped, group_sizes, w_gate, w_up, w_down, cfg.moe_impl, cfg.moe_tile, platform,
-        cfg.fp8, zero_tail=False,
-    )  # fmt: skip
+    slices = (starts_PE[me], sent_PE[me], at_PE[me], mine_PL.reshape(-1))
+    ragged = _resolve_impl(cfg.moe_impl, cfg.moe_tile, platform)[0] == "ragged_dot"
+    if cfg.fp8 and cfg.moe_fp8_dispatch and ragged:
+        gate, up = _fp8_dispatch_fn(R, axis, platform)(
+            x_nD, order // K, w_gate, w_up, *slices, group_sizes
+        )
+        h = _swiglu(gate.astype(x_nD.dtype), up.astype(x_nD.dtype), True)
+        y_grouped = fp8_lib.grouped_matmul("ragged", h, w_down, group_sizes, None, True)
+        y_grouped = y_grouped.astype(x_nD.dtype)
+    else:
+        x_grouped = ragged_exchange(jnp.take(x_nD, order // K, axis=0), R, *slices, axis, platform)
+        # Rows past the groups are never sent back: no need to zero them (a [R, D] select).
+        y_grouped = grouped_swiglu(
+            x_grouped, group_sizes, w_gate, w_up, w_down, cfg.moe_impl, cfg.moe_tile, platform,
+            cfg.fp8, zero_tail=False,
+        )  # fmt: skip
     back_offsets_PL = jax.lax.dynamic_slice_in_dim(starts_PE, me * E_l, E_l, axis=1)
     y_sorted = ragged_exchange(
-        y_grouped, x_sorted.shape[0],
+        y_grouped, n * K,
         at_PL.reshape(-1), mine_PL.reshape(-1), back_offsets_PL.reshape(-1), sent_PE[me],
         axis, platform,
     )  # fmt: skip
