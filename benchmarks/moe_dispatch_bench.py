@@ -120,7 +120,9 @@ def tpu_main(args):
 
     topo = topologies.get_topology_desc(platform="tpu", topology_name=args.topology)
     devices = np.array(topo.devices)
-    cfg = ModelConfig(**{**V3_MOE, "moe_impl": args.moe_impl})
+    cfg = ModelConfig(
+        **{**V3_MOE, "moe_impl": args.moe_impl, "moe_capacity_factor": args.capacity_factor}
+    )
     for text in args.mesh:
         sizes = parse_mesh(text, devices.size)
         mesh = Mesh(
@@ -183,10 +185,6 @@ def main():
     parser.add_argument("--cpu_speed", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    if args.capacity_factor:  # until ModelConfig has moe_capacity_factor (moe.py reads it)
-        from dsjax.layers import moe as moe_lib
-
-        moe_lib.moe_capacity_factor = lambda cfg: args.capacity_factor
     if args.cpu_speed:
         cpu_speed_main(args)
     else:

@@ -1,7 +1,7 @@
 """CPU training step, dsjax vs Hugging Face transformers, side by side in one process (issue 8).
 
     python benchmarks/train_vs_hf_bench.py [--config=issue8] [--batch=8] [--seq=256]
-        [--steps=5] [--threads=N] [--skip-hf]
+        [--steps=5] [--threads=N] [--moe-tile=N] [--skip-hf]
 
 Both train the same random checkpoint (issue 8's shape by default: hidden 256, 4 layers, 16
 experts top-4 in 4 groups, 1 shared, vocab 8192, q LoRA 128, kv LoRA 64, float32; written with
@@ -124,10 +124,11 @@ def main(argv=None) -> None:
         help="ModelConfig.scan_unroll for dsjax (default 0: the model's depth, straight-line "
         "layers as configs/small.py runs them; 1: a rolled loop over layers)",
     )
+    p.add_argument("--moe-tile", type=int, default=0, help="ModelConfig.moe_tile (0: per platform)")
     p.add_argument("--skip-hf", action="store_true")
     args = p.parse_args(argv)
 
-    cfg = load_model_config(args.config).replace(num_mtp_layers=0)
+    cfg = load_model_config(args.config).replace(num_mtp_layers=0, moe_tile=args.moe_tile)
     cfg = cfg.replace(scan_unroll=args.scan_unroll or cfg.num_hidden_layers)
     c = run_config(cfg, args.batch, args.seq)
     variables = random_variables(cfg, std=0.02)
