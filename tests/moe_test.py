@@ -204,3 +204,14 @@ def test_tiled_dispatch_combine_equals_sort_then_pad_with_gradients():
     assert rel_err(b[0], a[0]) < 1e-6
     for ga, gb in zip(a[1], b[1], strict=True):
         assert rel_err(gb, ga) < 1e-5
+
+
+def test_tile_rows_shrink_for_decode_sized_batches():
+    """Few rows (decode) get small tiles so the E reserved partial tiles stay cheap; training
+    sizes keep the configured tile."""
+    from dsjax.layers.moe import tile_rows
+
+    assert tile_rows(128, 32, 16) == 8  # batch-8 decode, top-4 of 16 experts
+    assert tile_rows(128, 512, 16) == 32
+    assert tile_rows(128, 8192, 16) == 128  # issue 8's training step: unchanged
+    assert tile_rows(128, 4, 16) == 4 and tile_rows(128, 3, 8) == 3  # never above M
