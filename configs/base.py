@@ -40,7 +40,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # indexers on the KL over their selected keys, the rest on the LM loss (V3.2: lr 7.3e-6).
     c.train.dsa_stage = "off"
     c.train.indexer_loss_weight = 1.0  # weight of the indexer KL in the loss
-    c.train.remat = "full"  # none | full | dots | dots_no_batch | save_attn | save_attn_ffn
+    # none | full | offload | dots | dots_no_batch | save_attn | save_attn_ffn ("offload": as
+    # "full", each layer's input kept in host memory until the backward pass; dsjax/model.py)
+    c.train.remat = "full"
     # Cross-entropy chunk: positions of each sequence per chunk (a chunk's logits are
     # [batch, ce_chunk, vocab] float32); 0 = the whole sequence at once ([B,T,V] logits).
     c.train.ce_chunk = 0
@@ -57,6 +59,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.optim.b1 = 0.9
     c.optim.b2 = 0.95
     c.optim.moment_dtype = "float32"  # AdamW m and v storage: "float32" | "bfloat16" (V3: bf16)
+    c.optim.host_offload = False  # optimizer state in host memory between steps (pinned_host)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

@@ -13,7 +13,7 @@ from typing import Any
 
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn", "save_attn_ffn")
+REMAT_POLICIES = ("none", "full", "offload", "dots", "dots_no_batch", "save_attn", "save_attn_ffn")
 ATTENTION_IMPLS = ("auto", "reference", "chunked", "cudnn", "splash")
 MOE_IMPLS = ("auto", "ragged_dot", "tiled")
 DTYPES = ("float32", "bfloat16", "float16")

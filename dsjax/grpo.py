@@ -33,6 +33,7 @@ from dsjax.train_step import (
     expert_counts_tree,
     load_imbalance,
     state_shardings,
+    to_device,
     update_bias,
 )
 
@@ -71,9 +72,9 @@ def grpo_state_from(params, moe_bias, tx) -> GRPOState:
     )
 
 
-def grpo_state_shardings(model, tx, mesh, seq_len: int):
+def grpo_state_shardings(model, tx, mesh, seq_len: int, host_offload: bool = False):
     """(abstract GRPOState, NamedSharding tree): train_step's shardings, reference = policy's."""
-    abstract, sh = state_shardings(model, tx, mesh, seq_len)
+    abstract, sh = state_shardings(model, tx, mesh, seq_len, host_offload)
 
     def grpo(t: TrainState) -> GRPOState:
         return GRPOState(t.step, t.params, t.moe_bias, t.opt_state, t.params, t.moe_bias)
@@ -180,7 +181,9 @@ def grpo_update(
         return loss + balance_weight * balance, (m, out)
 
     (loss, (metrics, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    opt_state, back = to_device(state.opt_state)
+    updates, opt_state = tx.update(grads, opt_state, state.params)
+    opt_state = back(opt_state)
     params = optax.apply_updates(state.params, updates)
     moe_bias, counts = state.moe_bias, {}
     if "moe_layers" in moe_bias:  # MTP modules do not run here: their biases stay

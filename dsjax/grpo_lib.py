@@ -265,7 +265,7 @@ def cold_start(config, mesh, model, tok, task, workdir):
     tx, schedule = make_optimizer(sft_config)
     T = config.data.seq_len
     state, abstract, shardings = create_sharded_state(
-        jax.random.key(config.seed), model, tx, mesh, T
+        jax.random.key(config.seed), model, tx, mesh, T, config.optim.get("host_offload", False)
     )
     directory = os.path.join(workdir, "cold_start")
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True))
@@ -687,7 +687,9 @@ def grpo_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[s
     g, t_start = config.grpo, time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         tx, schedule = _grpo_optimizer(config)
-        abstract, shardings = grpo_state_shardings(model, tx, mesh, config.data.seq_len)
+        abstract, shardings = grpo_state_shardings(
+            model, tx, mesh, config.data.seq_len, config.optim.get("host_offload", False)
+        )
         manager = ocp.CheckpointManager(
             os.path.join(workdir, "checkpoints"),
             options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True),

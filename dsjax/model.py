@@ -25,10 +25,19 @@ from dsjax.layers.moe import MoE
 from dsjax.layers.norms import RMSNorm
 
 # Names of the block outputs that the "save_*" policies keep for the backward pass (each one
-# [B,T,D] in the compute dtype per layer) instead of recomputing the sub-layer that made it.
-ATTN_OUT, FFN_OUT = "attn_out", "ffn_out"
+# [B,T,D] in the compute dtype per layer) instead of recomputing the sub-layer that made it, and
+# of the block input, which "offload" keeps in host memory.
+ATTN_OUT, FFN_OUT, LAYER_IN = "attn_out", "ffn_out", "layer_in"
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
+    # "full", but each layer's input (the one [B,T,D] that "full" keeps per layer) waits for the
+    # backward pass in host memory (pinned_host) instead of HBM; it is copied back layer by layer.
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=[LAYER_IN],
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     # The MLA output only: the backward pass skips re-running attention (its projections and the
@@ -79,7 +88,9 @@ class Block(nn.Module):
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, token_index_BT=None):
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+        x_BTD = checkpoint_name(
+            nn.with_logical_constraint(x_BTD, ("batch", "length", "embed")), LAYER_IN
+        )
         h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed", name="attn_norm")(x_BTD)
         attn_BTD, indexer_kl = MLA(cfg, self.mode, with_indexer_kl=True, name="attn")(
             h, positions_BT, segment_ids_BT, token_index_BT

@@ -324,7 +324,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             ckpt.close()
             log.info("the run is complete: its checkpoint at step %d >= train.steps", latest)
             return {"step": latest, "complete": True, "peak_flops_source": peak_source}
-        state, abstract, shardings = create_sharded_state(rng, model, tx, mesh, seq_len)
+        state, abstract, shardings = create_sharded_state(
+            rng, model, tx, mesh, seq_len, config.optim.get("host_offload", False)
+        )
         start, restored = ckpt.restore_latest(abstract, train_iter)
         if start is not None:
             state = restored

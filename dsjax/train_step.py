@@ -138,6 +138,9 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     moment = config.optim.get("moment_dtype")
     if moment is not None and moment not in ("float32", "bfloat16"):
         raise ValueError(f"config.optim.moment_dtype={moment!r} must be 'float32' or 'bfloat16'")
+    offload = config.optim.get("host_offload", False)
+    if not isinstance(offload, bool):
+        raise ValueError(f"config.optim.host_offload={offload!r} must be True or False")
     for key in ("data", "fsdp", "expert", "context", "tensor"):
         size = config.mesh.get(key, 1)
         if not isinstance(size, int) or isinstance(size, bool) or size == 0 or size < -1:
@@ -157,6 +160,8 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
         )
     if mesh is None:
         return
+    if offload or t.get("remat") == "offload":
+        _check_host_memory(mesh, "config.optim.host_offload" if offload else "config.train.remat")
     shards = sharding.batch_shards(mesh)
     if t.batch_size % (t.grad_accum * shards):
         raise ValueError(
@@ -172,6 +177,19 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
         raise ValueError(
             f"config.model.n_routed_experts={cfg.n_routed_experts} must divide by "
             f"config.mesh.expert={mesh.shape['expert']}"
+        )
+
+
+def _check_host_memory(mesh, field: str) -> None:
+    device = mesh.devices.flat[0]
+    try:
+        kinds = {m.kind for m in device.addressable_memories()}
+    except Exception:  # noqa: BLE001 - abstract (AOT) devices: the compiler decides
+        return
+    if "pinned_host" not in kinds:
+        raise ValueError(
+            f"{field}: {device.platform} devices have no pinned host memory to offload to "
+            f"(memories: {sorted(kinds)})"
         )
 
 
@@ -503,7 +521,9 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, train_cfg):
         grads = jax.tree.map(lambda g: g / n_micro, grads)
     metrics = {k: v / n_micro for k, v in sums["metrics"].items()}
     metrics["tokens"] = sums["metrics"]["tokens"]
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    opt_state, back = to_device(state.opt_state)
+    updates, opt_state = tx.update(grads, opt_state, state.params)
+    opt_state = back(opt_state)
     params = optax.apply_updates(state.params, updates)
     moe_bias = update_bias(state.moe_bias, sums["counts"], train_cfg.bias_update_rate)
     metrics["grad_norm"] = optax.tree.norm(grads)
@@ -513,6 +533,25 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, train_cfg):
         step=state.step + 1, params=params, moe_bias=moe_bias, opt_state=opt_state
     )
     return new_state, metrics
+
+
+def to_device(tree):
+    """(tree with every leaf in device memory, `back`): `back(new_tree)` returns each leaf to the
+    memory it came from. Under jit, state kept in host memory between steps (`state_shardings(...,
+    host_offload=True)`) is copied onto the chips for the update and back after it."""
+    spaces = [jax.typeof(x).memory_space for x in jax.tree.leaves(tree)]
+    if all(s != jax.memory.Space.Host for s in spaces):
+        return tree, lambda new: new
+    treedef = jax.tree.structure(tree)
+
+    def back(new):
+        leaves = jax.tree.leaves(new)
+        return treedef.unflatten(
+            [jax.device_put(x, s) for x, s in zip(leaves, spaces, strict=True)]
+        )
+
+    on_device = [jax.device_put(x, jax.memory.Space.Device) for x in jax.tree.leaves(tree)]
+    return treedef.unflatten(on_device), back
 
 
 def eval_step(params, moe_bias, batch, *, model):
@@ -539,8 +578,11 @@ def init_state(rng, *, model: Transformer, tx, seq_len: int) -> TrainState:
     )
 
 
-def state_shardings(model: Transformer, tx, mesh, seq_len: int):
-    """(abstract state, NamedSharding tree) from the logical axis names of every parameter."""
+def state_shardings(model: Transformer, tx, mesh, seq_len: int, host_offload: bool = False):
+    """(abstract state, NamedSharding tree) from the logical axis names of every parameter.
+
+    `host_offload`: the optimizer state (AdamW moments) lives in host memory (`pinned_host`)
+    between steps, sharded as on the chips; `train_step` copies it in for the update."""
     tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
     boxed = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)
     logical = nn.get_partition_spec(boxed)
@@ -558,6 +600,8 @@ def state_shardings(model: Transformer, tx, mesh, seq_len: int):
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding),
     )
+    if host_offload:
+        opt_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
     shardings = TrainState(
         step=replicated,
         params=var_shardings["params"],
@@ -570,9 +614,9 @@ def state_shardings(model: Transformer, tx, mesh, seq_len: int):
     return abstract, shardings
 
 
-def create_sharded_state(rng, model, tx, mesh, seq_len: int):
+def create_sharded_state(rng, model, tx, mesh, seq_len: int, host_offload: bool = False):
     """Initialises the state directly into its shardings (no host-side full copy)."""
-    abstract, shardings = state_shardings(model, tx, mesh, seq_len)
+    abstract, shardings = state_shardings(model, tx, mesh, seq_len, host_offload)
     init = jax.jit(
         functools.partial(init_state, model=model, tx=tx, seq_len=seq_len),
         out_shardings=shardings,

@@ -17,6 +17,7 @@ import time
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -232,7 +233,7 @@ def _run_steps(config, mesh, batches):
     tx, schedule = ts.make_optimizer(config)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         state, _, shardings = ts.create_sharded_state(
-            jax.random.key(0), model, tx, mesh, config.data.seq_len
+            jax.random.key(0), model, tx, mesh, config.data.seq_len, config.optim.host_offload
         )
         step = jax.jit(
             functools.partial(
@@ -248,15 +249,26 @@ def _run_steps(config, mesh, batches):
     return losses, state
 
 
-def test_sharded_training_equals_single_device():
+def _mesh_config():
     config = tiny.get_config()
     config.data.seq_len = 16
-    cfg = ts.model_config(config)
-    batches = [_synthetic_batch(cfg, 8, 16, seed=s) for s in range(3)]
-    single = sharding.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+    return config
+
+
+@pytest.fixture(scope="module")
+def mesh_run():
+    """(config, batches, mesh, losses, final state) of 3 steps of tiny on a 2 x 2 x 2 mesh."""
+    config = _mesh_config()
+    batches = [_synthetic_batch(ts.model_config(config), 8, 16, seed=s) for s in range(3)]
     mesh = sharding.make_mesh(data=2, fsdp=2, expert=2, tensor=1)
+    return (config, batches, mesh, *_run_steps(config, mesh, batches))
+
+
+def test_sharded_training_equals_single_device(mesh_run):
+    config, batches, _, got, state = mesh_run
+    cfg = ts.model_config(config)
+    single = sharding.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
     ref, _ = _run_steps(config, single, batches)
-    got, state = _run_steps(config, mesh, batches)
     np.testing.assert_allclose(got, ref, rtol=1e-5)
     experts = state.params["moe_layers"]["moe"]["experts"]["gate"]  # [L, E, D, F]
     assert experts.sharding.spec[1] == "expert" and experts.sharding.spec[2] == "fsdp"
@@ -267,6 +279,33 @@ def test_sharded_training_equals_single_device():
     assert emb.addressable_shards[0].data.shape == (cfg.vocab_size, cfg.hidden_size // 4)
     mu = state.opt_state[1][0].mu["embed"]["embedding"]  # Adam moment follows its parameter
     assert mu.sharding == emb.sharding
+
+
+def test_host_offload_trains_the_same_and_checkpoints(mesh_run, tmp_path):
+    """Optimizer state in host memory between steps and layer inputs offloaded by remat: the
+    same losses and state as on the chips; the state stays in host memory, saves and restores."""
+    config, batches, mesh, ref_losses, ref = mesh_run
+    config = _mesh_config()
+    config.optim.host_offload = True
+    config.train.remat = "offload"
+    ts.validate_config(config, mesh)
+    losses, state = _run_steps(config, mesh, batches)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state.opt_state)}
+    assert kinds == {"pinned_host"}
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(state.params)} == {"device"}
+    for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+    ck = Checkpointer(str(tmp_path), every=1, keep=1, async_save=False)
+    it = iter(grain.MapDataset.range(4).to_iter_dataset())
+    ck.save(3, state, it, config, force=True)
+    ck.close()
+    model, tx = Transformer(ts.model_config(config)), ts.make_optimizer(config)[0]
+    abstract, _ = ts.state_shardings(model, tx, mesh, 16, host_offload=True)
+    restored = Checkpointer(str(tmp_path), every=1, keep=1).restore(3, abstract, it)
+    for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        assert x.sharding.memory_kind == y.sharding.memory_kind
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
@@ -383,6 +422,13 @@ def test_bad_config_is_one_clear_line(tmp_path, flag, message):
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_host_offload_must_be_a_bool():
+    config = tiny.get_config()  # a config written without configs/base.py's typed field
+    config.optim = ml_collections.ConfigDict({**config.optim.to_dict(), "host_offload": "yes"})
+    with pytest.raises(ValueError, match="config.optim.host_offload='yes'"):
+        ts.validate_config(config, None)
 
 
 def test_batch_must_divide_over_data_shards():
