@@ -43,7 +43,9 @@ from dsjax import train_step as ts  # noqa: E402
 from dsjax.model import Transformer  # noqa: E402
 
 GIB = 1024**3
-SAVED_PER_LAYER = {"full": 1, "save_attn": 2, "save_attn_ffn": 3, "dots_no_batch": 6, "dots": 8}
+SAVED_PER_LAYER = {"full": 1, "offload": 0, "save_attn": 2, "save_attn_ffn": 3,
+                   "dots_no_batch": 6, "dots": 8}  # fmt: skip
+HOST = "pinned_host"
 
 
 class PlanError(Exception):
@@ -64,6 +66,7 @@ class Target:
     hbm_bytes: float | None
     hbm_bytes_per_s: float | None
     ici_bytes_per_s: float | None
+    host_bytes: float | None = None  # host memory per device
 
 
 # ----------------------------------------------------------------------------- target
@@ -102,6 +105,7 @@ def make_target(topology: str) -> Target:
         spec.hbm_bytes / per_chip,
         spec.hbm_bytes_per_s / per_chip,
         spec.ici_bytes_per_s / per_chip,
+        spec.host_bytes / per_chip if spec.host_bytes else None,
     )
 
 
@@ -113,10 +117,13 @@ def _gpu_memory(device) -> float | None:
 
 
 # ----------------------------------------------------------------------------- helpers
-def shard_bytes(tree) -> float:
-    """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+def shard_bytes(tree, memory_kind: str | None = None) -> float:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (only the leaves in
+    `memory_kind`, e.g. "pinned_host", if given)."""
     total = 0.0
     for leaf in jax.tree.leaves(tree):
+        if memory_kind is not None and getattr(leaf.sharding, "memory_kind", None) != memory_kind:
+            continue
         shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
         total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
     return total
@@ -130,24 +137,88 @@ def _size(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
 
 
+@dataclasses.dataclass
+class CompilerDump:
+    """What the compiler wrote of the optimized program (XLA's own dump, read back as text):
+    `hlo_text` the optimized module; `allocations[color][kind]` bytes of its buffer assignment
+    per memory space (color 0 = HBM, `HOST_COLOR` = host memory) and kind ("param" / "temp")."""
+
+    hlo_text: str | None = None
+    allocations: dict = dataclasses.field(default_factory=dict)
+
+    def bytes(self, color: int, kind: str) -> float | None:
+        return float(self.allocations.get(color, {}).get(kind, 0)) if self.allocations else None
+
+
+HOST_COLOR = 5  # xla::Layout::kHostMemorySpace: the memory space of pinned_host buffers
+_ALLOCATION = re.compile(r"^allocation \d+: size (\d+), (.*)$")
+
+
+def _read_dump(directory: str) -> CompilerDump:
+    """The optimized HLO text and the buffer assignment's bytes per (memory space, kind)."""
+    dump = CompilerDump()
+    names = os.listdir(directory)
+    for name in names:
+        path = os.path.join(directory, name)
+        if name.endswith(".after_optimizations.txt"):
+            with open(path) as f:
+                dump.hlo_text = f.read()
+        elif name.endswith(".after_optimizations-buffer-assignment.txt"):
+            with open(path) as f:
+                for line in f:
+                    m = _ALLOCATION.match(line)
+                    if not m:
+                        continue
+                    color = re.search(r"\bcolor (\d+)", m.group(2))
+                    kind = "param" if "parameter" in m.group(2) else "temp"
+                    per = dump.allocations.setdefault(int(color.group(1)) if color else 0, {})
+                    per[kind] = per.get(kind, 0) + int(m.group(1))
+    return dump
+
+
 def compile_or_oom(lowered):
-    """(compiled, None) or (None, {"temp_bytes", "hbm_bytes", "message"}) when XLA says OOM."""
-    try:
-        return lowered.compile(), None
-    except Exception as e:  # noqa: BLE001 - XLA raises a runtime error with the numbers
-        text = str(e)
-        if "RESOURCE_EXHAUSTED" not in text and "memory" not in text.lower():
-            first = text.strip().splitlines()[0][:400] if text.strip() else type(e).__name__
-            raise PlanError(f"the XLA compiler failed on this plan: {first}", code=1) from e
-        oom = {"message": text.splitlines()[0][:400]}
-        num = r"\(([0-9.]+[KMGT]?)\)"
-        m = re.search(rf"HLO temporaries {num} exceeds available HBM {num}", text)
-        if m:
-            oom["temp_bytes"], oom["hbm_bytes"] = _size(m.group(1)), _size(m.group(2))
-        m = re.search(r"Used ([0-9.]+[KMGT]?) of ([0-9.]+[KMGT]?) hbm", text)
-        if m:
-            oom["used_bytes"], oom["hbm_bytes"] = _size(m.group(1)), _size(m.group(2))
-        return None, oom
+    """(compiled, None, dump) or (None, {"temp_bytes", "hbm_bytes", "message"}, None) when XLA
+    says OOM. The compiler dumps the optimized program into a temporary directory: its buffer
+    assignment gives the HBM heap and the host buffers apart (XLA:TPU's `memory_analysis`
+    temp_size disagrees with that heap, and counts host buffers with it), and its text stands
+    in for `compiled.as_text()` where jaxlib cannot parse a newer libtpu's program."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dsjax-plan-") as directory:
+        options = {"xla_dump_to": directory, "xla_dump_hlo_as_text": True}
+        try:
+            compiled = lowered.compile(compiler_options=options)
+        except Exception as e:  # noqa: BLE001
+            return (None, *_oom_or_raise(e))
+        return compiled, None, _read_dump(directory)
+
+
+# Compiler failures with a known cause, and what to do about them.
+KNOWN_COMPILER_BUGS = {
+    "Assigned barrier is not acceptable for opcode: ragged-all-to-all": (
+        "a bug of the libtpu that jax 0.10.2 pins (0.0.42), met on v5p-512; libtpu 0.0.52 "
+        "compiles the program: pip install libtpu==0.0.52 in the planning environment"
+    ),
+}
+
+
+def _oom_or_raise(e: Exception) -> tuple[dict, None]:
+    """XLA's out-of-memory error as ({"message", "temp_bytes"/"used_bytes", "hbm_bytes"}, None);
+    any other compiler failure is a PlanError with its first line (and the known remedy)."""
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" not in text and "memory" not in text.lower():
+        first = text.strip().splitlines()[0][:400] if text.strip() else type(e).__name__
+        hint = "".join(f" ({fix})" for bug, fix in KNOWN_COMPILER_BUGS.items() if bug in text)
+        raise PlanError(f"the XLA compiler failed on this plan: {first}{hint}", code=1) from e
+    oom = {"message": text.splitlines()[0][:400]}
+    num = r"\(([0-9.]+[KMGT]?)\)"
+    m = re.search(rf"HLO temporaries {num} exceeds available HBM {num}", text)
+    if m:
+        oom["temp_bytes"], oom["hbm_bytes"] = _size(m.group(1)), _size(m.group(2))
+    m = re.search(r"Used ([0-9.]+[KMGT]?) of ([0-9.]+[KMGT]?) hbm", text)
+    if m:
+        oom["used_bytes"], oom["hbm_bytes"] = _size(m.group(1)), _size(m.group(2))
+    return oom, None
 
 
 def _cost(compiled) -> dict:
@@ -160,7 +231,10 @@ def _cost(compiled) -> dict:
     return dict(cost or {})
 
 
-def _memory_from_compiled(compiled, args_bytes: float) -> dict:
+def _memory_from_compiled(compiled, args_bytes: float, dump: CompilerDump | None) -> dict:
+    """Per-device bytes: arguments, outputs, aliasing and code from `memory_analysis`;
+    temporaries in HBM from the buffer assignment (its HBM temporary heap) where the dump has
+    it, and host memory (offloaded state, activations) apart from them."""
     ma = compiled.memory_analysis()
     if ma is None:
         return {"args_bytes": args_bytes}
@@ -171,21 +245,42 @@ def _memory_from_compiled(compiled, args_bytes: float) -> dict:
         "temp_bytes": float(ma.temp_size_in_bytes),
         "code_bytes": float(ma.generated_code_size_in_bytes),
     }
+    host = {k: float(getattr(ma, f"host_{k}_size_in_bytes", 0) or 0)
+            for k in ("argument", "output", "alias", "temp")}  # fmt: skip
+    out["host_bytes"] = host["argument"] + host["output"] - host["alias"] + host["temp"]
+    out["compiler_temp_bytes"] = out["temp_bytes"]  # memory_analysis, as XLA reports it
+    hbm_temp = dump.bytes(0, "temp") if dump else None
+    if hbm_temp is not None:
+        # XLA:TPU's memory_analysis folds host buffers into temp_size when a program offloads
+        # (V3 on v6e-512: 27.73 GiB reported, an HBM heap of 18.92 GiB plus 8.32 GiB of host
+        # buffers in the buffer assignment); the HBM heap is what must fit.
+        out["temp_bytes"] = hbm_temp
+        out["host_bytes"] = dump.bytes(HOST_COLOR, "param") + dump.bytes(HOST_COLOR, "temp")
     out["total_bytes"] = (
         out["args_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
         + out["code_bytes"]
     )  # fmt: skip
-    # XLA:TPU reports temp_size 0 for some straight-line programs whose buffer assignment still
-    # has an HBM temp heap (small, scan_unroll=4, v5e:2x2: 0 reported, 9.7 MiB assigned), while
-    # its peak_memory_in_bytes stays right (86.2 MB vs 86.6 MB rolled). The peak is a floor on
-    # the total; temporaries are then what the peak leaves beyond the other parts.
     peak = float(getattr(ma, "peak_memory_in_bytes", 0) or 0)
     if peak:
         out["peak_bytes"] = peak
-        if peak > out["total_bytes"]:
+        if hbm_temp is None and peak > out["total_bytes"]:
+            # Without the dump: XLA:TPU reports temp_size 0 for some straight-line programs
+            # whose buffer assignment still has an HBM heap (small, scan_unroll=4, v5e:2x2: 0
+            # reported, 9.7 MiB assigned) while its peak stays right: the peak is then a floor.
             out["temp_bytes"] += peak - out["total_bytes"]
             out["total_bytes"] = peak
     return out
+
+
+def _collectives(compiled, dump: CompilerDump | None, n: int) -> dict | None:
+    """The collectives of the optimized program: from the compiler's dump, else from
+    `compiled.as_text()` (which jaxlib cannot parse for a newer libtpu's programs)."""
+    if dump is not None and dump.hlo_text:
+        return hlo_stats.collectives(dump.hlo_text, n)
+    try:
+        return hlo_stats.collectives(compiled.as_text(), n)
+    except Exception:  # noqa: BLE001 - e.g. "async-update instruction should have 1 operands"
+        return None
 
 
 def _fill_fit(report: dict, target: Target, memory: dict, oom: dict | None) -> None:
@@ -196,7 +291,12 @@ def _fill_fit(report: dict, target: Target, memory: dict, oom: dict | None) -> N
         memory["compiler_message"] = oom["message"]
     report["memory"] = memory
     report["hbm_bytes"] = hbm
-    report["fits"] = bool(oom is None and (hbm is None or memory["total_bytes"] <= hbm))
+    host = memory.get("host_bytes") or 0.0
+    report["host_memory_bytes"] = target.host_bytes
+    report["host_fits"] = target.host_bytes is None or host <= target.host_bytes
+    report["fits"] = bool(
+        oom is None and (hbm is None or memory["total_bytes"] <= hbm) and report["host_fits"]
+    )
     report["headroom_bytes"] = (hbm - memory["total_bytes"]) if hbm else None
 
 
@@ -264,10 +364,11 @@ def train_analytic(cfg, config, params_bytes: float, optimizer_bytes: float, mes
         mtp_block = cfg.num_mtp_layers * R * (2 * D + 3 * F_l) * act
         E_l = cfg.n_routed_experts / G
         expert_weights = 2 * 3 * E_l * D * F_l * act
+    offload = bool(config.optim.get("host_offload", False))
     out = {
         "params": params_bytes,
         "grads": params_bytes,
-        "optimizer": optimizer_bytes,
+        "optimizer": 0.0 if offload else optimizer_bytes,
         "param_cast": params_bytes * act / pb if pb > act else 0.0,
         "saved_activations": cfg.num_hidden_layers * per_layer * tokens * D * act,
         "moe_exchange": moe_exchange,
@@ -277,8 +378,19 @@ def train_analytic(cfg, config, params_bytes: float, optimizer_bytes: float, mes
         "logits": 3 * B * logit_T * V / tensor * 4 / context,
         "layer_working_set": attn + dense,
     }
-    out["total"] = sum(out.values())
+    out["total"] = sum(out.values())  # in HBM; what follows waits in host memory
+    out["host_optimizer"] = optimizer_bytes if offload else 0.0
+    out["host_activations"] = (
+        cfg.num_hidden_layers * tokens * D * act if cfg.remat == "offload" else 0.0
+    )
     return out
+
+
+def host_transfer_bytes(analytic: dict) -> float:
+    """Bytes per device crossing between HBM and host memory each step: the offloaded optimizer
+    state in and out once, each offloaded layer input out in the forward and back in the
+    backward. (No published host-link bandwidth per chip is used: no time is estimated.)"""
+    return 2 * (analytic["host_optimizer"] + analytic["host_activations"])
 
 
 def _batch_abstract(mesh, batch: int, seq_len: int) -> dict:
@@ -300,7 +412,8 @@ def plan_train(config: ml_collections.ConfigDict, target: Target) -> dict:
             f"{sharding.batch_shards(mesh)} batch shards of mesh {dict(mesh.shape)}",
             1,
         )
-    abstract, shardings = ts.state_shardings(model, tx, mesh, T)  # outside the mesh (tx.init)
+    offload = bool(config.optim.get("host_offload", False))
+    abstract, shardings = ts.state_shardings(model, tx, mesh, T, offload)  # outside the mesh
     n = len(target.devices)
     report = _header(config, cfg, target, mesh, "train")
     report.update(batch=batch, seq_len=T, tokens_per_step=batch * T)
@@ -315,20 +428,23 @@ def plan_train(config: ml_collections.ConfigDict, target: Target) -> dict:
             donate_argnums=0,
         )
         lowered = step.lower(abstract, _batch_abstract(mesh, batch, T))
-        compiled, oom = compile_or_oom(lowered)
+        compiled, oom, dump = compile_or_oom(lowered)
     report["compile_s"] = time.perf_counter() - t0
-    state_bytes = shard_bytes(abstract)
+    host_state = shard_bytes(abstract, HOST)
+    state_bytes = shard_bytes(abstract) - host_state  # in HBM
     memory = {
         "params_bytes": shard_bytes(abstract.params),
         "optimizer_bytes": shard_bytes(abstract.opt_state),
         "args_bytes": state_bytes,
+        "host_bytes": host_state,
     }
     if compiled is not None:
-        memory.update(_memory_from_compiled(compiled, state_bytes))
+        memory.update(_memory_from_compiled(compiled, state_bytes, dump))
     _fill_fit(report, target, memory, oom)
     report["analytic_bytes"] = train_analytic(
         cfg, config, memory["params_bytes"], memory["optimizer_bytes"], mesh
     )
+    report["host_transfer_bytes"] = host_transfer_bytes(report["analytic_bytes"])
     flops_dev = metrics.train_flops_per_token(cfg, T) * batch * T / n
     recompute = 1.0 if cfg.remat == "save_attn_ffn" else (1.0 if cfg.remat == "none" else 4 / 3)
     report["flops"] = {
@@ -339,10 +455,10 @@ def plan_train(config: ml_collections.ConfigDict, target: Target) -> dict:
     if compiled is not None:
         cost = _cost(compiled)
         report["flops"]["xla_per_device"] = cost.get("flops")
-        report["collectives"] = hlo_stats.collectives(compiled.as_text(), n)
+        report["collectives"] = _collectives(compiled, dump, n)
         hbm_traffic = float(cost.get("bytes accessed", 0.0))
     # At least: weights read in forward, recompute and backward, state read+written once.
-    hbm_traffic = max(hbm_traffic, 3 * memory["params_bytes"] + 2 * state_bytes)
+    hbm_traffic = max(hbm_traffic, 3 * memory["params_bytes"] + 2 * (state_bytes + host_state))
     _roofline(report, target, flops_dev, flops_dev * recompute, hbm_traffic)
     return report
 
@@ -365,6 +481,7 @@ def _header(config, cfg, target: Target, mesh, mode: str) -> dict:
         "dtype": cfg.dtype,
         "param_dtype": cfg.param_dtype,
         "moment_dtype": config.optim.get("moment_dtype", "float32"),
+        "host_offload": bool(config.optim.get("host_offload", False)),
         "ce_chunk": int(config.train.get("ce_chunk", 0) or 0),
         "params_billion": counts_b,
         "hbm_per_device_bytes": target.hbm_bytes,
@@ -419,12 +536,12 @@ def plan_decode(config: ml_collections.ConfigDict, target: Target, batch: int,
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         step = jax.jit(decode_step, in_shardings=(var_sh, cache_sh, row_sh, row_sh),
                        out_shardings=(None, cache_sh), donate_argnums=1)  # fmt: skip
-        compiled, oom = compile_or_oom(step.lower(abs_vars, abs_cache, tok, tok))
+        compiled, oom, dump = compile_or_oom(step.lower(abs_vars, abs_cache, tok, tok))
     report["compile_s"] = time.perf_counter() - t0
     params_b, cache_b = shard_bytes(abs_vars), shard_bytes(abs_cache)
     memory = {"params_bytes": params_b, "cache_bytes": cache_b, "args_bytes": params_b + cache_b}
     if compiled is not None:
-        memory.update(_memory_from_compiled(compiled, params_b + cache_b))
+        memory.update(_memory_from_compiled(compiled, params_b + cache_b, dump))
     _fill_fit(report, target, memory, oom)
     report["analytic_bytes"] = {"params": params_b, "cache": cache_b, "total": params_b + cache_b}
     br = metrics.flops_breakdown(cfg, 2 * cache_len - 1)  # causal context (T+1)/2 = cache_len
@@ -432,7 +549,7 @@ def plan_decode(config: ml_collections.ConfigDict, target: Target, batch: int,
     report["flops"] = {"analytic_per_device": flops_dev}
     if compiled is not None:
         report["flops"]["xla_per_device"] = _cost(compiled).get("flops")
-        report["collectives"] = hlo_stats.collectives(compiled.as_text(), len(target.devices))
+        report["collectives"] = _collectives(compiled, dump, len(target.devices))
     _roofline(report, target, flops_dev, flops_dev, params_b + cache_b)  # weights + cache once
     if report["estimate"].get("step_s"):
         report["estimate"]["tokens_per_s"] = batch / report["estimate"]["step_s"]
@@ -471,7 +588,9 @@ def search(config, target: Target, top: int, log=print) -> list[dict]:
             p_elems = _shard_elems(shapes, logical, mesh)
         except ValueError:  # a dimension the mesh does not divide
             continue
-        for bpc, remat in itertools.product((1, 2, 4), ("full", "save_attn", "save_attn_ffn")):
+        for bpc, remat in itertools.product(
+            (1, 2, 4), ("full", "offload", "save_attn", "save_attn_ffn")
+        ):
             c = ml_collections.ConfigDict(config.to_dict())
             c.mesh.update(mesh_kw)
             c.train.remat = remat
@@ -563,7 +682,8 @@ def format_report(r: dict) -> str:
     extra = (f"batch {r['batch']} x seq {r['seq_len']}" if r["mode"] == "train"
              else f"batch {r['batch']} rows, cache {r['cache_len']} positions")  # fmt: skip
     lines.append(f"   {extra}; remat {r['remat']}; dtype {r['dtype']}/{r['param_dtype']}; "
-                 f"moments {r['moment_dtype']}; ce_chunk {r['ce_chunk']}")  # fmt: skip
+                 f"moments {r['moment_dtype']}{' (host)' if r.get('host_offload') else ''}; "
+                 f"ce_chunk {r['ce_chunk']}")  # fmt: skip
     if r.get("params_billion"):
         p = r["params_billion"]
         lines.append(f"   parameters: {p['total']:.2f}B total, {p['activated']:.2f}B activated, "
@@ -579,6 +699,11 @@ def format_report(r: dict) -> str:
                  f"{_g(r['headroom_bytes'])}")  # fmt: skip
     if "compiler_message" in m:
         lines.append(f"     compiler: {m['compiler_message']}")
+    if m.get("host_bytes") or r.get("host_transfer_bytes"):
+        of = f" of {_g(r['host_memory_bytes'])}" if r.get("host_memory_bytes") else ""
+        lines.append(f"     host memory (offloaded) {_g(m.get('host_bytes'))}{of} per device"
+                     f"{'' if r.get('host_fits', True) else ' -> DOES NOT FIT'}; host <-> HBM "
+                     f"{_g(r.get('host_transfer_bytes'))} per step (analytic)")  # fmt: skip
     a = r["analytic_bytes"]
     lines.append("   per device (analytic): " + ", ".join(f"{k} {_g(v)}" for k, v in a.items()))
     f = r["flops"]

@@ -9,8 +9,11 @@ Sources (Cloud TPU system-architecture pages, read 2025):
                                                ICI 4,800 Gbps per chip (= 600 GB/s)
   v6e  https://cloud.google.com/tpu/docs/v6e  918 TFLOP/s bf16, 32 GiB HBM, 1,640 GB/s HBM,
                                                ICI 3,584 Gbps per chip (= 448 GB/s)
+Host memory per chip (what `optim.host_offload` and remat "offload" use): the TPU VM's DRAM over
+its chips, from the same pages (read 2026): v5e 512 GiB per 8-chip host, v5p 448 GB per 4-chip
+VM, v6e 1,536 GiB per 8-chip host; v4's is not given there (None: not checked).
 HBM capacity is what XLA:TPU itself reports as available (v5p: "available HBM (95.74G)", v5e:
-15.75G; G = GiB);
+15.75G, v6e: 31.25G; G = GiB);
 where the compiler has not been seen to say, the nominal size. libtpu exposes v4 as one JAX device
 per TensorCore (2 per chip); v5e, v5p (megacore) and v6e as one device per chip. The planner
 divides a chip's figures by its devices.
@@ -33,13 +36,14 @@ class ChipSpec:
     hbm_bytes_per_s: float
     ici_bytes_per_s: float  # per chip, all links together
     dims: int  # 3 for 3-D tori (v4, v5p), 2 for v5e / v6e
+    host_bytes: float | None = None  # host DRAM per chip
 
 
 CHIPS = {
     "v4": ChipSpec("v4", 275e12, 32 * GIB, 1200e9, 300e9, 3),
-    "v5e": ChipSpec("v5e", 197e12, 15.75 * GIB, 819e9, 200e9, 2),
-    "v5p": ChipSpec("v5p", 459e12, 95.74 * GIB, 2765e9, 600e9, 3),
-    "v6e": ChipSpec("v6e", 918e12, 32 * GIB, 1640e9, 448e9, 2),
+    "v5e": ChipSpec("v5e", 197e12, 15.75 * GIB, 819e9, 200e9, 2, 512 * GIB / 8),
+    "v5p": ChipSpec("v5p", 459e12, 95.74 * GIB, 2765e9, 600e9, 3, 448e9 / 4),
+    "v6e": ChipSpec("v6e", 918e12, 31.25 * GIB, 1640e9, 448e9, 2, 1536 * GIB / 8),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v5": "v5p"}
 _TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e|v5litepod|v5lite|v6|v5):(\d+(?:x\d+){1,2})$")
