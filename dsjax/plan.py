@@ -196,8 +196,8 @@ def compile_or_oom(lowered):
 # Compiler failures with a known cause, and what to do about them.
 KNOWN_COMPILER_BUGS = {
     "Assigned barrier is not acceptable for opcode: ragged-all-to-all": (
-        "a bug of the libtpu that jax 0.10.2 pins (0.0.42), met on v5p-512; libtpu 0.0.52 "
-        "compiles the program: pip install libtpu==0.0.52 in the planning environment"
+        "a bug of the libtpu that jax 0.10.2 pins (0.0.42), met on 512-chip slices; libtpu "
+        "0.0.52 compiles the program: pip install libtpu==0.0.52 in the planning environment"
     ),
 }
 
