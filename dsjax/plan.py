@@ -249,8 +249,9 @@ def _memory_from_compiled(compiled, args_bytes: float, dump: CompilerDump | None
             for k in ("argument", "output", "alias", "temp")}  # fmt: skip
     out["host_bytes"] = host["argument"] + host["output"] - host["alias"] + host["temp"]
     out["compiler_temp_bytes"] = out["temp_bytes"]  # memory_analysis, as XLA reports it
-    hbm_temp = dump.bytes(0, "temp") if dump is not None and dump.allocations else None
-    if dump is not None and hbm_temp is not None:
+    hbm_temp = None
+    if dump is not None and dump.allocations:
+        hbm_temp = dump.bytes(0, "temp")
         # XLA:TPU's temp_size disagrees with its own HBM heap (V3 on v6e-512: 26.85 G reported,
         # an 18.96 GiB heap, which the compiler accepted on a 31.25 G chip; its peak_memory
         # agrees with the heap) and, when a program offloads, counts host buffers with it
@@ -365,7 +366,7 @@ def train_analytic(cfg, config, params_bytes: float, optimizer_bytes: float, mes
         mtp_block = cfg.num_mtp_layers * R * (2 * D + 3 * F_l) * act
         E_l = cfg.n_routed_experts / G
         expert_weights = 2 * 3 * E_l * D * F_l * act
-    offload = bool(config.optim.get("host_offload", False))
+    offload = offloads_optimizer(config)
     out = {
         "params": params_bytes,
         "grads": params_bytes,
@@ -385,6 +386,11 @@ def train_analytic(cfg, config, params_bytes: float, optimizer_bytes: float, mes
         cfg.num_hidden_layers * tokens * D * act if cfg.remat == "offload" else 0.0
     )
     return out
+
+
+def offloads_optimizer(config) -> bool:
+    """Whether the run keeps its optimizer state in host memory (`optim.host_offload`)."""
+    return bool(config.optim.get("host_offload", False))
 
 
 def host_transfer_bytes(analytic: dict) -> float:
@@ -413,7 +419,7 @@ def plan_train(config: ml_collections.ConfigDict, target: Target) -> dict:
             f"{sharding.batch_shards(mesh)} batch shards of mesh {dict(mesh.shape)}",
             1,
         )
-    offload = bool(config.optim.get("host_offload", False))
+    offload = offloads_optimizer(config)
     abstract, shardings = ts.state_shardings(model, tx, mesh, T, offload)  # outside the mesh
     n = len(target.devices)
     report = _header(config, cfg, target, mesh, "train")
@@ -482,7 +488,7 @@ def _header(config, cfg, target: Target, mesh, mode: str) -> dict:
         "dtype": cfg.dtype,
         "param_dtype": cfg.param_dtype,
         "moment_dtype": config.optim.get("moment_dtype", "float32"),
-        "host_offload": bool(config.optim.get("host_offload", False)),
+        "host_offload": offloads_optimizer(config),
         "ce_chunk": int(config.train.get("ce_chunk", 0) or 0),
         "params_billion": counts_b,
         "hbm_per_device_bytes": target.hbm_bytes,
