@@ -6,8 +6,8 @@
     python serve.py --checkpoint=DIR --prompt="Once upon a time" [--max-tokens=64]
 
 DIR is a train.py workdir (checkpoints/ + tokenizer/) or a Hugging Face directory (config.json,
-safetensors, tokenizer.json). The API is described in dsjax/server.py. With --prompt, FastAPI is
-not imported (dsjax.loading loads the model).
+safetensors, tokenizer.json). The API is described in dsjax/serve/app.py. With --prompt, FastAPI is
+not imported (dsjax.inference.loading loads the model).
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper())
     from pathlib import Path
 
-    from dsjax.chat_template import encode_text
-    from dsjax.generate import generate
-    from dsjax.loading import load_model
+    from dsjax.inference.loading import load_model
+    from dsjax.inference.generate import generate
+    from dsjax.text.chat_template import encode_text
 
     if args.max_body_bytes < 1:
         print(f"error: --max-body-bytes={args.max_body_bytes}: must be >= 1", file=sys.stderr)
@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from dsjax.engine import Engine
-    from dsjax.server import create_app
+    from dsjax.inference.engine import Engine
+    from dsjax.serve.app import create_app
 
     engine = Engine(
         cfg,

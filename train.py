@@ -127,12 +127,12 @@ def main(argv):
             num_processes=FLAGS.num_processes,
             process_id=FLAGS.process_id,
         )
-    from dsjax import train_lib
+    from dsjax.train import loop as train_lib
 
     workdir = FLAGS.workdir or os.path.join("runs", config.get("name", "run"))
     try:
         if config.get("trainer", "pretrain") == "grpo":  # R1-style RL (configs/grpo_arith.py)
-            from dsjax import grpo_lib
+            from dsjax.rl import loop as grpo_lib
 
             summary = grpo_lib.grpo_and_evaluate(config, workdir)
         else:
@@ -188,7 +188,7 @@ def _report(summary, workdir: str, chief: bool) -> None:
 
 def _final_line(summary, plot: str | None) -> str:
     """`held-out: 7.66 → 3.80 nats/token (3.10 → 1.54 bits/byte); wall 9m12s; plot: PATH`."""
-    from dsjax.metrics import format_duration
+    from dsjax.train.metrics import format_duration
 
     def pair(a, b, digits=2):
         return (

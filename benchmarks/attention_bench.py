@@ -30,8 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsjax.kernels import splash  # noqa: E402
-from dsjax.layers.attention import (  # noqa: E402
+from dsjax.model.kernels import splash  # noqa: E402
+from dsjax.model.layers.attention import (  # noqa: E402
     chunk_schedule,
     chunked_attention,
     cudnn_attention,

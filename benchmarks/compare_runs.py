@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dsjax.metrics import smooth  # noqa: E402
+from dsjax.train.metrics import smooth  # noqa: E402
 
 
 def read(workdir: str) -> list[dict]:

@@ -52,9 +52,9 @@ from flax import linen as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsjax.config import ModelConfig  # noqa: E402
-from dsjax.generate import generate, main_cache  # noqa: E402
-from dsjax.model import Transformer, abstract_variables, init_cache  # noqa: E402
+from dsjax.inference.generate import generate, main_cache  # noqa: E402
+from dsjax.model.config import ModelConfig  # noqa: E402
+from dsjax.model.transformer import Transformer, abstract_variables, init_cache  # noqa: E402
 
 DEFAULT_CONFIG = dict(
     vocab_size=4096,
@@ -321,7 +321,7 @@ def bench_moe_decode(cfg: ModelConfig, batches, repeats: int = 300) -> list[list
     """ms per routed-MoE layer at decode token counts: the sorted, tiled dispatch the model runs
     on CPU (`moe.dispatch_combine` + `grouped_swiglu`, "tiled") against `gathered_moe` and
     `dense_moe` (same weights, routing and result to 1e-4)."""
-    from dsjax.layers import moe
+    from dsjax.model.layers import moe
 
     E, D, F, K = (
         cfg.n_routed_experts,
@@ -394,7 +394,7 @@ def main(argv=None) -> None:
         import torch
         from transformers import DeepseekV3ForCausalLM
 
-        from dsjax.hf import save_hf_checkpoint
+        from dsjax.checkpoints.hf import save_hf_checkpoint
 
         tmp = tempfile.mkdtemp()
         save_hf_checkpoint(tmp, cfg, variables)

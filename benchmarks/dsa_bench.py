@@ -1,6 +1,6 @@
 """DeepSeek Sparse Attention: analytic FLOPs at V3.2's dimensions, and measured time on this host.
 
-1. Analytic (dsjax.layers.indexer.dsa_flops): the attention-core FLOPs of one layer over a causal
+1. Analytic (dsjax.model.layers.indexer.dsa_flops): the attention-core FLOPs of one layer over a causal
    sequence, DSA (top-2048 keys per query, absorbed MLA over the gathered latents) vs dense MLA
    (expanded, as training/prefill runs it; and absorbed, as decode runs it), with the indexer's
    share, at 4K..128K.
@@ -24,9 +24,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsjax.config import ModelConfig  # noqa: E402
-from dsjax.layers.indexer import dsa_flops  # noqa: E402
-from dsjax.layers.mla import MLA  # noqa: E402
+from dsjax.model.config import ModelConfig  # noqa: E402
+from dsjax.model.layers.indexer import dsa_flops  # noqa: E402
+from dsjax.model.layers.mla import MLA  # noqa: E402
 
 
 def analytic_table(lengths: list[int]) -> None:

@@ -5,7 +5,7 @@ engine's whole-prompt admit vs its chunked prefill interleaved with the decode s
         [--prompt-tokens=2048] [--chunks=off,512,256] [--repeats=3]
 
 A random checkpoint of the config's model (float32, `max_position_embeddings` raised to hold the
-prompt). One `dsjax.engine.Engine` per setting (2 slots, plain greedy decoding, everything
+prompt). One `dsjax.inference.engine.Engine` per setting (2 slots, plain greedy decoding, everything
 compiled by `Engine.warmup` and one untimed pass first). Stream A (a 16-token prompt) decodes;
 once it has produced 32 tokens a `--prompt-tokens` prompt B arrives (max_tokens 8). Per setting,
 the median over `--repeats` passes of: A's median gap between tokens before B arrived, A's
@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 
 from benchmarks.decode_bench import load_model_config  # noqa: E402
-from dsjax.engine import Engine, SamplingParams  # noqa: E402
-from dsjax.model import init_variables  # noqa: E402
+from dsjax.inference.engine import Engine, SamplingParams  # noqa: E402
+from dsjax.model.transformer import init_variables  # noqa: E402
 
 SHORT_TOKENS, WARM_TOKENS, LONG_NEW = 16, 32, 8
 

@@ -3,10 +3,10 @@
     python benchmarks/engine_spec_bench.py --workdir=runs/small [--prompts=8] [--max-tokens=64]
         [--concurrency=1,8] [--repeats=3] [--prompt-tokens=96] [--dtype=float32]
 
-Loads the work directory's latest checkpoint the way serve.py does (`dsjax.loading.load_model`),
+Loads the work directory's latest checkpoint the way serve.py does (`dsjax.inference.loading.load_model`),
 takes `--prompts` held-out prompts (`train_lib.heldout_prompts`: the start of each held-out
 document up to its first `def`/`class` line, from the run's own config.json and corpus; BOS first,
-as in training) and runs them through one `dsjax.engine.Engine` greedily, with MTP speculation
+as in training) and runs them through one `dsjax.inference.engine.Engine` greedily, with MTP speculation
 off and on (`SamplingParams.speculative` per request; every request of a pass the same), at each
 `--concurrency` (requests in flight at once; the engine has that many slots in use).
 
@@ -53,7 +53,7 @@ def load_prompts(workdir: str, tokenizer, n: int, max_tokens: int) -> list[tuple
     """(document name, token ids) of the run's first `n` usable held-out documents' prompts."""
     import ml_collections
 
-    from dsjax import train_lib
+    from dsjax.train import loop as train_lib
 
     with open(Path(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
@@ -120,8 +120,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
 
-    from dsjax.engine import Engine, SamplingParams
-    from dsjax.loading import load_model
+    from dsjax.inference.loading import load_model
+    from dsjax.inference.engine import Engine, SamplingParams
 
     cfg, variables, tokenizer, _ = load_model(args.workdir, args.dtype)
     if not (cfg.num_mtp_layers > 0 and "mtp_0" in variables.get("params", {})):

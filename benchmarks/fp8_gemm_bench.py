@@ -27,7 +27,7 @@ import numpy as np
 
 
 def _load_kernel_module():
-    """dsjax/kernels/fp8_gemm.py by path: it needs only jax, so the probe runs where flax is absent."""
+    """dsjax/model/kernels/fp8_gemm.py by path: it needs only jax, so the probe runs where flax is absent."""
     path = Path(__file__).resolve().parents[1] / "dsjax" / "kernels" / "fp8_gemm.py"
     spec = importlib.util.spec_from_file_location("dsjax_fp8_gemm", path)
     mod = importlib.util.module_from_spec(spec)

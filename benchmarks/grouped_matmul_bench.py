@@ -3,7 +3,7 @@
     python benchmarks/grouped_matmul_bench.py [--tokens=16384 --experts=24 --topk=4 \
         --hidden=2048 --ffn=1408 --dtype=bfloat16] [--impls=ragged_dot,tiled:128,tiled:512]
 
-For each implementation of `dsjax.layers.moe.grouped_swiglu` (`ragged_dot`: `jax.lax.ragged_dot`;
+For each implementation of `dsjax.model.layers.moe.grouped_swiglu` (`ragged_dot`: `jax.lax.ragged_dot`;
 `tiled:T`: groups padded to tiles of T rows and batched matmuls) prints the compiler's temporary
 bytes (`memory_analysis`), the median time of a jitted forward+backward over 10 runs, and the
 achieved TFLOP/s of the 3 GEMMs x 3 (forward, input and weight gradients). Rows are routed by a
@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dsjax.layers.moe import grouped_swiglu  # noqa: E402
+from dsjax.model.layers.moe import grouped_swiglu  # noqa: E402
 
 
 def main():

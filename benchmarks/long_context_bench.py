@@ -9,7 +9,7 @@
 `--config=tests` is tests/helpers.tiny_config (train settings from configs/tiny.py).
 
 (a) Train step memory: one jitted forward + backward of the real training loss
-    (`dsjax.train_step.loss_fn`: main + MTP cross-entropy + balance loss; batch 1, T tokens, one
+    (`dsjax.train.step.loss_fn`: main + MTP cross-entropy + balance loss; batch 1, T tokens, one
     document) per length, each in a FRESH subprocess. Reported per T: the compiler's
     `memory_analysis()` temp bytes, the process's peak RSS over the step alone (Linux VmHWM after
     resetting it via /proc/self/clear_refs once the program is compiled and the inputs are live),
@@ -90,7 +90,7 @@ def load_run_config(path: str):
 def model_cfg(args, max_len: int, stretch_yarn: bool = False):
     """The config's ModelConfig (train.py's: remat from config.train) with max_position_embeddings
     >= `max_len`; `stretch_yarn`: YaRN's rope_factor raised so original x factor covers it."""
-    from dsjax.train_step import model_config
+    from dsjax.train.step import model_config
 
     if args.config == "tests":  # tests/helpers.tiny_config; train settings of configs/tiny.py
         sys.path.insert(0, str(REPO / "tests"))
@@ -119,8 +119,8 @@ def child_train(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from dsjax.model import Transformer, init_variables
-    from dsjax.train_step import loss_fn
+    from dsjax.model.transformer import Transformer, init_variables
+    from dsjax.train.step import loss_fn
 
     T = args.T
     cfg, config = model_cfg(args, T)
@@ -186,7 +186,7 @@ def child_block(args) -> dict:
     import jax.numpy as jnp
     from flax import linen as nn
 
-    from dsjax.model import Block, _stack
+    from dsjax.model.transformer import Block, _stack
 
     T = args.T
     cfg, _ = model_cfg(args, T)
@@ -221,10 +221,10 @@ def child_prefill(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from dsjax import decode
-    from dsjax.generate import _generate_jit, generate
-    from dsjax.model import init_variables
-    from dsjax.sampling import SamplingParams
+    from dsjax.inference import decode
+    from dsjax.inference.generate import _generate_jit, generate
+    from dsjax.inference.sampling import SamplingParams
+    from dsjax.model.transformer import init_variables
 
     T, new = args.T, args.new_tokens
     cfg, _ = model_cfg(args, T + new, stretch_yarn=True)
@@ -389,7 +389,7 @@ def prefill_table(runs: list[dict], base: dict) -> str:
 
 # ====================================================================== main
 def parse(argv=None):
-    from dsjax import decode
+    from dsjax.inference import decode
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/tiny.py")
@@ -435,7 +435,7 @@ def main(argv=None) -> None:
         report["train"] = {"baseline": base, "rows": rows}
         r0 = next((r for r in rows if "error" not in r), base)
         print(
-            f"\n(a) {args.config}: one jitted forward+backward of dsjax.train_step.loss_fn, "
+            f"\n(a) {args.config}: one jitted forward+backward of dsjax.train.step.loss_fn, "
             f"batch 1, remat={r0.get('remat')}, attention={r0.get('attention_impl')} "
             f"(chunk {r0.get('attention_chunk')}), {platform}; memory minus a T={args.baseline_len}"
             f" child (step peak RSS {mib(base.get('step_peak_rss_bytes'))} MiB, ru_maxrss "

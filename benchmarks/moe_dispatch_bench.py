@@ -31,9 +31,9 @@ from flax import linen as nn  # noqa: E402
 from jax.sharding import AxisType, Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from dsjax.config import ModelConfig  # noqa: E402
-from dsjax.layers.moe import MoE  # noqa: E402
-from dsjax.sharding import BATCH_AXES, MESH_AXES, logical_to_sharding  # noqa: E402
+from dsjax.model.config import ModelConfig  # noqa: E402
+from dsjax.model.layers.moe import MoE  # noqa: E402
+from dsjax.model.sharding import BATCH_AXES, MESH_AXES, logical_to_sharding  # noqa: E402
 
 V3_MOE = dict(
     hidden_size=7168,

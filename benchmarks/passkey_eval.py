@@ -4,7 +4,7 @@
         [--depths=0,0.5,1] [--trials=5] [--seed=0] [--new-tokens=8] [--batch=8]
         [--prefill-chunk=512] [--dtype=bfloat16] [--force] [--json=FILE]
 
-`--model` is a train.py work directory or a Hugging Face directory (`dsjax.loading.load_model`);
+`--model` is a train.py work directory or a Hugging Face directory (`dsjax.inference.loading.load_model`);
 the checkpoint's own tokenizer builds the prompts. Each prompt is
 
     <intro> <filler ...> The pass key is NNNNN. Remember it. <filler ...>
@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsjax import decode  # noqa: E402
+from dsjax.inference import decode  # noqa: E402
 
 INTRO = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "
@@ -110,7 +110,7 @@ def length_status(cfg, length: int, force: bool) -> tuple[bool, str]:
 
 def run_length(cfg, variables, tokenizer, add_bos, length, depths, args) -> dict:
     """All trials at one context length: accuracy per depth, answers, seconds."""
-    from dsjax.generate import generate
+    from dsjax.inference.generate import generate
 
     budget = length - args.new_tokens
     trials = [
@@ -200,7 +200,7 @@ def main(argv=None) -> None:
         p.error(f"--depths {args.depths}: each depth must be in [0, 1]")
     lengths = [int(s) for s in args.lengths.split(",") if s]
 
-    from dsjax.loading import load_model
+    from dsjax.inference.loading import load_model
 
     cfg, variables, tokenizer, add_bos = load_model(args.model, dtype=args.dtype)
     print(

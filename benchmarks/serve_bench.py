@@ -39,8 +39,8 @@ from decode_bench import load_model_config, random_variables, table  # noqa: E40
 
 def make_checkpoint(config: str) -> tuple[Path, int]:
     """A random HF checkpoint + BPE tokenizer in a temporary directory; returns (dir, vocab)."""
-    from dsjax.hf import save_hf_checkpoint
-    from dsjax.tokenizer import train_bpe
+    from dsjax.checkpoints.hf import save_hf_checkpoint
+    from dsjax.text.tokenizer import train_bpe
 
     cfg = load_model_config(config)
     path = Path(tempfile.mkdtemp(prefix="serve_bench_"))

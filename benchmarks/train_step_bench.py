@@ -21,9 +21,9 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dsjax import metrics  # noqa: E402
-from dsjax import train_step as ts  # noqa: E402
-from dsjax.model import Transformer  # noqa: E402
+from dsjax.model.transformer import Transformer  # noqa: E402
+from dsjax.train import metrics  # noqa: E402
+from dsjax.train import step as ts  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/small.py", "config file")
 flags.DEFINE_integer("steps", 5, "timed steps after the first (compiling) one")

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_bench import load_average, load_model_config, random_variables  # noqa: E402
 
 from configs.base import get_base_config  # noqa: E402
-from dsjax import train_step as ts  # noqa: E402
-from dsjax.model import Transformer  # noqa: E402
+from dsjax.model.transformer import Transformer  # noqa: E402
+from dsjax.train import step as ts  # noqa: E402
 
 
 def run_config(cfg, batch: int, seq: int):
@@ -150,7 +150,7 @@ def main(argv=None) -> None:
         import torch
         from transformers import DeepseekV3ForCausalLM
 
-        from dsjax.hf import save_hf_checkpoint
+        from dsjax.checkpoints.hf import save_hf_checkpoint
 
         torch.set_num_threads(args.threads)
         tmp = tempfile.mkdtemp()

@@ -11,7 +11,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.model = ml_collections.ConfigDict()  # fields of dsjax.ModelConfig; filled by each config
     c.model.attention_impl = "auto"  # auto/reference/chunked/cudnn/splash (layers/attention.py)
-    c.model.fp8 = False  # DeepSeek-V3 FP8 training recipe (dsjax/fp8.py); --config.model.fp8=True
+    c.model.fp8 = False  # DeepSeek-V3 FP8 training recipe (dsjax/model/fp8.py)
     c.model.moe_capacity_factor = 0.0  # 0 = dropless expert all-to-all; c > 0 caps its buffer
     c.model.moe_fp8_dispatch = False  # with fp8: FP8 expert all-to-all payload (half the bytes)
 
@@ -41,7 +41,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.dsa_stage = "off"
     c.train.indexer_loss_weight = 1.0  # weight of the indexer KL in the loss
     # none | full | offload | dots | dots_no_batch | save_attn | save_attn_ffn ("offload": as
-    # "full", each layer's input kept in host memory until the backward pass; dsjax/model.py)
+    # "full", each layer's input kept in host memory until the backward pass; dsjax/model/transformer.py)
     c.train.remat = "full"
     # Cross-entropy chunk: positions of each sequence per chunk (a chunk's logits are
     # [batch, ce_chunk, vocab] float32); 0 = the whole sequence at once ([B,T,V] logits).

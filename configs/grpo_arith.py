@@ -12,7 +12,7 @@ from configs.base import get_base_config
 def get_config():
     c = get_base_config()
     c.name = "grpo_arith"
-    c.trainer = "grpo"  # train.py: run dsjax.grpo_lib instead of pre-training
+    c.trainer = "grpo"  # train.py: run dsjax.rl.loop instead of pre-training
     c.model.update(
         vocab_size=32,  # the arithmetic character vocabulary has 22 tokens
         hidden_size=96,

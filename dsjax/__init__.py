@@ -9,7 +9,7 @@ Public API (re-exports only; importing dsjax loads jax and flax, not the server,
 
 - Whole model: `ModelConfig`, `Transformer`, `ModelOutput`, `MTPModule`, `Block`,
   `init_variables`, `abstract_variables`, `count_params`, `init_cache`.
-- Layers (usable inside your own Flax modules; see `dsjax.layers`): `MLA`, `MoE`, `route`,
+- Layers (usable inside your own Flax modules; see `dsjax.model.layers`): `MLA`, `MoE`, `route`,
   `grouped_swiglu`, `dispatch_combine`, `balance_stats`, `SwiGLU`, `Linear`, `RMSNorm`,
   `apply_rope`, `rope_frequencies`, `yarn_correction_range`, `attention`.
 - Sharding: `LOGICAL_RULES` (logical axis name -> mesh axes), `make_mesh`,
@@ -19,11 +19,16 @@ Public API (re-exports only; importing dsjax loads jax and flax, not the server,
   `dsjax.decode` module.
 """
 
-from dsjax import decode
-from dsjax.config import ModelConfig
-from dsjax.generate import GenerateResult, generate
-from dsjax.hf import load_hf_checkpoint, save_hf_checkpoint
-from dsjax.layers import (
+from dsjax import _aliases
+
+_aliases.install()  # old flat module paths (dsjax.hf, dsjax.layers, ...) for one release
+
+from dsjax.checkpoints.hf import load_hf_checkpoint, save_hf_checkpoint  # noqa: E402
+from dsjax.inference import decode  # noqa: E402
+from dsjax.inference.generate import GenerateResult, generate  # noqa: E402
+from dsjax.inference.sampling import SamplingParams  # noqa: E402
+from dsjax.model.config import ModelConfig  # noqa: E402
+from dsjax.model.layers import (  # noqa: E402
     MLA,
     Linear,
     MoE,
@@ -38,7 +43,13 @@ from dsjax.layers import (
     route,
     yarn_correction_range,
 )
-from dsjax.model import (
+from dsjax.model.sharding import (  # noqa: E402
+    LOGICAL_RULES,
+    logical_to_sharding,
+    make_mesh,
+    rules_for_mesh,
+)
+from dsjax.model.transformer import (  # noqa: E402
     Block,
     ModelOutput,
     MTPModule,
@@ -48,10 +59,8 @@ from dsjax.model import (
     init_cache,
     init_variables,
 )
-from dsjax.sampling import SamplingParams
-from dsjax.sharding import LOGICAL_RULES, logical_to_sharding, make_mesh, rules_for_mesh
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "LOGICAL_RULES",

@@ -1,4 +1,4 @@
-"""Tests for dsjax.api_requests (request parsing, no server) and dsjax.api_responses."""
+"""Tests for dsjax.serve.requests (request parsing, no server) and dsjax.serve.responses."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dsjax.api_errors import APIError
-from dsjax.api_requests import (
+from dsjax.serve.errors import APIError
+from dsjax.serve.requests import (
     CHAT_FIELDS,
     COMPLETION_FIELDS,
     Limits,
@@ -21,7 +21,7 @@ from dsjax.api_requests import (
     parse_completion,
     parse_json,
 )
-from dsjax.api_responses import ChoiceText, LogprobEntry, completion_logprobs, prometheus_text
+from dsjax.serve.responses import ChoiceText, LogprobEntry, completion_logprobs, prometheus_text
 
 LIMITS = Limits(vocab_size=300, max_len=128, max_sequences=36)
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}

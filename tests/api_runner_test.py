@@ -1,4 +1,4 @@
-"""Tests for dsjax.api_runner and dsjax.server over a scripted fake engine (nothing compiles).
+"""Tests for dsjax.serve.runner and dsjax.serve.app over a scripted fake engine (nothing compiles).
 
 The fake engine answers each request from its seed: token i is (prompt[-1] + i + seed) % V with
 log-probability -(seed % 7) / 10, finishing with "length" — or fails ("error") or is cancelled
@@ -15,9 +15,9 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 
-from dsjax.engine import TokenEvent
-from dsjax.server import create_app
-from dsjax.tokenizer import Tokenizer, train_bpe
+from dsjax.inference.engine import TokenEvent
+from dsjax.serve.app import create_app
+from dsjax.text.tokenizer import Tokenizer, train_bpe
 
 FAIL_SEED, CANCEL_SEED = 666, 667
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsjax.layers.attention import attention, chunk_schedule, chunked_attention
+from dsjax.model.layers.attention import attention, chunk_schedule, chunked_attention
 from tests.helpers import np_attention, rel_err
 
 
@@ -147,7 +147,7 @@ def test_chunked_and_splash_in_remat_scanned_model_match_reference_grads():
     to 128) under nn.scan + nn.remat, packed segments."""
     from flax import linen as nn
 
-    from dsjax.model import Transformer, abstract_variables
+    from dsjax.model.transformer import Transformer, abstract_variables
     from tests.helpers import tiny_config
 
     tokens = jnp.asarray(np.random.RandomState(5).randint(0, 64, (2, 12)))
@@ -194,7 +194,7 @@ def _splash_inputs(seed, B, T, G, H, K=16, V=8):
 def splash_vs_reference():
     """T = 300 -> padded to 384 = 3 blocks of 128; G = 2 key/value heads x H = 2 query heads;
     two rows of packed documents (row 0: three documents split mid-block, row 1: one)."""
-    from dsjax.kernels import splash
+    from dsjax.model.kernels import splash
 
     B, T = 2, 300
     q, k, v, idx = _splash_inputs(6, B, T, G=2, H=2)
@@ -240,7 +240,7 @@ def test_splash_gradients_match_reference(splash_vs_reference):
 
 def test_splash_without_segments_bfloat16_and_explicit_block():
     """No segment ids, 192/128-style unequal head dims, bf16, blocks of 128 over T = 256."""
-    from dsjax.kernels.splash import splash_attention
+    from dsjax.model.kernels.splash import splash_attention
 
     B, T = 1, 256
     q, k, v, idx = _splash_inputs(8, B, T, G=2, H=1, K=24, V=16)
@@ -257,7 +257,7 @@ def test_splash_selection_rules(monkeypatch):
     """splash needs causal=True; "auto" picks it only for programs built for TPU (decided from
     the target platform, not the host backend) and T >= 128; impl="splash" falls back with a
     warning where it cannot run."""
-    from dsjax.kernels import splash
+    from dsjax.model.kernels import splash
 
     def uses_pallas(T, impl, causal=True, seg=False):
         q, k, v, idx = _splash_inputs(9, 1, T, G=2, H=1)
@@ -298,7 +298,7 @@ def test_splash_selection_rules(monkeypatch):
 def test_splash_under_a_mesh_matches_reference():
     """Under a (data=2, tensor=2) mesh of fake CPU devices splash runs in shard_map (batch over
     data, heads over tensor): values and gradients equal the reference's."""
-    from dsjax import sharding
+    from dsjax.model import sharding
 
     B, T = 2, 128
     q, k, v, idx = _splash_inputs(10, B, T, G=2, H=1)
@@ -337,8 +337,9 @@ needs_libtpu = pytest.mark.skipif(
 def test_splash_compiles_for_v5p_with_mosaic_kernels():
     """XLA:TPU (libtpu, abstract v5p:2x2x1 chips) compiles splash forward + backward at V3's
     head dims (q/k 192, v 128, bf16, packed segments): three Mosaic custom calls (fwd, dq, dkv)."""
-    from dsjax import plan, sharding
-    from dsjax.kernels.splash import splash_attention
+    from dsjax.model import sharding
+    from dsjax.model.kernels.splash import splash_attention
+    from dsjax.plan import planner as plan
 
     target = plan.make_target("v5p:2x2x1")
     mesh = sharding.make_mesh(data=-1, devices=target.devices)

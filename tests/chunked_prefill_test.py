@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from dsjax import decode
-from dsjax.generate import generate
-from dsjax.sampling import SamplingParams
+from dsjax.inference import decode
+from dsjax.inference.generate import generate
+from dsjax.inference.sampling import SamplingParams
 from tests.helpers import random_variables, rel_err, tiny_config
 
 CFG = tiny_config(num_hidden_layers=2)  # one dense and one MoE layer, one MTP module

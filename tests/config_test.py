@@ -4,8 +4,8 @@ import json
 import pytest
 
 from configs import deepseek_v2_lite, deepseek_v3, small, tiny
-from dsjax.config import ModelConfig
-from dsjax.model import count_params
+from dsjax.model.config import ModelConfig
+from dsjax.model.transformer import count_params
 
 
 def test_v3_scale_and_mscale_match_spec():

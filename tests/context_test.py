@@ -12,12 +12,12 @@ import pytest
 from flax import linen as nn
 
 from configs import tiny
-from dsjax import sharding
-from dsjax import train_step as ts
-from dsjax.layers.attention import reference_attention
-from dsjax.layers.context import to_context_layout, tokens_ahead, zigzag_order
-from dsjax.layers.latent_flash import latent_flash_attention
-from dsjax.model import Transformer
+from dsjax.model import sharding
+from dsjax.model.layers.attention import reference_attention
+from dsjax.model.layers.context import to_context_layout, tokens_ahead, zigzag_order
+from dsjax.model.layers.latent_flash import latent_flash_attention
+from dsjax.model.transformer import Transformer
+from dsjax.train import step as ts
 from tests.helpers import tiny_config
 from tests.train_test import _synthetic_batch
 

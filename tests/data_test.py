@@ -1,4 +1,4 @@
-"""Tests for dsjax.data: sources, split, tokenizer bootstrap, packing, determinism, resume, shards."""
+"""Tests for dsjax.train.data: sources, split, tokenizer bootstrap, packing, determinism, resume, shards."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dsjax import data
-from dsjax.tokenizer import Tokenizer
+from dsjax.text.tokenizer import Tokenizer
+from dsjax.train import data
 
 SEQ_LEN = 32
 KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")

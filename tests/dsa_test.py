@@ -24,14 +24,14 @@ import pytest
 import torch
 from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
 
-import dsjax.layers.indexer as indexer_lib
+import dsjax.model.layers.indexer as indexer_lib
 from configs import tiny
-from dsjax import train_step as ts
-from dsjax.config import ModelConfig
-from dsjax.hf import load_hf_checkpoint, save_hf_checkpoint
-from dsjax.layers.indexer import Indexer, dsa_flops, select_topk
-from dsjax.layers.mla import sparse_latent_attention
-from dsjax.model import Transformer, init_cache
+from dsjax.checkpoints.hf import load_hf_checkpoint, save_hf_checkpoint
+from dsjax.model.config import ModelConfig
+from dsjax.model.layers.indexer import Indexer, dsa_flops, select_topk
+from dsjax.model.layers.mla import sparse_latent_attention
+from dsjax.model.transformer import Transformer, init_cache
+from dsjax.train import step as ts
 from tests.helpers import random_variables, tiny_config
 
 try:

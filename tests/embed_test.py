@@ -1,4 +1,4 @@
-"""The embedding lookup under a mesh (`dsjax.layers.embed`) equals `jnp.take` on one device, in
+"""The embedding lookup under a mesh (`dsjax.model.layers.embed`) equals `jnp.take` on one device, in
 value and in the table's gradient, for meshes whose D group covers fsdp/expert/context and with
 the vocabulary split over tensor; and it moves token ids and one all-to-all, never a [B, T, D]
 all-reduce."""
@@ -11,8 +11,8 @@ from flax import linen as nn
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dsjax.layers.embed import embed_lookup
-from dsjax.sharding import BATCH_AXES, LOGICAL_RULES, make_mesh
+from dsjax.model.layers.embed import embed_lookup
+from dsjax.model.sharding import BATCH_AXES, LOGICAL_RULES, make_mesh
 
 V, D, B, T = 48, 16, 4, 8
 MESHES = {

@@ -18,10 +18,10 @@ import jax
 import numpy as np
 import pytest
 
-from dsjax import decode
-from dsjax import engine_programs as programs
-from dsjax.engine import Engine, SamplingParams, TokenEvent
-from dsjax.generate import generate
+from dsjax.inference import decode
+from dsjax.inference import engine_programs as programs
+from dsjax.inference.engine import Engine, SamplingParams, TokenEvent
+from dsjax.inference.generate import generate
 from tests.helpers import random_variables, rel_err, tiny_config
 
 TINY = tiny_config()  # 3 layers (dense, MoE, MoE) and one MTP module

@@ -1,4 +1,4 @@
-"""Tests for dsjax.engine over the decode core: same tokens as `generate` for the same seeds
+"""Tests for dsjax.inference.engine over the decode core: same tokens as `generate` for the same seeds
 (sampling and MTP speculation on), speculative greedy = plain greedy, log-probs = log_softmax of
 the model's logits (no-cache forward), truthful finish reasons, stop ids, parameter validation.
 
@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsjax.engine import Engine, SamplingParams, TokenEvent
-from dsjax.generate import generate
-from dsjax.model import Transformer
+from dsjax.inference.engine import Engine, SamplingParams, TokenEvent
+from dsjax.inference.generate import generate
+from dsjax.model.transformer import Transformer
 from tests.generate_test import PROMPTS, drafter_variables
 from tests.helpers import tiny_config
 
@@ -170,7 +170,7 @@ def test_sampling_params_validation_names_the_field(field, value, match):
 def test_warmup_compiles_every_row_bucket_so_staggered_requests_never_compile(
     variables, monkeypatch
 ):
-    from dsjax import engine_programs as programs
+    from dsjax.inference import engine_programs as programs
 
     step_jit, admit_jit = programs.step, programs.admit
     rows_used = []

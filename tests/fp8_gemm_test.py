@@ -1,4 +1,4 @@
-"""Block-scaled FP8 GEMM (dsjax/kernels/fp8_gemm.py): the Pallas kernel in interpret mode and the
+"""Block-scaled FP8 GEMM (dsjax/model/kernels/fp8_gemm.py): the Pallas kernel in interpret mode and the
 XLA reference against float64 NumPy, both scale layouts, padding, and the shape/dtype errors."""
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsjax.kernels import fp8_gemm
+from dsjax.model.kernels import fp8_gemm
 
 E4M3 = jnp.float8_e4m3fn
 

@@ -1,4 +1,4 @@
-"""FP8 training recipe (dsjax/fp8.py, SPEC §8): quantisation bounds, the three GEMMs against a
+"""FP8 training recipe (dsjax/model/fp8.py, SPEC §8): quantisation bounds, the three GEMMs against a
 float64 NumPy version of the same recipe, the whole model's gradients against float32, the
 high-precision exceptions (jaxpr inspection), stored FP8 weights, and FP8 train steps."""
 
@@ -16,9 +16,9 @@ import pytest
 from flax import linen as nn
 
 from configs import tiny
-from dsjax import fp8, sharding
-from dsjax import train_step as ts
-from dsjax.model import Transformer, init_cache
+from dsjax.model import fp8, sharding
+from dsjax.model.transformer import Transformer, init_cache
+from dsjax.train import step as ts
 from tests.helpers import tiny_config
 
 E4M3_NP = ml_dtypes.float8_e4m3fn

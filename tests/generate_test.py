@@ -16,8 +16,8 @@ import pytest
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-from dsjax.config import ModelConfig
-from dsjax.generate import (
+from dsjax.checkpoints.hf import load_hf_checkpoint
+from dsjax.inference.generate import (
     decode_step,
     filter_logits,
     generate,
@@ -25,8 +25,8 @@ from dsjax.generate import (
     sample_tokens,
     verify_draft,
 )
-from dsjax.hf import load_hf_checkpoint
-from dsjax.model import Transformer, init_cache
+from dsjax.model.config import ModelConfig
+from dsjax.model.transformer import Transformer, init_cache
 from tests.helpers import random_variables, rel_err, tiny_config
 
 TINY = tiny_config()
@@ -184,7 +184,7 @@ def test_greedy_is_argmax_of_full_forward_and_decode_logits_match(variables, for
 
 
 def test_padded_input_eos_and_no_recompile(variables):
-    from dsjax.generate import _generate_jit
+    from dsjax.inference.generate import _generate_jit
 
     ref = generate(TINY, variables, PROMPTS, 12)
     padded = np.zeros((3, 20), np.int32)

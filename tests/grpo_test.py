@@ -13,17 +13,17 @@ import optax
 import pytest
 from flax import linen as nn
 
-from dsjax import sharding
-from dsjax.grpo import (
+from dsjax.model import sharding
+from dsjax.model.transformer import Transformer, init_variables
+from dsjax.rl.grpo import (
     group_advantages,
     grpo_objective,
     grpo_state_from,
     grpo_state_shardings,
     jit_grpo_fns,
 )
-from dsjax.grpo_lib import _restore, _save, grpo_step, rollout, score, sequence_batch
-from dsjax.model import Transformer, init_variables
-from dsjax.rewards import (
+from dsjax.rl.loop import _restore, _save, grpo_step, rollout, score, sequence_batch
+from dsjax.rl.rewards import (
     ArithTask,
     ArithTokenizer,
     Problem,
@@ -250,7 +250,7 @@ def test_resume_is_exact(run, tmp_path):
     """Save -> restore -> one GRPO step equals the same step taken without the round trip."""
     import orbax.checkpoint as ocp
 
-    from dsjax.checkpoint import _cpu_array_handler
+    from dsjax.checkpoints.orbax_io import _cpu_array_handler
 
     _cpu_array_handler()  # CPU: no per-array slicing programs (~20 s each to compile)
     state, mesh, config = run["state"], run["mesh"], _run_config()
@@ -274,7 +274,7 @@ def test_resume_is_exact(run, tmp_path):
 
 def test_config_errors_name_the_field():
     from configs.grpo_arith import get_config
-    from dsjax.grpo_lib import _check
+    from dsjax.rl.loop import _check
 
     _check(get_config())  # the demo config is valid
     bad = get_config()
@@ -302,7 +302,7 @@ def _char_tokenizer_json(path) -> dict[str, int]:
     import tokenizers
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
-    from dsjax.rewards import TAGS
+    from dsjax.rl.rewards import TAGS
 
     vocab = {t: i for i, t in enumerate((*_HF_SPECIAL, *_HF_CHARS, *TAGS))}
     backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -334,7 +334,7 @@ def _restore_item(workdir, item: str, cfg):
     """The {"params", "moe_bias"} item `item` of the latest GRPO checkpoint (host arrays)."""
     import orbax.checkpoint as ocp
 
-    from dsjax.model import abstract_variables
+    from dsjax.model.transformer import abstract_variables
 
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(abstract_variables(cfg))
@@ -352,10 +352,10 @@ def test_grpo_from_hf_directory(tmp_path, monkeypatch):
     reference), then a resume that no longer needs the directory."""
     import shutil
 
-    from dsjax import grpo_lib
-    from dsjax.checkpoint import load_for_inference
-    from dsjax.hf import save_hf_checkpoint
-    from dsjax.metrics import read_metrics
+    from dsjax.checkpoints.hf import save_hf_checkpoint
+    from dsjax.checkpoints.orbax_io import load_for_inference
+    from dsjax.rl import loop as grpo_lib
+    from dsjax.train.metrics import read_metrics
     from tests.helpers import random_variables
 
     hf_dir, workdir = tmp_path / "hf", tmp_path / "run"
@@ -434,7 +434,7 @@ def test_grpo_from_hf_directory(tmp_path, monkeypatch):
 
     # The run's directory is a train.py work directory with its tokenizer: serve.py's loader
     # reads it, and a further GRPO run starting there keeps that tokenizer.
-    from dsjax.loading import load_model
+    from dsjax.inference.loading import load_model
 
     _, _, served_tok, add_bos = load_model(str(workdir))
     assert (served_tok.bos_id, served_tok.eos_id, add_bos) == (bos, eos, True)

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from dsjax.config import ModelConfig
-from dsjax.model import abstract_variables
+from dsjax.model.config import ModelConfig
+from dsjax.model.transformer import abstract_variables
 
 
 def tiny_config(**overrides) -> ModelConfig:

@@ -1,7 +1,7 @@
 """Helpers for the Hugging Face import/export tests: tiny random HF DeepSeek-V3 models on disk.
 
 Everything here builds reference material with HF transformers / torch / NumPy only, never with
-`dsjax.hf`, so the tests compare dsjax against independent code.
+`dsjax.checkpoints.hf`, so the tests compare dsjax against independent code.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ from safetensors.torch import load_file as torch_load_file
 from safetensors.torch import save_file as torch_save_file
 from transformers import DeepseekV3ForCausalLM
 
-from dsjax import hf_fp8
-from dsjax.hf import hf_tensor_table, load_hf_checkpoint, save_hf_checkpoint
+from dsjax.checkpoints import hf_fp8
+from dsjax.checkpoints.hf import hf_tensor_table, load_hf_checkpoint, save_hf_checkpoint
 
 try:
     import hf_fixtures as fx
@@ -120,7 +120,7 @@ def file_tensors(path: Path) -> dict[str, np.ndarray]:
 
 @functools.cache
 def _apply_fn(cfg):
-    from dsjax.model import Transformer
+    from dsjax.model.transformer import Transformer
 
     model = Transformer(cfg.replace(remat="none"))
     return jax.jit(lambda variables, toks: model.apply(variables, toks).logits)
@@ -164,7 +164,7 @@ def test_quantize_blocks_recipe_and_error_bound(shape):
         w8r, sr = fx.quantize_block_fp8(w)
         assert np.array_equal(w8.view(np.uint8), w8r.view(np.uint8))
         np.testing.assert_array_equal(s[sr > 1e-12], sr[sr > 1e-12])
-    fp8_mod = pytest.importorskip("dsjax.fp8")  # and as the model side's quantiser
+    fp8_mod = pytest.importorskip("dsjax.model.fp8")  # and as the model side's quantiser
     q, sj = fp8_mod.quantize_blocks(jax.numpy.asarray(w))
     assert np.array_equal(np.asarray(q).view(np.uint8), w8.view(np.uint8))
     # XLA rewrites amax / 448 as amax * (1 / 448): its scales may be 1 ulp off the exact quotient.
@@ -292,9 +292,9 @@ def test_fp8_export_of_float_weights_loads_in_transformers(release, tmp_path):
 
 def _model_side_missing() -> str | None:
     """Why the dsjax model cannot run on FP8 variables yet (None once it can)."""
-    src = (Path(__file__).parents[1] / "dsjax/layers/mlp.py").read_text()
+    src = (Path(__file__).parents[1] / "dsjax/model/layers/mlp.py").read_text()
     if "scale_inv" not in src:
-        return "dsjax.layers.mlp.Linear does not read kernel_scale_inv yet (issue 10, model side)"
+        return "dsjax.model.layers.mlp.Linear does not read kernel_scale_inv yet (issue 10, model side)"
     return None
 
 

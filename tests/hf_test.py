@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint import/export (dsjax.hf) against transformers' DeepseekV3ForCausalLM.
+"""Hugging Face checkpoint import/export (dsjax.checkpoints.hf) against transformers' DeepseekV3ForCausalLM.
 
 Tiny random HF models are built and saved with transformers itself; dsjax loads them and must
 reproduce HF's logits, including YaRN beyond the original context, q LoRA on and off, group-
@@ -27,9 +27,9 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from transformers import DeepseekV3ForCausalLM
 
-import dsjax.hf as hf
-from dsjax.config import ModelConfig
-from dsjax.hf import hf_tensor_table, load_hf_checkpoint, save_hf_checkpoint
+import dsjax.checkpoints.hf as hf
+from dsjax.checkpoints.hf import hf_tensor_table, load_hf_checkpoint, save_hf_checkpoint
+from dsjax.model.config import ModelConfig
 
 try:  # tests/ is a plain directory (pytest puts it on sys.path) or, later, a package
     import hf_fixtures as fx
@@ -87,15 +87,15 @@ FP8_CONFIG = dict(  # hidden 160 and intermediate 272: ragged 128x128 edge block
 # ====================================================================== helpers
 @functools.cache
 def _apply_fn(cfg):
-    from dsjax.model import Transformer
+    from dsjax.model.transformer import Transformer
 
     model = Transformer(cfg.replace(remat="none"))  # same numerics, faster to compile
     return jax.jit(lambda variables, toks: model.apply(variables, toks))
 
 
 def dsjax_outputs(cfg, variables, toks):
-    """The dsjax model's output (skips the calling test when dsjax.model is not there yet)."""
-    pytest.importorskip("dsjax.model")
+    """The dsjax model's output (skips the calling test when dsjax.model.transformer is not there yet)."""
+    pytest.importorskip("dsjax.model.transformer")
     return _apply_fn(cfg)(variables, np.asarray(toks, np.int32))
 
 
@@ -209,7 +209,7 @@ def test_loaded_leaves_are_the_torch_weights(base):
 
 
 def test_tree_matches_model_init(mtp_checkpoint, tmp_path):
-    model_mod = pytest.importorskip("dsjax.model")
+    model_mod = pytest.importorskip("dsjax.model.transformer")
     from flax import linen as nn
 
     cfg, v = load_hf_checkpoint(mtp_checkpoint[2])

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from configs import deepseek_v3
-from dsjax.config import ModelConfig
-from dsjax.layers.attention import attention
-from dsjax.layers.norms import RMSNorm
-from dsjax.layers.rope import apply_rope, rope_frequencies, yarn_correction_range
+from dsjax.model.config import ModelConfig
+from dsjax.model.layers.attention import attention
+from dsjax.model.layers.norms import RMSNorm
+from dsjax.model.layers.rope import apply_rope, rope_frequencies, yarn_correction_range
 from tests.helpers import np_attention, rel_err, tiny_config
 
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 import configs.deepseek_v3
-from dsjax import metrics
-from dsjax.config import ModelConfig
-from dsjax.metrics import (
+from dsjax.model.config import ModelConfig
+from dsjax.model.transformer import count_params
+from dsjax.train import metrics
+from dsjax.train.metrics import (
     MetricWriter,
     Progress,
     flops_breakdown,
@@ -23,7 +24,6 @@ from dsjax.metrics import (
     plot_loss,
     train_flops_per_token,
 )
-from dsjax.model import count_params
 from tests.helpers import tiny_config
 
 
@@ -345,7 +345,7 @@ def test_loss_curves_compare_main_cross_entropy_like_with_like():
 
 @pytest.fixture(scope="module")
 def byte_level_tokenizer():
-    from dsjax.tokenizer import train_bpe
+    from dsjax.text.tokenizer import train_bpe
 
     texts = ["def héllo(wörld):\n    return 'naïve' + \"日本語\"\n", "x = '🎉\\t' # ok\n"]
     return train_bpe(texts * 4, 300)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsjax.model import Transformer, init_cache, init_variables
+from dsjax.model.transformer import Transformer, init_cache, init_variables
 from tests.helpers import rel_err, scale_params, tiny_config
 
 

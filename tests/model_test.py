@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax.model import Transformer, init_variables, segment_positions
+from dsjax.model.transformer import Transformer, init_variables, segment_positions
 from tests.helpers import rel_err, scale_params, tiny_config
 
 

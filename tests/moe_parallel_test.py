@@ -13,8 +13,8 @@ from flax import linen as nn
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dsjax.layers.moe import MoE, exchange_group, exchange_padded
-from dsjax.sharding import BATCH_AXES, logical_to_sharding, make_mesh
+from dsjax.model.layers.moe import MoE, exchange_group, exchange_padded
+from dsjax.model.sharding import BATCH_AXES, logical_to_sharding, make_mesh
 from tests.helpers import rel_err, tiny_config
 
 B, T = 8, 4  # 32 tokens: 4 per shard on 8 shards
@@ -195,7 +195,7 @@ def test_expert_all_to_all_with_a_capacity_drops_past_it():
     """moe_capacity_factor: the receiver buffer is c·n·K rows; the clip is the one a NumPy model
     predicts (uneven load: most assignments to experts 0-1), and without a capacity nothing is
     dropped. Forward and the gradient with respect to x against the NumPy model."""
-    from dsjax.layers.moe import exchange_rows, expert_all_to_all
+    from dsjax.model.layers.moe import exchange_rows, expert_all_to_all
 
     n_shards, n, D, F, E, K = 4, 6, 8, 4, 8, 2
     mesh = make_mesh(data=1, expert=n_shards, devices=jax.devices()[:n_shards])

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsjax.layers.moe import balance_stats, dispatch_combine, grouped_swiglu, route
+from dsjax.model.layers.moe import balance_stats, dispatch_combine, grouped_swiglu, route
 from tests.helpers import rel_err, tiny_config
 
 
@@ -180,7 +180,7 @@ def test_tiled_dispatch_combine_equals_sort_then_pad_with_gradients():
     with an expert that receives no token and uneven loads."""
     import jax
 
-    from dsjax.layers.moe import tiled_dispatch_combine
+    from dsjax.model.layers.moe import tiled_dispatch_combine
 
     rng = np.random.default_rng(3)
     N, K, E, D, F, tile = 13, 3, 5, 8, 6, 4
@@ -209,7 +209,7 @@ def test_tiled_dispatch_combine_equals_sort_then_pad_with_gradients():
 def test_tile_rows_shrink_for_decode_sized_batches():
     """Few rows (decode) get small tiles so the E reserved partial tiles stay cheap; training
     sizes keep the configured tile."""
-    from dsjax.layers.moe import tile_rows
+    from dsjax.model.layers.moe import tile_rows
 
     assert tile_rows(128, 32, 16) == 8  # batch-8 decode, top-4 of 16 experts
     assert tile_rows(128, 512, 16) == 32

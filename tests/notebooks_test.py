@@ -143,7 +143,7 @@ def colab_target(chip: str):
     planner generation) is described here: libtpu's 2x2 v2 host with this file's per-core figures."""
     from jax.experimental import topologies
 
-    from dsjax import plan
+    from dsjax.plan import planner as plan
 
     if chip != "v2":
         return plan.make_target(f"{chip}:1x1")
@@ -178,7 +178,7 @@ def test_colab_tpu_config_compiles_and_fits(chip):
     compile took 84 s wall, 43 s CPU, on a busy 2-core machine); DSJAX_PLAN_FULL_SHAPES=1
     compiles the configs' own batch and sequence length."""
     from configs import colab_tpu
-    from dsjax import plan
+    from dsjax.plan import planner as plan
 
     full = os.environ.get("DSJAX_PLAN_FULL_SHAPES") == "1"
     target = colab_target(chip)

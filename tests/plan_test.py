@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from configs import small, tiny
-from dsjax import hlo_stats, plan, tpu_specs
+from dsjax.plan import hlo_stats, tpu_specs
+from dsjax.plan import planner as plan
 from tests.conftest import ROOT
 
 needs_libtpu = pytest.mark.skipif(

@@ -1,7 +1,7 @@
 """The public API as another project uses it.
 
 - `pip install .` metadata: pyproject's dependencies and extras are the requirements files.
-- Every name in `dsjax.__all__` / `dsjax.layers.__all__` imports and is documented; `import dsjax`
+- Every name in `dsjax.__all__` / `dsjax.model.layers.__all__` imports and is documented; `import dsjax`
   does not load the server, torch or matplotlib.
 - A user's own Flax module built from `dsjax.MLA` and `dsjax.MoE` (plus its own embedding and
   head), under the user's own 2-axis mesh (data=2 x fsdp=4, no expert/tensor axes) with
@@ -27,7 +27,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import dsjax
-import dsjax.layers
+import dsjax.model.layers
 from tests.helpers import rel_err, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,7 +63,7 @@ def test_pyproject_takes_dependencies_from_the_requirements_files():
 
 
 # ----------------------------------------------------------------------------- names
-@pytest.mark.parametrize("module", [dsjax, dsjax.layers], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [dsjax, dsjax.model.layers], ids=lambda m: m.__name__)
 def test_public_names_import_and_are_documented(module):
     assert len(set(module.__all__)) == len(module.__all__)
     for name in module.__all__:

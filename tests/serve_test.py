@@ -1,4 +1,4 @@
-"""Tests for dsjax.engine (continuous batching) and serve.py / dsjax.server (HTTP API).
+"""Tests for dsjax.inference.engine (continuous batching) and serve.py / dsjax.serve.app (HTTP API).
 
 One tiny random Hugging Face checkpoint (with a BPE tokenizer trained in-test and a chat
 template) serves every test. Engine results are checked against `dsjax.generate`; the HTTP
@@ -25,11 +25,11 @@ import pytest
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-from dsjax.api_responses import TokenText
-from dsjax.engine import Engine, QueueFull, SamplingParams
-from dsjax.generate import generate
-from dsjax.hf import load_hf_checkpoint
-from dsjax.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, Tokenizer, train_bpe
+from dsjax.checkpoints.hf import load_hf_checkpoint
+from dsjax.inference.engine import Engine, QueueFull, SamplingParams
+from dsjax.inference.generate import generate
+from dsjax.serve.responses import TokenText
+from dsjax.text.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, Tokenizer, train_bpe
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"
@@ -252,7 +252,7 @@ def test_engine_sampling_queue_full_and_cancel(model):
 def test_queue_full_is_503_in_app(model):
     from fastapi.testclient import TestClient
 
-    from dsjax.server import create_app
+    from dsjax.serve.app import create_app
 
     cfg, variables, tok = model
     with Engine(cfg, variables, slots=4, max_len=MAX_LEN, max_queue=1) as engine:
@@ -467,7 +467,7 @@ def test_load_model_from_workdir_and_hf_dir(tmp_path, checkpoint, model):
     import jax
     import orbax.checkpoint as ocp
 
-    from dsjax.loading import load_model
+    from dsjax.inference.loading import load_model
 
     cfg, variables, tok = model
     options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
@@ -654,7 +654,7 @@ def test_any_json_value_in_any_field_is_200_or_4xx(server, server_process):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from dsjax.api_requests import CHAT_FIELDS, COMPLETION_FIELDS
+    from dsjax.serve.requests import CHAT_FIELDS, COMPLETION_FIELDS
 
     scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6)
     values = st.recursive(

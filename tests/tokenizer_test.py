@@ -1,4 +1,4 @@
-"""Tests for dsjax.tokenizer: byte-level BPE training, exact round trips, save/load layouts."""
+"""Tests for dsjax.text.tokenizer: byte-level BPE training, exact round trips, save/load layouts."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import tokenizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsjax.tokenizer import (
+from dsjax.text.tokenizer import (
     BOS_TOKEN,
     EOS_TOKEN,
     MIN_BPE_VOCAB_SIZE,

@@ -13,11 +13,16 @@ import time
 import pytest
 
 from configs import tiny
-from dsjax import data
-from dsjax import train_step as ts
-from dsjax.checkpoint import Checkpointer, CheckpointError, load_for_inference, verify_step
-from dsjax.tokenizer import Tokenizer
-from dsjax.train_lib import prepare_workdir, train_and_evaluate
+from dsjax.checkpoints.orbax_io import (
+    Checkpointer,
+    CheckpointError,
+    load_for_inference,
+    verify_step,
+)
+from dsjax.text.tokenizer import Tokenizer
+from dsjax.train import data
+from dsjax.train import step as ts
+from dsjax.train.loop import prepare_workdir, train_and_evaluate
 from tests.conftest import ROOT
 
 
@@ -329,7 +334,7 @@ def test_cli_drops_orbax_background_echoes_of_the_reported_error():
 
     assert not keep.filter(record("/site-packages/orbax/checkpoint/future.py", logging.ERROR))
     assert keep.filter(record("/site-packages/orbax/checkpoint/future.py", logging.WARNING))
-    assert keep.filter(record("/work/dsjax/train_lib.py", logging.ERROR))
+    assert keep.filter(record("/work/dsjax/train/loop.py", logging.ERROR))
     assert train._is_closed_loop_echo(RuntimeError("Event loop is closed"))
     assert not train._is_closed_loop_echo(RuntimeError("something else"))
 

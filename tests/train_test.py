@@ -24,11 +24,12 @@ import pytest
 from flax import linen as nn
 
 from configs import tiny
-from dsjax import data, metrics, sharding
-from dsjax import train_step as ts
-from dsjax.checkpoint import Checkpointer, load_for_inference
-from dsjax.model import Transformer, init_variables
-from dsjax.train_lib import TrainingError, train_and_evaluate
+from dsjax.checkpoints.orbax_io import Checkpointer, load_for_inference
+from dsjax.model import sharding
+from dsjax.model.transformer import Transformer, init_variables
+from dsjax.train import data, metrics
+from dsjax.train import step as ts
+from dsjax.train.loop import TrainingError, train_and_evaluate
 from tests.conftest import ROOT
 
 
@@ -568,7 +569,7 @@ def test_chunked_cross_entropy_equals_whole_loss_and_gradients():
 
 
 def test_sample_python_lines_leaves_out_a_cut_off_last_line():
-    from dsjax.train_lib import sample_python_lines
+    from dsjax.train.loop import sample_python_lines
 
     assert sample_python_lines("def f(x):\n    return x\ny = (x") == (2, 2)  # last line cut off
     assert sample_python_lines("def f(x):\n    return x\ny = (x\n") == (2, 3)  # a whole line

@@ -1,0 +1,762 @@
+"""Continuous-batching generation engine (used by serve.py), over the decode core.
+
+A fixed number of slots share one `decode.DecodeState` (batch = slots, S = `max_len`
+positions). A background thread loops:
+
+1. frees the slots of finished or cancelled requests;
+2. admits queued requests into free slots. A prompt of at most `prefill_chunk` tokens: one
+   jitted program prefills it alone into a fresh [1, P] state (P = its bucketed length), samples
+   its first token and copies the row into the slot's row of every state leaf (batch and sequence
+   axes from `decode.state_axes`, i.e. the layout declared with the cache). A longer prompt is
+   prefilled incrementally (step 3) and its slot joins decoding when the prompt is in its cache;
+3. runs ONE prefill chunk of the oldest incrementally prefilled prompt, straight into its slot's
+   row of the cache (`decode.prefill_first_chunk`: the first `n mod prefill_chunk` tokens, or a
+   whole chunk, in prefill mode, padded to a bucket; then `decode.prefill_next_chunk`: whole
+   chunks with the absorbed decode forward over the row's first W positions, W the smallest step
+   window covering the chunk). After the last chunk, `decode.first_state` samples token 0 into
+   the row exactly as the one-shot admit does. So one long prompt costs the running streams one
+   chunk per decode step, not the whole prompt at once. While its prompt is being prefilled the
+   slot is held done in the decode steps, and its position is parked beyond the cache, so a
+   step's cache writes for that row (at its position, and the MTP's at position - 1, - 2) fall
+   outside the cache and are dropped (JAX scatters drop out-of-bound updates): the partial cache
+   is never written by a step, and no step advances the slot;
+4. runs one `decode.step` for every decoding slot: each slot with its own position, sampling
+   parameters, PRNG key, stop ids and length limit (stop rules are decided on the device), and
+   with MTP speculation when any active request speculates (`SamplingParams.speculative`,
+   default: on when the checkpoint has an MTP module). The step runs over the first R slots and
+   the first W positions only (R, W bucketed powers of two covering every active slot and
+   position). New requests take the lowest free slot.
+
+Rows never interact (attention is per row, MoE is dropless and per token), so a request's
+output is the same whatever else is in the batch, and equals `generate`'s for the same seed and
+row (the key rule is `dsjax.inference.sampling`'s; a long prompt's cache up to the rounding of a different
+chunk split). Stale cache contents of a previous occupant are
+harmless: slot s is visible to a query at position p only if s <= p, and every slot up to p has
+been rewritten by the current request by then.
+
+Results are delivered through a callback (called on the engine thread; keep it cheap, e.g.
+`loop.call_soon_threadsafe(queue.put_nowait, event)`); `stream()` wraps that as an async
+iterator and `generate()` as a blocking call. `submit` raises `QueueFull` when `max_queue`
+requests are waiting. No exception escapes the engine thread: a failing request gets an event
+with finish_reason "error"; a failing callback ends its request with "error"; cancellation and
+shutdown end requests with "cancelled".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsjax.inference import decode
+from dsjax.inference import engine_programs as programs
+from dsjax.inference.sampling import MAX_LOGPROBS, SamplingParams
+from dsjax.model.config import ModelConfig
+
+__all__ = ["Engine", "QueueFull", "SamplingParams", "TokenEvent"]
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The engine's request queue is at `max_queue`; retry later."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    """New tokens of one request; `finish_reason` is set on the request's last event.
+
+    finish_reason: None (more to come), "stop" (eos / stop token), "length" (max_tokens),
+    "cancelled" or "error" (then `error` holds the message).
+    logprobs[i]: log-probability of tokens[i] under log_softmax of the raw logits (temperature
+    1); top_logprobs[i]: the top-n (token, logprob) pairs, descending. Both only when the
+    request's `SamplingParams.logprobs` is not None.
+    """
+
+    request_id: int
+    tokens: tuple[int, ...]
+    finish_reason: str | None = None
+    error: str | None = None
+    logprobs: tuple[float, ...] | None = None
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
+
+
+@dataclasses.dataclass
+class _Request:
+    """A request and its progress (always truthy: slots hold a _Request or None).
+
+    `chunk`: while the prompt is prefilled incrementally, the index of its next prefill chunk
+    (None otherwise: queued, or decoding)."""
+
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    callback: Callable[[TokenEvent], None]
+    row: int
+    generated: int = 0
+    cancelled: bool = False
+    failed: str | None = None
+    finished: bool = False
+    slot: int | None = None
+    chunk: int | None = None
+
+
+# ====================================================================== engine
+# Running totals `Engine.stats` always reports (finished_<reason> appear as requests finish).
+_TOTALS = (
+    "submitted", "prefills", "prefill_chunks", "steps", "step_us", "tokens", "generated_tokens",
+    "forwards", "draft_tokens", "accepted_tokens",
+)  # fmt: skip
+
+
+class Engine:
+    """Continuous batching over `slots` rows of one decode state; see the module docstring.
+
+    Args:
+      cfg: model config.
+      variables: {"params", "moe_bias"}.
+      slots: rows decoded together.
+      max_len: positions per slot (prompt + generated); default min(max_position_embeddings,
+        4096).
+      max_queue: waiting requests at most (submit raises QueueFull beyond).
+      eos_id: token that ends a request (unless SamplingParams.ignore_eos).
+      seed: engine seed for requests without their own seed (request id = row of the key).
+      min_batch, min_window: a step runs over the first R slots and attends over the first W
+        positions, R (W) the smallest of min_batch (min_window) * 2^k or slots (max_len) that
+        covers every active slot (position). One compilation per (R, W) used.
+      speculative: default of `SamplingParams.speculative` (None: on when the checkpoint has an
+        MTP module, i.e. cfg.num_mtp_layers > 0 and variables["params"]["mtp_0"] exists).
+      max_stop_ids: stop ids per request at most (eos included).
+      prefill_chunk: prompts longer than this many tokens (default decode.PREFILL_CHUNK) are
+        prefilled incrementally, one chunk of at most this many tokens per engine iteration,
+        interleaved with the decode steps of the running requests (see the module docstring):
+        a long prompt delays each running stream's next token by one chunk, not by the whole
+        prompt. Shorter prompts are prefilled in one program. Chunk programs compile once per
+        (first or later chunk, first chunk's bucketed length, attention window).
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        variables,
+        *,
+        slots: int = 8,
+        max_len: int | None = None,
+        max_queue: int = 64,
+        eos_id: int | None = None,
+        seed: int = 0,
+        min_batch: int = 1,
+        min_window: int = 256,
+        speculative: bool | None = None,
+        max_stop_ids: int = 16,
+        prefill_chunk: int = decode.PREFILL_CHUNK,
+    ):
+        if slots < 1:
+            raise ValueError(f"slots={slots}: must be >= 1")
+        if min_window < 1 or min_batch < 1:
+            raise ValueError(f"min_window={min_window}, min_batch={min_batch}: must be >= 1")
+        if max_queue < 1:
+            raise ValueError(f"max_queue={max_queue}: must be >= 1")
+        if max_stop_ids < 1:
+            raise ValueError(f"max_stop_ids={max_stop_ids}: must be >= 1")
+        if not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk={prefill_chunk!r}: must be a positive integer")
+        if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
+            raise ValueError(f"eos_id={eos_id}: must be in [0, vocab_size={cfg.vocab_size})")
+        max_len = max_len or min(cfg.max_position_embeddings, 4096)
+        if not 2 <= max_len <= cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_len={max_len}: must be in [2, max_position_embeddings="
+                f"{cfg.max_position_embeddings}]"
+            )
+        has_mtp = cfg.num_mtp_layers > 0 and "mtp_0" in variables.get("params", {})
+        if speculative and not has_mtp:
+            raise ValueError("speculative=True needs an MTP module (cfg.num_mtp_layers >= 1)")
+        self.cfg, self.slots, self.max_len, self.max_queue = cfg, slots, max_len, max_queue
+        self.eos_id, self.seed = eos_id, seed
+        self._variables = variables
+        self._can_speculate = has_mtp
+        self._spec_default = has_mtp if speculative is None else bool(speculative)
+        self._stop_width = max_stop_ids
+        self.prefill_chunk = int(prefill_chunk)
+        self._row_buckets = [*(b for b in (min_batch << i for i in range(32)) if b < slots), slots]
+        self._windows = [*(w for w in (min_window << i for i in range(32)) if w < max_len), max_len]
+        self._state = self._new_state()
+        batch_axes, seq_axes = decode.state_axes(self._state)
+        self._axes = (tuple(jax.tree.leaves(batch_axes)), tuple(jax.tree.leaves(seq_axes)))
+        self._slot_req: list[_Request | None] = [None] * slots
+        self._prefilling: list[_Request] = []  # incrementally prefilled, in admission order
+
+        self._cv = threading.Condition()
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._requests: dict[int, _Request] = {}
+        self._next_id = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._counters = collections.Counter()
+
+    # ------------------------------------------------------------------ lifecycle
+    def _new_state(self) -> decode.DecodeState:
+        """An all-done state of `slots` rows (shapes from the prefill program, traced once)."""
+        req = decode.row_requests([], [], None, self._stop_width, pad_to=self.slots)
+
+        def empty(variables, req):
+            tokens = jnp.zeros((self.slots, 1), jnp.int32)
+            state, _ = decode.prefill(
+                self.cfg,
+                variables,
+                tokens,
+                jnp.ones((self.slots,), jnp.int32),
+                req,
+                cache_len=self.max_len,
+                speculative=self._can_speculate,
+            )
+            return state
+
+        shapes = jax.eval_shape(empty, self._variables, req)
+        state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return state.replace(done_B=jnp.ones((self.slots,), bool))
+
+    def start(self) -> Engine:
+        """Starts the background thread (idempotent); returns self."""
+        with self._cv:
+            if self._thread is None:
+                self._stopping = False
+                self._thread = threading.Thread(target=self._run, name="dsjax-engine", daemon=True)
+                self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stops the thread; pending and active requests get a "cancelled" event."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for req in list(self._requests.values()):
+            self._finish(req, "cancelled")
+        self._queue.clear()
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def warmup(
+        self,
+        prompt_lengths: Sequence[int] = (1,),
+        *,
+        logprobs: bool = False,
+        speculative: bool | None = None,
+        all_windows: bool = False,
+    ) -> None:
+        """Compiles, before service, every program the engine can run for these prompts.
+
+        The prefill (admit) program for the bucket of each of `prompt_lengths` (longer than
+        `prefill_chunk`: the chunk programs it runs and the program that starts its decoding),
+        and the decode
+        step for EVERY row bucket (staggered requests move the step from R=min_batch up to
+        `slots` rows) at the attention window(s) each prompt length starts in (`all_windows`:
+        every window up to `max_len`), in plain and, when the checkpoint has an MTP module,
+        speculative form (`speculative` True/False: only that form), with log-probs too when
+        `logprobs`. Runs on a scratch all-done state (one extra state in memory meanwhile), so
+        it is safe while the engine serves; the compiled programs are the ones service calls.
+        """
+        for n in prompt_lengths:
+            if not 1 <= n < self.max_len:
+                raise ValueError(f"prompt_lengths: {n} must be in [1, max_len={self.max_len})")
+        top_ns = (None, MAX_LOGPROBS) if logprobs else (None,)
+        if speculative is None:
+            forms = (False, True) if self._can_speculate else (False,)
+        elif speculative and not self._can_speculate:
+            raise ValueError("speculative=True needs an MTP module (cfg.num_mtp_layers >= 1)")
+        else:
+            forms = (bool(speculative),)
+        short = [n for n in prompt_lengths if n <= self.prefill_chunk]
+        buckets = sorted({min(decode.bucket_length(n), self.max_len) for n in short})
+        state = self._new_state()
+        req = decode.row_requests([SamplingParams(max_tokens=1)], [0], None, self._stop_width)
+        chunks = {  # (start > 0, length, window) -> one (start, prompt length) that runs it
+            (start > 0, T, window): (start, n)
+            for n in prompt_lengths
+            if n > self.prefill_chunk
+            for start, T, window in self._chunk_plan(n)
+        }
+        for (_, T, window), (start, n) in chunks.items():
+            state, logits, hidden = self._run_chunk(state, [0] * n, 0, start, T, window)
+        if chunks:
+            for top_n in top_ns:
+                state, _ = self._run_start_decoding(state, [0], req, 0, logits, hidden, top_n)
+        for P in buckets:
+            for top_n in top_ns:
+                state, _ = programs.admit(
+                    self.cfg,
+                    self._variables,
+                    state,
+                    np.zeros((1, P), np.int32),
+                    np.ones((1,), np.int32),
+                    req,
+                    np.int32(0),
+                    speculative=self._can_speculate,
+                    top_n=top_n,
+                    axes=self._axes,
+                )
+        if all_windows:
+            windows = list(self._windows)
+        else:  # the window a step uses first after admitting a prompt of length n (cf. _step)
+            windows = sorted(
+                {
+                    next((w for w in self._windows if w > n + spec), self.max_len)
+                    for n in prompt_lengths
+                    for spec in forms
+                }
+            )
+        state = state.replace(done_B=jnp.ones_like(state.done_B))
+        for rows in self._row_buckets:
+            live = np.zeros(rows, bool)
+            for window in windows:
+                for spec in forms:
+                    for top_n in top_ns:
+                        state, out = programs.step(
+                            self.cfg,
+                            self._variables,
+                            state,
+                            live,
+                            speculative=spec,
+                            top_n=top_n,
+                            axes=self._axes,
+                            rows=rows,
+                            window=window,
+                        )
+        jax.block_until_ready(state)
+
+    # ------------------------------------------------------------------ client API
+    def submit(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams = SamplingParams(),
+        callback: Callable[[TokenEvent], None] | None = None,
+        *,
+        row: int = 0,
+    ) -> int:
+        """Queues a request; returns its id. Events go to `callback` on the engine thread.
+
+        `row` is the row index folded into the key of a seeded request (`generate(rng=seed)`
+        gives prompt i row i), e.g. choice i of an `n` > 1 request; unseeded requests use the
+        engine seed with row = request id.
+
+        Raises:
+          ValueError: empty prompt, token ids out of range, bad params, or prompt length +
+            max_tokens beyond max_len.
+          QueueFull: max_queue requests are already waiting.
+          RuntimeError: the engine is not running.
+        """
+        prompt = [int(t) for t in prompt]
+        params.validate(self.cfg.vocab_size)
+        if params.speculative and not self._can_speculate:
+            raise ValueError("speculative=True: this checkpoint has no MTP module to draft with")
+        n_stops = len(set(params.stop_token_ids) | {self.eos_id} - {None})
+        if n_stops > self._stop_width:
+            raise ValueError(
+                f"stop_token_ids: {n_stops} stop ids (eos included) exceed max_stop_ids="
+                f"{self._stop_width}"
+            )
+        if not isinstance(row, int) or row < 0:
+            raise ValueError(f"row={row!r}: must be an integer >= 0")
+        if not prompt:
+            raise ValueError("prompt is empty: generation needs at least one token")
+        if min(prompt) < 0 or max(prompt) >= self.cfg.vocab_size:
+            raise ValueError(f"prompt has token ids outside [0, vocab_size={self.cfg.vocab_size})")
+        if len(prompt) + params.max_tokens > self.max_len:
+            raise ValueError(
+                f"prompt length {len(prompt)} + max_tokens {params.max_tokens} = "
+                f"{len(prompt) + params.max_tokens} exceeds the context length {self.max_len}"
+            )
+        with self._cv:
+            rid = self._next_id
+            self._next_id += 1
+        req = _Request(
+            rid,
+            prompt,
+            params,
+            callback or (lambda ev: None),
+            row if params.seed is not None else rid,
+        )
+        with self._cv:
+            if self._thread is None or self._stopping:
+                raise RuntimeError("the engine is not running; call start()")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(
+                    f"{len(self._queue)} requests are waiting (max_queue={self.max_queue})"
+                )
+            self._requests[rid] = req
+            self._queue.append(req)
+            self._counters["submitted"] += 1
+            self._cv.notify_all()
+        return rid
+
+    def cancel(self, request_id: int) -> None:
+        """Cancels a queued or running request (its slot is freed before the next step)."""
+        with self._cv:
+            req = self._requests.get(request_id)
+            if req is None or req.finished:
+                return
+            req.cancelled = True
+            if req.slot is None and req in self._queue:
+                self._queue.remove(req)
+                queued = True
+            else:
+                queued = False
+            self._cv.notify_all()
+        if queued:
+            self._finish(req, "cancelled")
+
+    def stats(self) -> dict[str, Any]:
+        """Slots, free slots, active and queued requests, running totals and speculation.
+
+        Totals: submitted, prefills (prompts in the cache, first token sampled), prefill_chunks
+        (chunks of incrementally prefilled prompts run), steps, step_us, tokens
+        (= generated_tokens), forwards (row decode forwards), draft_tokens, accepted_tokens,
+        finished_<reason>; derived: acceptance_rate (accepted / drafted) and tokens_per_forward
+        (decoded tokens per row forward). `active` counts slots holding a request, `prefilling`
+        those of them whose prompt is still being prefilled chunk by chunk.
+        """
+        with self._cv:
+            active = sum(r is not None for r in self._slot_req)
+            c = self._counters
+            decoded = c["generated_tokens"] - c["prefills"]
+            return {
+                **dict.fromkeys(_TOTALS, 0),  # present (0) before the first request
+                "acceptance_rate": c["accepted_tokens"] / c["draft_tokens"]
+                if c["draft_tokens"]
+                else 0.0,
+                "tokens_per_forward": decoded / c["forwards"] if c["forwards"] else 0.0,
+                "slots": self.slots,
+                "active": active,
+                "prefilling": len(self._prefilling),
+                "free_slots": self.slots - active,
+                "queued": len(self._queue),
+                "max_queue": self.max_queue,
+                "max_len": self.max_len,
+                **{k: int(v) for k, v in self._counters.items()},
+            }
+
+    def generate(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams = SamplingParams(),
+        timeout: float | None = None,
+    ) -> tuple[list[int], str]:
+        """Blocking: returns (generated tokens, finish_reason)."""
+        done = threading.Event()
+        tokens: list[int] = []
+        result: dict[str, TokenEvent] = {}
+
+        def on_event(ev: TokenEvent) -> None:
+            tokens.extend(ev.tokens)
+            if ev.finish_reason is not None:
+                result["last"] = ev
+                done.set()
+
+        rid = self.submit(prompt, params, on_event)
+        if not done.wait(timeout):
+            self.cancel(rid)
+            raise TimeoutError(f"request {rid} did not finish in {timeout} s")
+        last = result["last"]
+        if last.finish_reason == "error":
+            raise RuntimeError(f"request {rid} failed: {last.error}")
+        return tokens, last.finish_reason
+
+    async def stream(
+        self, prompt: Sequence[int], params: SamplingParams = SamplingParams()
+    ) -> AsyncIterator[TokenEvent]:
+        """Async iterator over a request's events; cancels it if the consumer stops early."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        rid = self.submit(
+            prompt, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
+        )
+        finished = False
+        try:
+            while not finished:
+                ev = await queue.get()
+                finished = ev.finish_reason is not None
+                yield ev
+        finally:
+            if not finished:
+                self.cancel(rid)
+
+    # ------------------------------------------------------------------ engine thread
+    def _deliver(self, req: _Request, ev: TokenEvent) -> None:
+        try:
+            req.callback(ev)
+        except Exception as err:  # a broken consumer must not stop the engine
+            log.exception("callback of request %d failed; ending it with an error", req.id)
+            req.failed = req.failed or f"callback failed: {type(err).__name__}: {err}"
+
+    def _finish(self, req: _Request, reason: str, error: str | None = None) -> None:
+        """Frees the request's slot and sends its last event (once)."""
+        with self._cv:
+            if req.finished:
+                return
+            req.finished = True
+            self._requests.pop(req.id, None)
+            if req.slot is not None:
+                self._slot_req[req.slot] = None
+            if req.chunk is not None:
+                self._prefilling.remove(req)
+                req.chunk = None
+            self._counters[f"finished_{reason}"] += 1
+        self._deliver(req, TokenEvent(req.id, (), reason, error))
+
+    def _fail_all(self, err: Exception) -> None:
+        self._state = self._new_state()
+        for req in [r for r in self._slot_req if r is not None]:
+            self._finish(req, "error", f"{type(err).__name__}: {err}")
+
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self._iteration()
+            except Exception as err:  # never let the engine thread die
+                log.exception("engine iteration failed; failing the active requests")
+                self._fail_all(err)
+
+    def _iteration(self) -> None:
+        """Ends cancelled / failed requests, admits queued requests, runs one prefill chunk of
+        the oldest incrementally prefilled prompt and one decode step."""
+        with self._cv:
+            while not (self._stopping or self._queue or any(self._slot_req)):
+                self._cv.wait()
+            if self._stopping:
+                return
+            ending = [r for r in self._slot_req if r is not None and (r.cancelled or r.failed)]
+        for req in ending:
+            self._end_early(req)
+        while True:
+            with self._cv:
+                free = [i for i, r in enumerate(self._slot_req) if r is None]
+                if not free or not self._queue or self._stopping:
+                    break
+                req = self._queue.popleft()
+                req.slot = free[0]
+                self._slot_req[free[0]] = req
+                if len(req.prompt) > self.prefill_chunk:
+                    req.chunk = 0
+                    self._prefilling.append(req)
+            if req.chunk is None:
+                self._admit(req)
+        if self._prefilling:
+            self._prefill_chunk(self._prefilling[0])
+        if any(r is not None and r.chunk is None for r in self._slot_req):
+            self._step()
+
+    def _end_early(self, req: _Request) -> None:
+        if req.failed:
+            self._finish(req, "error", req.failed)
+        else:
+            self._finish(req, "cancelled")
+
+    def _row_request(self, req: _Request) -> decode.RowRequest:
+        return decode.row_requests(
+            [req.params],
+            [req.row],
+            self.eos_id,
+            self._stop_width,
+            default_seed=self.seed,
+            speculative_default=self._spec_default,
+        )
+
+    def _admit(self, req: _Request) -> None:
+        """Prefills `req` into its slot and emits its first token."""
+        try:
+            n = len(req.prompt)
+            P = min(decode.bucket_length(n), self.max_len)
+            tokens = np.zeros((1, P), np.int32)
+            tokens[0, :n] = req.prompt
+            self._state, first = programs.admit(
+                self.cfg,
+                self._variables,
+                self._state,
+                tokens,
+                np.array([n], np.int32),
+                self._row_request(req),
+                np.int32(req.slot),
+                speculative=self._can_speculate,
+                top_n=None if req.params.logprobs is None else MAX_LOGPROBS,
+                axes=self._axes,
+            )
+            first = jax.device_get(first)
+        except Exception as err:
+            log.exception("prefill of request %d failed", req.id)
+            self._finish(req, "error", f"{type(err).__name__}: {err}")
+            if any(x.is_deleted() for x in jax.tree.leaves(self._state)):  # donated, then failed
+                raise
+            return
+        self._counters["prefills"] += 1
+        self._emit(req, first, 0)
+
+    def _chunk_plan(self, n: int) -> list[tuple[int, int, int]]:
+        """(start, length, window) of each prefill chunk of an n-token prompt: first the
+        remainder (n mod prefill_chunk, or a whole chunk) padded to its bucket (at most a chunk),
+        then whole chunks ending exactly at n, each over the smallest step window covering it."""
+        c = self.prefill_chunk
+        k = -(-n // c)
+        r = n - (k - 1) * c
+        spans = [(0, min(decode.bucket_length(r), c))] + [(r + i * c, c) for i in range(k - 1)]
+        return [(s, T, next(w for w in self._windows if w >= s + T)) for s, T in spans]
+
+    def _run_chunk(self, state, prompt, slot, start, T, window):
+        """Runs `programs.prompt_chunk` for prompt[start:start + T] (zero-padded) into row `slot`;
+        returns (state, logits_1V, hidden_1D) at the prompt's last token (or the chunk's last
+        entry)."""
+        n = len(prompt)
+        tokens = np.zeros((2, T), np.int32)  # the chunk's tokens and their MTP next tokens
+        nxt = decode.prompt_next_tokens(np.asarray([prompt], np.int32))[0]
+        seg = slice(start, min(start + T, n))
+        tokens[0, : seg.stop - start], tokens[1, : seg.stop - start] = prompt[seg], nxt[seg]
+        return programs.prompt_chunk(
+            self.cfg,
+            self._variables,
+            state,
+            tokens[:1],
+            tokens[1:],
+            np.int32(start),
+            np.array([n], np.int32),
+            np.int32(min(n - 1 - start, T - 1)),
+            np.int32(slot),
+            speculative=self._can_speculate,
+            axes=self._axes,
+            window=window,
+            first=start == 0,
+        )
+
+    def _run_start_decoding(self, state, prompt, req, slot, logits, hidden, top_n):
+        return programs.start_decoding(
+            state,
+            logits,
+            hidden,
+            np.array(prompt[-1:], np.int32),
+            np.array([len(prompt)], np.int32),
+            req,
+            np.int32(slot),
+            speculative=self._can_speculate,
+            top_n=top_n,
+        )
+
+    def _prefill_chunk(self, req: _Request) -> None:
+        """Runs the next prefill chunk of `req`; after the last, samples and emits its first
+        token (the slot then decodes from the next step on)."""
+        assert req.chunk is not None
+        plan = self._chunk_plan(len(req.prompt))
+        start, T, window = plan[req.chunk]
+        last = req.chunk == len(plan) - 1
+        try:
+            self._state, logits, hidden = self._run_chunk(
+                self._state, req.prompt, req.slot, start, T, window
+            )
+            if last:
+                top_n = None if req.params.logprobs is None else MAX_LOGPROBS
+                self._state, first = self._run_start_decoding(
+                    self._state, req.prompt, self._row_request(req), req.slot, logits, hidden, top_n
+                )
+                first = jax.device_get(first)
+        except Exception as err:
+            log.exception("prefill chunk %d of request %d failed", req.chunk, req.id)
+            self._finish(req, "error", f"{type(err).__name__}: {err}")
+            if any(x.is_deleted() for x in jax.tree.leaves(self._state)):  # donated, then failed
+                raise
+            return
+        self._counters["prefill_chunks"] += 1
+        if not last:
+            req.chunk += 1
+            return
+        with self._cv:
+            self._prefilling.remove(req)
+            req.chunk = None
+        self._counters["prefills"] += 1
+        self._emit(req, first, 0)
+
+    def _emit(self, req: _Request, out, i: int) -> None:
+        """Delivers row i of a StepOutput (host arrays) to `req`; finishes it if it ended."""
+        n = int(out.n_B[i])
+        if n == 0:
+            return
+        tokens = tuple(int(t) for t in out.tokens_B2[i, :n])
+        req.generated += n
+        self._counters["generated_tokens"] += n
+        self._counters["tokens"] += n
+        if req.cancelled or req.failed:
+            self._end_early(req)
+            return
+        logprobs = top = None
+        k = req.params.logprobs
+        if k is not None:
+            logprobs = tuple(float(x) for x in out.logprobs_B2[i, :n])
+            top = tuple(
+                tuple(
+                    (int(t), float(x))
+                    for t, x in zip(
+                        out.top_ids_B2N[i, j, :k], out.top_logprobs_B2N[i, j, :k], strict=True
+                    )
+                )
+                for j in range(n)
+            )
+        self._deliver(req, TokenEvent(req.id, tokens, None, None, logprobs, top))
+        if req.failed:
+            self._end_early(req)
+        elif out.done_B[i]:
+            self._finish(req, "stop" if out.stopped_B[i] else "length")
+
+    def _step(self) -> None:
+        """One decode step for all decoding slots (slots being prefilled are held done)."""
+        active = [(i, r) for i, r in enumerate(self._slot_req) if r is not None and r.chunk is None]
+        speculative = any(
+            self._spec_default if r.params.speculative is None else r.params.speculative
+            for _, r in active
+        )
+        # Position of each slot's last token = prompt length + generated - 1; a speculative
+        # step also writes the next position.
+        top = max(len(r.prompt) + r.generated - 1 for _, r in active) + speculative
+        window = next(w for w in self._windows if w > top)
+        rows = next(b for b in self._row_buckets if b > active[-1][0])
+        live = np.zeros(rows, bool)
+        live[[i for i, _ in active]] = True
+        want = any(r.params.logprobs is not None for _, r in active)
+        t0 = time.perf_counter()
+        try:
+            self._state, out = programs.step(
+                self.cfg,
+                self._variables,
+                self._state,
+                live,
+                speculative=speculative,
+                top_n=MAX_LOGPROBS if want else None,
+                axes=self._axes,
+                rows=rows,
+                window=window,
+            )
+            out = jax.device_get(out)
+        except Exception as err:
+            log.exception("decode step failed; failing %d active requests", len(active))
+            self._fail_all(err)
+            return
+        self._counters["steps"] += 1
+        self._counters["step_us"] += int(1e6 * (time.perf_counter() - t0))
+        self._counters["forwards"] += len(active)
+        if out.drafted_B is not None:
+            self._counters["draft_tokens"] += int(out.drafted_B.sum())
+            self._counters["accepted_tokens"] += int(out.accepted_B.sum())
+        for i, req in active:
+            self._emit(req, out, i)

@@ -1,0 +1,129 @@
+"""The one table of logical axis names -> mesh axes, and mesh construction.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`) and every large
+activation a logical constraint; this file alone decides how those names map onto the mesh axes
+`data`, `fsdp`, `expert`, `context`, `tensor`. Flax resolves a logical name with the first rule whose mesh axis
+is not already used by the same array, so `embed` shards parameters over `fsdp` but falls back to
+replicated for activations whose batch dimension already took `fsdp`.
+
+`context` is context parallelism: activations' sequence (`length`) dimension splits over it, and
+parameters shard over it like over `fsdp` (a context-parallel mesh is also a weight-sharding one).
+Only attention needs the other chips' tokens; it receives their MLA latent (`dsjax.model.layers.context`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")
+# A flattened [B*T] token dimension splits over the batch axes and then the sequence's `context`.
+TOKEN_AXES = (*BATCH_AXES, "context")
+
+# logical name -> mesh axes. Order matters: the first unused mesh axis wins.
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", BATCH_AXES),
+    ("length", "context"),
+    ("expert", "expert"),  # before `embed`: rules are applied in this order
+    # Parameters' embed dim over fsdp x expert x context (mesh order, so that XLA can turn the
+    # gradients' reductions into reduce-scatters): weights without an expert dim
+    # (attention, dense and shared FFNs, embedding, head) are then not replicated over the expert
+    # or context axes; expert weights, whose expert dim took `expert`, fall through to the next.
+    ("embed", ("fsdp", "expert", "context")),
+    ("embed", ("fsdp", "context")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    # The latent ranks of the MLA up-projections (q_b [q_lora, H*K], kv_b [kv_lora, H*(K+V)]),
+    # else replicated on every chip when tensor=1 (V3: 12 GiB fp32 per chip); activations' batch
+    # dims have taken these axes, so their latent dims stay whole.
+    ("q_lora", ("fsdp", "expert", "context")),
+    ("q_lora", ("fsdp", "context")),
+    ("q_lora", "fsdp"),
+    ("kv_lora", ("fsdp", "expert", "context")),
+    ("kv_lora", ("fsdp", "context")),
+    ("kv_lora", "fsdp"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def make_mesh(
+    data: int = -1,
+    fsdp: int = 1,
+    expert: int = 1,
+    tensor: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+    context: int = 1,
+) -> Mesh:
+    """A 5-axis mesh (data, fsdp, expert, context, tensor); at most one size may be -1 (the rest)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, expert, context, tensor]
+    for name, size in zip(MESH_AXES, sizes, strict=True):
+        if size == 0 or size < -1:
+            raise ValueError(f"mesh.{name}={size}: must be a positive size or -1 (the rest)")
+    if sizes.count(-1) > 1:
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))}: at most one axis may be -1"
+        )
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(
+                f"mesh {dict(zip(MESH_AXES, sizes, strict=True))}: {len(devices)} devices do not divide by "
+                f"the fixed axes' product {known}"
+            )
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))}: product {math.prod(sizes)} != "
+            f"{len(devices)} devices"
+        )
+    array = np.asarray(devices).reshape(sizes)
+    return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_sharding(logical_tree, mesh: Mesh, rules=LOGICAL_RULES):
+    """Maps a tree of logical PartitionSpecs (from nn.get_partition_spec) to NamedShardings."""
+    specs = nn.logical_to_mesh(logical_tree, rules)
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, spec),
+        specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding of a [batch, ...] input array: batch over data/fsdp/expert."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def rules_for_mesh(mesh: Mesh | jax.sharding.AbstractMesh, rules=LOGICAL_RULES):
+    """`rules` with the mesh axes that `mesh` lacks dropped (a rule left with none maps to None).
+
+    For a mesh of your own with only some of data/fsdp/expert/tensor (e.g. `("data", "fsdp")`):
+    `with jax.set_mesh(mesh), nn.logical_axis_rules(rules_for_mesh(mesh)): ...` and
+    `logical_to_sharding(specs, mesh, rules_for_mesh(mesh))`.
+    """
+    names = set(mesh.axis_names)
+    out = []
+    for logical, axes in rules:
+        kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in names)
+        out.append((logical, kept[0] if len(kept) == 1 else (kept or None)))
+    return tuple(out)

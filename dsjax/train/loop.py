@@ -1,0 +1,452 @@
+"""train_and_evaluate: the training run behind `python train.py --config=...`.
+
+Mesh from `config.mesh` -> validated config -> tokenizer (trained on the corpus once, kept in the
+workdir) -> Grain iterators -> state initialised straight into its shardings (or restored from the
+latest checkpoint, possibly onto another mesh) -> jitted, donated `train_step` -> metrics
+(JSONL, TensorBoard, a progress line) -> periodic held-out eval (`eval_loss` in nats per token,
+`eval_bpb` in bits per UTF-8 byte, which does not change with the tokenizer) -> Orbax checkpoints
+(async, every K steps, at the end, and on SIGTERM/Ctrl-C) -> `loss.png` and, at the end, a sample
+from `config.train.sample_prompt` beside the greedy continuation of a held-out prompt and the real
+text, with how many of the sample's lines parse as Python (`summary["sample_python_lines"]`).
+
+A non-finite loss stops the run with `TrainingError` naming the first bad step, and a
+checkpoint is only written of finite parameters, so a poisoned state is never kept as the last
+good one. Resuming restores the newest checkpoint that verifies (see `checkpoint.py`), moving
+damaged newer ones aside. Rerunning a finished run returns at once (`summary["complete"]`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+from dsjax.checkpoints.orbax_io import Checkpointer, CheckpointError
+from dsjax.model import sharding
+from dsjax.model.transformer import Transformer, count_params
+from dsjax.train import data, metrics
+from dsjax.train.step import (
+    TrainingError,
+    create_sharded_state,
+    eval_step,
+    make_optimizer,
+    model_config,
+    train_step,
+    validate_config,
+)
+
+log = logging.getLogger("dsjax.train")
+
+__all__ = [
+    "CheckpointError",
+    "TrainingError",
+    "heldout_prompt",
+    "heldout_prompts",
+    "prepare_workdir",
+    "train_and_evaluate",
+]
+
+
+class _StopFlag:
+    """Set by SIGTERM / the first Ctrl-C; the loop saves and exits at the next step."""
+
+    def __init__(self):
+        self.reason: str | None = None
+
+    def __call__(self, signum, frame):
+        if self.reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.reason = signal.Signals(signum).name
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def _global_batch(local: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
+
+
+@jax.jit
+def _target_bytes(byte_table_V, targets_BT, weights_BT) -> jax.Array:
+    """UTF-8 bytes the counted (weight > 0) target tokens decode to, summed (int32)."""
+    return jnp.where(weights_BT > 0, byte_table_V[targets_BT], 0).sum()
+
+
+def _evaluate(eval_fn, state, config, tokenizer, batch_sharding, byte_table_V):
+    """(mean held-out cross-entropy in nats per token, bits per byte) over the first
+    `eval_batches` batches of the eval split (the same batches every time).
+
+    Bits per byte = Σ nats / ln 2 / Σ UTF-8 bytes of the counted target tokens
+    (`byte_table_V` = `metrics.token_byte_lengths`), comparable across tokenizers; None when the
+    targets hold no bytes.
+    """
+    it = data.make_iterator(
+        config,
+        tokenizer,
+        "eval",
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_epochs=None,
+        prefetch=0,
+    )
+    total = count = n_bytes = 0.0
+    for local in itertools.islice(it, config.train.eval_batches):
+        batch = _global_batch(local, batch_sharding)
+        s, n = eval_fn(state.params, state.moe_bias, batch)
+        b = _target_bytes(byte_table_V, batch["targets"], batch["weights"])
+        total, count, n_bytes = total + float(s), count + float(n), n_bytes + float(b)
+    return total / max(count, 1.0), metrics.bits_per_byte(total, n_bytes)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _initial_eval(metrics_path: str) -> tuple[float, float | None] | None:
+    """(eval_loss, eval_bpb) logged at step 0 of a run (a resumed run reads them back)."""
+    with contextlib.suppress(OSError, ValueError):
+        for r in metrics.read_metrics(metrics_path):
+            if r.get("step") == 0 and r.get("eval_loss") is not None:
+                return r["eval_loss"], r.get("eval_bpb")
+    return None
+
+
+def sample_python_lines(sample: str) -> tuple[int, int]:
+    """(lines that parse as Python alone, lines) of a generated sample, blank and comment lines
+    left out (`metrics.python_line_check`). A last line cut off by the token budget (no newline
+    after it) is left out unless it is the only line."""
+    lines = sample.splitlines(keepends=True)
+    if len(lines) > 1 and not lines[-1].endswith("\n"):
+        lines = lines[:-1]
+    return metrics.python_line_check("".join(lines))
+
+
+def prepare_workdir(workdir: str) -> str:
+    """Creates `workdir` if needed and checks it is a writable directory (ValueError if not)."""
+    workdir = os.path.abspath(workdir)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir {workdir} is a file, not a directory")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(
+            f"the work directory {workdir} is not writable: {e.strerror or e}"
+        ) from None
+    return workdir
+
+
+@jax.jit
+def _all_finite(params) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(params)]))
+
+
+def _check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict[str, float]]]:
+    """Fetches pending step metrics; raises on the first non-finite loss."""
+    fetched = jax.device_get(pending)
+    out = []
+    for step, m in fetched:
+        m = {k: float(v) for k, v in m.items()}
+        if not math.isfinite(m["loss"]):
+            raise TrainingError(f"loss is {m['loss']} at step {step}; stopping")
+        out.append((step, m))
+    return out
+
+
+def _last_good(ckpt: Checkpointer) -> str:
+    """Names the newest checkpoint that verifies, for the message of a stopped run."""
+    try:
+        ckpt.wait()
+    except Exception:  # noqa: BLE001  a failed pending save is reported by close()
+        pass
+    step = ckpt.newest_verified_step()
+    return "no checkpoint kept" if step is None else f"the last good checkpoint is step {step}"
+
+
+# Lines of the held-out prompt / continuations shown at the end of a run.
+_SHOW_PROMPT_LINES, _SHOW_LINES = 6, 8
+
+
+def heldout_prompts(
+    config, tokenizer, max_prompt_tokens: int, n: int = 1
+) -> list[tuple[str, str, str]]:
+    """(document name, prompt, real continuation) from the first `n` usable held-out documents
+    (fewer when the eval split has fewer; the same documents every time).
+
+    A prompt is its document's text up to and including the first `def `/`class ` line (the
+    first 8 lines if there is none), with whole leading lines dropped until it fits in
+    `max_prompt_tokens`; the continuation is the text that really follows it.
+    """
+    docs = data.load_documents(
+        data._data_field(config, "source"), int(data._data_field(config, "max_documents"))
+    )
+    _, held_out = data.split_documents(docs, float(data._data_field(config, "eval_fraction")))
+    out: list[tuple[str, str, str]] = []
+    for index in held_out:
+        if len(out) >= n:
+            break
+        lines = docs[index].splitlines(keepends=True)
+        if len(lines) < 2:
+            continue
+        starts = [i for i, ln in enumerate(lines) if ln.lstrip().startswith(("def ", "class "))]
+        end = next((i + 1 for i in starts if i + 1 < len(lines)), min(8, len(lines) - 1))
+        first = max(0, end - 64)  # a prompt that fits in a training row is far shorter
+        while (
+            first < end - 1 and len(tokenizer.encode("".join(lines[first:end]))) > max_prompt_tokens
+        ):
+            first += 1
+        prompt = "".join(lines[first:end])
+        if prompt.strip() and len(tokenizer.encode(prompt)) <= max_prompt_tokens:
+            out.append((docs.names[index], prompt, "".join(lines[end:])))
+    return out
+
+
+def heldout_prompt(config, tokenizer, max_prompt_tokens: int) -> tuple[str, str, str] | None:
+    """The first of `heldout_prompts`; None when the eval split has no usable document."""
+    found = heldout_prompts(config, tokenizer, max_prompt_tokens, 1)
+    return found[0] if found else None
+
+
+def _head_lines(text: str, n: int) -> str:
+    return "".join(text.splitlines(keepends=True)[:n]).rstrip("\n")
+
+
+def _sample(cfg, state, tokenizer, config) -> tuple[str | None, str | None]:
+    """What the model learned, from one `generate` call of two rows (single-process runs):
+
+    - a sampled continuation of `config.train.sample_prompt` (`config.train.sample_temperature`,
+      top-k 40), returned as prompt + continuation;
+    - the greedy continuation of a held-out prompt (`heldout_prompt`), returned as a text block
+      that prints the prompt's last lines, the model's continuation and the real one.
+    """
+    if jax.process_count() > 1 or config.train.sample_tokens <= 0:
+        return None, None
+    from dsjax.inference.generate import generate  # noqa: PLC0415  (generation is optional here)
+
+    n_new = config.train.sample_tokens
+    add_bos = tokenizer.bos_id is not None
+    prompts = [tokenizer.encode(config.train.sample_prompt, add_bos=add_bos)]
+    temperatures, top_ks = [config.train.sample_temperature], [40]
+    budget = max(1, min(config.data.seq_len, cfg.max_position_embeddings) - n_new - 1)
+    held = heldout_prompt(config, tokenizer, budget)
+    if held is not None:
+        prompts.append(tokenizer.encode(held[1], add_bos=add_bos))
+        temperatures.append(0.0)
+        top_ks.append(0)
+    variables = jax.device_get({"params": state.params, "moe_bias": state.moe_bias})
+    result = generate(
+        cfg,
+        variables,
+        prompts,
+        max_new_tokens=n_new,
+        temperature=temperatures,
+        top_k=top_ks,
+        rng=jax.random.key(config.seed),
+        eos_id=tokenizer.eos_id,
+    )
+    sample = config.train.sample_prompt + tokenizer.decode(result.tokens[0])
+    if held is None:
+        return sample, None
+    name, prompt, real = held
+    real = tokenizer.decode(tokenizer.encode(real)[:n_new])  # as many tokens as the model got
+    prompt_tail = "".join(prompt.splitlines(keepends=True)[-_SHOW_PROMPT_LINES:])
+    block = (
+        f"held-out document {name} (never trained on), greedy continuation:\n"
+        f"--- prompt (last lines) ---\n{prompt_tail.rstrip()}\n"
+        f"--- model ---\n{_head_lines(tokenizer.decode(result.tokens[1]), _SHOW_LINES)}\n"
+        f"--- real ---\n{_head_lines(real, _SHOW_LINES)}"
+    )
+    return sample, block
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains per `config` in `workdir` (resuming from its latest checkpoint); returns a summary."""
+    workdir = prepare_workdir(workdir)
+    validate_config(config, None)  # the rules that need no mesh, before building one
+    mesh = sharding.make_mesh(**config.mesh)
+    validate_config(config, mesh)
+    cfg = model_config(config)
+    chief = jax.process_index() == 0
+    if chief:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    tokenizer = data.get_tokenizer(config, workdir)
+    seq_len, steps = config.data.seq_len, config.train.steps
+    model = Transformer(cfg)
+    tx, schedule = make_optimizer(config)
+    counts = count_params(cfg)
+    log.info(
+        "model: %.2fM parameters (%.2fM activated, %.2fM MTP); mesh %s; %d devices",
+        counts["total"] / 1e6,
+        counts["activated"] / 1e6,
+        counts["mtp"] / 1e6,
+        dict(mesh.shape),
+        jax.device_count(),
+    )
+
+    # Measured on CPU (a matmul), so before the mesh context.
+    peak, peak_source = metrics.peak_flops_per_device(jax.devices()[0], cfg.dtype)
+    peak_total = peak * jax.device_count() if peak else None
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        rng = jax.random.key(config.seed)
+        train_iter = data.make_iterator(
+            config,
+            tokenizer,
+            "train",
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        ckpt = Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep)
+        latest = ckpt.latest_step()
+        if latest is not None and latest >= steps and ckpt.newest_verified_step() == latest:
+            ckpt.close()
+            log.info("the run is complete: its checkpoint at step %d >= train.steps", latest)
+            return {"step": latest, "complete": True, "peak_flops_source": peak_source}
+        state, abstract, shardings = create_sharded_state(
+            rng, model, tx, mesh, seq_len, config.optim.get("host_offload", False)
+        )
+        start, restored = ckpt.restore_latest(abstract, train_iter)
+        if start is not None:
+            state = restored
+            log.info("resumed from the checkpoint at step %d", start)
+        start = int(start or 0)
+        batch_sharding = sharding.batch_sharding(mesh)
+        step_fn = jax.jit(
+            functools.partial(
+                train_step, model=model, tx=tx, schedule=schedule, train_cfg=config.train
+            ),
+            in_shardings=(shardings, batch_sharding),
+            out_shardings=(shardings, sharding.replicated(mesh)),
+            donate_argnums=0,
+        )
+        eval_fn = jax.jit(functools.partial(eval_step, model=model))
+
+        writer = metrics.MetricWriter(workdir, is_chief=chief, resume_step=start)
+        progress = metrics.Progress(steps, start_step=start) if chief else None
+        flops_per_token = metrics.train_flops_per_token(cfg, seq_len)
+        stop = _StopFlag()
+        pending: list[tuple[int, dict]] = []
+        last: dict[str, float] = {}
+        eval_loss = None
+        t_mark, step = time.perf_counter(), start
+        t_start, tokens_run, time_run = t_mark, 0.0, 0.0
+
+        byte_table_V = jnp.asarray(
+            metrics.token_byte_lengths(tokenizer, max(cfg.vocab_size, tokenizer.vocab_size)),
+            jnp.int32,
+        )
+        evaluate = functools.partial(
+            _evaluate,
+            eval_fn,
+            config=config,
+            tokenizer=tokenizer,
+            batch_sharding=batch_sharding,
+            byte_table_V=byte_table_V,
+        )
+        eval_bpb = initial = None
+        if start == 0:  # the starting point of the loss curve
+            eval_loss, eval_bpb = evaluate(state)
+            initial = (eval_loss, eval_bpb)
+            writer.write(0, {"eval_loss": eval_loss, "eval_bpb": eval_bpb})
+            log.info("step 0: eval loss %.4f nats/token, %s bits/byte", eval_loss, _fmt(eval_bpb))
+            t_mark = time.perf_counter()
+
+        with stop.installed():
+            try:
+                while step < steps and stop.reason is None:
+                    batch = _global_batch(next(train_iter), batch_sharding)
+                    state, m = step_fn(state, batch)
+                    step += 1
+                    pending.append((step, m))
+                    final = step == steps
+                    log_now = step % config.train.log_every == 0 or final
+                    save_now = step % config.checkpoint.every == 0 or final
+                    eval_now = step % config.train.eval_every == 0 or final
+                    if not (log_now or save_now or eval_now or stop.reason):
+                        continue
+                    done = _check_finite(pending)
+                    pending = []
+                    now = time.perf_counter()
+                    tokens = sum(m["tokens"] for _, m in done)
+                    tok_s = tokens / max(now - t_mark, 1e-9)
+                    if done[0][0] > start + 1:  # steady state: skip the interval with compiles
+                        tokens_run, time_run = tokens_run + tokens, time_run + (now - t_mark)
+                    last = dict(done[-1][1])
+                    last["tokens_per_sec"] = tok_s
+                    last["tflops_per_sec"] = tok_s * flops_per_token / 1e12
+                    if peak_total:
+                        last["mfu"] = tok_s * flops_per_token / peak_total
+                    if eval_now:
+                        eval_loss, eval_bpb = evaluate(state)
+                        last["eval_loss"], last["eval_bpb"] = eval_loss, eval_bpb
+                    writer.write(step, last)
+                    if progress:
+                        progress.update(step, last)
+                    if save_now or stop.reason:
+                        if not bool(_all_finite(state.params)):
+                            raise TrainingError(
+                                f"the parameters after step {step} are not finite; stopping "
+                                "without saving them"
+                            )
+                        ckpt.save(step, state, train_iter, config, force=True)
+                    t_mark = time.perf_counter()  # eval and checkpoint time is not step time
+            except TrainingError as e:
+                raise TrainingError(f"{e} ({_last_good(ckpt)})") from None
+            finally:
+                if progress:
+                    progress.close()
+                writer.close()
+                ckpt.close()
+
+        elapsed = time.perf_counter() - t_start
+        summary: dict[str, Any] = {
+            "step": step,
+            "loss": last.get("loss"),
+            "eval_loss": eval_loss,
+            "eval_bpb": eval_bpb,
+            "tokens_per_sec": tokens_run / time_run if time_run else None,
+            "wall_seconds": elapsed,
+            "peak_flops_source": peak_source,
+        }
+        if peak_total and time_run:
+            summary["mfu"] = summary["tokens_per_sec"] * flops_per_token / peak_total
+        if chief:
+            initial = initial or _initial_eval(os.path.join(workdir, "metrics.jsonl"))
+            summary["eval_loss_initial"], summary["eval_bpb_initial"] = initial or (None, None)
+        if stop.reason:
+            summary["stopped_by"] = stop.reason
+            log.warning("stopped by %s at step %d; checkpoint saved", stop.reason, step)
+            return summary
+        if chief:
+            summary["plot"] = os.path.join(workdir, "loss.png")
+            metrics.plot_loss(os.path.join(workdir, "metrics.jsonl"), summary["plot"])
+            summary["sample"], summary["heldout_sample"] = _sample(cfg, state, tokenizer, config)
+            if summary["sample"] is not None:
+                parsed, lines = sample_python_lines(summary["sample"])
+                summary["sample_python_lines"] = {"parse": parsed, "lines": lines}
+            with open(os.path.join(workdir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+        return summary

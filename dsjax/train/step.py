@@ -1,0 +1,625 @@
+"""Training step: TrainState, optimizer, loss, train_step/eval_step, routing-bias update, sharded init.
+
+Loss = main cross-entropy + λ · mean over MTP depths of their cross-entropies + α · the
+sequence-wise balance loss summed over MoE layers, all over real tokens only. After each optimizer
+step the routing correction bias of every MoE layer moves by γ · sign(mean load − load), from the
+token counts of the whole global batch (SPEC §5) — outside the optimizer, which never sees it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import linen as nn
+
+from dsjax.model import sharding
+from dsjax.model.config import ModelConfig
+from dsjax.model.layers.context import (
+    check_context_parallel,
+    context_size,
+    fold_context,
+    shift_ahead,
+    to_context_layout,
+)
+from dsjax.model.layers.indexer import DSA_STAGES
+from dsjax.model.transformer import (
+    REMAT_POLICIES,
+    ModelOutput,
+    Transformer,
+    cheap_compile_options,
+    head_kernel,
+)
+
+
+class TrainingError(RuntimeError):
+    """A run cannot go on (non-finite loss, ...); the message names the step."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    moe_bias: Any
+    opt_state: Any
+
+
+# ----------------------------------------------------------------------------- config
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The ModelConfig of a run: `config.model` plus the remat policy from `config.train`."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    model = dict(config.model)
+    unknown = sorted(set(model) - fields)
+    if unknown:
+        raise ValueError(f"config.model has unknown field(s) {unknown}")
+    model["remat"] = config.train.remat
+    if "dsa_stage" in config.train:  # the DSA indexer's training stage (MLA sees it)
+        model["dsa_stage"] = config.train.dsa_stage
+    return ModelConfig(**model)
+
+
+_REMAT_POLICIES = ("none", *REMAT_POLICIES)  # model.REMAT_POLICIES: the one list
+# (group, field, kind, rule): kind "int" or "float"; rule a (text, predicate) pair.
+_AT_LEAST_1 = ("must be >= 1", lambda v: v >= 1)
+_AT_LEAST_0 = ("must be >= 0", lambda v: v >= 0)
+_POSITIVE = ("must be > 0", lambda v: v > 0)
+_FRACTION = ("must be in [0, 1)", lambda v: 0 <= v < 1)
+_UNIT = ("must be in [0, 1]", lambda v: 0 <= v <= 1)
+_CONFIG_RULES = (
+    ("train", "steps", "int", _AT_LEAST_1),
+    ("train", "batch_size", "int", _AT_LEAST_1),
+    ("train", "grad_accum", "int", _AT_LEAST_1),
+    ("train", "log_every", "int", _AT_LEAST_1),
+    ("train", "eval_every", "int", _AT_LEAST_1),
+    ("train", "eval_batches", "int", _AT_LEAST_1),
+    ("train", "sample_tokens", "int", _AT_LEAST_0),
+    ("train", "ce_chunk", "int", _AT_LEAST_0),
+    ("train", "mtp_weight", "float", _AT_LEAST_0),
+    ("train", "balance_loss_weight", "float", _AT_LEAST_0),
+    ("train", "bias_update_rate", "float", _AT_LEAST_0),
+    ("train", "indexer_loss_weight", "float", _AT_LEAST_0),
+    ("train", "sample_temperature", "float", _AT_LEAST_0),
+    ("optim", "lr", "float", _AT_LEAST_0),
+    ("optim", "min_lr_ratio", "float", _UNIT),
+    ("optim", "warmup_steps", "int", _AT_LEAST_0),
+    ("optim", "weight_decay", "float", _AT_LEAST_0),
+    ("optim", "clip_norm", "float", _POSITIVE),
+    ("optim", "b1", "float", _FRACTION),
+    ("optim", "b2", "float", _FRACTION),
+    ("data", "seq_len", "int", _AT_LEAST_1),
+    ("data", "eval_fraction", "float", _FRACTION),
+    ("data", "tokenizer_train_bytes", "int", _AT_LEAST_1),
+    ("data", "max_documents", "int", _AT_LEAST_0),
+    ("checkpoint", "every", "int", _AT_LEAST_1),
+    ("checkpoint", "keep", "int", _AT_LEAST_1),
+)
+
+
+def _check_field(config, group: str, name: str, kind: str, rule) -> None:
+    """One `config.<group>.<name>` against its rule (absent optional fields pass)."""
+    section = config.get(group)
+    if section is None or name not in section:
+        return
+    value, (text, ok) = section[name], rule
+    field = f"config.{group}.{name}={value!r}"
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if kind == "int" and not is_int:
+        raise ValueError(f"{field} must be an integer")
+    if kind == "float" and not (is_int or isinstance(value, float)):
+        raise ValueError(f"{field} must be a number")
+    if kind == "float" and not math.isfinite(value):
+        raise ValueError(f"{field} must be finite")
+    if not ok(value):
+        raise ValueError(f"{field} {text}")
+
+
+def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
+    """Raises ValueError naming the field and its rule for a run that cannot work.
+
+    Every numeric field with a rule is checked (types, ranges, finiteness); with a `mesh`
+    (None skips them) also the rules that involve the device layout.
+    """
+    if not isinstance(config.get("seed"), int) or isinstance(config.get("seed"), bool):
+        raise ValueError(f"config.seed={config.get('seed')!r} must be an integer")
+    for group, name, kind, rule in _CONFIG_RULES:
+        _check_field(config, group, name, kind, rule)
+    t = config.train
+    if t.get("remat", "full") not in _REMAT_POLICIES:
+        raise ValueError(f"config.train.remat={t.remat!r} must be one of {_REMAT_POLICIES}")
+    if t.get("dsa_stage", "off") not in DSA_STAGES:
+        raise ValueError(f"config.train.dsa_stage={t.dsa_stage!r} must be one of {DSA_STAGES}")
+    moment = config.optim.get("moment_dtype")
+    if moment is not None and moment not in ("float32", "bfloat16"):
+        raise ValueError(f"config.optim.moment_dtype={moment!r} must be 'float32' or 'bfloat16'")
+    offload = config.optim.get("host_offload", False)
+    if not isinstance(offload, bool):
+        raise ValueError(f"config.optim.host_offload={offload!r} must be True or False")
+    for key in ("data", "fsdp", "expert", "context", "tensor"):
+        size = config.mesh.get(key, 1)
+        if not isinstance(size, int) or isinstance(size, bool) or size == 0 or size < -1:
+            raise ValueError(f"config.mesh.{key}={size!r}: must be a positive size or -1")
+    try:
+        cfg = model_config(config)
+    except TypeError as e:
+        raise ValueError(f"config.model: {e}") from None
+    if config.mesh.get("context", 1) > 1:
+        if config.mesh.get("context") == -1:
+            raise ValueError("config.mesh.context=-1: give the context axis an explicit size")
+        check_context_parallel(cfg, config.data.seq_len, config.mesh.context)
+    if config.data.seq_len > cfg.max_position_embeddings:
+        raise ValueError(
+            f"config.data.seq_len={config.data.seq_len} exceeds "
+            f"config.model.max_position_embeddings={cfg.max_position_embeddings}"
+        )
+    if mesh is None:
+        return
+    if offload or t.get("remat") == "offload":
+        _check_host_memory(mesh, "config.optim.host_offload" if offload else "config.train.remat")
+    shards = sharding.batch_shards(mesh)
+    if t.batch_size % (t.grad_accum * shards):
+        raise ValueError(
+            f"config.train.batch_size={t.batch_size} must divide into grad_accum={t.grad_accum} "
+            f"micro-batches across {shards} data shards (mesh data x fsdp x expert)"
+        )
+    if t.batch_size % jax.process_count():
+        raise ValueError(
+            f"config.train.batch_size={t.batch_size} must divide by the "
+            f"{jax.process_count()} processes"
+        )
+    if cfg.n_routed_experts and cfg.n_routed_experts % mesh.shape["expert"]:
+        raise ValueError(
+            f"config.model.n_routed_experts={cfg.n_routed_experts} must divide by "
+            f"config.mesh.expert={mesh.shape['expert']}"
+        )
+
+
+def _check_host_memory(mesh, field: str) -> None:
+    device = mesh.devices.flat[0]
+    try:
+        kinds = {m.kind for m in device.addressable_memories()}
+    except Exception:  # noqa: BLE001 - abstract (AOT) devices: the compiler decides
+        return
+    if "pinned_host" not in kinds:
+        raise ValueError(
+            f"{field}: {device.platform} devices have no pinned host memory to offload to "
+            f"(memories: {sorted(kinds)})"
+        )
+
+
+def make_optimizer(config: ml_collections.ConfigDict):
+    """AdamW (no decay on norm scales), warm-up then cosine, global-norm clipping."""
+    o, steps = config.optim, config.train.steps
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=o.lr,
+        warmup_steps=o.warmup_steps,
+        decay_steps=max(steps, o.warmup_steps + 1),
+        end_value=o.lr * o.min_lr_ratio,
+    )
+
+    stage = config.train.get("dsa_stage", "off")
+
+    def decay_mask(params):  # not norm scales, nor what no gradient trains (see _decays)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: getattr(path[-1], "key", None) != "scale" and _decays(path, stage),
+            params,
+        )
+
+    moment_dtype = o.get("moment_dtype", "float32")
+    if moment_dtype == "float32":
+        adamw = optax.adamw(
+            schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask
+        )
+    else:
+        adamw = optax.chain(
+            scale_by_adam_in(jnp.dtype(moment_dtype), b1=o.b1, b2=o.b2),
+            optax.add_decayed_weights(o.weight_decay, decay_mask),
+            optax.scale_by_learning_rate(schedule),
+        )
+    clip = optax.clip_by_global_norm(o.clip_norm)
+    if stage == "warmup":  # DSA warm-up: every parameter but the indexers' frozen
+        clip = indexer_only(clip)
+    tx = optax.chain(clip, adamw)
+    return tx, schedule
+
+
+def is_indexer_param(path) -> bool:
+    """A parameter of a DSA lightning indexer (`.../attn/indexer/...`)."""
+    return any(getattr(p, "key", None) == "indexer" for p in path)
+
+
+def _decays(path, stage: str) -> bool:
+    """Weight decay applies to a parameter the stage trains: in the DSA warm-up only the
+    indexers; otherwise all but the indexers when their loss is off (no gradient reaches them)."""
+    if stage == "warmup":
+        return is_indexer_param(path)
+    return stage != "off" or not is_indexer_param(path)
+
+
+def indexer_only(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` applied to the gradients with every non-indexer entry zeroed first, so Adam sees
+    zero there and (with no decay on them) the update is exactly zero: the DSA warm-up trains
+    only the lightning indexers, and clipping measures their gradient alone. The state is
+    inner's, so the optimizer state has the same tree in every stage (checkpoints carry over)."""
+
+    def update(updates, state, params=None):
+        updates = jax.tree_util.tree_map_with_path(
+            lambda path, u: u if is_indexer_param(path) else jnp.zeros_like(u), updates
+        )
+        return inner.update(updates, state, params)
+
+    return optax.GradientTransformation(inner.init, update)
+
+
+def scale_by_adam_in(moment_dtype, b1: float, b2: float, eps: float = 1e-8):
+    """Adam's scaling with BOTH moments stored in `moment_dtype` (DeepSeek-V3 keeps them in BF16);
+    the update math runs in float32: m, v are read up to f32, updated, bias-corrected, and stored
+    back rounded. The state is an `optax.ScaleByAdamState` like optax.adam's."""
+
+    def init(params):
+        zeros = lambda p: jnp.zeros(p.shape, moment_dtype)  # noqa: E731
+        return optax.ScaleByAdamState(
+            count=jnp.zeros([], jnp.int32),
+            mu=jax.tree.map(zeros, params),
+            nu=jax.tree.map(zeros, params),
+        )
+
+    def update(grads, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        c = count.astype(jnp.float32)
+        c1, c2 = 1.0 - b1**c, 1.0 - b2**c
+
+        def one(g, m, v):
+            g = g.astype(jnp.float32)
+            m = b1 * m.astype(jnp.float32) + (1.0 - b1) * g
+            v = b2 * v.astype(jnp.float32) + (1.0 - b2) * jnp.square(g)
+            u = (m / c1) / (jnp.sqrt(v / c2) + eps)
+            return u, m.astype(moment_dtype), v.astype(moment_dtype)
+
+        out = jax.tree.map(one, grads, state.mu, state.nu)
+        is_triple = lambda x: isinstance(x, tuple)  # noqa: E731
+        pick = lambda i: jax.tree.map(lambda t: t[i], out, is_leaf=is_triple)  # noqa: E731
+        updates = jax.tree.map(lambda u, g: u.astype(g.dtype), pick(0), grads)
+        return updates, optax.ScaleByAdamState(count=count, mu=pick(1), nu=pick(2))
+
+    return optax.GradientTransformation(init, update)
+
+
+# ----------------------------------------------------------------------------- loss
+def cross_entropy_sums(logits_BTV, targets_BT, weights_BT):
+    """(Σ w·CE, Σ w) in float32."""
+    logits = logits_BTV.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
+    return ((lse - picked) * weights_BT).sum(), weights_BT.sum()
+
+
+@jax.custom_vjp
+def linear_cross_entropy_sums(head_input_BTD, kernel_DV, targets_BT, weights_BT):
+    """(Σ w·CE, Σ w) of the logits `head_input @ kernel` (float32), fused with its gradient.
+
+    The same value as `cross_entropy_sums(head_input @ kernel, ...)`, but the backward pass is
+    written out: d logits = (softmax − one-hot) · w, one elementwise fusion, then the two head
+    matmuls. Autodiff of the plain form builds the one-hot part with a scatter into a zeroed
+    [B·T, V] buffer and adds it to the softmax part (three passes over the logits, the scatter
+    serial on CPU). Leading dims are free ([B, T] or [B, chunk]); `kernel_DV` is used as given
+    (cast it to the compute dtype first) and the logits are saved for the backward pass."""
+    return _linear_ce_fwd(head_input_BTD, kernel_DV, targets_BT, weights_BT)[0]
+
+
+def _linear_ce_fwd(h_BTD, kernel_DV, targets_BT, weights_BT):
+    logits = jnp.einsum(
+        "...d,dv->...v",
+        h_BTD.astype(kernel_DV.dtype),
+        kernel_DV,
+        preferred_element_type=jnp.float32,
+    )
+    if logits.ndim == 3:
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    ce = lse - jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
+    w = weights_BT.astype(jnp.float32)
+    sums = ((ce * w).sum(), w.sum())
+    return sums, (h_BTD, kernel_DV, targets_BT, weights_BT, logits, lse, ce)
+
+
+def _linear_ce_bwd(res, g):
+    h_BTD, kernel_DV, targets_BT, weights_BT, logits, lse, ce = res
+    g_sum, g_count = g
+    scale = (g_sum * weights_BT.astype(jnp.float32))[..., None]
+    onehot = jnp.arange(logits.shape[-1]) == targets_BT[..., None]
+    d_logits = ((jnp.exp(logits - lse[..., None]) - onehot) * scale).astype(kernel_DV.dtype)
+    d_h = jnp.einsum("...v,dv->...d", d_logits, kernel_DV, preferred_element_type=jnp.float32)
+    d_kernel = jnp.einsum(
+        "...d,...v->dv",
+        h_BTD.astype(kernel_DV.dtype),
+        d_logits,
+        preferred_element_type=jnp.float32,
+    )
+    d_weights = (g_sum * ce + g_count).astype(weights_BT.dtype)
+    return d_h.astype(h_BTD.dtype), d_kernel.astype(kernel_DV.dtype), None, d_weights
+
+
+linear_cross_entropy_sums.defvjp(_linear_ce_fwd, _linear_ce_bwd)
+
+
+def chunked_cross_entropy_sums(head_input_BTD, kernel_DV, targets_BT, weights_BT, chunk: int):
+    """(Σ w·CE, Σ w) like `cross_entropy_sums(head_input @ kernel, ...)`, computed `chunk`
+    positions of every sequence at a time (a chunk's logits are [B, chunk, V] float32) inside a
+    rematerialised scan, so the [B,T,V] logits never exist whole, in the forward or the backward
+    pass. `kernel_DV` is used as given (cast it to the compute dtype first); T is padded to a
+    multiple of `chunk` with zero-weight positions. `chunk` ≥ T is one fused call, no scan."""
+    B, T, D = head_input_BTD.shape
+    if chunk >= T:
+        return linear_cross_entropy_sums(head_input_BTD, kernel_DV, targets_BT, weights_BT)
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    if pad:
+        head_input_BTD = jnp.pad(head_input_BTD, ((0, 0), (0, pad), (0, 0)))
+        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+        weights_BT = jnp.pad(weights_BT, ((0, 0), (0, pad)))
+
+    def chunks(x):  # [B, n*c, ...] -> [n, B, c, ...]
+        return jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def body(carry, xs):
+        s, m = linear_cross_entropy_sums(*xs[:1], kernel_DV, *xs[1:])
+        return (carry[0] + s, carry[1] + m), None
+
+    zero = jnp.float32(0.0)
+    xs = (chunks(head_input_BTD), chunks(targets_BT), chunks(weights_BT.astype(jnp.float32)))
+    (ce_sum, n_tok), _ = jax.lax.scan(body, (zero, zero), xs)
+    return ce_sum, n_tok
+
+
+def mtp_weights(batch, k: int):
+    """Depth-k label weights [B, T]: position i predicts targets[i+k] from inputs[i+k]; valid only
+    when both positions are real and belong to the same document (zero for the last k)."""
+    seg, w = batch["segment_ids"], batch["weights"]
+    same = (seg[:, k:] == seg[:, :-k]).astype(jnp.float32)
+    return jnp.pad(w[:, k:] * w[:, :-k] * same, ((0, 0), (0, k)))
+
+
+def loss_fn(params, moe_bias, batch, *, model: Transformer, train_cfg):
+    # The head is applied here, fused with the cross-entropy (ce_chunk 0: the whole sequence).
+    chunk = int(train_cfg.get("ce_chunk", 0) or 0) or batch["inputs"].shape[1]
+    out: ModelOutput = model.apply(
+        {"params": params, "moe_bias": moe_bias},
+        batch["inputs"],
+        batch["positions"],
+        batch["segment_ids"],
+        logits=False,
+        token_index_BT=batch.get("token_index"),  # context parallelism's zig-zag layout
+    )
+    kernel = head_kernel(model.cfg, params).astype(jnp.dtype(model.cfg.dtype))
+    # Gathered whole along D (FSDP) for the cross-entropy chunks: left to itself, XLA may instead
+    # move every chip's tokens to the chips holding a D slice of the head and materialise the
+    # logits of all of them there (31.6 GiB per chip for V3 with context parallelism at 131K).
+    kernel = nn.with_logical_constraint(kernel, (None, "vocab"))
+
+    def ce(h, t, w):  # context parallelism: each chip's share of a sequence is its own row
+        h, t, w = fold_context(h, t, w)
+        return chunked_cross_entropy_sums(h, kernel, t, w, min(chunk, h.shape[1]))
+
+    main_in, mtp_in = out.head_input, out.mtp_head_input
+    ce_sum, n = ce(main_in, batch["targets"], batch["weights"])
+    main = ce_sum / jnp.maximum(n, 1.0)
+    loss = main
+    aux = {"main_ce": main, "tokens": n, "out": out}
+    if mtp_in:
+        mtp = []
+        for k, x in enumerate(mtp_in, start=1):
+            if "token_index" in batch:  # permuted layout: full-length, targets laid out with it
+                t, w = batch["mtp_targets"][:, k - 1], batch["mtp_weights"][:, k - 1]
+            else:
+                t, w = shift_ahead(batch["targets"], k), mtp_weights(batch, k)
+            s, m = ce(x, t, w)
+            mtp.append(s / jnp.maximum(m, 1.0))
+        aux["mtp_ce"] = sum(mtp) / len(mtp)
+        loss = loss + train_cfg.mtp_weight * aux["mtp_ce"]
+    balance = 0.0
+    if out.balance_loss is not None:
+        balance = out.balance_loss.sum()
+    if out.mtp_balance_loss is not None:
+        balance = balance + out.mtp_balance_loss.sum()
+    aux["balance"] = jnp.asarray(balance, jnp.float32)
+    loss = loss + train_cfg.balance_loss_weight * aux["balance"]
+    if out.indexer_kl is not None:  # DSA stages: the indexers' KL, the only loss they get
+        if model.cfg.dsa_stage == "warmup":  # main model frozen: no backward pass through it
+            loss = jax.lax.stop_gradient(loss)
+        aux["indexer_kl"] = out.indexer_kl
+        loss = loss + train_cfg.get("indexer_loss_weight", 1.0) * out.indexer_kl
+    return loss, aux
+
+
+def expert_counts_tree(moe_bias, out: ModelOutput):
+    """Per-expert token counts arranged like the `moe_bias` tree."""
+    counts = {}
+    if "moe_layers" in moe_bias:
+        counts["moe_layers"] = {"moe": {"bias": out.expert_counts}}
+    for name in moe_bias:
+        if name.startswith("mtp_"):
+            k = int(name.split("_")[1])
+            counts[name] = {"block": {"moe": {"bias": out.mtp_expert_counts[k]}}}
+    return counts
+
+
+def update_bias(moe_bias, counts, rate: float):
+    """Auxiliary-loss-free balancing: b_i <- b_i + γ sign(mean_j c_j - c_i), per layer."""
+    return jax.tree.map(
+        lambda b, c: b + rate * jnp.sign(c.mean(-1, keepdims=True) - c), moe_bias, counts
+    )
+
+
+def load_imbalance(counts) -> jax.Array:
+    """max/mean expert load, averaged over MoE layers (1.0 = perfectly balanced)."""
+    ratios = [
+        (c.max(-1) / jnp.maximum(c.mean(-1), 1e-9)).reshape(-1) for c in jax.tree.leaves(counts)
+    ]
+    return jnp.concatenate(ratios).mean() if ratios else jnp.float32(1.0)
+
+
+# ----------------------------------------------------------------------------- steps
+def _split_micro(batch, n: int):
+    return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+
+
+def prepare_batch(batch, model):
+    """The batch as `loss_fn` takes it under the mesh in scope: with `context` > 1 the sequence is
+    split over it, in the zig-zag layout that balances causal attention (`dsjax.model.layers.context`)."""
+    C = context_size()
+    if C == 1:
+        return batch
+    return to_context_layout(batch, C, model.cfg.num_mtp_layers, mtp_weights)
+
+
+def train_step(state: TrainState, batch, *, model, tx, schedule, train_cfg):
+    """One optimizer step over `grad_accum` micro-batches, then the routing-bias update."""
+    grad_fn = jax.value_and_grad(
+        functools.partial(loss_fn, model=model, train_cfg=train_cfg), has_aux=True
+    )
+    n_micro = train_cfg.grad_accum
+    batch = prepare_batch(batch, model)
+
+    def micro(carry, mb):
+        grads_acc, sums = carry
+        (loss, aux), grads = grad_fn(state.params, state.moe_bias, mb)
+        counts = expert_counts_tree(state.moe_bias, aux["out"])
+        new = {
+            "loss": loss,
+            "main_ce": aux["main_ce"],
+            "mtp_ce": aux.get("mtp_ce", jnp.float32(0.0)),
+            "balance": aux["balance"],
+            "tokens": aux["tokens"],
+        }
+        if "indexer_kl" in aux:
+            new["indexer_kl"] = aux["indexer_kl"]
+        sums = jax.tree.map(jnp.add, sums, {"metrics": new, "counts": counts})
+        return (jax.tree.map(jnp.add, grads_acc, grads), sums), None
+
+    zeros_counts = jax.tree.map(jnp.zeros_like, state.moe_bias)
+    zero_metrics = {k: jnp.float32(0.0) for k in ("loss", "main_ce", "mtp_ce", "balance", "tokens")}
+    if model.cfg.dsa_stage != "off":
+        zero_metrics["indexer_kl"] = jnp.float32(0.0)
+    init = (
+        jax.tree.map(jnp.zeros_like, state.params),
+        {"metrics": zero_metrics, "counts": zeros_counts},
+    )
+    if n_micro == 1:  # no zeroed accumulators, no scan: one pass over the batch
+        (grads, sums), _ = micro(init, batch)
+    else:
+        (grads, sums), _ = jax.lax.scan(micro, init, _split_micro(batch, n_micro))
+        grads = jax.tree.map(lambda g: g / n_micro, grads)
+    metrics = {k: v / n_micro for k, v in sums["metrics"].items()}
+    metrics["tokens"] = sums["metrics"]["tokens"]
+    opt_state, back = to_device(state.opt_state)
+    updates, opt_state = tx.update(grads, opt_state, state.params)
+    opt_state = back(opt_state)
+    params = optax.apply_updates(state.params, updates)
+    moe_bias = update_bias(state.moe_bias, sums["counts"], train_cfg.bias_update_rate)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["lr"] = schedule(state.step)
+    metrics["load_imbalance"] = load_imbalance(sums["counts"])
+    new_state = state.replace(
+        step=state.step + 1, params=params, moe_bias=moe_bias, opt_state=opt_state
+    )
+    return new_state, metrics
+
+
+def to_device(tree):
+    """(tree with every leaf in device memory, `back`): `back(new_tree)` returns each leaf to the
+    memory it came from. Under jit, state kept in host memory between steps (`state_shardings(...,
+    host_offload=True)`) is copied onto the chips for the update and back after it."""
+    spaces = [jax.typeof(x).memory_space for x in jax.tree.leaves(tree)]
+    if all(s != jax.memory.Space.Host for s in spaces):
+        return tree, lambda new: new
+    treedef = jax.tree.structure(tree)
+
+    def back(new):
+        leaves = jax.tree.leaves(new)
+        return treedef.unflatten(
+            [jax.device_put(x, s) for x, s in zip(leaves, spaces, strict=True)]
+        )
+
+    on_device = [jax.device_put(x, jax.memory.Space.Device) for x in jax.tree.leaves(tree)]
+    return treedef.unflatten(on_device), back
+
+
+def eval_step(params, moe_bias, batch, *, model):
+    """Sums for the held-out loss: (Σ w·CE, Σ w)."""
+    out = model.apply(
+        {"params": params, "moe_bias": moe_bias},
+        batch["inputs"],
+        batch["positions"],
+        batch["segment_ids"],
+    )
+    return cross_entropy_sums(out.logits, batch["targets"], batch["weights"])
+
+
+# ----------------------------------------------------------------------------- state
+def init_state(rng, *, model: Transformer, tx, seq_len: int) -> TrainState:
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    variables = nn.unbox(model.init(rng, tokens))
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        moe_bias=variables.get("moe_bias", {}),
+        opt_state=tx.init(params),
+    )
+
+
+def state_shardings(model: Transformer, tx, mesh, seq_len: int, host_offload: bool = False):
+    """(abstract state, NamedSharding tree) from the logical axis names of every parameter.
+
+    `host_offload`: the optimizer state (AdamW moments) lives in host memory (`pinned_host`)
+    between steps, sharded as on the chips; `train_step` copies it in for the update."""
+    tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    boxed = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)
+    logical = nn.get_partition_spec(boxed)
+    var_shardings = sharding.logical_to_sharding(logical, mesh)
+    # The key is made inside the trace: under an abstract (AOT) mesh no concrete array may exist.
+    abstract = jax.eval_shape(
+        lambda: init_state(jax.random.key(0), model=model, tx=tx, seq_len=seq_len)
+    )
+    replicated = sharding.replicated(mesh)
+    opt_shardings = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract.opt_state,
+        var_shardings["params"],
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding),
+    )
+    if host_offload:
+        opt_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
+    shardings = TrainState(
+        step=replicated,
+        params=var_shardings["params"],
+        moe_bias=var_shardings.get("moe_bias", {}),  # dense configs have no routing bias
+        opt_state=opt_shardings,
+    )
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    return abstract, shardings
+
+
+def create_sharded_state(rng, model, tx, mesh, seq_len: int, host_offload: bool = False):
+    """Initialises the state directly into its shardings (no host-side full copy)."""
+    abstract, shardings = state_shardings(model, tx, mesh, seq_len, host_offload)
+    init = jax.jit(
+        functools.partial(init_state, model=model, tx=tx, seq_len=seq_len),
+        out_shardings=shardings,
+    )
+    compiled = init.lower(rng).compile(compiler_options=cheap_compile_options())
+    return compiled(rng), abstract, shardings
