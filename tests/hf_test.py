@@ -28,6 +28,8 @@ from safetensors import safe_open
 from transformers import DeepseekV3ForCausalLM
 
 import dsjax.checkpoints.hf as hf
+import dsjax.checkpoints.hf_load as hf_load
+import dsjax.checkpoints.hf_save as hf_save
 from dsjax.checkpoints.hf import hf_tensor_table, load_hf_checkpoint, save_hf_checkpoint
 from dsjax.model.config import ModelConfig
 
@@ -439,7 +441,7 @@ def test_host_memory_peaks_at_one_model_copy(tmp_path):
         slot: rng.standard_normal(shape, dtype=np.float32)
         for slot, shape in hf.leaf_shapes(cfg).items()
     }
-    variables = hf._nest(flat)
+    variables = hf_load._nest(flat)
     total = sum(a.nbytes for a in flat.values())
     assert total > 8 << 20
 
@@ -621,7 +623,7 @@ def test_failed_save_keeps_the_old_checkpoint(base, tmp_path, monkeypatch):
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     zeroed = jax.tree_util.tree_map(np.zeros_like, v)
 
-    real_write = hf._write_shard
+    real_write = hf_save._write_shard
     calls = []
 
     def failing_write(*args, **kwargs):
@@ -630,14 +632,14 @@ def test_failed_save_keeps_the_old_checkpoint(base, tmp_path, monkeypatch):
             raise OSError("disk full (simulated)")
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(hf, "_write_shard", failing_write)
+    monkeypatch.setattr(hf_save, "_write_shard", failing_write)
     with pytest.raises(OSError, match="simulated"):
         save_hf_checkpoint(target, cfg, zeroed, max_shard_bytes=16 << 10)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary left over
     assert_trees_equal(load_hf_checkpoint(target)[1], v)
 
-    monkeypatch.setattr(hf, "_write_shard", real_write)
+    monkeypatch.setattr(hf_save, "_write_shard", real_write)
     save_hf_checkpoint(target, cfg, zeroed)  # a successful save replaces it entirely
     assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
