@@ -28,6 +28,16 @@ step ("catch-up"); without one, the first MTP entry repeats the second (same slo
 so no scratch slot is needed. Rows with `spec_B` False run in the same program but always take
 the plain sample of the first verification position (exactly the plain step's token).
 
+Allowed-token masks (constrained decoding): `prefill`, `first_state` and `step` take an optional
+`allowed_BW` (uint32 [B, ceil(V/32)], `sampling.pack_allowed`): each row's next token is drawn
+from its logits with every other token at -inf. In a speculative step the mask (the host's, for
+the token after t_{n+1}) applies to the draft, to the target distribution it is verified
+against and to the residual draw, so an accepted or a replacement token both respect it; the
+bonus token would need the mask after the draft, which only the host's automaton knows, so a
+masked row (one whose mask excludes some token) never takes it: after an acceptance it moves on
+exactly as after a rejection whose replacement is the draft (the draft's cache entry, written
+by the verification, is rewritten by the next step with the same values).
+
 Cache layout: declared by `model.cache_batch_axis` (scanned stacks [L, B, S, ...], MTP
 [B, S, ...]); `state_axes` gives every state leaf's batch and sequence axes.
 """
@@ -437,6 +447,7 @@ def prefill(
     speculative: bool,
     top_n: int | None = None,
     prefill_chunk: int | None = None,
+    allowed_BW=None,
 ) -> tuple[DecodeState, StepOutput]:
     """Runs right-padded prompts from position 0 into a fresh cache of `cache_len` slots and
     samples token 0 of each row (traceable; call under jit).
@@ -472,6 +483,7 @@ def prefill(
         req=req,
         speculative=speculative,
         top_n=top_n,
+        allowed_BW=allowed_BW,
     )
 
 
@@ -486,11 +498,13 @@ def first_state(
     req: RowRequest,
     speculative: bool,
     top_n: int | None = None,
+    allowed_BW=None,
 ) -> tuple[DecodeState, StepOutput]:
     """The decode state after a prefill and token 0 of each row (traceable): samples token 0 from
     the last prompt token's logits_BV [B, V] (float32), hidden_BD [B, D] its hidden state (pre
     final norm), last_tokens_B that token, lengths_B the prompt lengths. `cache` / `mtp_cache`
-    are stored as given (the engine passes None and keeps the caches it filled in place)."""
+    are stored as given (the engine passes None and keeps the caches it filled in place).
+    `allowed_BW`: the rows' allowed first tokens (see the module docstring), or None."""
     B = logits_BV.shape[0]
     keys = smp.keys_from_seeds(jnp.asarray(req.seeds_B2), jnp.asarray(req.rows_B))
     zeros = jnp.zeros((B,), jnp.int32)
@@ -516,7 +530,8 @@ def first_state(
         accepted_B=zeros,
         forwards_B=zeros,
     )
-    first = state.sampling.sample(logits_BV, zeros)
+    allowed = None if allowed_BW is None else smp.unpack_allowed(allowed_BW, logits_BV.shape[-1])
+    first = state.sampling.sample(_mask(logits_BV, allowed), zeros)
     valid = jnp.asarray(req.valid_B)
     stopped = valid & _is_stop(first, state.stop_ids_BK)
     done = ~valid | stopped | (state.max_new_B <= 1)
@@ -542,19 +557,27 @@ def step(
     *,
     speculative: bool,
     top_n: int | None = None,
+    allowed_BW=None,
 ) -> tuple[DecodeState, StepOutput]:
-    """One decode step for every row not done (traceable; see the module docstring)."""
+    """One decode step for every row not done (traceable; see the module docstring).
+    `allowed_BW`: each row's allowed next tokens (uint32 words), or None (no constraint)."""
+    allowed = None if allowed_BW is None else smp.unpack_allowed(allowed_BW, cfg.vocab_size)
     if speculative:
-        return _speculative_step(cfg, variables, state, top_n)
-    return _plain_step(cfg, variables, state, top_n)
+        return _speculative_step(cfg, variables, state, top_n, allowed)
+    return _plain_step(cfg, variables, state, top_n, allowed)
 
 
-def _plain_step(cfg, variables, s: DecodeState, top_n):
+def _mask(logits_BV, allowed_BV):
+    """`logits_BV` with the tokens outside `allowed_BV` at -inf (unchanged when None)."""
+    return logits_BV if allowed_BV is None else smp.mask_logits(logits_BV, allowed_BV)
+
+
+def _plain_step(cfg, variables, s: DecodeState, top_n, allowed_BV=None):
     active = ~s.done_B
     logits, _, cache = decode_forward(
         cfg, variables, s.cache, s.tokens_B[:, None], s.positions_B[:, None]
     )
-    nxt = s.sampling.sample(logits[:, 0], s.counts_B)
+    nxt = s.sampling.sample(_mask(logits[:, 0], allowed_BV), s.counts_B)
     count = s.counts_B + active
     stop = active & _is_stop(nxt, s.stop_ids_BK)
     done = s.done_B | stop | (count >= s.max_new_B)
@@ -574,20 +597,20 @@ def _plain_step(cfg, variables, s: DecodeState, top_n):
     return new, out
 
 
-def _speculative_step(cfg, variables, s: DecodeState, top_n):
+def _speculative_step(cfg, variables, s: DecodeState, top_n, allowed_BV=None):
     active = ~s.done_B
     sampling = s.sampling
     pos, count, greedy = s.positions_B, s.counts_B, sampling.greedy_B
 
     draft_logits, mtp_cache = _mtp_draft_logits(cfg, variables, s)
-    q_filtered = sampling.filter(draft_logits)
+    q_filtered = sampling.filter(_mask(draft_logits, allowed_BV))
     draft = smp.sample_tokens(sampling.keys(count, smp.DRAFT), q_filtered, greedy)
 
     # Verify [t_{n+1}, draft] at [n+1, n+2].
     logits, hidden, cache = decode_forward(
         cfg, variables, s.cache, jnp.stack([s.tokens_B, draft], 1), jnp.stack([pos, pos + 1], 1)
     )
-    p_filtered = sampling.filter(logits[:, 0])
+    p_filtered = sampling.filter(_mask(logits[:, 0], allowed_BV))
     accept, resampled = smp.verify_draft(
         sampling.keys(count, smp.ACCEPT),
         sampling.keys(count, smp.RESIDUAL),
@@ -603,31 +626,36 @@ def _speculative_step(cfg, variables, s: DecodeState, top_n):
         sampling.keys(count + 1, smp.BONUS), sampling.filter(logits[:, 1]), greedy
     )
     first = jnp.where(accept, draft, resampled)
+    if allowed_BV is not None:  # masked rows take no bonus (see the module docstring)
+        accept_bonus = accept & jnp.all(allowed_BV, axis=-1)
+    else:
+        accept_bonus = accept
 
     # Emit one or two tokens.
     count1 = count + active
     stop1 = _is_stop(first, s.stop_ids_BK)
     end1 = stop1 | (count1 >= s.max_new_B)
-    second = active & ~end1 & accept
+    second = active & ~end1 & accept_bonus
     stop2 = second & _is_stop(bonus, s.stop_ids_BK)
     count2 = count1 + second
     stopped = (active & stop1) | stop2
     done = s.done_B | (active & end1) | (second & (stop2 | (count2 >= s.max_new_B)))
 
-    # Next state: accepted -> last token bonus at n+3; rejected -> `first` at n+2.
+    # Next state: accepted -> last token bonus at n+3; rejected (or a masked row's accepted
+    # draft) -> `first` at n+2.
     move = active & ~done
-    acc = accept[:, None]
+    acc = accept_bonus[:, None]
     h2 = jnp.where(acc[..., None], hidden, jnp.stack([s.hidden_B2D[:, 1], hidden[:, 0]], 1)).astype(
         s.hidden_B2D.dtype
     )
     new = s.replace(
         cache=cache,
         mtp_cache=mtp_cache,
-        tokens_B=jnp.where(move, jnp.where(accept, bonus, first), s.tokens_B),
-        prev_tokens_B=jnp.where(move, jnp.where(accept, draft, s.tokens_B), s.prev_tokens_B),
-        positions_B=jnp.where(move, pos + 1 + accept, pos),
+        tokens_B=jnp.where(move, jnp.where(accept_bonus, bonus, first), s.tokens_B),
+        prev_tokens_B=jnp.where(move, jnp.where(accept_bonus, draft, s.tokens_B), s.prev_tokens_B),
+        positions_B=jnp.where(move, pos + 1 + accept_bonus, pos),
         hidden_B2D=jnp.where(move[:, None, None], h2, s.hidden_B2D),
-        catch_B=jnp.where(move, accept, s.catch_B),
+        catch_B=jnp.where(move, accept_bonus, s.catch_B),
         counts_B=count2,
         done_B=done,
         stopped_B=s.stopped_B | stopped,

@@ -34,6 +34,15 @@ chunk split). Stale cache contents of a previous occupant are
 harmless: slot s is visible to a query at position p only if s <= p, and every slot up to p has
 been rewritten by the current request by then.
 
+Constrained decoding: a request submitted with a `constraint` (a `TokenConstraint`, e.g.
+`dsjax.inference.constrained.GrammarConstraint`) draws every token from its allowed set: before
+each program that samples for it, the engine asks the constraint for its packed mask given the
+tokens left (`allowed_words(remaining)`) and passes the masks of all rows (all-ones for the
+others) to the program (`decode`: the mask covers plain draws, MTP drafts, their verification and
+residual draws; masked rows take no bonus token). Emitted tokens are fed back (`advance`); when
+the constraint says its output is complete (`finished`) the request ends with "stop". Batches
+without a constrained request run the unconstrained programs.
+
 Results are delivered through a callback (called on the engine thread; keep it cheap, e.g.
 `loop.call_soon_threadsafe(queue.put_nowait, event)`); `stream()` wraps that as an async
 iterator and `generate()` as a blocking call. `submit` raises `QueueFull` when `max_queue`
@@ -51,7 +60,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -62,13 +71,31 @@ from dsjax.inference import engine_programs as programs
 from dsjax.inference.sampling import MAX_LOGPROBS, SamplingParams
 from dsjax.model.config import ModelConfig
 
-__all__ = ["Engine", "QueueFull", "SamplingParams", "TokenEvent"]
+__all__ = ["Engine", "QueueFull", "SamplingParams", "TokenConstraint", "TokenEvent"]
 
 log = logging.getLogger(__name__)
 
 
 class QueueFull(RuntimeError):
     """The engine's request queue is at `max_queue`; retry later."""
+
+
+class TokenConstraint(Protocol):
+    """What the engine needs of a per-request token constraint (see the module docstring)."""
+
+    @property
+    def finished(self) -> bool:
+        """The output is complete: no further token may follow."""
+        ...
+
+    def allowed_words(self, remaining: int) -> np.ndarray:
+        """Packed allowed next tokens (uint32 [ceil(V/32)], `sampling.pack_allowed`) when
+        `remaining` tokens (this one included) may still be generated; never empty."""
+        ...
+
+    def advance(self, tokens: Sequence[int]) -> None:
+        """Feeds the emitted tokens."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +135,18 @@ class _Request:
     finished: bool = False
     slot: int | None = None
     chunk: int | None = None
+    constraint: TokenConstraint | None = None
+
+    def allowed(self) -> np.ndarray | None:
+        """This request's packed mask for its next token, or None (unconstrained)."""
+        if self.constraint is None:
+            return None
+        return self.constraint.allowed_words(self.params.max_tokens - self.generated)
+
+
+def _rows(words: np.ndarray | None) -> np.ndarray | None:
+    """One row's packed mask as a [1, W] batch (None stays None)."""
+    return None if words is None else np.asarray(words, np.uint32)[None]
 
 
 # ====================================================================== engine
@@ -308,6 +347,7 @@ class Engine:
                     np.ones((1,), np.int32),
                     req,
                     np.int32(0),
+                    None,  # no mask: passed as the service passes it (one compiled program)
                     speculative=self._can_speculate,
                     top_n=top_n,
                     axes=self._axes,
@@ -333,6 +373,7 @@ class Engine:
                             self._variables,
                             state,
                             live,
+                            None,
                             speculative=spec,
                             top_n=top_n,
                             axes=self._axes,
@@ -349,12 +390,14 @@ class Engine:
         callback: Callable[[TokenEvent], None] | None = None,
         *,
         row: int = 0,
+        constraint: TokenConstraint | None = None,
     ) -> int:
         """Queues a request; returns its id. Events go to `callback` on the engine thread.
 
         `row` is the row index folded into the key of a seeded request (`generate(rng=seed)`
         gives prompt i row i), e.g. choice i of an `n` > 1 request; unseeded requests use the
-        engine seed with row = request id.
+        engine seed with row = request id. `constraint`: the request's tokens are drawn from
+        its allowed sets (see the module docstring; one constraint object per request).
 
         Raises:
           ValueError: empty prompt, token ids out of range, bad params, or prompt length +
@@ -392,6 +435,7 @@ class Engine:
             params,
             callback or (lambda ev: None),
             row if params.seed is not None else rid,
+            constraint=constraint,
         )
         with self._cv:
             if self._thread is None or self._stopping:
@@ -593,6 +637,7 @@ class Engine:
                 np.array([n], np.int32),
                 self._row_request(req),
                 np.int32(req.slot),
+                _rows(req.allowed()),
                 speculative=self._can_speculate,
                 top_n=None if req.params.logprobs is None else MAX_LOGPROBS,
                 axes=self._axes,
@@ -642,7 +687,7 @@ class Engine:
             first=start == 0,
         )
 
-    def _run_start_decoding(self, state, prompt, req, slot, logits, hidden, top_n):
+    def _run_start_decoding(self, state, prompt, req, slot, logits, hidden, top_n, allowed=None):
         return programs.start_decoding(
             state,
             logits,
@@ -651,6 +696,7 @@ class Engine:
             np.array([len(prompt)], np.int32),
             req,
             np.int32(slot),
+            _rows(allowed),
             speculative=self._can_speculate,
             top_n=top_n,
         )
@@ -669,8 +715,9 @@ class Engine:
             if last:
                 top_n = None if req.params.logprobs is None else MAX_LOGPROBS
                 self._state, first = self._run_start_decoding(
-                    self._state, req.prompt, self._row_request(req), req.slot, logits, hidden, top_n
-                )
+                    self._state, req.prompt, self._row_request(req), req.slot, logits, hidden,
+                    top_n, req.allowed(),
+                )  # fmt: skip
                 first = jax.device_get(first)
         except Exception as err:
             log.exception("prefill chunk %d of request %d failed", req.chunk, req.id)
@@ -714,10 +761,20 @@ class Engine:
                 for j in range(n)
             )
         self._deliver(req, TokenEvent(req.id, tokens, None, None, logprobs, top))
+        finished = False
+        if req.constraint is not None and not req.failed:
+            try:
+                req.constraint.advance(tokens)
+                finished = req.constraint.finished
+            except Exception as err:  # a constraint that fails ends only its request
+                log.exception("the constraint of request %d failed", req.id)
+                req.failed = f"constraint failed: {type(err).__name__}: {err}"
         if req.failed:
             self._end_early(req)
         elif out.done_B[i]:
             self._finish(req, "stop" if out.stopped_B[i] else "length")
+        elif finished:
+            self._finish(req, "stop")
 
     def _step(self) -> None:
         """One decode step for all decoding slots (slots being prefilled are held done)."""
@@ -733,6 +790,7 @@ class Engine:
         rows = next(b for b in self._row_buckets if b > active[-1][0])
         live = np.zeros(rows, bool)
         live[[i for i, _ in active]] = True
+        allowed = self._step_masks(active, rows, live)
         want = any(r.params.logprobs is not None for _, r in active)
         t0 = time.perf_counter()
         try:
@@ -741,6 +799,7 @@ class Engine:
                 self._variables,
                 self._state,
                 live,
+                allowed,
                 speculative=speculative,
                 top_n=MAX_LOGPROBS if want else None,
                 axes=self._axes,
@@ -759,4 +818,24 @@ class Engine:
             self._counters["draft_tokens"] += int(out.drafted_B.sum())
             self._counters["accepted_tokens"] += int(out.accepted_B.sum())
         for i, req in active:
-            self._emit(req, out, i)
+            if live[i]:
+                self._emit(req, out, i)
+
+    def _step_masks(self, active, rows: int, live: np.ndarray) -> np.ndarray | None:
+        """Packed allowed-token masks of the step's `rows` rows (all-ones where unconstrained),
+        or None when no active request is constrained. A request whose constraint fails is
+        marked failed and held out of the step (`live` False)."""
+        if not any(r.constraint is not None for _, r in active):
+            return None
+        masks = np.full((rows, -(-self.cfg.vocab_size // 32)), 0xFFFFFFFF, np.uint32)
+        for i, req in active:
+            try:
+                mask = req.allowed()
+            except Exception as err:
+                log.exception("the constraint of request %d failed", req.id)
+                req.failed = f"constraint failed: {type(err).__name__}: {err}"
+                live[i] = False
+                continue
+            if mask is not None:
+                masks[i] = mask
+        return masks

@@ -2,7 +2,9 @@
 drives them from its host loop): `admit` (a whole prompt into a slot), `prompt_chunk` and
 `start_decoding` (a long prompt chunk by chunk, then its first token), `step` (one decode step
 over the active slots and positions). Each takes the state donated and the cache layout `axes`
-(`decode.state_axes`: per leaf, the batch and sequence axes) as a static argument.
+(`decode.state_axes`: per leaf, the batch and sequence axes) as a static argument. The programs
+that sample (`admit`, `start_decoding`, `step`) take an optional packed allowed-token mask per row
+(`allowed_*W`, see `decode`); None compiles the unconstrained program.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ def put_rows(full, part, batch_axes, start: int | jax.Array):
 @functools.partial(
     jax.jit, static_argnames=("cfg", "speculative", "top_n", "axes"), donate_argnames=("state",)
 )
-def admit(cfg, variables, state, tokens_1P, length_1, req, slot, *, speculative, top_n, axes):
+def admit(
+    cfg, variables, state, tokens_1P, length_1, req, slot, allowed_1W=None,
+    *, speculative, top_n, axes,
+):  # fmt: skip
     """Prefills one prompt into a fresh [1, P] state, samples token 0 and copies the row into
     row `slot` of `state`; returns (state, StepOutput of the row). Prompts longer than
     decode.PREFILL_CHUNK run chunk by chunk inside this one program (bounded activations)."""
@@ -44,6 +49,7 @@ def admit(cfg, variables, state, tokens_1P, length_1, req, slot, *, speculative,
         speculative=speculative,
         top_n=top_n,
         prefill_chunk=decode.PREFILL_CHUNK,  # activation memory bounded by the chunk
+        allowed_BW=allowed_1W,
     )
     batch_axes = jax.tree.unflatten(jax.tree.structure(state), list(axes[0]))
     return put_rows(state, row, batch_axes, slot), first
@@ -100,8 +106,9 @@ def prompt_chunk(
 
 @functools.partial(jax.jit, static_argnames=("speculative", "top_n"), donate_argnames=("state",))
 def start_decoding(
-    state, logits_1V, hidden_1D, last_token_1, length_1, req, slot, *, speculative, top_n
-):
+    state, logits_1V, hidden_1D, last_token_1, length_1, req, slot, allowed_1W=None,
+    *, speculative, top_n,
+):  # fmt: skip
     """After the last prompt chunk: samples token 0 (`decode.first_state`, as the one-shot
     admit does) and writes row `slot`'s non-cache state (unparking it); returns (state,
     StepOutput of the row)."""
@@ -115,6 +122,7 @@ def start_decoding(
         req=req,
         speculative=speculative,
         top_n=top_n,
+        allowed_BW=allowed_1W,
     )
     updates = {
         f.name: getattr(state, f.name).at[slot].set(getattr(row, f.name)[0])
@@ -129,9 +137,10 @@ def start_decoding(
     static_argnames=("cfg", "speculative", "top_n", "axes", "rows", "window"),
     donate_argnames=("state",),
 )
-def step(cfg, variables, state, live_R, *, speculative, top_n, axes, rows, window):
+def step(cfg, variables, state, live_R, allowed_RW=None, *, speculative, top_n, axes, rows, window):
     """One decode step over slots 0..rows-1 and cache positions 0..window-1 (every active slot
-    and position is among them); rows with live_R False are held done."""
+    and position is among them); rows with live_R False are held done. `allowed_RW`: the rows'
+    packed allowed-token masks, or None."""
     tree = jax.tree.structure(state)
     batch_axes = jax.tree.unflatten(tree, list(axes[0]))
     seq_axes = jax.tree.unflatten(tree, list(axes[1]))
@@ -142,5 +151,7 @@ def step(cfg, variables, state, live_R, *, speculative, top_n, axes, rows, windo
 
     sub = jax.tree.map(view, state, batch_axes, seq_axes)
     sub = sub.replace(done_B=sub.done_B | ~live_R)
-    sub, out = decode.step(cfg, variables, sub, speculative=speculative, top_n=top_n)
+    sub, out = decode.step(
+        cfg, variables, sub, speculative=speculative, top_n=top_n, allowed_BW=allowed_RW
+    )
     return put_rows(state, sub, batch_axes, 0), out

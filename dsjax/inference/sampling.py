@@ -12,6 +12,11 @@ One module serves `generate` and the engine, so the same seed gives the same sam
   the batch it runs in.
 - `filter_logits`, `sample_tokens`, `verify_draft` (speculative sampling: greedy-exact, and
   distribution-preserving accept / residual when sampling), `token_logprobs`.
+- Allowed-token masks (constrained decoding, `dsjax.inference.constrained`): the host packs each
+  row's allowed tokens into 32-bit words (`pack_allowed`, [B, ceil(V/32)] uint32: 1 bit per
+  token, 1 = allowed); the decode programs unpack them (`unpack_allowed`) and `mask_logits`
+  sends every other token to -inf before filtering and sampling, so draws, speculative drafts,
+  their verification and residual draws all stay inside the mask.
 """
 
 from __future__ import annotations
@@ -31,9 +36,12 @@ __all__ = [
     "SamplingParams",
     "filter_logits",
     "keys_from_seeds",
+    "mask_logits",
+    "pack_allowed",
     "sample_tokens",
     "seed_words",
     "token_logprobs",
+    "unpack_allowed",
     "verify_draft",
 ]
 
@@ -150,6 +158,36 @@ def purpose_keys(keys_B, counts_B, purpose: int):
     """Per-row key for token index `counts_B` and a purpose (independent of the batch)."""
     fold = jax.vmap(jax.random.fold_in)
     return fold(fold(keys_B, counts_B), jnp.full_like(counts_B, purpose))
+
+
+# ====================================================================== allowed-token masks
+def pack_allowed(allowed_BV) -> np.ndarray:
+    """Host side: bool [B, V] (or [V]) -> uint32 words [B, ceil(V/32)] (bit v % 32 of word
+    v // 32 is token v; little-endian bit order)."""
+    allowed = np.atleast_2d(np.asarray(allowed_BV, bool))
+    B, V = allowed.shape
+    W = -(-V // 32)
+    padded = np.zeros((B, W * 32), bool)
+    padded[:, :V] = allowed
+    bits = np.packbits(padded.reshape(B, W, 4, 8), axis=-1, bitorder="little")
+    return bits.reshape(B, W * 4).view("<u4").astype(np.uint32)
+
+
+def unpack_allowed(words_BW, vocab_size: int):
+    """Device side: uint32 words [B, W] (`pack_allowed`) -> bool [B, vocab_size] (traceable)."""
+    v = jnp.arange(vocab_size)
+    words = jnp.take(words_BW.astype(jnp.uint32), v // 32, axis=1)
+    return ((words >> (v % 32).astype(jnp.uint32)) & 1).astype(bool)
+
+
+def mask_logits(logits_BV, allowed_BV):
+    """-inf outside each row's allowed tokens (float32). A row that allows no token is left as
+    it is (the host never sends one; this keeps a bad mask from yielding NaN draws)."""
+    logits = logits_BV.astype(jnp.float32)
+    if allowed_BV is None:
+        return logits
+    keep = allowed_BV | ~jnp.any(allowed_BV, axis=-1, keepdims=True)
+    return jnp.where(keep, logits, -jnp.inf)
 
 
 # ====================================================================== filter, draw, verify
