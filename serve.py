@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper())
     from pathlib import Path
 
-    from dsjax.inference.loading import load_model
     from dsjax.inference.generate import generate
+    from dsjax.inference.loading import load_model
     from dsjax.text.chat_template import encode_text
 
     if args.max_body_bytes < 1:

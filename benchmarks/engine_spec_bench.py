@@ -120,8 +120,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
 
-    from dsjax.inference.loading import load_model
     from dsjax.inference.engine import Engine, SamplingParams
+    from dsjax.inference.loading import load_model
 
     cfg, variables, tokenizer, _ = load_model(args.workdir, args.dtype)
     if not (cfg.num_mtp_layers > 0 and "mtp_0" in variables.get("params", {})):

@@ -1,4 +1,4 @@
-"""DeepSeek-V2-Lite 16B exactly (SPEC §1): plain q projection, softmax greedy routing."""
+"""DeepSeek-V2-Lite 16B exactly (docs/spec.md §1): plain q projection, softmax greedy routing."""
 
 from configs.base import get_base_config
 

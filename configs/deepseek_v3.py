@@ -1,4 +1,4 @@
-"""DeepSeek-V3 / R1 671B exactly (SPEC §1), with the V3 pre-training recipe (SPEC §9)."""
+"""DeepSeek-V3 / R1 671B exactly (docs/spec.md §1), with the V3 pre-training recipe (§9)."""
 
 from configs.base import get_base_config
 

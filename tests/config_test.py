@@ -10,7 +10,7 @@ from dsjax.model.transformer import count_params
 
 def test_v3_scale_and_mscale_match_spec():
     cfg = ModelConfig(**deepseek_v3.get_config().model)
-    # SPEC §3: m^2 = 1.873854, scale = 0.135234 for V3; 1.589626 for V2-Lite.
+    # docs/spec.md §3: m^2 = 1.873854, scale = 0.135234 for V3; 1.589626 for V2-Lite.
     assert cfg.softmax_scale == pytest.approx(0.135234, abs=1e-6)
     assert cfg.softmax_scale * 192**0.5 == pytest.approx(1.873854, abs=1e-6)
     lite = ModelConfig(**deepseek_v2_lite.get_config().model)
@@ -147,7 +147,7 @@ def test_from_hf_errors():
 
 def test_parameter_counts_match_published_sizes():
     v3 = count_params(ModelConfig(**deepseek_v3.get_config().model))
-    # Independent hand count (SPEC §1): routed experts 58 layers x 256 x 3 x 7168 x 2048.
+    # Independent hand count (docs/spec.md §1): routed experts 58 layers x 256 x 3 x 7168 x 2048.
     routed = 58 * 256 * 3 * 7168 * 2048
     assert v3["total"] == pytest.approx(671e9, rel=0.01)
     assert v3["activated"] == v3["total"] - 129280 * 7168 - routed + routed * 8 // 256

@@ -1,4 +1,4 @@
-"""FP8 training recipe (dsjax/model/fp8.py, SPEC §8): quantisation bounds, the three GEMMs against a
+"""FP8 training recipe (model/fp8.py, docs/spec.md §8): quantisation bounds, the 3 GEMMs against a
 float64 NumPy version of the same recipe, the whole model's gradients against float32, the
 high-precision exceptions (jaxpr inspection), stored FP8 weights, and FP8 train steps."""
 

@@ -139,7 +139,7 @@ def hf_model(yarn: bool, seed: int = 0) -> DeepseekV3ForCausalLM:
             else:
                 p.copy_(1.5 / math.sqrt(p.shape[-1]) * torch.randn(p.shape, generator=gen))
         for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):  # keeps sigmoid + bias > 0 (SPEC §5)
+            if name.endswith("e_score_correction_bias"):  # sigmoid + bias > 0 (docs/spec.md §5)
                 b.copy_(0.3 * torch.rand(b.shape, generator=gen))
     return model
 

@@ -1,4 +1,4 @@
-"""FP8 checkpoints both ways (issue 10 item 3; SPEC §7 FP8 release format, §8 quantisation).
+"""FP8 checkpoints both ways (issue 10 item 3; docs/spec.md §7 FP8 release format, §8 quantising).
 
 The FP8 release used as input is written here with torch / safetensors and the float64 NumPy
 recipe of `hf_fixtures` (never with dsjax), from a tiny random HF model with an MTP layer. Its

@@ -24,7 +24,7 @@ def test_rmsnorm_matches_formula():
 
 def test_yarn_range_and_frequencies_v3():
     cfg = ModelConfig(**deepseek_v3.get_config().model)
-    assert yarn_correction_range(cfg) == (10, 23)  # SPEC §4
+    assert yarn_correction_range(cfg) == (10, 23)  # docs/spec.md §4
     base = 1.0 / 10000 ** (np.arange(0, 64, 2) / 64)
     f = rope_frequencies(cfg).astype(np.float64)
     np.testing.assert_allclose(f[:11], base[:11], rtol=1e-6)  # pairs <= 10 keep θ

@@ -11,7 +11,7 @@ from tests.helpers import rel_err, tiny_config
 
 
 def np_route(logits, bias, cfg):
-    """float64 reference of SPEC §5 (V3 sigmoid/noaux_tc and V2 softmax greedy/group-limited)."""
+    """float64 reference of docs/spec.md §5 (V3 sigmoid/noaux_tc, V2 softmax greedy/group-limit)."""
     x = logits.astype(np.float64)
     if cfg.scoring_func == "sigmoid":
         s = 1 / (1 + np.exp(-x))

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint import/export for dsjax (SPEC §7).
+"""Hugging Face checkpoint import/export for dsjax (docs/spec.md §7).
 
 On disk a DeepSeek-V3 checkpoint is a directory holding `config.json` and safetensors file(s):
 one `model.safetensors` or shards listed in `model.safetensors.index.json`. Tensors use torch's

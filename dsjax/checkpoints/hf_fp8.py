@@ -1,4 +1,6 @@
-"""The FP8 release format of DeepSeek-V3 checkpoints (SPEC §7), in NumPy, for `dsjax.checkpoints.hf`.
+"""The FP8 release format of DeepSeek-V3 checkpoints (docs/spec.md §7), in NumPy.
+
+Used by `dsjax.checkpoints.hf`.
 
 On disk (HF, torch [out, in] layout) a weight is FP8 (`F8_E4M3`, float8_e4m3fn) exactly when a
 sibling `<name>_scale_inv` exists: float32 [ceil(out/b0), ceil(in/b1)] with (b0, b1) config.json's
@@ -11,7 +13,7 @@ its scale, both transposed, so `W[i, j] = kernel[i, j] * kernel_scale_inv[i // 1
 Routed experts: `gate`/`up`/`down` float8 [E, in, out] with `gate_scale_inv` ... [E, ceil(in/128),
 ceil(out/128)]; scanned stacks add the leading layer axis to both.
 
-Quantisation (saving float weights as FP8) follows SPEC §8: per 128x128 block,
+Quantisation (saving float weights as FP8) follows docs/spec.md §8: per 128x128 block,
 `s = max|block| / 448`, `W8 = round_e4m3(W / s)` (an all-zero block gets s = 1).
 
 Which weights are FP8: every linear projection except the router (`mlp.gate.weight`) and the
@@ -40,7 +42,8 @@ QUANTIZATION_CONFIG: dict[str, Any] = {
     "activation_scheme": "dynamic",
     "weight_block_size": list(DEFAULT_BLOCK),
 }
-# Linear kernels that stay in high precision (SPEC §7/§8): the MoE router and the output head.
+# Linear kernels that stay in high precision (docs/spec.md §7, §8): the MoE router and the
+# output head.
 _NEVER_FP8 = {("moe", "router", "kernel"), ("lm_head", "kernel")}
 
 Path_ = tuple[str, ...]

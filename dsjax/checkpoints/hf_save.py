@@ -162,7 +162,7 @@ def save_hf_checkpoint(
     each leaf's dtype; a float8 leaf saved without fp8 is dequantised to float32); the router
     bias stays float32.
 
-    fp8=True writes the official FP8 release layout (SPEC §7): every linear weight except the
+    fp8=True writes the official FP8 release layout (docs/spec.md §7): every linear weight but the
     router and the output head as F8_E4M3 with a float32 `<name>_scale_inv` [ceil(out/128),
     ceil(in/128)], and `quantization_config` (fp8, e4m3, dynamic, 128x128) in config.json.
     FP8 leaves (a `keep_fp8=True` load: float8 `kernel` + `kernel_scale_inv`) are written bit

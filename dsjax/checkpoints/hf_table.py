@@ -1,4 +1,4 @@
-"""The Hugging Face <-> dsjax tensor table (SPEC §7): one `TensorEntry` per HF key.
+"""The Hugging Face <-> dsjax tensor table (docs/spec.md §7): one `TensorEntry` per HF key.
 
 On disk a DeepSeek-V3 checkpoint uses torch's [out, in] layout and one key per expert
 (`model.layers.N.mlp.experts.E.up_proj.weight`); dsjax keeps Flax kernels ([in, out]) with the
@@ -124,7 +124,7 @@ def _attention_specs(cfg: ModelConfig) -> list[_Spec]:
         _linear("self_attn.o_proj.weight", "attn/o/kernel", d, h * cfg.v_head_dim),
         _vector("post_attention_layernorm.weight", "ffn_norm/scale", d),
     ]
-    if cfg.use_dsa:  # DeepSeek-V3.2's lightning indexer (SPEC §10)
+    if cfg.use_dsa:  # DeepSeek-V3.2's lightning indexer (docs/spec.md §10)
         n, i, ix = cfg.index_n_heads, cfg.index_head_dim, "self_attn.indexer."
         specs += [
             _linear(ix + "wq_b.weight", "attn/indexer/wq_b/kernel", n * i, cfg.q_lora_rank),

@@ -87,10 +87,10 @@ class ModelConfig:
     # depth); >= the depth = straight-line code, which saves stacking every layer's saved
     # activations into [L, ...] buffers (measured: the 4-layer CPU train step ~12% faster).
     scan_unroll: int = 1
-    # FP8 training (SPEC §8, dsjax/model/fp8.py): every linear layer and expert matmul in E4M3 with
+    # FP8 training (docs/spec.md §8, model/fp8.py): every linear layer and expert matmul in E4M3,
     # 1x128 / 128x128 scaling and FP32 accumulation. Not part of the HF format.
     fp8: bool = False
-    # DeepSeek Sparse Attention (V3.2, SPEC §10; HF deepseek_v32): each query attends only to the
+    # DeepSeek Sparse Attention (V3.2, docs/spec.md §10; HF deepseek_v32): each query attends to the
     # `index_topk` keys its lightning indexer (index_n_heads x index_head_dim) scores highest.
     # index_topk = 0 is dense MLA (V3). V3.2: 2048, 64 heads, head dim 128.
     index_topk: int = 0
@@ -247,7 +247,7 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """`(d_n + d_r)^-0.5 * m^2`, m = YaRN mscale with mscale_all_dim (SPEC §3)."""
+        """`(d_n + d_r)^-0.5 * m^2`, m = YaRN mscale with mscale_all_dim (docs/spec.md §3)."""
         scale = self.qk_head_dim**-0.5
         if self.use_yarn and self.rope_mscale_all_dim:
             m = yarn_mscale(self.rope_factor, self.rope_mscale_all_dim)

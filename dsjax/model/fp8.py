@@ -1,4 +1,4 @@
-"""FP8 training, DeepSeek-V3's fine-grained recipe (SPEC §8; tech report §3.3).
+"""FP8 training, DeepSeek-V3's fine-grained recipe (docs/spec.md §8; tech report §3.3).
 
 Every GEMM of a linear layer (forward `y = x W`, input gradient `dx = dy Wᵀ`, weight gradient
 `dW = xᵀ dy`) runs on float8_e4m3fn operands with FP32 accumulation:

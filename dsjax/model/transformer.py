@@ -141,7 +141,9 @@ def _stack(cfg: ModelConfig, moe: bool, length: int, mode: str, name: str) -> nn
 
 
 class MTPModule(nn.Module):
-    """Multi-token prediction depth k (SPEC §6): `h^k = Block(M [norm(Emb(t_{i+k})); norm(h^{k-1}_i)])`.
+    """Multi-token prediction depth k (docs/spec.md §6).
+
+    `h^k = Block(M [norm(Emb(t_{i+k})); norm(h^{k-1}_i)])`.
 
     `MTPModule(cfg, mode)(h_prev_BTD, emb_next_BTD, positions_BT, segment_ids_BT)` ->
     (h_BTD, normed_BTD, stats): h_prev_BTD [B, T, D] the previous depth's hidden states (the main

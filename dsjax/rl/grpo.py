@@ -1,4 +1,4 @@
-"""GRPO (DeepSeekMath §4.1, DeepSeek-R1 §2.2; SPEC §11): advantages, the loss, the jitted step.
+"""GRPO (DeepSeekMath §4.1, DeepSeek-R1 §2.2; docs/spec.md §11): advantages, loss, jitted step.
 
 For each prompt G completions o_1..o_G are sampled from the policy at rollout time (π_old);
 rewards r_i give the group-relative advantages A_i = (r_i − mean(r)) / std(r) (std over the

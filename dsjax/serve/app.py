@@ -36,8 +36,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from dsjax.inference.loading import load_model
 from dsjax.inference.engine import Engine
+from dsjax.inference.loading import load_model
 from dsjax.serve.errors import APIError
 from dsjax.serve.requests import (
     Limits,

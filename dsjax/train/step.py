@@ -3,7 +3,8 @@
 Loss = main cross-entropy + λ · mean over MTP depths of their cross-entropies + α · the
 sequence-wise balance loss summed over MoE layers, all over real tokens only. After each optimizer
 step the routing correction bias of every MoE layer moves by γ · sign(mean load − load), from the
-token counts of the whole global batch (SPEC §5) — outside the optimizer, which never sees it.
+token counts of the whole global batch (docs/spec.md §5) — outside the optimizer, which never
+sees it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """DeepSeek-V3 block-scaled FP8 GEMM: a Pallas (Triton backend) kernel and its XLA reference.
 
-The recipe (SPEC.md §8): the left operand is quantised per 1×128 tile along K (one row, 128
+The recipe (docs/spec.md §8): the left operand is quantised per 1×128 tile along K (one row, 128
 channels), the right operand per 128×128 block (weights) or per 128×1 tile (the weight-gradient
 GEMM, where both operands are tiled along the token dimension). The product
 

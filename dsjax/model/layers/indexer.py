@@ -1,4 +1,4 @@
-"""The lightning indexer of DeepSeek Sparse Attention (DeepSeek-V3.2, SPEC §10).
+"""The lightning indexer of DeepSeek Sparse Attention (DeepSeek-V3.2, docs/spec.md §10).
 
 Per layer, beside MLA and on the same input x and query latent c_Q = RMSNorm(x W_qa):
   q^I = c_Q W_q^I            [T, N, I]   (N = index_n_heads, I = index_head_dim)

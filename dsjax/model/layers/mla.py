@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (SPEC §3): expanded path and absorbed decode path over a latent cache.
+"""Multi-head Latent Attention (docs/spec.md §3): expanded path, absorbed decode, latent cache.
 
 Modes:
   "train"   expanded attention over the given tokens (packed segments allowed); no cache.
@@ -11,7 +11,7 @@ Modes:
 The cache holds `kv_lora_rank + qk_rope_head_dim` values per token per layer (V3: 576), never the
 per-head keys and values.
 
-DeepSeek Sparse Attention (V3.2, `cfg.index_topk > 0`, SPEC §10): a lightning indexer
+DeepSeek Sparse Attention (V3.2, `cfg.index_topk > 0`, docs/spec.md §10): a lightning indexer
 (`dsjax/model/layers/indexer.py`, its own key cache `indexer/k` [B, S, index_head_dim] beside the latent
 cache) picks each query's top-k keys, and attention runs in the absorbed (MQA) form over those
 keys' latents only, gathered per query: k x (C + dr) values per query shared by all heads, so
@@ -54,7 +54,7 @@ MODES = ("train", "prefill", "decode")
 
 
 class MLA(nn.Module):
-    """Multi-head Latent Attention (SPEC §3); see the module docstring for the three modes.
+    """Multi-head Latent Attention (docs/spec.md §3); see the module docstring for the three modes.
 
     `MLA(cfg, mode)(x_BTD, positions_BT, segment_ids_BT, token_index_BT=None) -> out_BTD` (compute
     dtype): x_BTD [B, T, D=hidden_size]; positions_BT [B, T] int (RoPE angles; in prefill/decode

@@ -1,4 +1,4 @@
-"""DeepSeekMoE (SPEC §5): float32 router, group-limited top-k, dropless grouped-matmul experts.
+"""DeepSeekMoE (docs/spec.md §5): float32 router, group-limited top-k, dropless grouped experts.
 
 Routing: scores `s` = sigmoid (V3) or softmax (V2) of `u W_g`; selection uses `s + b` where `b` is
 the correction bias in the `moe_bias` collection (never a trained parameter); group-limited routing
@@ -794,7 +794,7 @@ class MoE(nn.Module):
         B, T, D = x_BTD.shape
         E = cfg.n_routed_experts
         bias = self.variable("moe_bias", "bias", jnp.zeros, (E,), jnp.float32)
-        # Router in float32 (SPEC §5); kernel path moe/router/kernel.
+        # Router in float32 (docs/spec.md §5); kernel path moe/router/kernel.
         router = Linear(
             D,
             E,

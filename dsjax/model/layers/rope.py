@@ -1,4 +1,4 @@
-"""Rotary position embedding with YaRN frequency scaling, interleaved pairs (SPEC §4).
+"""Rotary position embedding with YaRN frequency scaling, interleaved pairs (docs/spec.md §4).
 
 DeepSeek's released weights expect pair (2i, 2i+1) rotated by frequency i, so rotating interleaved
 pairs here means a checkpoint loads without permuting any weight row.
