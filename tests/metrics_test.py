@@ -387,3 +387,30 @@ def test_bits_per_byte_hand_worked():
 )
 def test_python_line_check(text, expected):
     assert metrics.python_line_check(text) == expected
+
+
+@pytest.mark.parametrize(
+    "kind, bandwidth, fp8",
+    [
+        ("NVIDIA H100 80GB HBM3", 3.35e12, 1979e12),
+        ("NVIDIA H100 PCIe", 2.0e12, 1513e12),
+        ("NVIDIA H200", 4.8e12, 1979e12),
+        ("NVIDIA A100-SXM4-80GB", 2.039e12, None),
+        ("NVIDIA A100-SXM4-40GB", 1.555e12, None),
+        ("TPU v5 lite", 819e9, None),
+        ("TPU v5", 2765e9, None),
+        ("TPU v6 lite", 1640e9, None),
+    ],
+)
+def test_device_memory_table(kind, bandwidth, fp8):
+    platform = "tpu" if kind.startswith("TPU") else "gpu"
+    value, source = metrics.memory_bandwidth_per_device(FakeDevice(kind, platform))
+    assert value == bandwidth and kind in source
+    assert metrics.peak_fp8_flops_per_device(FakeDevice(kind, platform))[0] == fp8
+
+
+def test_device_memory_unknown_and_cpu():
+    assert metrics.memory_bandwidth_per_device(FakeDevice("NVIDIA GeForce GTX 1080"))[0] is None
+    value, source = metrics.memory_bandwidth_per_device(FakeDevice("cpu", "cpu"), mib=16)
+    assert value > 1e8 and "measured" in source  # any CPU streams > 0.1 GB/s
+    assert metrics.peak_fp8_flops_per_device(FakeDevice("cpu", "cpu"))[0] is None

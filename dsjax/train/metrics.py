@@ -229,6 +229,85 @@ def peak_flops_per_device(device: Any = None, dtype: Any = "bfloat16") -> tuple[
     return None, f"unknown device kind {kind!r} (platform {platform!r}): no peak FLOP/s, no MFU"
 
 
+# (device_kind substring, lower case; HBM bytes/s per device; dense FP8 FLOP/s per device, None
+# where the chip has no FP8 matmul). Vendor data sheets (dense = without 2:4 sparsity; sheets
+# quote sparse FP8, twice these); TPU bandwidths as in dsjax/plan/tpu_specs.py. First match wins.
+DEVICE_MEMORY: tuple[tuple[str, float, float | None], ...] = (
+    ("h100 pcie", 2.0e12, 1513e12),
+    ("h100 nvl", 3.9e12, 1671e12),
+    ("h100", 3.35e12, 1979e12),  # SXM5 80 GB HBM3
+    ("h800", 3.35e12, 1979e12),
+    ("gh200", 4.0e12, 1979e12),  # the 96 GB HBM3 part (the 144 GB HBM3e one has 4.9 TB/s)
+    ("h200", 4.8e12, 1979e12),
+    ("a100-sxm4-80gb", 2.039e12, None),
+    ("a100 80gb pcie", 1.935e12, None),
+    ("a100", 1.555e12, None),  # 40 GB parts
+    ("l40s", 864e9, 733e12),
+    ("l40", 864e9, 362e12),
+    ("l4", 300e9, 242.5e12),
+    ("tpu v6 lite", 1640e9, None),
+    ("tpu v6e", 1640e9, None),
+    ("tpu v5 lite", 819e9, None),
+    ("tpu v5e", 819e9, None),
+    ("tpu v5p", 2765e9, None),
+    ("tpu v5", 2765e9, None),
+    ("tpu v4", 1200e9, None),
+)
+
+
+def _device_memory_row(device: Any) -> tuple[str, str, tuple[str, float, float | None] | None]:
+    kind = str(getattr(device, "device_kind", ""))
+    platform = str(getattr(device, "platform", "")).lower()
+    row = next((r for r in DEVICE_MEMORY if r[0] in kind.lower()), None)
+    return kind, platform, row
+
+
+@functools.cache
+def _measure_cpu_memory_bandwidth(mib: int, repeats: int) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.device_put(jnp.ones((mib * 2**18,), jnp.float32), jax.devices("cpu")[0])
+    scale = jax.jit(lambda a: a * 1.5)
+    scale(x).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        scale(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * x.nbytes / max(best, 1e-9)  # one read + one write of the array
+
+
+def memory_bandwidth_per_device(device: Any = None, mib: int = 256) -> tuple[float | None, str]:
+    """(HBM bytes/s of one device, where the number comes from): accelerators from
+    `DEVICE_MEMORY` by `device.device_kind`; CPUs measured (best of 3 jitted elementwise passes
+    over a `mib`-MiB float32 array, read + write bytes); unknown accelerators (None, reason)."""
+    if device is None:
+        import jax
+
+        device = jax.devices()[0]
+    kind, platform, row = _device_memory_row(device)
+    if platform == "cpu":
+        value = _measure_cpu_memory_bandwidth(int(mib), 3)
+        return value, f"measured: jitted elementwise pass over {mib} MiB float32 ({kind})"
+    if row is None:
+        return None, f"unknown device kind {kind!r} (platform {platform!r}): no HBM bandwidth"
+    return row[1], f"table: {kind!r} matched {row[0]!r}"
+
+
+def peak_fp8_flops_per_device(device: Any = None) -> tuple[float | None, str]:
+    """(dense FP8 FLOP/s of one device, where the number comes from); None for CPUs, chips
+    without FP8 matmuls (A100, TPU v4/v5) and unknown kinds."""
+    if device is None:
+        import jax
+
+        device = jax.devices()[0]
+    kind, platform, row = _device_memory_row(device)
+    if platform == "cpu" or row is None or row[2] is None:
+        return None, f"no FP8 matmul peak for {kind!r} (platform {platform!r})"
+    return row[2], f"table: {kind!r} matched {row[0]!r}, FP8 dense"
+
+
 # ---------------------------------------------------------------------------------- metric logs
 
 
