@@ -122,9 +122,42 @@ def test_completion_field_errors_name_the_field(field, value, words):
             "text",
         ),
         ({"messages": [{"role": "user", "content": "\udfff"}]}, "messages[0].content", "U+DFFF"),
-        ({"messages": [{"role": "user", "tool_calls": [{}]}]}, "messages[0].tool_calls", "not"),
-        ({"tools": [{"type": "function"}]}, "tools", "not supported"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "only"),
+        ({"messages": [{"role": "user", "tool_calls": [{}]}]}, "messages[0].tool_calls", "only"),
+        (
+            {"messages": [{"role": "assistant", "tool_calls": [{}]}]},
+            "messages[0].tool_calls[0]",
+            "must be",
+        ),
+        ({"messages": [{"role": "user", "tool_call_id": "x"}]}, "messages[0].tool_call_id", "only"),
+        ({"tools": [{"type": "function"}]}, "tools[0]", "must be"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "a b"}}]},
+            "tools[0].function.name",
+            "a-z",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"not": {}}}}]},
+            "tools[0].function.parameters",
+            "'not' is not supported",
+        ),
+        ({"tool_choice": "auto"}, "tool_choice", "needs 'tools'"),
+        ({"tool_choice": "sometimes"}, "tool_choice", "must be"),
+        ({"response_format": {"type": "json"}}, "response_format", "must be"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+            "response_format.json_schema.name",
+            "a-z",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "object", "maxProperties": 3}},
+                }
+            },
+            "response_format.json_schema.schema",
+            "'maxProperties' is not supported",
+        ),
         ({"store": True}, "store", "not supported"),
         ({"n": 37}, "n", "[1, 36]"),
         ({"echo": True}, "echo", "unrecognized"),

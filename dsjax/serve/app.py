@@ -10,8 +10,13 @@ Implemented request fields: `prompt` / `messages`, `max_tokens` (chat also
 `max_completion_tokens`), `temperature`, `top_p`, `top_k`, `seed`, `n`, `stop`, `logprobs`
 (completions: 0-20 alternatives; chat: true, with `top_logprobs`), `echo` (completions,
 without logprobs), `best_of` (>= n; not streamed), `stream`, `stream_options.include_usage`,
-and (as in vLLM) `ignore_eos`, `stop_token_ids`, `speculative`. Fields with no effect here
-(penalties, `logit_bias`, tools, ...) pass only with their no-op value; anything else is a 400
+and (as in vLLM) `ignore_eos`, `stop_token_ids`, `speculative`. Chat also takes `tools` /
+`tool_choice` (DeepSeek's tool-call format, `dsjax.text.tool_calls`; "required" or a named
+function forces one well-formed call whose arguments match the function's parameters) and
+`response_format` (`json_object` / `json_schema`): forced calls and JSON answers are decoded
+under the grammar's allowed-token masks (`dsjax.inference.constrained`), so no invalid JSON is
+emitted and the answer ends when the document is complete. Fields with no effect here
+(penalties, `logit_bias`, ...) pass only with their no-op value; anything else is a 400
 naming it.
 
 Errors have the OpenAI shape `{"error": {"message", "type", "param", "code"}}`: 400 for a bad
@@ -27,8 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -36,6 +44,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from dsjax.inference.constrained import GrammarConstraint, TokenMasks, VocabIndex
 from dsjax.inference.engine import Engine
 from dsjax.inference.loading import load_model
 from dsjax.serve.errors import APIError
@@ -50,6 +59,9 @@ from dsjax.serve.requests import (
 from dsjax.serve.responses import TokenText, prometheus_text
 from dsjax.serve.runner import Generation
 from dsjax.text.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, encode_text
+from dsjax.text.json_grammar import Grammar
+from dsjax.text.token_bytes import token_bytes
+from dsjax.text.tool_calls import MARKERS
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
@@ -64,6 +76,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 _DRAIN_BYTES = 64 * 2**20  # an oversized body is read and dropped up to this, so the 413 arrives
+MAX_GRAMMARS = 64  # token masks kept for this many distinct response formats / tool sets
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -113,6 +126,8 @@ class _Prepared:
     sampling: Sampling
     echo: list[str] | None = None
     best_of: int | None = None
+    constraint: Callable[[], GrammarConstraint] | None = None
+    tool_calls: bool = False
 
 
 class Service:
@@ -140,6 +155,9 @@ class Service:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.api_key, self.add_bos, self.max_body_bytes = api_key, add_bos, max_body_bytes
         self.created = int(time.time())
+        self._vocab: VocabIndex | None = None
+        self._masks: dict[Grammar, TokenMasks] = {}  # least recently used first
+        self._masks_lock = threading.Lock()
         self.chat_template = ChatTemplate(tokenizer, add_bos)
         self.token_text = TokenText(tokenizer)
         stats = engine.stats()
@@ -191,11 +209,31 @@ class Service:
         """Parses, validates and renders a chat body (runs in a worker thread)."""
         req = parse_chat(self._body(raw), self.limits, raw)
         try:
-            prompt = self.chat_template.encode(req.messages)
+            prompt = self.chat_template.encode(req.messages, req.tools)
         except ValueError as err:
             raise APIError(400, f"'messages': {err}", param="messages") from None
         max_tokens = fit_max_tokens([len(prompt)], req.sampling, self.limits.max_len)
-        return _Prepared([prompt], max_tokens, req.sampling)
+        constraint = None
+        if req.grammar is not None:
+            masks = self.masks(req.grammar)
+            constraint = functools.partial(GrammarConstraint, masks)
+        return _Prepared(
+            [prompt], max_tokens, req.sampling, constraint=constraint, tool_calls=req.parse_tools
+        )
+
+    def masks(self, grammar: Grammar) -> TokenMasks:
+        """The (cached) token masks of `grammar` over this model's vocabulary; the first mask
+        is computed here, off the engine thread."""
+        with self._masks_lock:
+            if self._vocab is None:
+                pieces = token_bytes(self.tokenizer, keep=MARKERS)
+                self._vocab = VocabIndex(pieces, self.engine.cfg.vocab_size, self.tokenizer.eos_id)
+            masks = self._masks.pop(grammar, None) or TokenMasks(grammar, self._vocab)
+            self._masks[grammar] = masks
+            while len(self._masks) > MAX_GRAMMARS:
+                self._masks.pop(next(iter(self._masks)))
+        masks.answer(grammar.initial)
+        return masks
 
     async def generate(self, request: Request, chat: bool):
         """A completions (chat=False) or chat request, answered as JSON or SSE."""
@@ -214,6 +252,8 @@ class Service:
             chat=chat,
             echo=prepared.echo,
             best_of=prepared.best_of,
+            constraint=prepared.constraint,
+            tool_calls=prepared.tool_calls,
         )
         return await run.respond(lambda: client_gone(request))
 

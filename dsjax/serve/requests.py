@@ -15,12 +15,16 @@ how many sequences the engine can hold) and raise `APIError`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
 from dsjax.serve.errors import APIError, bad_field
 from dsjax.serve.json_limits import may_hold_surrogates, parse_json
+from dsjax.text.json_grammar import Grammar, SchemaError
+from dsjax.text.tool_calls import call_head, call_tail
 
 __all__ = [
     "ChatRequest",
@@ -41,6 +45,7 @@ MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 15  # the engine holds 16 stop ids per request (max_stop_ids), eos included
 MAX_ID_CHARS = 512  # `user` and other identifier strings
+MAX_STRING_CHARS = 2**20  # tool descriptions and call arguments
 MAX_TEMPERATURE = 100.0
 DEFAULT_COMPLETION_TOKENS = 16
 DEFAULT_CHAT_TOKENS = 512
@@ -100,10 +105,24 @@ class CompletionRequest:
 
 @dataclasses.dataclass(frozen=True)
 class ChatRequest:
-    """/v1/chat/completions: messages as {"role", "content"[, "name"]} dicts (text only)."""
+    """/v1/chat/completions: messages as {"role", "content"[, "name", "tool_calls",
+    "tool_call_id"]} dicts (text only).
 
-    messages: tuple[dict[str, str], ...]
+    tools: the function tools ({"type": "function", "function": {name, description?,
+    parameters?}}); tool_choice: "none", "auto", "required" or a function's name (the last two
+    force a call, by constrained decoding); parse_tools: read generated calls back.
+    grammar: what constrains the answer (a forced tool call or `response_format` JSON), or None.
+    """
+
+    messages: tuple[dict[str, Any], ...]
     sampling: Sampling
+    tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: str = "auto"
+    grammar: Grammar | None = None
+
+    @property
+    def parse_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
 
 
 def choice_seed(seed: int | None, k: int) -> int | None:
@@ -215,9 +234,6 @@ _NO_OP = {
     "reasoning_effort": _only(rule="is not supported (not a reasoning model)"),
     "verbosity": _only(rule="is not supported"),
     "web_search_options": _only(rule="web search is not supported"),
-    "response_format": _only({"type": "text"}, rule="only {'type': 'text'} is supported"),
-    "tools": _only([], rule="tools are not supported"),
-    "tool_choice": _only("none", rule="tools are not supported (only 'none')"),
     "functions": _only([], rule="functions are not supported"),
     "function_call": _only("none", rule="functions are not supported (only 'none')"),
     "parallel_tool_calls": lambda n, x: _bool(n, x),
@@ -248,6 +264,9 @@ CHAT_FIELDS = frozenset(
         "max_completion_tokens",
         "logprobs",
         "top_logprobs",
+        "response_format",
+        "tools",
+        "tool_choice",
         *_NO_OP,
     )
 )
@@ -444,17 +463,20 @@ def parse_completion(body: Any, limits: Limits, raw: bytes | None = None) -> Com
 
 
 # ====================================================================== chat
-_MESSAGE_NO_OP = ("tool_calls", "tool_call_id", "refusal", "audio", "function_call")
+_MESSAGE_NO_OP = ("refusal", "audio", "function_call")
+_MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id", *_MESSAGE_NO_OP)
+MAX_TOOLS = 128
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
-def _message(i: int, m: Any) -> dict[str, str]:
+def _message(i: int, m: Any) -> dict[str, Any]:
     where = f"messages[{i}]"
     if not isinstance(m, dict):
         raise bad_field(where, "must be an object with 'role' and 'content'")
     for key, value in m.items():
         if key in _MESSAGE_NO_OP and value is not None:
             raise bad_field(f"{where}.{key}", "is not supported", code="unsupported_parameter")
-        if key not in (*_MESSAGE_NO_OP, "role", "content", "name"):
+        if key not in _MESSAGE_FIELDS:
             raise bad_field(f"{where}.{key}", "unrecognized message field")
     role = m.get("role")
     if role not in CHAT_ROLES:
@@ -479,10 +501,169 @@ def _message(i: int, m: Any) -> dict[str, str]:
         content = ""
     if not isinstance(content, str):
         raise bad_field(f"{where}.content", "must be a string or a list of text parts")
-    out = {"role": role, "content": content}
+    out: dict[str, Any] = {"role": role, "content": content}
     if m.get("name") is not None:
         out["name"] = _string(f"{where}.name", m["name"])
+    if m.get("tool_calls") is not None:
+        if role != "assistant":
+            raise bad_field(f"{where}.tool_calls", "only assistant messages have tool calls")
+        out["tool_calls"] = _history_calls(f"{where}.tool_calls", m["tool_calls"])
+    if m.get("tool_call_id") is not None:
+        if role != "tool":
+            raise bad_field(f"{where}.tool_call_id", "only tool messages have a tool_call_id")
+        out["tool_call_id"] = _string(f"{where}.tool_call_id", m["tool_call_id"])
     return out
+
+
+def _history_calls(where: str, calls: Any) -> list[dict[str, Any]]:
+    """An assistant message's earlier tool calls, as the chat template gets them."""
+    if not isinstance(calls, list) or len(calls) > MAX_TOOLS:
+        raise bad_field(where, f"must be a list of at most {MAX_TOOLS} tool calls")
+    out = []
+    for j, call in enumerate(calls):
+        at = f"{where}[{j}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if (
+            not isinstance(fn, dict)
+            or call.get("type", "function") != "function"
+            or set(call) - {"id", "type", "function"}
+            or set(fn) - {"name", "arguments"}
+        ):
+            raise bad_field(
+                at, "must be {'id', 'type': 'function', 'function': {'name', 'arguments'}}"
+            )
+        name = _function_name(f"{at}.function.name", fn.get("name"))
+        arguments = _string(f"{at}.function.arguments", fn.get("arguments"), MAX_STRING_CHARS)
+        call_id = _string(f"{at}.id", call.get("id", f"call_{j}"))
+        out.append(
+            {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+        )
+    return out
+
+
+def _function_name(where: str, name: Any) -> str:
+    if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
+        raise bad_field(where, "must be 1-64 characters of a-z, A-Z, 0-9, '_', '.' or '-'")
+    return name
+
+
+def _tools(tools: Any) -> tuple[dict[str, Any], ...]:
+    """The `tools` list (function tools only), their parameter schemas checked."""
+    if tools is None:
+        return ()
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise bad_field("tools", f"must be a list of at most {MAX_TOOLS} function tools")
+    out, names = [], set()
+    for i, tool in enumerate(tools):
+        at = f"tools[{i}]"
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if (
+            not isinstance(fn, dict)
+            or tool.get("type") != "function"
+            or set(tool)
+            - {
+                "type",
+                "function",
+            }
+        ):
+            raise bad_field(at, "must be {'type': 'function', 'function': {'name', ...}}")
+        for key in fn:
+            if key not in ("name", "description", "parameters", "strict"):
+                raise bad_field(f"{at}.function.{key}", "unrecognized function field")
+        name = _function_name(f"{at}.function.name", fn.get("name"))
+        if name in names:
+            raise bad_field(f"{at}.function.name", f"'{name}' is defined twice")
+        names.add(name)
+        function: dict[str, Any] = {"name": name}
+        if fn.get("description") is not None:
+            function["description"] = _string(
+                f"{at}.function.description", fn["description"], MAX_STRING_CHARS
+            )
+        if fn.get("strict") is not None:
+            _bool(f"{at}.function.strict", fn["strict"])
+        if fn.get("parameters") is not None:
+            function["parameters"] = fn["parameters"]
+            _grammar(f"{at}.function.parameters", fn["parameters"])
+        out.append({"type": "function", "function": function})
+    return tuple(out)
+
+
+def _tool_choice(choice: Any, tools: tuple[dict[str, Any], ...]) -> str:
+    """'none', 'auto', 'required' or the name of the function to call."""
+    if choice is None:
+        return "auto" if tools else "none"
+    if isinstance(choice, str) and choice in ("none", "auto", "required"):
+        if choice != "none" and not tools:
+            raise bad_field("tool_choice", f"'{choice}' needs 'tools'")
+        return choice
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    if (
+        not isinstance(fn, dict)
+        or choice.get("type") != "function"
+        or set(choice) - {"type", "function"}
+        or set(fn) - {"name"}
+    ):
+        raise bad_field(
+            "tool_choice",
+            "must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name'}}",
+        )
+    name = fn.get("name")
+    if name not in [t["function"]["name"] for t in tools]:
+        raise bad_field("tool_choice", f"names the function {_show(name)}, which is not in 'tools'")
+    return str(name)
+
+
+def _grammar(where: str, schema: Any = None, **kwargs) -> Grammar:
+    """The grammar of a schema (None: any object); a 400 naming what is not supported."""
+    try:
+        return _cached_grammar(json.dumps(schema, sort_keys=True), json.dumps(kwargs, default=list))
+    except SchemaError as err:
+        raise bad_field(where, str(err), code="unsupported_schema") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_grammar(schema_json: str, kwargs_json: str) -> Grammar:
+    kwargs = json.loads(kwargs_json)
+    if "choices" in kwargs:
+        kwargs["choices"] = [(h.encode(), sch, t.encode()) for h, sch, t in kwargs["choices"]]
+    return Grammar(json.loads(schema_json), **kwargs)
+
+
+def _response_format(value: Any) -> Grammar | None:
+    """`response_format`: None for text, else the grammar of the JSON it asks for."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text" and set(value) == {"type"}:
+        return None
+    if kind == "json_object" and set(value) == {"type"}:
+        return _grammar("response_format")
+    if kind == "json_schema" and set(value) == {"type", "json_schema"}:
+        spec = value["json_schema"]
+        where = "response_format.json_schema"
+        if not isinstance(spec, dict) or set(spec) - {"name", "description", "schema", "strict"}:
+            raise bad_field(where, "must be an object with 'name' and optionally 'schema', "
+                            "'description', 'strict'")  # fmt: skip
+        _function_name(f"{where}.name", spec.get("name"))
+        if spec.get("strict") is not None:
+            _bool(f"{where}.strict", spec["strict"])
+        return _grammar(f"{where}.schema", spec.get("schema"))
+    raise bad_field(
+        "response_format",
+        "must be {'type': 'text'}, {'type': 'json_object'} or "
+        "{'type': 'json_schema', 'json_schema': {'name', 'schema'}}",
+    )
+
+
+def _tool_grammar(tools: tuple[dict[str, Any], ...], choice: str) -> Grammar | None:
+    """The grammar of one forced call (tool_choice 'required': any tool; a name: that one)."""
+    if choice in ("none", "auto"):
+        return None
+    chosen = [
+        t["function"] for t in tools if choice == "required" or t["function"]["name"] == choice
+    ]
+    choices = [(call_head(f["name"]), f.get("parameters"), call_tail()) for f in chosen]
+    return _grammar("tools", choices=choices)
 
 
 def parse_chat(body: Any, limits: Limits, raw: bytes | None = None) -> ChatRequest:
@@ -502,7 +683,15 @@ def parse_chat(body: Any, limits: Limits, raw: bytes | None = None) -> ChatReque
             raise bad_field("top_logprobs", "needs 'logprobs': true")
     sampling = _sampling(body, limits, chat=True, logprobs=(top or 0) if want else None)
     _check_sequences(1, sampling.n, limits)
-    return ChatRequest(messages=parsed, sampling=sampling)
+    tools = _tools(body.get("tools"))
+    choice = _tool_choice(body.get("tool_choice"), tools)
+    json_format = _response_format(body.get("response_format"))
+    tool_format = _tool_grammar(tools, choice)
+    if json_format is not None and tool_format is not None:
+        raise bad_field(
+            "response_format", f"cannot be combined with tool_choice '{choice}' (a forced call)"
+        )
+    return ChatRequest(parsed, sampling, tools, choice, tool_format or json_format)
 
 
 # ====================================================================== context fit

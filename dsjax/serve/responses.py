@@ -9,12 +9,13 @@ and the chat shape ({content: [{token, logprob, bytes, top_logprobs}]}).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 from typing import Any
 
 from tokenizers import decoders
+
+from dsjax.text.token_bytes import piece_bytes
 
 __all__ = [
     "SSE_DONE",
@@ -46,24 +47,6 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 # ====================================================================== token text
-@functools.cache
-def _unicode_to_byte() -> dict[str, int]:
-    """Inverse of the GPT-2 byte-level alphabet (each byte is shown as one printable char)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
-
-
 class TokenText:
     """Text and raw bytes of single tokens (for logprobs), cached per id."""
 
@@ -77,12 +60,7 @@ class TokenText:
         "bytes:\\xNN..." (as OpenAI shows it)."""
         hit = self._cache.get(token_id)
         if hit is None:
-            piece = self.tokenizer.backend.id_to_token(token_id) or ""
-            table = _unicode_to_byte()
-            if self.byte_level and piece and all(c in table for c in piece):
-                raw = bytes(table[c] for c in piece)
-            else:
-                raw = self.tokenizer.decode([token_id], skip_special_tokens=False).encode()
+            raw = piece_bytes(self.tokenizer, token_id, self.byte_level)
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:  # part of a character: OpenAI's "bytes:\\xNN" form
@@ -145,14 +123,21 @@ def chat_logprobs(entries: list[LogprobEntry], token_text: TokenText) -> dict[st
 class ChoiceText:
     """One choice's token stream as text deltas, honouring stop strings.
 
-    Text is re-decoded from all ids each time (byte-level BPE pieces merge across tokens); a
+    Text is re-decoded from all ids each time (byte-level BPE pieces merge across tokens;
+    `show_special_except`: special tokens are written out, except those ids); a
     trailing U+FFFD (an incomplete UTF-8 sequence) and the last len(longest stop) - 1
     characters are held back until they can no longer start a stop string. `entries` keeps
     the logprob entries of the tokens taken (none after a stop string is hit).
     """
 
-    def __init__(self, tokenizer, stop: tuple[str, ...] | list[str]):
+    def __init__(
+        self,
+        tokenizer,
+        stop: tuple[str, ...] | list[str],
+        show_special_except: frozenset[int] | None = None,
+    ):
         self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self.show_special_except = show_special_except
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.ids: list[int] = []
         self.entries: list[LogprobEntry] = []
@@ -168,7 +153,7 @@ class ChoiceText:
         before = len(self.ids)
         self.ids.extend(tokens)
         self.entries.extend(entries or ())
-        text = self.tokenizer.decode(self.ids)
+        text = self.decode(self.ids)
         hits = [(i, len(s)) for i, s in ((text.find(s, self.emitted), s) for s in self.stop)]
         cut, length = min(((i, n) for i, n in hits if i >= 0), default=(-1, 0))
         if cut >= 0:
@@ -186,10 +171,18 @@ class ChoiceText:
         delta, self.emitted = text[self.emitted : end], end
         return delta
 
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids`: special tokens skipped, or (`show_special_except`: the ids that end a
+        request, dropped) written out, e.g. tool-call markers."""
+        if self.show_special_except is None:
+            return self.tokenizer.decode(ids)
+        kept = [t for t in ids if t not in self.show_special_except]
+        return self.tokenizer.decode(kept, skip_special_tokens=False)
+
     def _drop_after(self, before: int, need: int) -> None:
         """Keeps the ids (and entries) up to the first one whose text reaches `need` chars."""
         for k in range(before + 1, len(self.ids) + 1):
-            if len(self.tokenizer.decode(self.ids[:k])) >= need:
+            if len(self.decode(self.ids[:k])) >= need:
                 del self.ids[k:], self.entries[k:]
                 return
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from dsjax.inference.engine import Engine, QueueFull, SamplingParams, TokenEvent
+from dsjax.inference.engine import Engine, QueueFull, SamplingParams, TokenConstraint, TokenEvent
 from dsjax.serve.errors import APIError
 from dsjax.serve.requests import Sampling, choice_seed
 from dsjax.serve.responses import (
@@ -32,6 +32,7 @@ from dsjax.serve.responses import (
     sse,
     usage,
 )
+from dsjax.text.tool_calls import ToolCall, ToolCallParser
 
 __all__ = ["Generation"]
 
@@ -73,6 +74,20 @@ class _Choice:
     finish: str | None = None
     sent_entries: int = 0
     sent_chars: int = 0  # text offset after the streamed entries (completions logprobs)
+    tools: ToolCallParser | None = None  # reads tool calls out of the text (chat with tools)
+    constraint: TokenConstraint | None = None
+    streamed: str = ""  # the text streamed so far (read by `tools`)
+
+
+def _tool_call(call: ToolCall, index: int | None = None) -> dict[str, Any]:
+    """A call in the OpenAI shape (with `index`: as a streamed delta)."""
+    out: dict[str, Any] = {} if index is None else {"index": index}
+    return {
+        **out,
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
 
 
 class Generation:
@@ -87,6 +102,9 @@ class Generation:
       echo: per prompt, text to put before the completion (completions `echo`), or None.
       best_of: candidates per prompt (>= n; None = n); the n with the highest mean token
         log-probability are returned (not streamed).
+      constraint: makes each choice's `TokenConstraint` (constrained decoding), or None.
+      tool_calls: read DeepSeek-format tool calls out of chat answers (`tool_calls` in the
+        message or as streamed deltas, finish_reason "tool_calls").
     """
 
     def __init__(
@@ -102,6 +120,8 @@ class Generation:
         chat: bool,
         echo: list[str] | None = None,
         best_of: int | None = None,
+        constraint: Callable[[], TokenConstraint] | None = None,
+        tool_calls: bool = False,
     ):
         self.engine, self.token_text, self.model_name = engine, token_text, model_name
         self.prompts, self.max_tokens = prompts, max_tokens
@@ -109,8 +129,14 @@ class Generation:
         self.per_prompt = k = best_of or sampling.n
         if k < sampling.n or (k > sampling.n and sampling.stream):
             raise ValueError(f"best_of={best_of}: must be >= n={sampling.n}, and not streamed")
+        self.constraint = constraint
+        ends = frozenset((*sampling.stop_token_ids, tokenizer.eos_id)) if tool_calls else None
         self.choices = [
-            _Choice(ChoiceText(tokenizer, sampling.stop), echo[c // k] if echo else "")
+            _Choice(
+                ChoiceText(tokenizer, sampling.stop, show_special_except=ends),
+                echo[c // k] if echo else "",
+                tools=ToolCallParser() if tool_calls else None,
+            )
             for c in range(len(prompts) * k)
         ]
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -137,7 +163,10 @@ class Generation:
                 p = c // k
                 seed = choice_seed(self.sampling.seed, c % k)
                 params = engine_params(self.sampling, self.max_tokens[p], seed, logprobs)
-                rid = self.engine.submit(self.prompts[p], params, callback)
+                more: dict[str, Any] = {}
+                if self.constraint is not None:
+                    more["constraint"] = self.choices[c].constraint = self.constraint()
+                rid = self.engine.submit(self.prompts[p], params, callback, **more)
                 self.index_of[rid] = c
                 self.rids.append(rid)
         except QueueFull as err:
@@ -195,7 +224,8 @@ class Generation:
                 self.engine.cancel(ev.request_id)
                 choice.finish = "stop"
             elif final:
-                choice.finish = ev.finish_reason
+                complete = choice.constraint is not None and choice.constraint.finished
+                choice.finish = "stop" if complete else ev.finish_reason  # done on the last token
             if delta:
                 deltas[c] = deltas.get(c, "") + delta
         return deltas
@@ -243,11 +273,22 @@ class Generation:
         choice = self.choices[c]
         lp = self._logprobs(choice, 0, len(choice.text.entries), len(choice.prefix))
         out: dict[str, Any] = {"index": index}
+        finish = choice.finish
         if self.chat:
-            out["message"] = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if choice.tools is not None:
+                content, calls = choice.tools.parse(text)
+                if calls:
+                    message = {
+                        "role": "assistant",
+                        "content": content or None,
+                        "tool_calls": [_tool_call(call) for call in calls],
+                    }
+                    finish = "tool_calls" if finish == "stop" else finish
+            out["message"] = message
         else:
             out["text"] = choice.prefix + text
-        return {**out, "logprobs": lp, "finish_reason": choice.finish}
+        return {**out, "logprobs": lp, "finish_reason": finish}
 
     def _delta_choice(self, c: int, text: str, ended: bool) -> dict[str, Any]:
         choice = self.choices[c]
@@ -259,7 +300,19 @@ class Generation:
             choice.sent_chars += sum(len(t) for t in lp["tokens"])
         reason = choice.finish if ended else None
         out: dict[str, Any] = {"index": c}
-        if self.chat:
+        if self.chat and choice.tools is not None:
+            delta: dict[str, Any] = {}
+            choice.streamed += text
+            content, calls = choice.tools.feed(choice.streamed, final=ended)
+            if content:
+                delta["content"] = content
+            if calls:
+                first = len(choice.tools.calls) - len(calls)
+                delta["tool_calls"] = [_tool_call(x, first + i) for i, x in enumerate(calls)]
+            if reason == "stop" and choice.tools.calls:
+                reason = "tool_calls"
+            out["delta"] = delta
+        elif self.chat:
             out["delta"] = {"content": text} if text or reason is None else {}
         else:
             out["text"] = text
