@@ -2,7 +2,7 @@
 
     python serve.py --checkpoint=DIR [--host=127.0.0.1] [--port=8000] [--api-key=KEY]
                     [--slots=8] [--max-queue=64] [--max-len=N] [--dtype=bfloat16]
-                    [--max-body-bytes=4194304]
+                    [--max-body-bytes=4194304] [--mesh=expert=2,tensor=4 [--layout=decode]]
     python serve.py --checkpoint=DIR --prompt="Once upon a time" [--max-tokens=64]
 
 DIR is a train.py workdir (checkpoints/ + tokenizer/) or a Hugging Face directory (config.json,
@@ -57,6 +57,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="MTP speculative decoding by default (auto: on when the checkpoint has MTP layers);"
         " requests may override it with 'speculative'",
     )
+    p.add_argument(
+        "--mesh",
+        default=None,
+        help="decode on a device mesh, e.g. expert=2,tensor=4 (axes data, fsdp, expert, "
+        "context, tensor; data takes the rest); default: one device",
+    )
+    p.add_argument(
+        "--layout",
+        default="decode",
+        choices=["decode", "fsdp"],
+        help="with --mesh: how weights are placed (decode: experts over expert, widths over "
+        "tensor, no per-step weight gathers; fsdp: the training layout)",
+    )
     p.add_argument("--model-name", default=None, help="name in the API (default: DIR's name)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="warning")
@@ -79,6 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_body_bytes < 1:
         print(f"error: --max-body-bytes={args.max_body_bytes}: must be >= 1", file=sys.stderr)
         return 2
+    mesh = None
+    if args.mesh is not None:
+        from dsjax.inference.meshes import DecodeMesh
+
+        try:
+            mesh = DecodeMesh.parse(args.mesh, args.layout)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     try:
         cfg, variables, tokenizer, add_bos = load_model(args.checkpoint, args.dtype)
     except (ValueError, OSError) as err:  # a missing, damaged or unsupported checkpoint
@@ -92,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.prompt is not None:
         ids = encode_text(tokenizer, args.prompt, add_bos)  # as the server encodes a prompt
+        if mesh is not None:
+            variables = mesh.place(cfg, variables)
         result = generate(
             cfg,
             variables,
@@ -101,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             rng=args.seed,  # the same seed -> the same samples as an HTTP request's
             eos_id=tokenizer.eos_id,
             speculative=has_mtp if speculative is None else speculative,  # as the server would
+            mesh=mesh,
         )
         print(args.prompt + tokenizer.decode(result.tokens[0]))
         return 0
@@ -120,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         min_batch=args.min_batch,
         speculative=speculative,
+        mesh=mesh,
     ).start()
     engine.warmup()
     app = create_app(

@@ -682,3 +682,18 @@ def test_any_json_value_in_any_field_is_200_or_4xx(server, server_process):
 
     check()
     assert "unhandled error" not in server_process[2].read_text()
+
+
+def test_serve_prompt_on_a_decode_mesh_prints_the_same_completion(checkpoint, capsys):
+    """`serve.py --prompt --mesh=expert=2,tensor=4` (the decode layout on the 8 test devices)
+    completes greedily exactly as on one device; a bad --mesh is a one-line error."""
+    sys.path.insert(0, str(REPO))
+    import serve
+
+    args = [f"--checkpoint={checkpoint}", "--prompt=the quick", "--max-tokens=8"]
+    assert serve.main(args) == 0
+    single = capsys.readouterr().out
+    assert serve.main([*args, "--mesh=expert=2,tensor=4"]) == 0
+    assert capsys.readouterr().out == single
+    assert serve.main([*args, "--mesh=experts=2"]) == 2
+    assert "AXIS=SIZE" in capsys.readouterr().err

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -68,6 +69,7 @@ import numpy as np
 
 from dsjax.inference import decode
 from dsjax.inference import engine_programs as programs
+from dsjax.inference.meshes import DecodeMesh
 from dsjax.inference.sampling import MAX_LOGPROBS, SamplingParams
 from dsjax.model.config import ModelConfig
 
@@ -181,6 +183,8 @@ class Engine:
         a long prompt delays each running stream's next token by one chunk, not by the whole
         prompt. Shorter prompts are prefilled in one program. Chunk programs compile once per
         (first or later chunk, first chunk's bucketed length, attention window).
+      mesh: decode on this `DecodeMesh` (weights placed by its layout, the slots' rows split as
+        it splits requests when `slots` is a multiple of its `row_shards`); None: one device.
     """
 
     def __init__(
@@ -198,6 +202,7 @@ class Engine:
         speculative: bool | None = None,
         max_stop_ids: int = 16,
         prefill_chunk: int = decode.PREFILL_CHUNK,
+        mesh: DecodeMesh | None = None,
     ):
         if slots < 1:
             raise ValueError(f"slots={slots}: must be >= 1")
@@ -222,7 +227,8 @@ class Engine:
             raise ValueError("speculative=True needs an MTP module (cfg.num_mtp_layers >= 1)")
         self.cfg, self.slots, self.max_len, self.max_queue = cfg, slots, max_len, max_queue
         self.eos_id, self.seed = eos_id, seed
-        self._variables = variables
+        self._mesh = mesh  # decode on a mesh: weights placed by its layout, programs under it
+        self._variables = variables if mesh is None else mesh.place(cfg, variables)
         self._can_speculate = has_mtp
         self._spec_default = has_mtp if speculative is None else bool(speculative)
         self._stop_width = max_stop_ids
@@ -263,7 +269,14 @@ class Engine:
 
         shapes = jax.eval_shape(empty, self._variables, req)
         state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        return state.replace(done_B=jnp.ones((self.slots,), bool))
+        state = state.replace(done_B=jnp.ones((self.slots,), bool))
+        if self._mesh is not None:  # the slots' rows split as the mesh splits requests
+            state = self._mesh.place_rows(state, decode.state_axes(state)[0])
+        return state
+
+    def _context(self):
+        """The mesh and its layout's rules while the engine traces and runs its programs."""
+        return contextlib.nullcontext() if self._mesh is None else self._mesh.context()
 
     def start(self) -> Engine:
         """Starts the background thread (idempotent); returns self."""
@@ -315,6 +328,10 @@ class Engine:
         for n in prompt_lengths:
             if not 1 <= n < self.max_len:
                 raise ValueError(f"prompt_lengths: {n} must be in [1, max_len={self.max_len})")
+        with self._context():
+            self._warmup(prompt_lengths, logprobs, speculative, all_windows)
+
+    def _warmup(self, prompt_lengths, logprobs, speculative, all_windows) -> None:
         top_ns = (None, MAX_LOGPROBS) if logprobs else (None,)
         if speculative is None:
             forms = (False, True) if self._can_speculate else (False,)
@@ -570,12 +587,13 @@ class Engine:
             self._finish(req, "error", f"{type(err).__name__}: {err}")
 
     def _run(self) -> None:
-        while not self._stopping:
-            try:
-                self._iteration()
-            except Exception as err:  # never let the engine thread die
-                log.exception("engine iteration failed; failing the active requests")
-                self._fail_all(err)
+        with self._context():
+            while not self._stopping:
+                try:
+                    self._iteration()
+                except Exception as err:  # never let the engine thread die
+                    log.exception("engine iteration failed; failing the active requests")
+                    self._fail_all(err)
 
     def _iteration(self) -> None:
         """Ends cancelled / failed requests, admits queued requests, runs one prefill chunk of

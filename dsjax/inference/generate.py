@@ -16,6 +16,7 @@ target distribution (see `dsjax.decode`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ import numpy as np
 
 from dsjax.inference import decode
 from dsjax.inference.decode import bucket_length, decode_forward, zeros_cache
+from dsjax.inference.meshes import DecodeMesh
 from dsjax.inference.sampling import (
     RowSampling,
     SamplingParams,
@@ -87,7 +89,9 @@ def _write(out_BN, idx_B, value_B, mask_B):
     return out_BN.at[rows, idx_B].set(jnp.where(mask_B, value_B, out_BN[rows, idx_B]))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "speculative", "prefill_chunk"))
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "cache_len", "speculative", "prefill_chunk", "mesh")
+)
 def _generate_jit(
     cfg: ModelConfig,
     variables,
@@ -98,8 +102,10 @@ def _generate_jit(
     cache_len: int,
     speculative: bool,
     prefill_chunk: int | None,
+    mesh: DecodeMesh | None,
 ):
-    """Prefill + decode loop; returns (out_BN, count_B, stopped_B, drafted, accepted, forwards)."""
+    """Prefill + decode loop; returns (out_BN, count_B, stopped_B, drafted, accepted, forwards).
+    `mesh` only keys the compiled program: the caller traces it under `mesh.context()`."""
     B = tokens_BP.shape[0]
     state, first = decode.prefill(
         cfg,
@@ -186,6 +192,7 @@ def generate(
     stop_token_ids: Sequence[int] = (),
     speculative: bool = False,
     prefill_chunk: int | None = decode.PREFILL_CHUNK,
+    mesh: DecodeMesh | None = None,
 ) -> GenerateResult:
     """Generates up to `max_new_tokens` tokens after each prompt.
 
@@ -205,6 +212,8 @@ def generate(
       speculative: MTP speculative decoding (needs cfg.num_mtp_layers >= 1).
       prefill_chunk: prompts longer than this many tokens are prefilled chunk by chunk into the
         latent cache (activation memory bounded by the chunk); None: one forward per prompt.
+      mesh: decode on this mesh with its layout's rules (`DecodeMesh`; `variables` placed by
+        `mesh.place`); the batch is padded to a multiple of its `row_shards`.
 
     Returns:
       GenerateResult (speculative runs also report acceptance rate and tokens per forward).
@@ -255,6 +264,8 @@ def generate(
         )
 
     B_pad, P = _bucket_batch(B), bucket_length(longest)
+    if mesh is not None:
+        B_pad = -(-B_pad // mesh.row_shards) * mesh.row_shards
     # Slots for prompt + new tokens and the speculative look-ahead.
     S = bucket_length(longest + max_new_tokens + 1)
     tokens = np.zeros((B_pad, P), np.int32)
@@ -271,18 +282,20 @@ def generate(
         speculative_default=speculative,
         pad_to=B_pad,
     )
-    out, count, stopped, drafted, accepted, forwards = jax.device_get(
-        _generate_jit(
-            cfg,
-            variables,
-            tokens,
-            lengths,
-            req,
-            cache_len=S,
-            speculative=bool(speculative),
-            prefill_chunk=None if prefill_chunk is None else int(prefill_chunk),
+    with contextlib.nullcontext() if mesh is None else mesh.context():
+        out, count, stopped, drafted, accepted, forwards = jax.device_get(
+            _generate_jit(
+                cfg,
+                variables,
+                tokens,
+                lengths,
+                req,
+                cache_len=S,
+                speculative=bool(speculative),
+                prefill_chunk=None if prefill_chunk is None else int(prefill_chunk),
+                mesh=mesh,
+            )
         )
-    )
     result = GenerateResult(
         tokens=[out[i, : count[i]].tolist() for i in range(B)],
         lengths=[int(c) for c in count[:B]],

@@ -9,6 +9,17 @@ replicated for activations whose batch dimension already took `fsdp`.
 `context` is context parallelism: activations' sequence (`length`) dimension splits over it, and
 parameters shard over it like over `fsdp` (a context-parallel mesh is also a weight-sharding one).
 Only attention needs the other chips' tokens; it receives their MLA latent (`dsjax.model.layers.context`).
+
+Layouts (`LAYOUTS`, `logical_rules(layout)`): rows of the table may name the one layout they apply
+to; untagged rows apply to all. "fsdp" (the default, `LOGICAL_RULES`): parameters split over
+fsdp x expert x context as above, gathered layer by layer; right for training and prefill, but a
+decode step then gathers every weight once per step. "decode": no parameter is split over data,
+fsdp or context (their `embed` / `q_lora` / `kv_lora` dims stay whole); the routed experts split
+over `expert` and the widths (heads, mlp, vocab) over `tensor`, so every weight byte lives on
+one chip of an expert x tensor group and no step gathers weights. Requests split over the batch
+axes; the attention core and the latent cache (`cache_batch`) split them over `tensor` too
+(data-parallel attention: the heads' projections stay tensor-parallel, the small absorbed
+queries move to the chip holding their request's cache, and its output back).
 """
 
 from __future__ import annotations
@@ -26,11 +37,24 @@ BATCH_AXES = ("data", "fsdp", "expert")
 # A flattened [B*T] token dimension splits over the batch axes and then the sequence's `context`.
 TOKEN_AXES = (*BATCH_AXES, "context")
 
-# logical name -> mesh axes. Order matters: the first unused mesh axis wins.
-LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+LAYOUTS = ("fsdp", "decode")
+# Rows of the attention core and the latent cache in the decode layout: every chip its own.
+DECODE_CACHE_AXES = (*BATCH_AXES, "tensor")
+
+# logical name -> mesh axes [-> the one layout the row applies to]. Order matters: the first
+# row whose mesh axes are not already used wins (a None row pins the name to replicated).
+RULE_TABLE: tuple[tuple, ...] = (
     ("batch", BATCH_AXES),
+    # The attention core's and the latent cache's rows: in the decode layout over tensor too
+    # (data-parallel attention); elsewhere as `batch`.
+    ("cache_batch", DECODE_CACHE_AXES, "decode"),
+    ("cache_batch", BATCH_AXES),
     ("length", "context"),
     ("expert", "expert"),  # before `embed`: rules are applied in this order
+    # Decode layout: no weight split over fsdp / expert / context on these dims (no gathers).
+    ("embed", None, "decode"),
+    ("q_lora", None, "decode"),
+    ("kv_lora", None, "decode"),
     # Parameters' embed dim over fsdp x expert x context (mesh order, so that XLA can turn the
     # gradients' reductions into reduce-scatters): weights without an expert dim
     # (attention, dense and shared FFNs, embedding, head) are then not replicated over the expert
@@ -54,6 +78,33 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),
     ("norm", None),
 )
+
+
+def logical_rules(layout: str = "fsdp") -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+    """The rows of `RULE_TABLE` for `layout` ("fsdp" or "decode"), as flax takes them."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: expected one of {', '.join(LAYOUTS)}")
+    return tuple((row[0], row[1]) for row in RULE_TABLE if len(row) == 2 or row[2] == layout)
+
+
+# The default ("fsdp") layout's rules.
+LOGICAL_RULES = logical_rules("fsdp")
+
+
+def dim_axes(names: tuple[str | None, ...], rules) -> list[tuple[str, ...]]:
+    """The mesh axes each dimension of an array with logical axes `names` splits over under
+    `rules` (() for a whole dimension)."""
+    spec = nn.logical_to_mesh_axes(names, rules)
+    out = []
+    for axes in spec if spec is not None else [None] * len(names):
+        out.append((axes,) if isinstance(axes, str) else tuple(axes or ()))
+    return out
+
+
+def active_rules() -> tuple:
+    """The rules of the enclosing `nn.logical_axis_rules(...)`, else `LOGICAL_RULES`: for code
+    that places arrays itself (shard_map specs) the way the parameters were placed."""
+    return tuple(nn.get_logical_axis_rules()) or LOGICAL_RULES
 
 
 def make_mesh(

@@ -164,3 +164,22 @@ def collectives(hlo: str, num_devices: int) -> dict:
             stats[op]["result_bytes"] += m * size
             stats[op]["moved_bytes"] += m * _moved_bytes(op, size, n)
     return {"ops": stats, "unknown_trip_counts": unknown}
+
+
+def result_shapes(hlo: str, op: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, dimensions) of the result of every `op` (e.g. "all-gather") in the module, each
+    once however often it runs (an async start's largest array): what a test checks a
+    collective moves (weights or activations)."""
+    shapes = []
+    for line in hlo.splitlines():
+        found = _OP.search(line)
+        if not found or found.group(2) != op:
+            continue
+        text = found.group(1)
+        arrays = [
+            (size, (dtype, tuple(int(d) for d in filter(None, dims.split(",")))))
+            for size, (dtype, dims) in zip(shape_bytes(text), _SHAPE.findall(text), strict=True)
+        ]
+        if arrays:
+            shapes.append(max(arrays)[1] if found.group(3) else arrays[-1][1])
+    return shapes

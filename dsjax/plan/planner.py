@@ -2,7 +2,8 @@
 
     python -m dsjax.plan --config=configs/deepseek_v3.py --topology=v5p:4x8x8 \
         [--mode=train|decode] [--config.mesh.fsdp=32 --config.mesh.expert=8 ...] \
-        [--batch_per_chip=1] [--batch=64 --cache_len=32768] [--json=PATH] [--search]
+        [--batch_per_chip=1] [--batch=64 --cache_len=32768 --layout=fsdp|decode]
+        [--json=PATH] [--search]
 
 It compiles the REAL program (`dsjax.train.step.train_step` with `state_shardings`, or the
 model's absorbed-latent decode forward of one token per row over a cache) for abstract TPU chips
@@ -11,6 +12,8 @@ model's absorbed-latent decode forward of one token per row over a cache) for ab
 against HBM, compile time, FLOPs (analytic and XLA's), the collectives of the optimized HLO with
 bytes per step, and a roofline step time from published chip figures (dsjax/plan/tpu_specs.py) ->
 an upper-bound MFU. Beside the compiler's figures an analytic breakdown shows where memory goes.
+Decode plans take a layout (`--layout`, `dsjax.model.sharding.logical_rules`) and report the HBM
+bound (weights + latent cache read once per step, evenly over the chips) beside the roofline.
 Exit status: 0 fits, 1 does not fit (numbers printed), 2 cannot plan (libtpu / GPU missing).
 """
 
@@ -39,7 +42,7 @@ import ml_collections  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from dsjax.model import sharding  # noqa: E402
-from dsjax.model.transformer import Transformer  # noqa: E402
+from dsjax.model.transformer import Transformer, cache_batch_axis  # noqa: E402
 from dsjax.plan import (
     hlo_stats,  # noqa: E402
     tpu_specs,  # noqa: E402
@@ -502,30 +505,29 @@ def _header(config, cfg, target: Target, mesh, mode: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- decode
-def plan_decode(config: ml_collections.ConfigDict, target: Target, batch: int,
-                cache_len: int) -> dict:  # fmt: skip
-    """Compiles one decode step: `batch` rows, one token each, over a `cache_len` latent cache,
-    weights in the compute dtype (bf16 for V3)."""
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.model.param_dtype = config.model.dtype  # inference weights
-    mesh = sharding.make_mesh(**config.mesh, devices=list(target.devices))
-    cfg = ts.model_config(config)
+def lower_decode(cfg, mesh, layout: str, batch: int, cache_len: int):
+    """The decode step the planner compiles, lowered for `mesh` under `layout`'s rules
+    (`sharding.logical_rules`): `batch` rows, one token each, over a `cache_len` latent cache;
+    the absorbed-MLA decode forward of the decode core (`decode.decode_forward`'s program).
+    The cache's rows split over `cache_batch`'s mesh axes when they divide the batch.
+
+    Returns (lowered, abstract variables, abstract cache) with their shardings."""
     model = Transformer(cfg)
+    rules = sharding.logical_rules(layout)
     tokens = jax.ShapeDtypeStruct((batch, cache_len), jnp.int32)
     boxed = jax.eval_shape(
         lambda t: model.init(jax.random.key(0), t, mode="prefill", run_mtp=False), tokens
     )
     specs = nn.get_partition_spec({k: v for k, v in boxed.items() if k != "cache"})
-    var_sh = sharding.logical_to_sharding(specs, mesh)
+    var_sh = sharding.logical_to_sharding(specs, mesh, rules)
     unboxed = nn.unbox(boxed)
-    shards = sharding.batch_shards(mesh)
-    row_axes = sharding.BATCH_AXES if batch % shards == 0 else None
+    cache_axes = sharding.dim_axes(("cache_batch",), rules)[0]
+    cache_rows = cache_axes if batch % math.prod(mesh.shape[a] for a in cache_axes) == 0 else None
+    row_axes = sharding.BATCH_AXES if batch % sharding.batch_shards(mesh) == 0 else None
 
     def cache_sharding(path, leaf):
-        top = getattr(path[0], "key", "")
-        axis = 1 if top in ("dense_layers", "moe_layers") else 0
         spec = [None] * leaf.ndim
-        spec[axis] = row_axes
+        spec[cache_batch_axis(getattr(path[0], "key", ""))] = cache_rows
         return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
 
     cache_sh = jax.tree_util.tree_map_with_path(cache_sharding, unboxed["cache"])
@@ -542,13 +544,31 @@ def plan_decode(config: ml_collections.ConfigDict, target: Target, batch: int,
                                mode="decode", run_mtp=False, mutable=["cache"])  # fmt: skip
         return out.logits[:, -1], new["cache"]
 
-    report = _header(config, cfg, target, mesh, "decode")
-    report.update(batch=batch, cache_len=cache_len)
-    t0 = time.perf_counter()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         step = jax.jit(decode_step, in_shardings=(var_sh, cache_sh, row_sh, row_sh),
                        out_shardings=(None, cache_sh), donate_argnums=1)  # fmt: skip
-        compiled, oom, dump = compile_or_oom(step.lower(abs_vars, abs_cache, tok, tok))
+        return step.lower(abs_vars, abs_cache, tok, tok), abs_vars, abs_cache
+
+
+def _global_bytes(tree) -> float:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def plan_decode(config: ml_collections.ConfigDict, target: Target, batch: int,
+                cache_len: int, layout: str = "fsdp") -> dict:  # fmt: skip
+    """Compiles one decode step (`lower_decode`) for `target` under `layout`, weights in the
+    compute dtype (bf16 for V3). Beside the roofline it reports the HBM bound: every weight and
+    the whole latent cache read once per step, spread evenly over the chips (no replication),
+    and the roofline step time over it."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.param_dtype = config.model.dtype  # inference weights
+    mesh = sharding.make_mesh(**config.mesh, devices=list(target.devices))
+    cfg = ts.model_config(config)
+    report = _header(config, cfg, target, mesh, "decode")
+    report.update(batch=batch, cache_len=cache_len, layout=layout)
+    t0 = time.perf_counter()
+    lowered, abs_vars, abs_cache = lower_decode(cfg, mesh, layout, batch, cache_len)
+    compiled, oom, dump = compile_or_oom(lowered)
     report["compile_s"] = time.perf_counter() - t0
     params_b, cache_b = shard_bytes(abs_vars), shard_bytes(abs_cache)
     memory = {"params_bytes": params_b, "cache_bytes": cache_b, "args_bytes": params_b + cache_b}
@@ -557,14 +577,21 @@ def plan_decode(config: ml_collections.ConfigDict, target: Target, batch: int,
     _fill_fit(report, target, memory, oom)
     report["analytic_bytes"] = {"params": params_b, "cache": cache_b, "total": params_b + cache_b}
     br = metrics.flops_breakdown(cfg, 2 * cache_len - 1)  # causal context (T+1)/2 = cache_len
-    flops_dev = (sum(br.values()) - br["mtp"]) * batch / len(target.devices)
+    n = len(target.devices)
+    flops_dev = (sum(br.values()) - br["mtp"]) * batch / n
     report["flops"] = {"analytic_per_device": flops_dev}
     if compiled is not None:
         report["flops"]["xla_per_device"] = _cost(compiled).get("flops")
-        report["collectives"] = _collectives(compiled, dump, len(target.devices))
+        report["collectives"] = _collectives(compiled, dump, n)
     _roofline(report, target, flops_dev, flops_dev, params_b + cache_b)  # weights + cache once
-    if report["estimate"].get("step_s"):
-        report["estimate"]["tokens_per_s"] = batch / report["estimate"]["step_s"]
+    est = report["estimate"]
+    if est.get("step_s"):
+        est["tokens_per_s"] = batch / est["step_s"]
+    if target.hbm_bytes_per_s:
+        ideal = (_global_bytes(abs_vars) + _global_bytes(abs_cache)) / n
+        report["hbm_bound"] = {"bytes_per_device": ideal, "s": ideal / target.hbm_bytes_per_s}
+        if est.get("step_s"):
+            report["hbm_bound"]["step_over_bound"] = est["step_s"] / report["hbm_bound"]["s"]
     return report
 
 
@@ -692,7 +719,8 @@ def format_report(r: dict) -> str:
     m, lines = r["memory"], []
     lines.append(f"== {r['config']} {r['mode']} on {r['target']}; mesh {r['mesh']}")
     extra = (f"batch {r['batch']} x seq {r['seq_len']}" if r["mode"] == "train"
-             else f"batch {r['batch']} rows, cache {r['cache_len']} positions")  # fmt: skip
+             else f"batch {r['batch']} rows, cache {r['cache_len']} positions, layout "
+                  f"{r['layout']}")  # fmt: skip
     lines.append(f"   {extra}; remat {r['remat']}; dtype {r['dtype']}/{r['param_dtype']}; "
                  f"moments {r['moment_dtype']}{' (host)' if r.get('host_offload') else ''}; "
                  f"ce_chunk {r['ce_chunk']}")  # fmt: skip
@@ -739,6 +767,12 @@ def format_report(r: dict) -> str:
         tail = f"; MFU <= {e['mfu_upper_bound'] * 100:.1f}%" if "mfu_upper_bound" in e else ""
         tps = f"; {e['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in e else ""
         lines.append("   roofline: " + ", ".join(parts) + tail + tps)
+    bound = r.get("hbm_bound")
+    if bound:
+        over = bound.get("step_over_bound")
+        lines.append(f"   HBM bound (weights + cache read once, evenly over the chips): "
+                     f"{_g(bound['bytes_per_device'])} per device, {bound['s'] * 1e3:.1f} ms"
+                     + (f"; roofline step = {over:.2f}x the bound" if over else ""))  # fmt: skip
     return "\n".join(lines)
 
 
@@ -765,7 +799,7 @@ def main(argv) -> int:
         raise PlanError("--topology is required (e.g. v5p:4x8x8, v5e:2x2, v6e:4x4, v4:2x2x1, gpu)")
     target = make_target(f.topology)
     if f.mode == "decode":
-        reports = [plan_decode(config, target, f.batch, f.cache_len)]
+        reports = [plan_decode(config, target, f.batch, f.cache_len, f.layout)]
     else:
         if f.batch_per_chip:
             mesh = sharding.make_mesh(**config.mesh, devices=list(target.devices))
@@ -796,6 +830,10 @@ def _define_flags():
                          "config.train.batch_size")  # fmt: skip
     flags.DEFINE_integer("batch", 64, "decode: rows (sequences) decoded together")
     flags.DEFINE_integer("cache_len", 32768, "decode: latent cache positions per row")
+    flags.DEFINE_enum("layout", "fsdp", list(sharding.LAYOUTS),
+                      "decode: the rule set of dsjax.model.sharding placing weights and cache "
+                      "(fsdp: weights gathered per step; decode: expert x tensor weights, "
+                      "data-parallel attention)")  # fmt: skip
     flags.DEFINE_string("json", None, "write the report(s) as JSON here")
     flags.DEFINE_bool("search", False, "search meshes x batch per chip x remat (train)")
     flags.DEFINE_integer("top", 4, "--search: how many of the analytically best to compile")

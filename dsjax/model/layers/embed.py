@@ -12,7 +12,10 @@ cotangent in the backward pass.
 over the group hands every chip the full D of its own tokens ([n, D]). Autodiff gives the
 backward by the same route: the cotangent's all-to-all back and a scatter-add into the local
 slice only. With V split over `tensor`, out-of-range ids contribute zero and the slices are
-summed over `tensor` (a vocabulary-parallel embedding).
+summed over `tensor` (a vocabulary-parallel embedding). Where D is whole (the decode layout,
+`dsjax.model.sharding.logical_rules("decode")`) and V split, each chip looks its own tokens up
+in its V slice and the slices are summed: no gather of the table. The split is read from the
+rules in effect (`sharding.active_rules`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
-from dsjax.model.sharding import BATCH_AXES, LOGICAL_RULES
+from dsjax.model.sharding import BATCH_AXES, active_rules
 
 
 def _split(mesh, axes) -> tuple[str, ...]:
@@ -40,7 +43,7 @@ def embed_lookup(table_VD: jax.Array, tokens_BT: jax.Array, dtype) -> jax.Array:
     plain = lambda: jnp.take(table_VD.astype(dtype), tokens_BT, axis=0)  # noqa: E731
     if mesh.empty or tokens_BT.ndim != 2:
         return plain()
-    v_spec, d_spec = nn.logical_to_mesh_axes(("vocab", "embed"), LOGICAL_RULES) or (None, None)
+    v_spec, d_spec = nn.logical_to_mesh_axes(("vocab", "embed"), active_rules()) or (None, None)
     vocab, group = _split(mesh, v_spec), _split(mesh, d_spec)
     batch, context = _split(mesh, BATCH_AXES), _split(mesh, "context")
     B, T = tokens_BT.shape
@@ -54,12 +57,14 @@ def embed_lookup(table_VD: jax.Array, tokens_BT: jax.Array, dtype) -> jax.Array:
         and V % V_split == 0
         and set(group) <= set(batch + context)  # the D group's chips hold tokens to swap
     )
-    if not group or not fits:
+    if not (group or vocab) or not fits:
         return plain()
 
     def local(table, tokens):
         b, t = tokens.shape
-        ids = jax.lax.all_gather(tokens.reshape(-1), group, tiled=True)  # [G * n]
+        ids = tokens.reshape(-1)
+        if group:
+            ids = jax.lax.all_gather(ids, group, tiled=True)  # [G * n]
         if vocab:
             start = jax.lax.axis_index(vocab) * table.shape[0]
             ids = ids - start
@@ -68,14 +73,15 @@ def embed_lookup(table_VD: jax.Array, tokens_BT: jax.Array, dtype) -> jax.Array:
             rows = jax.lax.psum(jnp.where(inside[:, None], rows, 0), vocab)
         else:
             rows = jnp.take(table.astype(dtype), ids, axis=0)  # [G * n, D / G]
-        rows = jax.lax.all_to_all(rows, group, 0, 1, tiled=True)  # [n, D]
+        if group:
+            rows = jax.lax.all_to_all(rows, group, 0, 1, tiled=True)  # [n, D]
         return rows.reshape(b, t, -1)
 
     tok = P(batch or None, context or None)
     fn = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(P(vocab or None, group), tok),
+        in_specs=(P(vocab or None, group or None), tok),
         out_specs=P(batch or None, context or None, None),
     )
     return fn(table_VD, tokens_BT)

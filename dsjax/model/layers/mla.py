@@ -208,8 +208,15 @@ class MLA(nn.Module):
         latent = self.variable("cache", "latent", jnp.zeros, (B, T, latent_BTC.shape[-1]), dtype)
         k_pe = self.variable("cache", "k_pe", jnp.zeros, (B, T, k_pe_BTR.shape[-1]), dtype)
         rows = jnp.arange(B)[:, None]
-        latent.value = latent.value.at[rows, positions_BT].set(latent_BTC.astype(dtype))
-        k_pe.value = k_pe.value.at[rows, positions_BT].set(k_pe_BTR.astype(dtype))
+        # The cache's rows as the attention core reads them (`cache_batch`: in the decode
+        # layout over every chip, dsjax.model.sharding).
+        cache_axes = ("cache_batch", None, None)
+        latent.value = nn.with_logical_constraint(
+            latent.value.at[rows, positions_BT].set(latent_BTC.astype(dtype)), cache_axes
+        )
+        k_pe.value = nn.with_logical_constraint(
+            k_pe.value.at[rows, positions_BT].set(k_pe_BTR.astype(dtype)), cache_axes
+        )
         return latent.value, k_pe.value
 
     def _absorb(self, q_nope_BTHN, q_pe_BTHR, kv_b_kernel):
@@ -246,6 +253,9 @@ class MLA(nn.Module):
         """Multi-query attention in latent space: W_UK folded into q, W_UV applied after."""
         cfg = self.cfg
         q_BTHL, w_uv_CHV = self._absorb(q_nope_BTHN, q_pe_BTHR, kv_b_kernel)
+        # The absorbed queries go to the rows' cache (decode layout: each chip its own requests,
+        # all heads) and the latent outputs come back split by heads, for W_UV and o.
+        q_BTHL = nn.with_logical_constraint(q_BTHL, ("cache_batch", "length", "heads", None))
         q_BT1HK = q_BTHL[:, :, None]
         k_BS1K = jnp.concatenate([latent_BSC, k_pe_BSR], -1)[:, :, None]
         B, S = latent_BSC.shape[:2]
@@ -260,7 +270,8 @@ class MLA(nn.Module):
             impl=cfg.attention_impl,
             chunk=cfg.attention_chunk,
         )
-        return jnp.einsum("bthc,chv->bthv", o_lat[:, :, 0], w_uv_CHV)
+        o_lat_BTHC = nn.with_logical_constraint(o_lat[:, :, 0], ("batch", "length", "heads", None))
+        return jnp.einsum("bthc,chv->bthv", o_lat_BTHC, w_uv_CHV)
 
 
 def _token_index(token_index_BT, B: int, T: int):

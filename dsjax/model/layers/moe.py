@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 from dsjax.model import fp8 as fp8_lib
 from dsjax.model.config import ModelConfig
 from dsjax.model.layers.mlp import Linear, SwiGLU
-from dsjax.model.sharding import TOKEN_AXES
+from dsjax.model.sharding import TOKEN_AXES, active_rules, dim_axes
 
 
 def route(logits_NE: jnp.ndarray, bias_E: jnp.ndarray, cfg: ModelConfig):
@@ -633,9 +633,11 @@ def sharded_experts(x_ND, idx_NK, weights_NK, experts: Experts, mesh, choice: st
     shards = math.prod(mesh.shape[a] for a in batch)
     E = cfg.n_routed_experts
     group = exchange_group(cfg, mesh, x_ND.shape[0] // shards, choice)
-    # The axes the stored weights split D over (fsdp, and context like fsdp; see sharding.py)
-    # that the exchange does not use: gathered here, so their gradient is reduce-scattered.
-    gather_d = tuple(a for a in ("fsdp", "context") if ax(a) and a not in group)
+    # The axes the stored weights split D over (in the "fsdp" layout fsdp, and context like
+    # fsdp; in the "decode" layout none: see sharding.py) that the exchange does not use:
+    # gathered here, so their gradient is reduce-scattered.
+    stored_d = dim_axes(("expert", "embed", "mlp"), active_rules())[1]
+    gather_d = tuple(a for a in ("fsdp", "context") if ax(a) and a in stored_d and a not in group)
     platform = _platform()
     impl, tile = _resolve_impl(cfg.moe_impl, cfg.moe_tile, platform)
 

@@ -1,0 +1,112 @@
+"""The decode layout (`dsjax.model.sharding.logical_rules("decode")`, `DecodeMesh`) on 8 CPU
+devices: generate's tokens and the absorbed decode forward's logits equal single-device decode,
+and the compiled decode step (the planner's program) all-gathers no weight and no cache, where
+the FSDP layout gathers weights every step."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from dsjax.inference.decode import decode_forward, zeros_cache
+from dsjax.inference.generate import generate, main_cache
+from dsjax.inference.meshes import DecodeMesh
+from dsjax.model import sharding
+from dsjax.model.transformer import init_variables
+from dsjax.plan import hlo_stats, planner
+from tests.helpers import tiny_config
+
+HLO_DTYPES = {"float32": "f32", "bfloat16": "bf16", "int32": "s32"}
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [3, 3, 3, 3, 3, 3, 3]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = tiny_config()  # 4 heads, 8 experts top-2
+    return cfg, init_variables(cfg, jax.random.key(0))
+
+
+def test_layout_rules_place_weights_by_expert_and_tensor():
+    rules = sharding.logical_rules("decode")
+    spec = lambda names: nn.logical_to_mesh_axes(names, rules)  # noqa: E731
+    assert spec(("expert", "embed", "mlp")) == jax.sharding.PartitionSpec("expert", None, "tensor")
+    assert spec(("embed", "q_lora")) == jax.sharding.PartitionSpec(None, None)
+    assert spec(("kv_lora", "heads")) == jax.sharding.PartitionSpec(None, "tensor")
+    assert spec(("vocab", "embed")) == jax.sharding.PartitionSpec("tensor", None)
+    assert spec(("cache_batch", "length", "heads", None))[0] == sharding.DECODE_CACHE_AXES
+    assert sharding.LOGICAL_RULES == sharding.logical_rules("fsdp")
+    with pytest.raises(ValueError, match="layout='bogus'"):
+        sharding.logical_rules("bogus")
+    with pytest.raises(ValueError, match="AXIS=SIZE"):
+        DecodeMesh.parse("experts=2")
+
+
+@pytest.mark.parametrize("spec", ["expert=2,tensor=4", "expert=4,tensor=2"])
+def test_generate_on_decode_mesh_equals_single_device(model, spec):
+    cfg, variables = model
+    dm = DecodeMesh.parse(spec)
+    placed = dm.place(cfg, variables)
+    gate = placed["params"]["moe_layers"]["moe"]["experts"]["gate"]
+    assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "expert", None, "tensor")
+    want = generate(cfg, variables, PROMPTS, 8)
+    assert generate(cfg, placed, PROMPTS, 8, mesh=dm).tokens == want.tokens
+    if spec == "expert=2,tensor=4":  # MTP drafting and verification on the mesh too
+        got = generate(cfg, placed, PROMPTS, 8, mesh=dm, speculative=True)
+        assert got.tokens == want.tokens
+
+
+def test_decode_forward_logits_on_decode_mesh_equal_single_device(model):
+    cfg, variables = model
+    B, S = 8, 16
+    cache = main_cache(zeros_cache(cfg, B, S))
+    keys = iter(jax.random.split(jax.random.key(1), 64))
+    cache = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape, x.dtype), cache)
+    tokens = jax.random.randint(jax.random.key(2), (B, 1), 0, cfg.vocab_size)
+    positions = jax.random.randint(jax.random.key(3), (B, 1), 1, S)
+    step = jax.jit(lambda v, c, t, p: decode_forward(cfg, v, c, t, p)[0])
+    want = step(variables, cache, tokens, positions)
+    dm = DecodeMesh.parse("expert=2,tensor=4")
+    with dm.context():
+        got = step(dm.place(cfg, variables), cache, tokens, positions)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+
+
+def _gathered_state(cfg, layout, mesh_sizes):
+    """(all-gather result shapes, weight and cache shapes) of the planner's decode step."""
+    mesh = sharding.make_mesh(**mesh_sizes)
+    lowered, abs_vars, abs_cache = planner.lower_decode(cfg, mesh, layout, batch=8, cache_len=32)
+    gathered = hlo_stats.result_shapes(lowered.compile().as_text(), "all-gather")
+    stored = set()
+    for leaf in jax.tree.leaves((abs_vars, abs_cache)):
+        dtype = HLO_DTYPES[jnp.dtype(leaf.dtype).name]
+        if leaf.ndim >= 2:  # whole, or one layer's of a scanned stack
+            stored |= {(dtype, tuple(leaf.shape)), (dtype, tuple(leaf.shape[1:]))}
+    return gathered, stored
+
+
+def test_decode_step_gathers_no_weights_on_decode_mesh():
+    cfg = tiny_config()
+    gathered, stored = _gathered_state(cfg, "decode", dict(data=1, expert=2, tensor=4))
+    assert gathered  # routing counts and sampled rows still travel
+    assert not [s for s in gathered if s in stored], gathered
+    # The FSDP layout of the same weights gathers them every step.
+    gathered, stored = _gathered_state(cfg, "fsdp", dict(data=1, fsdp=2, expert=4))
+    assert [s for s in gathered if s in stored]
+
+
+def test_engine_on_decode_mesh_equals_generate(model):
+    from dsjax.inference.engine import Engine
+    from dsjax.inference.sampling import SamplingParams
+
+    cfg, variables = model
+    dm = DecodeMesh.parse("expert=2,tensor=4")
+    want = generate(cfg, variables, PROMPTS, 6).tokens
+    kw = dict(slots=8, max_len=32, min_batch=8, min_window=32, speculative=False)
+    with Engine(cfg, variables, mesh=dm, **kw) as eng:
+        gate = eng._variables["params"]["moe_layers"]["moe"]["experts"]["gate"]
+        assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "expert", None, "tensor")
+        got = [eng.generate(p, SamplingParams(max_tokens=6), timeout=600)[0] for p in PROMPTS]
+    assert got == want
