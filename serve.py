@@ -5,8 +5,9 @@
                     [--max-body-bytes=4194304] [--mesh=expert=2,tensor=4 [--layout=decode]]
     python serve.py --checkpoint=DIR --prompt="Once upon a time" [--max-tokens=64]
 
-DIR is a train.py workdir (checkpoints/ + tokenizer/) or a Hugging Face directory (config.json,
-safetensors, tokenizer.json). The API is described in dsjax/serve/app.py. With --prompt, FastAPI is
+DIR is a train.py workdir (checkpoints/ + tokenizer/), a Hugging Face directory (config.json,
+safetensors, tokenizer.json) or a Hugging Face Hub id `org/name[@revision]` (downloaded through
+huggingface_hub, or read from the local HF cache when HF_HUB_OFFLINE=1). The API is described in dsjax/serve/app.py. With --prompt, FastAPI is
 not imported (dsjax.inference.loading loads the model).
 """
 
@@ -20,7 +21,12 @@ import sys
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="train.py workdir or Hugging Face dir")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="train.py workdir, Hugging Face dir, or Hub id org/name[@revision] (HF cache when "
+        "HF_HUB_OFFLINE=1)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
@@ -85,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper())
     from pathlib import Path
 
+    from dsjax.checkpoints.hub import is_hub_id
     from dsjax.inference.generate import generate
     from dsjax.inference.loading import load_model
     from dsjax.text.chat_template import encode_text
@@ -106,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:  # a missing, damaged or unsupported checkpoint
         print(f"error: {err}", file=sys.stderr)
         return 2
-    name = args.model_name or Path(args.checkpoint).resolve().name
+    name = args.model_name or (
+        args.checkpoint
+        if is_hub_id(args.checkpoint) and not Path(args.checkpoint).exists()
+        else Path(args.checkpoint).resolve().name
+    )
     has_mtp = cfg.num_mtp_layers > 0 and "mtp_0" in variables.get("params", {})
     speculative = {"auto": None, "on": True, "off": False}[args.speculative]
     if speculative and not has_mtp:

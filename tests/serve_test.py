@@ -13,6 +13,7 @@ import asyncio
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -487,6 +488,35 @@ def test_load_model_from_workdir_and_hf_dir(tmp_path, checkpoint, model):
         got_cfg, got_vars, got_tok, add_bos = load_model(path)
         assert got_cfg == cfg and got_tok.eos_id == tok.eos_id and add_bos is False
         assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), got_vars, variables))
+
+
+def test_hub_ids_resolve_from_the_local_cache_offline(
+    tmp_path, checkpoint, model, monkeypatch, capsys
+):
+    """`org/name` ids through huggingface_hub, from a cache laid out as the Hub client does."""
+    import jax
+
+    sys.path.insert(0, str(REPO))
+    import serve
+    from dsjax.inference.loading import load_model
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--dsjax--tiny"
+    shutil.copytree(checkpoint, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg, variables, tok = model
+    for spec in ("dsjax/tiny", f"dsjax/tiny@{commit}"):
+        got_cfg, got_vars, got_tok, _ = load_model(spec)
+        assert got_cfg == cfg and got_tok.vocab_size == tok.vocab_size
+        assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), got_vars, variables))
+    assert serve.main(["--checkpoint=dsjax/tiny", "--prompt=the", "--max-tokens=2"]) == 0
+    for missing in ("dsjax/absent", "dsjax/tiny@v9"):
+        assert serve.main([f"--checkpoint={missing}", "--prompt=x"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"'{missing}'" in err and "HF_HUB_OFFLINE" in err, err
 
 
 # ====================================================================== OpenAI client

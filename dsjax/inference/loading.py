@@ -9,13 +9,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dsjax.checkpoints.hub import resolve_checkpoint
 from dsjax.checkpoints.safetensors_io import read_json_object
 
 __all__ = ["load_model"]
 
 
 def load_model(path: str | os.PathLike, dtype: str | None = None, keep_fp8: bool = False):
-    """Loads (cfg, variables, tokenizer, add_bos) from a train.py workdir or a Hugging Face dir.
+    """Loads (cfg, variables, tokenizer, add_bos) from a train.py workdir, a Hugging Face dir or
+    a Hugging Face Hub id (`org/name[@revision]`, `dsjax.checkpoints.hub.resolve_checkpoint`:
+    from the local cache when HF_HUB_OFFLINE=1).
 
     A workdir has `checkpoints/` (Orbax, read by `dsjax.checkpoints.orbax_io.load_for_inference`) and
     `tokenizer/`; a Hugging Face directory has config.json, safetensors and tokenizer.json.
@@ -25,14 +28,14 @@ def load_model(path: str | os.PathLike, dtype: str | None = None, keep_fp8: bool
     `dsjax.checkpoints.hf.load_hf_checkpoint`); a workdir or a float checkpoint has nothing to keep.
 
     Raises:
-      ValueError: `path` is neither kind of directory, or tokenizer_config.json is not a JSON
-        object.
+      ValueError: `path` is neither kind of directory nor a Hub id that can be had, or
+        tokenizer_config.json is not a JSON object.
     """
     import jax.numpy as jnp
 
     from dsjax.text.tokenizer import Tokenizer
 
-    path = Path(path)
+    path = resolve_checkpoint(path)
     if (path / "checkpoints").is_dir():
         from dsjax.checkpoints.orbax_io import load_for_inference
 
