@@ -49,6 +49,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.sample_prompt = "def "
     c.train.sample_tokens = 64
     c.train.sample_temperature = 0.7  # top-k 40; 0 = greedy
+    # Pipeline parallelism (mesh.stage > 1; dsjax/train/pipeline.py, SPEC §13): the schedule,
+    # "gpipe" | "1f1b" | "dualpipe" (DeepSeek's DualPipeV: 2 x stage chunks, rank i holds chunks
+    # i and 2 x stage-1-i, F&B pairs), and the micro-batches each accumulation step is cut into
+    # (0 = 2 x stage; dualpipe needs >= 2 x stage). The MoE layers must split evenly into chunks.
+    c.train.pipeline_schedule = "1f1b"
+    c.train.microbatches = 0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 3e-3
@@ -62,6 +68,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.optim.host_offload = False  # optimizer state in host memory between steps (pinned_host)
 
     c.mesh = ml_collections.ConfigDict()
+    c.mesh.stage = 1  # pipeline stages (outermost axis: across TPU slices / GPU nodes)
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.expert = 1

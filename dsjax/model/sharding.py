@@ -2,7 +2,7 @@
 
 Every parameter carries logical axis names (`nn.with_logical_partitioning`) and every large
 activation a logical constraint; this file alone decides how those names map onto the mesh axes
-`data`, `fsdp`, `expert`, `context`, `tensor`. Flax resolves a logical name with the first rule whose mesh axis
+`stage`, `data`, `fsdp`, `expert`, `context`, `tensor`. Flax resolves a logical name with the first rule whose mesh axis
 is not already used by the same array, so `embed` shards parameters over `fsdp` but falls back to
 replicated for activations whose batch dimension already took `fsdp`.
 
@@ -20,6 +20,11 @@ one chip of an expert x tensor group and no step gathers weights. Requests split
 axes; the attention core and the latent cache (`cache_batch`) split them over `tensor` too
 (data-parallel attention: the heads' projections stay tensor-parallel, the small absorbed
 queries move to the chip holding their request's cache, and its output back).
+
+`stage` is pipeline parallelism (SPEC §13, `dsjax.train.pipeline`): the MoE layer stack's layer
+dimension (logical `stage_layers`) splits over it in contiguous blocks, one per pipeline rank; the
+rest of the model is replicated over it. It is the outermost axis, so across TPU slices (DCN)
+only the pipeline's activations and gradients travel.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
+MESH_AXES = ("stage", "data", "fsdp", "expert", "context", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
 # A flattened [B*T] token dimension splits over the batch axes and then the sequence's `context`.
 TOKEN_AXES = (*BATCH_AXES, "context")
@@ -76,6 +81,7 @@ RULE_TABLE: tuple[tuple, ...] = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("layers", None),
+    ("stage_layers", "stage"),  # the MoE stack's layer dim: one block per pipeline rank
     ("norm", None),
 )
 
@@ -114,10 +120,11 @@ def make_mesh(
     tensor: int = 1,
     devices: Sequence[jax.Device] | None = None,
     context: int = 1,
+    stage: int = 1,
 ) -> Mesh:
-    """A 5-axis mesh (data, fsdp, expert, context, tensor); at most one size may be -1 (the rest)."""
+    """A 6-axis mesh (stage, data, fsdp, expert, context, tensor); at most one size may be -1."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, expert, context, tensor]
+    sizes = [stage, data, fsdp, expert, context, tensor]
     for name, size in zip(MESH_AXES, sizes, strict=True):
         if size == 0 or size < -1:
             raise ValueError(f"mesh.{name}={size}: must be a positive size or -1 (the rest)")

@@ -135,7 +135,8 @@ def _stack(cfg: ModelConfig, moe: bool, length: int, mode: str, name: str) -> nn
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
         length=length,
         unroll=min(cfg.scan_unroll, length),
-        metadata_params={nn.PARTITION_NAME: "layers"},
+        # The MoE stack's layers split over the pipeline's `stage` axis (sharding.py).
+        metadata_params={nn.PARTITION_NAME: "stage_layers" if moe else "layers"},
     )
     return scanned(cfg, moe, mode, name=name)
 
@@ -178,6 +179,34 @@ class MTPModule(nn.Module):
         )
         normed = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed", name="head_norm")(h_out)
         return h_out, normed, stats
+
+
+def mtp_ahead(tokens_BT, segment_ids_BT, token_index_BT, k: int, mode: str):
+    """(tokens k positions ahead [B, T], the depth-k block's segment ids [B, T]) for MTP depth k.
+
+    Every depth keeps all T slots (any layout, train or inference), so the MTP block's sequence
+    shards and tiles like the main model's (T - k tokens divide neither mesh axes nor 128-token
+    FP8 tiles evenly). The last k positions of the sequence see a placeholder token: in training
+    they get segment 0 (no statistics, zero loss weight); in inference their cache slots are
+    rewritten once the real tokens are known."""
+    T = tokens_BT.shape[1]
+    if mode == "train" and T - k <= 0:
+        raise ValueError(f"MTP depth {k} needs more than {k} tokens; got T={T}")
+    if token_index_BT is not None:
+        # Sorts and gathers along T leave the result unsharded: without this constraint the MTP
+        # embedding is built whole ([B, T, D]) on every chip and resharded by an all-reduce
+        # (V3 at 131K on v5p-256: 14 GiB + its f32 grad).
+        next_tokens = nn.with_logical_constraint(
+            tokens_ahead(tokens_BT, token_index_BT, k), ("batch", "length")
+        )
+        index_BT = token_index_BT
+    else:
+        next_tokens = jnp.concatenate(
+            [tokens_BT[:, k:], jnp.repeat(tokens_BT[:, -1:], k, axis=1)], axis=1
+        )
+        index_BT = jnp.arange(T)[None, :]
+    seg = jnp.where(index_BT + k < T, segment_ids_BT, 0) if mode == "train" else segment_ids_BT
+    return next_tokens, seg
 
 
 def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
@@ -297,30 +326,7 @@ class Transformer(nn.Module):
         if cfg.num_mtp_layers and run_mtp:
             mtp_logits, h = [], hidden
             for k in range(1, cfg.num_mtp_layers + 1):
-                mtp_seg = segment_ids_BT
-                if mode == "train" and T - k <= 0:
-                    raise ValueError(f"MTP depth {k} needs more than {k} tokens; got T={T}")
-                # Every depth keeps all T slots (any layout, train or inference), so the MTP
-                # block's sequence shards and tiles like the main model's (T - k tokens divide
-                # neither mesh axes nor 128-token FP8 tiles evenly). The last k positions of the
-                # sequence see a placeholder token: in training they get segment 0 (no
-                # statistics, zero loss weight); in inference their cache slots are rewritten
-                # once the real tokens are known.
-                if token_index_BT is not None:
-                    # Sorts and gathers along T leave the result unsharded: without this
-                    # constraint the MTP embedding is built whole ([B, T, D]) on every chip and
-                    # resharded by an all-reduce (V3 at 131K on v5p-256: 14 GiB + its f32 grad).
-                    next_tokens = nn.with_logical_constraint(
-                        tokens_ahead(tokens_BT, token_index_BT, k), ("batch", "length")
-                    )
-                    index_BT = token_index_BT
-                else:
-                    next_tokens = jnp.concatenate(
-                        [tokens_BT[:, k:], jnp.repeat(tokens_BT[:, -1:], k, axis=1)], axis=1
-                    )
-                    index_BT = jnp.arange(T)[None, :]
-                if mode == "train":
-                    mtp_seg = jnp.where(index_BT + k < T, segment_ids_BT, 0)
+                next_tokens, mtp_seg = mtp_ahead(tokens_BT, segment_ids_BT, token_index_BT, k, mode)
                 h, normed, s = MTPModule(cfg, mode, name=f"mtp_{k - 1}")(
                     h, self.lookup(next_tokens), positions_BT, mtp_seg, token_index_BT,
                 )  # fmt: skip

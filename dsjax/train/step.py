@@ -82,6 +82,7 @@ _CONFIG_RULES = (
     ("train", "eval_batches", "int", _AT_LEAST_1),
     ("train", "sample_tokens", "int", _AT_LEAST_0),
     ("train", "ce_chunk", "int", _AT_LEAST_0),
+    ("train", "microbatches", "int", _AT_LEAST_0),
     ("train", "mtp_weight", "float", _AT_LEAST_0),
     ("train", "balance_loss_weight", "float", _AT_LEAST_0),
     ("train", "bias_update_rate", "float", _AT_LEAST_0),
@@ -142,7 +143,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
     offload = config.optim.get("host_offload", False)
     if not isinstance(offload, bool):
         raise ValueError(f"config.optim.host_offload={offload!r} must be True or False")
-    for key in ("data", "fsdp", "expert", "context", "tensor"):
+    for key in ("stage", "data", "fsdp", "expert", "context", "tensor"):
         size = config.mesh.get(key, 1)
         if not isinstance(size, int) or isinstance(size, bool) or size == 0 or size < -1:
             raise ValueError(f"config.mesh.{key}={size!r}: must be a positive size or -1")
@@ -154,6 +155,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
         if config.mesh.get("context") == -1:
             raise ValueError("config.mesh.context=-1: give the context axis an explicit size")
         check_context_parallel(cfg, config.data.seq_len, config.mesh.context)
+    _check_pipeline_config(config, cfg)
     if config.data.seq_len > cfg.max_position_embeddings:
         raise ValueError(
             f"config.data.seq_len={config.data.seq_len} exceeds "
@@ -169,6 +171,15 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
             f"config.train.batch_size={t.batch_size} must divide into grad_accum={t.grad_accum} "
             f"micro-batches across {shards} data shards (mesh data x fsdp x expert)"
         )
+    stages = mesh.shape.get("stage", 1)
+    if stages > 1:
+        micro = pipeline_settings(t, stages)[1]
+        if t.batch_size % (t.grad_accum * micro * shards):
+            raise ValueError(
+                f"config.train.batch_size={t.batch_size} must divide into grad_accum="
+                f"{t.grad_accum} x microbatches={micro} pipeline micro-batches across {shards} "
+                "data shards (mesh data x fsdp x expert)"
+            )
     if t.batch_size % jax.process_count():
         raise ValueError(
             f"config.train.batch_size={t.batch_size} must divide by the "
@@ -179,6 +190,25 @@ def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
             f"config.model.n_routed_experts={cfg.n_routed_experts} must divide by "
             f"config.mesh.expert={mesh.shape['expert']}"
         )
+
+
+def _check_pipeline_config(config, cfg: ModelConfig) -> None:
+    """The pipeline's rules (mesh.stage > 1): a known schedule, an even split of the MoE layers,
+    no context parallelism (its permuted layout is not pipelined)."""
+    from dsjax.train.pipeline import check_pipeline
+    from dsjax.train.pipeline_schedule import SCHEDULES
+
+    t, stages = config.train, config.mesh.get("stage", 1)
+    name = t.get("pipeline_schedule", "1f1b")
+    if name not in SCHEDULES:
+        raise ValueError(f"config.train.pipeline_schedule={name!r} must be one of {SCHEDULES}")
+    if stages == 1:
+        return
+    if stages == -1:
+        raise ValueError("config.mesh.stage=-1: give the stage axis an explicit size")
+    if config.mesh.get("context", 1) != 1:
+        raise ValueError("config.mesh.context > 1 with config.mesh.stage > 1: not supported")
+    check_pipeline(cfg, stages, *pipeline_settings(t, stages))
 
 
 def _check_host_memory(mesh, field: str) -> None:
@@ -391,8 +421,7 @@ def mtp_weights(batch, k: int):
 
 
 def loss_fn(params, moe_bias, batch, *, model: Transformer, train_cfg):
-    # The head is applied here, fused with the cross-entropy (ce_chunk 0: the whole sequence).
-    chunk = int(train_cfg.get("ce_chunk", 0) or 0) or batch["inputs"].shape[1]
+    # The head is applied in `output_loss`, fused with the cross-entropy.
     out: ModelOutput = model.apply(
         {"params": params, "moe_bias": moe_bias},
         batch["inputs"],
@@ -401,7 +430,15 @@ def loss_fn(params, moe_bias, batch, *, model: Transformer, train_cfg):
         logits=False,
         token_index_BT=batch.get("token_index"),  # context parallelism's zig-zag layout
     )
-    kernel = head_kernel(model.cfg, params).astype(jnp.dtype(model.cfg.dtype))
+    return output_loss(out, params, batch, cfg=model.cfg, train_cfg=train_cfg)
+
+
+def output_loss(out: ModelOutput, params, batch, *, cfg: ModelConfig, train_cfg):
+    """(loss, aux) of a model output taken with `logits=False`: the head fused with the chunked
+    cross-entropy, MTP, balance and indexer losses (the part of `loss_fn` after the model)."""
+    # ce_chunk 0: the whole sequence at once.
+    chunk = int(train_cfg.get("ce_chunk", 0) or 0) or batch["inputs"].shape[1]
+    kernel = head_kernel(cfg, params).astype(jnp.dtype(cfg.dtype))
     # Gathered whole along D (FSDP) for the cross-entropy chunks: left to itself, XLA may instead
     # move every chip's tokens to the chips holding a D slice of the head and materialise the
     # logits of all of them there (31.6 GiB per chip for V3 with context parallelism at 131K).
@@ -435,7 +472,7 @@ def loss_fn(params, moe_bias, batch, *, model: Transformer, train_cfg):
     aux["balance"] = jnp.asarray(balance, jnp.float32)
     loss = loss + train_cfg.balance_loss_weight * aux["balance"]
     if out.indexer_kl is not None:  # DSA stages: the indexers' KL, the only loss they get
-        if model.cfg.dsa_stage == "warmup":  # main model frozen: no backward pass through it
+        if cfg.dsa_stage == "warmup":  # main model frozen: no backward pass through it
             loss = jax.lax.stop_gradient(loss)
         aux["indexer_kl"] = out.indexer_kl
         loss = loss + train_cfg.get("indexer_loss_weight", 1.0) * out.indexer_kl
@@ -484,26 +521,18 @@ def prepare_batch(batch, model):
 
 
 def train_step(state: TrainState, batch, *, model, tx, schedule, train_cfg):
-    """One optimizer step over `grad_accum` micro-batches, then the routing-bias update."""
-    grad_fn = jax.value_and_grad(
-        functools.partial(loss_fn, model=model, train_cfg=train_cfg), has_aux=True
-    )
+    """One optimizer step over `grad_accum` micro-batches, then the routing-bias update.
+
+    Under a mesh whose `stage` axis is > 1 each accumulation micro-batch is itself pipelined
+    (`config.train.pipeline_schedule` over `config.train.microbatches`, dsjax/train/pipeline.py)."""
     n_micro = train_cfg.grad_accum
     batch = prepare_batch(batch, model)
+    grads_of = _pipelined_grads if pipeline_stages() > 1 else _grads
+    grads_of = functools.partial(grads_of, model=model, train_cfg=train_cfg)
 
     def micro(carry, mb):
         grads_acc, sums = carry
-        (loss, aux), grads = grad_fn(state.params, state.moe_bias, mb)
-        counts = expert_counts_tree(state.moe_bias, aux["out"])
-        new = {
-            "loss": loss,
-            "main_ce": aux["main_ce"],
-            "mtp_ce": aux.get("mtp_ce", jnp.float32(0.0)),
-            "balance": aux["balance"],
-            "tokens": aux["tokens"],
-        }
-        if "indexer_kl" in aux:
-            new["indexer_kl"] = aux["indexer_kl"]
+        new, grads, counts = grads_of(state.params, state.moe_bias, mb)
         sums = jax.tree.map(jnp.add, sums, {"metrics": new, "counts": counts})
         return (jax.tree.map(jnp.add, grads_acc, grads), sums), None
 
@@ -534,6 +563,55 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, train_cfg):
         step=state.step + 1, params=params, moe_bias=moe_bias, opt_state=opt_state
     )
     return new_state, metrics
+
+
+def pipeline_stages() -> int:
+    """The `stage` axis size of the mesh in scope (1 without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty or "stage" not in mesh.axis_names else int(mesh.shape["stage"])
+
+
+def _grads(params, moe_bias, mb, *, model, train_cfg):
+    """(metrics, grads, expert counts like `moe_bias`) of one micro-batch on the whole mesh."""
+    grad_fn = jax.value_and_grad(
+        functools.partial(loss_fn, model=model, train_cfg=train_cfg), has_aux=True
+    )
+    (loss, aux), grads = grad_fn(params, moe_bias, mb)
+    counts = expert_counts_tree(moe_bias, aux["out"])
+    new = {
+        "loss": loss,
+        "main_ce": aux["main_ce"],
+        "mtp_ce": aux.get("mtp_ce", jnp.float32(0.0)),
+        "balance": aux["balance"],
+        "tokens": aux["tokens"],
+    }
+    if "indexer_kl" in aux:
+        new["indexer_kl"] = aux["indexer_kl"]
+    return new, grads, counts
+
+
+def _pipelined_grads(params, moe_bias, mb, *, model, train_cfg):
+    """`_grads` through the pipeline over `stage` (means over its micro-batches)."""
+    from dsjax.train.pipeline import pipeline_grads
+
+    schedule, microbatches = pipeline_settings(train_cfg, pipeline_stages())
+    _, grads, metrics, counts = pipeline_grads(
+        params, moe_bias, mb, model=model, train_cfg=train_cfg,
+        schedule=schedule, microbatches=microbatches,
+    )  # fmt: skip
+    # Means over the pipeline's micro-batches (tokens: their sum), as `_grads` gives for one.
+    return (
+        {k: metrics[k] for k in ("loss", "main_ce", "mtp_ce", "balance", "tokens")},
+        grads,
+        counts,
+    )
+
+
+def pipeline_settings(train_cfg, stages: int) -> tuple[str, int]:
+    """(schedule, micro-batches) of `config.train`; microbatches 0 means 2 x stages."""
+    schedule = train_cfg.get("pipeline_schedule", "1f1b")
+    microbatches = int(train_cfg.get("microbatches", 0) or 0) or 2 * stages
+    return schedule, microbatches
 
 
 def to_device(tree):

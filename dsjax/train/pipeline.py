@@ -1,0 +1,384 @@
+"""Pipeline-parallel loss and gradients in SPMD JAX: GPipe, 1F1B, DualPipe (SPEC §13).
+
+`pipeline_grads(params, moe_bias, batch, model=..., train_cfg=..., schedule=..., microbatches=M)`
+returns what `jax.value_and_grad(loss_fn)` averaged over M micro-batches would (the loss, the
+gradients, the metrics and the expert counts of the routing-bias update), computed by the ranks
+of the mesh axis `stage` following a schedule of `dsjax.train.pipeline_schedule`.
+
+How: the MoE layer stack is cut into the schedule's chunks (contiguous layers; DualPipe: rank r
+holds chunks r and 2N-1-r). Inside `shard_map` over `stage` (the other mesh axes stay automatic,
+so data/fsdp/expert/tensor sharding and the expert all-to-all work as without a pipeline) a
+`lax.scan` runs the schedule's ticks. At each tick a rank looks up its row of the tick table and
+runs at most one forward chunk and one backward chunk — of different micro-batches: DualPipe's
+F&B pair — then sends activations and input gradients one rank up or down by `ppermute`.
+A backward chunk is `jax.vjp` of its forward, recomputed from the chunk input saved in an
+activation slot at the forward (chunk-granular rematerialisation). The first chunk also runs the
+embedding and the dense layers; the last one the final norm, head, cross-entropy and MTP.
+Everything outside the MoE stack is replicated over `stage`; its gradient is summed over `stage`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from dsjax.model.config import ModelConfig
+from dsjax.model.layers.embed import embed_lookup
+from dsjax.model.layers.norms import RMSNorm
+from dsjax.model.transformer import ModelOutput, MTPModule, _stack, mtp_ahead
+from dsjax.train import pipeline_schedule as ps
+
+AXIS = "stage"
+METRICS = ("loss", "main_ce", "mtp_ce", "balance", "tokens")
+
+
+def check_pipeline(cfg: ModelConfig, stages: int, schedule: str, microbatches: int) -> int:
+    """Layers per chunk; ValueError (one line naming the fields) for a split that cannot work."""
+    s = ps.make_schedule(schedule, stages, microbatches)
+    chunks, L = s.chunks, cfg.num_moe_layers
+    if L == 0 or L % chunks:
+        raise ValueError(
+            f"config.mesh.stage={stages} with pipeline_schedule={schedule!r} cuts the "
+            f"{L} MoE layers into {chunks} chunks: they must divide evenly"
+        )
+    if cfg.dsa_stage != "off":
+        raise ValueError(f"config.train.dsa_stage={cfg.dsa_stage!r}: pipelines run with 'off'")
+    return L // chunks
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tables:
+    """The tick table as int32 arrays [ticks, ranks] (see `tables`)."""
+
+    arrays: dict[str, np.ndarray]
+    channels: tuple[tuple[str, int], ...]  # (kind "F"/"B", direction +1/-1/0) used
+    act_slots: int
+    grad_slots: int
+    local_chunks: tuple[tuple[int, ...], ...]
+
+
+def tables(s: ps.Schedule) -> _Tables:
+    """Per tick and rank: the forward (on, mb, chunk, local slot, activation slot, first, last),
+    the backward (the same, plus its gradient slot), and what arrives at the end of the tick on
+    each channel, into which slot. Activation slots hold a chunk's input from its arrival to its
+    backward; gradient slots a chunk's output gradient likewise."""
+    t = ps.ticks(s)
+    T, N, C = t.length, s.ranks, s.chunks
+    local = tuple(s.rank_chunks(r) for r in range(N))
+    a = {k: np.zeros((T, N), np.int32) for k in ("f_on", "f_mb", "f_chunk", "f_local", "f_act")}
+    a.update({k: np.zeros((T, N), np.int32) for k in ("b_on", "b_mb", "b_chunk", "b_local")})
+    a.update({k: np.zeros((T, N), np.int32) for k in ("b_act", "b_grad")})
+    arrive: dict[tuple[str, int, int], int] = {}  # (kind, mb, chunk) -> tick it lands
+    for i in range(T):
+        for r in range(N):
+            if (f := t.fwd[i][r]) is not None and f[1] + 1 < C:
+                arrive[("F", f[0], f[1] + 1)] = i
+            if (b := t.bwd[i][r]) is not None and b[1] > 0:
+                arrive[("B", b[0], b[1] - 1)] = i
+    act, grad = _slots(t, arrive, "F"), _slots(t, arrive, "B")
+    channels: set[tuple[str, int]] = set()
+    recv = {
+        (kind, d): (np.zeros((T, N), np.int32), np.zeros((T, N), np.int32))
+        for kind in "FB"
+        for d in (1, -1, 0)
+    }
+    for (kind, mb, c), i in arrive.items():
+        src_chunk = c - 1 if kind == "F" else c + 1
+        src, dst = s.chunk_rank[src_chunk], s.chunk_rank[c]
+        d = dst - src
+        channels.add((kind, d))
+        on, slot = recv[(kind, d)]
+        on[i, dst] = 1
+        slot[i, dst] = (act if kind == "F" else grad)[(mb, c)]
+    for i in range(T):
+        for r in range(N):
+            if (f := t.fwd[i][r]) is not None:
+                mb, c = f
+                a["f_on"][i, r], a["f_mb"][i, r], a["f_chunk"][i, r] = 1, mb, c
+                a["f_local"][i, r] = local[r].index(c)
+                a["f_act"][i, r] = act.get((mb, c), 0)
+            if (b := t.bwd[i][r]) is not None:
+                mb, c = b
+                a["b_on"][i, r], a["b_mb"][i, r], a["b_chunk"][i, r] = 1, mb, c
+                a["b_local"][i, r] = local[r].index(c)
+                a["b_act"][i, r] = act.get((mb, c), 0)
+                a["b_grad"][i, r] = grad.get((mb, c), 0)
+    for kind, d in channels:
+        on, slot = recv[(kind, d)]
+        a[f"recv_{kind}{d}_on"], a[f"recv_{kind}{d}_slot"] = on, slot
+    return _Tables(
+        a,
+        tuple(sorted(channels)),
+        max(act.values(), default=0) + 1,
+        max(grad.values(), default=0) + 1,
+        local,
+    )
+
+
+def _slots(t: ps.TickTable, arrive, kind: str) -> dict[tuple[int, int], int]:
+    """Slot per (mb, chunk) for what arrives of `kind`, live from the end of its arrival tick
+    to its backward tick (read at the start of it; free for an arrival at its end)."""
+    s = t.schedule
+    end: dict[tuple[int, int], int] = {}
+    for i in range(t.length):
+        for r in range(s.ranks):
+            if t.bwd[i][r] is not None:
+                end[t.bwd[i][r]] = i
+    events = sorted((i, key[1:]) for key, i in arrive.items() if key[0] == kind)
+    free: dict[int, list[int]] = {r: [] for r in range(s.ranks)}
+    used = dict.fromkeys(range(s.ranks), 0)
+    releases = sorted((end[key], key) for _, key in events)
+    slot: dict[tuple[int, int], int] = {}
+    j = 0
+    for i, key in events:
+        while j < len(releases) and releases[j][0] <= i:
+            rel = releases[j][1]
+            if rel in slot:
+                free[s.chunk_rank[rel[1]]].append(slot[rel])
+            j += 1
+        r = s.chunk_rank[key[1]]
+        if free[r]:
+            slot[key] = free[r].pop()
+        else:
+            slot[key] = used[r]
+            used[r] += 1
+    return slot
+
+
+# ----------------------------------------------------------------------------- the model in pieces
+def _pre(cfg: ModelConfig, shared, mb) -> jax.Array:
+    """Embedding and the dense layers of one micro-batch: the first chunk's prologue."""
+    x = embed_lookup(shared["embed"]["embedding"], mb["inputs"], jnp.dtype(cfg.dtype))
+    if cfg.num_dense_layers:
+        stack = _stack(cfg, False, cfg.num_dense_layers, "train", "dense_layers")
+        x, _ = stack.apply(
+            {"params": shared["dense_layers"]}, x, mb["positions"], mb["segment_ids"], None
+        )
+    return x
+
+
+def _post(cfg: ModelConfig, train_cfg, shared, shared_bias, h, mb):
+    """Final norm, MTP modules, head and losses of one micro-batch: the last chunk's epilogue.
+    Returns (loss without the main stack's balance term, metrics, MTP expert counts [D, E])."""
+    from dsjax.train.step import output_loss  # step imports this module
+
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    norm = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed")
+    head_input = norm.apply({"params": shared["final_norm"]}, h)
+    mtp_in, counts, balance = [], [], []
+    for k in range(1, cfg.num_mtp_layers + 1):
+        tokens, seg = mtp_ahead(mb["inputs"], mb["segment_ids"], None, k, "train")
+        emb = embed_lookup(shared["embed"]["embedding"], tokens, dtype)
+        name = f"mtp_{k - 1}"
+        variables = {"params": shared[name], "moe_bias": shared_bias.get(name, {})}
+        h, normed, s = MTPModule(cfg, "train").apply(variables, h, emb, mb["positions"], seg)
+        mtp_in.append(normed)
+        if "counts" in s:
+            counts.append(s["counts"])
+            balance.append(s["balance"])
+    out = ModelOutput(
+        logits=None,
+        mtp_logits=None,
+        hidden=h,
+        expert_counts=None,
+        balance_loss=None,
+        mtp_expert_counts=jnp.stack(counts) if counts else None,
+        mtp_balance_loss=jnp.stack(balance) if balance else None,
+        head_input=head_input,
+        mtp_head_input=tuple(mtp_in) if mtp_in else None,
+    )
+    loss, aux = output_loss(out, shared, mb, cfg=cfg, train_cfg=train_cfg)
+    metrics = {
+        "main_ce": aux["main_ce"],
+        "mtp_ce": aux.get("mtp_ce", jnp.float32(0.0)),
+        "balance": aux["balance"],
+        "tokens": aux["tokens"],
+    }
+    return loss, metrics, out.mtp_expert_counts
+
+
+def _chunk(cfg, train_cfg, layers: int, p_chunk, shared, x_in, bias, shared_bias, mb, first, last):
+    """One chunk's forward: (output [b,T,D], loss share, (counts [layers,E], metrics, MTP counts)).
+
+    `first`/`last` (traced booleans) add the prologue (the input is then the micro-batch's tokens,
+    not `x_in`) and the epilogue; the loss share is α·(this chunk's balance losses) plus, on the
+    last chunk, the cross-entropies and MTP terms."""
+    x = jnp.where(first, _pre(cfg, shared, mb).astype(x_in.dtype), x_in)
+    stack = _stack(cfg, True, layers, "train", "moe_layers")
+    h, stats = stack.apply(
+        {"params": p_chunk, "moe_bias": {"moe": {"bias": bias}}},
+        x,
+        mb["positions"],
+        mb["segment_ids"],
+        None,
+    )
+    tail = jax.tree.map(
+        lambda a: jnp.where(last, a, jnp.zeros_like(a)),
+        _post(cfg, train_cfg, shared, shared_bias, h, mb),
+    )
+    tail_loss, metrics, mtp_counts = tail
+    balance = stats["balance"].sum()
+    loss = train_cfg.balance_loss_weight * balance + tail_loss
+    metrics = {**metrics, "balance": metrics["balance"] + balance}
+    return h, loss, (stats["counts"], metrics, mtp_counts)
+
+
+def _layer_order(s: ps.Schedule, layers: int) -> np.ndarray:
+    """Model layer index of each row of the stage-sharded MoE stack: rank r's block holds its
+    chunks in local-slot order (the identity for GPipe/1F1B)."""
+    chunks = [c for r in range(s.ranks) for c in s.rank_chunks(r)]
+    return np.concatenate([np.arange(c * layers, (c + 1) * layers) for c in chunks])
+
+
+def pipeline_grads(
+    params,
+    moe_bias,
+    batch,
+    *,
+    model,
+    train_cfg,
+    schedule: str,
+    microbatches: int,
+    table_arrays: dict[str, jax.Array] | None = None,
+):
+    """(loss, grads, metrics, counts) of the batch split into `microbatches`, pipelined over the
+    mesh axis `stage` of the mesh in scope (`jax.set_mesh`). `loss` and the metrics are means over
+    micro-batches (`tokens` a sum), `grads` like `params`, `counts` like `moe_bias`.
+    `table_arrays` replaces `tables(...).arrays` (same keys and shapes; tests alter it)."""
+    cfg: ModelConfig = model.cfg
+    mesh = jax.sharding.get_abstract_mesh()
+    N = mesh.shape[AXIS]
+    layers = check_pipeline(cfg, N, schedule, microbatches)
+    s = ps.make_schedule(schedule, N, microbatches)
+    tab = tables(s)
+    k = s.chunks // N  # chunks per rank
+    M = microbatches
+    order = _layer_order(s, layers)
+    inverse = np.argsort(order)
+    stacked = jax.tree.map(lambda x: jnp.take(x, order, axis=0), params["moe_layers"])
+    shared = {n: v for n, v in params.items() if n != "moe_layers"}
+    bias_stack = moe_bias["moe_layers"]["moe"]["bias"]  # [L, E], model order, replicated
+    shared_bias = {n: v for n, v in moe_bias.items() if n != "moe_layers"}
+    mbs = jax.tree.map(lambda x: x.reshape(M, x.shape[0] // M, *x.shape[1:]), batch)
+    b, T = mbs["inputs"].shape[1:3]
+    act_shape = (b, T, cfg.hidden_size)
+    act_dtype = jnp.dtype(cfg.dtype)
+    if table_arrays is None:
+        table_arrays = {n: jnp.asarray(v) for n, v in tab.arrays.items()}
+    arrays = table_arrays
+    chunk = functools.partial(_chunk, cfg, train_cfg, layers)
+
+    def body(stacked, shared, bias_stack, shared_bias, mbs, arrays):
+        r = jax.lax.axis_index(AXIS)
+        local = jax.tree.map(lambda x: x.reshape(k, layers, *x.shape[1:]), stacked)
+        row = lambda name, i: arrays[name][i, r]  # noqa: E731
+
+        def run(kind, i, carry):
+            on, mb_i, c = row(f"{kind}_on", i), row(f"{kind}_mb", i), row(f"{kind}_chunk", i)
+            p = jax.tree.map(lambda x: x[row(f"{kind}_local", i)], local)
+            mb = jax.tree.map(lambda x: x[mb_i], mbs)
+            bias = jax.lax.dynamic_slice_in_dim(bias_stack, c * layers, layers)
+            x_in = carry["act"][row(f"{kind}_act", i)]
+            first, last = c == 0, c == s.chunks - 1
+            return on, mb_i, c, p, mb, bias, x_in, first, last
+
+        def tick(carry, i):
+            # Forward chunk.
+            on, _, c, p, mb, bias, x_in, first, last = run("f", i, carry)
+            f_out = jax.tree.map(
+                lambda a: jnp.where(on, a, jnp.zeros_like(a)),
+                chunk(p, shared, x_in, bias, shared_bias, mb, first, last),
+            )
+            y, _, (counts, metrics, mtp_counts) = f_out
+            carry["counts"] = jax.lax.dynamic_update_slice_in_dim(
+                carry["counts"],
+                jax.lax.dynamic_slice_in_dim(carry["counts"], c * layers, layers) + counts,
+                c * layers,
+                0,
+            )
+            carry["metrics"] = jax.tree.map(jnp.add, carry["metrics"], metrics)
+            if mtp_counts is not None:
+                carry["mtp_counts"] = carry["mtp_counts"] + mtp_counts
+            # Backward chunk: the VJP of its forward, recomputed from the saved input.
+            on_b, _, cb, pb, mbb, biasb, xb, firstb, lastb = run("b", i, carry)
+            g_y = jnp.where(lastb, 0.0, carry["grad"][row("b_grad", i)]).astype(act_dtype)
+
+            def backward():
+                f = lambda p_, sh_, x_: chunk(p_, sh_, x_, biasb, shared_bias, mbb, firstb, lastb)[
+                    :2
+                ]  # noqa: E731,E501
+                _, vjp = jax.vjp(f, pb, shared, xb)
+                return vjp((g_y, jnp.float32(1.0 / M)))
+
+            g_p, g_sh, g_x = jax.tree.map(
+                lambda a: jnp.where(on_b, a, jnp.zeros_like(a)), backward()
+            )
+            lb = row("b_local", i)
+            carry["g_local"] = jax.tree.map(lambda acc, g: acc.at[lb].add(g), carry["g_local"], g_p)
+            carry["g_shared"] = jax.tree.map(jnp.add, carry["g_shared"], g_sh)
+            # Transfers: forward outputs to the next chunk's rank, input gradients to the
+            # previous chunk's; each lands in the slot the table names.
+            for kind, d in tab.channels:
+                payload = y if kind == "F" else g_x.astype(act_dtype)
+                if d:
+                    pairs = [(j, j + d) for j in range(N) if 0 <= j + d < N]
+                    payload = jax.lax.ppermute(payload, AXIS, pairs)
+                store = "act" if kind == "F" else "grad"
+                on_r = row(f"recv_{kind}{d}_on", i)
+                slot = row(f"recv_{kind}{d}_slot", i)
+                carry[store] = (
+                    carry[store].at[slot].set(jnp.where(on_r, payload, carry[store][slot]))
+                )
+            return carry, None
+
+        L_total = bias_stack.shape[0]
+        carry0: dict[str, Any] = {
+            "act": jnp.zeros((tab.act_slots, *act_shape), act_dtype),
+            "grad": jnp.zeros((tab.grad_slots, *act_shape), act_dtype),
+            "counts": jnp.zeros((L_total, bias_stack.shape[1]), jnp.float32),
+            "metrics": {m: jnp.float32(0.0) for m in METRICS if m != "loss"},
+            "g_local": jax.tree.map(jnp.zeros_like, local),
+            "g_shared": jax.tree.map(jnp.zeros_like, shared),
+        }
+        if cfg.num_mtp_layers and cfg.mtp_is_moe:
+            carry0["mtp_counts"] = jnp.zeros(
+                (cfg.num_mtp_layers, cfg.n_routed_experts), jnp.float32
+            )
+        carry, _ = jax.lax.scan(tick, carry0, jnp.arange(tab.arrays["f_on"].shape[0]))
+        g_stacked = jax.tree.map(lambda g: g.reshape(k * layers, *g.shape[2:]), carry["g_local"])
+        summed = jax.lax.psum(
+            (carry["g_shared"], carry["counts"], carry["metrics"], carry.get("mtp_counts")), AXIS
+        )
+        return g_stacked, summed
+
+    fn = jax.shard_map(
+        body,
+        in_specs=(P(AXIS), P(), P(), P(), P(), P()),
+        out_specs=(P(AXIS), P()),
+        axis_names={AXIS},
+        check_vma=False,
+    )
+    g_stacked, (g_shared, counts, metric_sums, mtp_counts) = fn(
+        stacked, shared, bias_stack, shared_bias, mbs, arrays
+    )
+    grads = dict(g_shared)
+    grads["moe_layers"] = jax.tree.map(lambda g: jnp.take(g, inverse, axis=0), g_stacked)
+    grads = {n: grads[n] for n in params}
+    metrics = {m: v / M for m, v in metric_sums.items()}
+    metrics["tokens"] = metric_sums["tokens"]
+    metrics["loss"] = (
+        metrics["main_ce"]
+        + (train_cfg.mtp_weight * metrics["mtp_ce"] if cfg.num_mtp_layers else 0.0)
+        + train_cfg.balance_loss_weight * metrics["balance"]
+    )
+    count_tree: dict[str, Any] = {"moe_layers": {"moe": {"bias": counts}}}
+    for name in moe_bias:
+        if name.startswith("mtp_") and mtp_counts is not None:
+            count_tree[name] = {"block": {"moe": {"bias": mtp_counts[int(name.split("_")[1])]}}}
+    return metrics["loss"], grads, metrics, count_tree

@@ -1,0 +1,126 @@
+"""Pipeline parallelism (SPEC §13): each schedule over `stage`, with data and expert axes beside
+it, gives one device's loss, gradients and expert counts; dropping one backward chunk breaks it."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from configs import tiny
+from dsjax.model import sharding
+from dsjax.model.transformer import Transformer, init_variables
+from dsjax.train import pipeline
+from dsjax.train import step as ts
+
+B, T, M = 16, 16, 4  # 4 micro-batches of 4 rows: one row per data x expert shard
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = tiny.get_config()
+    config.model.num_hidden_layers = 9  # 1 dense + 8 MoE layers
+    cfg = ts.model_config(config)
+    variables = init_variables(cfg, jax.random.key(0))
+    params = variables["params"]
+    # A non-zero routing bias, different per layer: the chunks must use their own layers' rows.
+    moe_bias = jax.tree.map(
+        lambda b: b + 0.01 * jax.random.normal(jax.random.key(3), b.shape), variables["moe_bias"]
+    )
+    rng = np.random.default_rng(0)
+    batch = {
+        "inputs": rng.integers(0, cfg.vocab_size, (B, T)),
+        "targets": rng.integers(0, cfg.vocab_size, (B, T)),
+        "positions": np.tile(np.arange(T), (B, 1)),
+        "segment_ids": np.ones((B, T)),
+        "weights": rng.uniform(0.5, 1.0, (B, T)),
+    }
+    batch = {
+        k: jnp.asarray(v, jnp.float32 if k == "weights" else jnp.int32) for k, v in batch.items()
+    }
+    model = Transformer(cfg)
+    grad_fn = jax.jit(
+        jax.value_and_grad(
+            functools.partial(ts.loss_fn, model=model, train_cfg=config.train), has_aux=True
+        )
+    )
+    loss = grads = counts = None
+    micro = jax.tree.map(lambda x: x.reshape(M, B // M, T), batch)
+    for m in range(M):  # one device, the same micro-batches, averaged (grad_accum = M)
+        (value, aux), g = grad_fn(params, moe_bias, {k: v[m] for k, v in micro.items()})
+        c = ts.expert_counts_tree(moe_bias, aux["out"])
+        acc = lambda a, b: b if a is None else jax.tree.map(jnp.add, a, b)  # noqa: E731
+        loss, grads, counts = acc(loss, value / M), acc(grads, g), acc(counts, c)
+    grads = jax.tree.map(lambda g: g / M, grads)
+    return config, model, params, moe_bias, batch, (loss, grads, counts)
+
+
+def _program(config, model, schedule, mesh):
+    """The jitted pipeline with its tick table as an argument (one compile serves mutations)."""
+    fn = functools.partial(
+        pipeline.pipeline_grads,
+        model=model,
+        train_cfg=config.train,
+        schedule=schedule,
+        microbatches=M,
+    )
+    return jax.jit(lambda p, b, x, t: fn(p, b, x, table_arrays=t))
+
+
+def _tables(schedule, stages):
+    from dsjax.train.pipeline_schedule import make_schedule
+
+    return pipeline.tables(make_schedule(schedule, stages, M)).arrays
+
+
+def _assert_matches(result, reference, tol=1e-5):
+    loss, grads, metrics, counts = result
+    ref_loss, ref_grads, ref_counts = reference
+    np.testing.assert_allclose(loss, ref_loss, rtol=tol)
+    np.testing.assert_allclose(metrics["loss"], ref_loss, rtol=tol)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        r = ref_grads
+        for p in path:
+            r = r[p.key]
+        scale = float(jnp.abs(r).max()) + 1e-12
+        err = float(jnp.abs(g - r).max()) / scale
+        assert err <= tol, f"{jax.tree_util.keystr(path)}: relative error {err:.2e}"
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), counts, ref_counts)
+
+
+@pytest.mark.parametrize(
+    "schedule,mesh_sizes",
+    [
+        ("gpipe", dict(stage=2, data=2, expert=2)),
+        ("1f1b", dict(stage=2, data=2, expert=2)),
+        ("dualpipe", dict(stage=2, data=2, expert=2)),
+    ],
+)
+def test_schedule_matches_one_device(setup, schedule, mesh_sizes):
+    config, model, params, moe_bias, batch, reference = setup
+    mesh = sharding.make_mesh(**mesh_sizes)
+    stages = mesh_sizes["stage"]
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        program = _program(config, model, schedule, mesh)
+        table = {k: jnp.asarray(v) for k, v in _tables(schedule, stages).items()}
+        _assert_matches(program(params, moe_bias, batch, table), reference)
+        if schedule != "dualpipe":
+            return
+        # Mutation: drop the backward chunk of one micro-batch on rank 1 -> must not match.
+        b_on = np.asarray(table["b_on"]).copy()
+        tick = int(np.flatnonzero(b_on[:, 1])[0])
+        b_on[tick, 1] = 0
+        mutated = program(params, moe_bias, batch, {**table, "b_on": jnp.asarray(b_on)})
+    with pytest.raises(AssertionError, match="relative error"):
+        _assert_matches(mutated, reference)
+
+
+def test_uneven_layers_refuse_with_one_line():
+    cfg = ts.model_config(tiny.get_config())  # 2 MoE layers
+    with pytest.raises(ValueError, match=r"cuts the 2 MoE layers into 4 chunks: they must divide"):
+        pipeline.check_pipeline(cfg, 2, "dualpipe", 4)
+    assert pipeline.check_pipeline(cfg, 2, "1f1b", 4) == 1
