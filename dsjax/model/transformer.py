@@ -65,7 +65,7 @@ class ModelOutput:
     mode): the DSA lightning indexers' KL loss, summed over layers (MTP blocks included), each
     layer's the mean over real query tokens (see dsjax/model/layers/indexer.py)."""
 
-    logits: jax.Array
+    logits: jax.Array | None
     mtp_logits: tuple[jax.Array, ...] | None
     hidden: jax.Array
     expert_counts: jax.Array | None

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -128,8 +128,8 @@ def _slots(t: ps.TickTable, arrive, kind: str) -> dict[tuple[int, int], int]:
     end: dict[tuple[int, int], int] = {}
     for i in range(t.length):
         for r in range(s.ranks):
-            if t.bwd[i][r] is not None:
-                end[t.bwd[i][r]] = i
+            if (b := t.bwd[i][r]) is not None:
+                end[b] = i
     events = sorted((i, key[1:]) for key, i in arrive.items() if key[0] == kind)
     free: dict[int, list[int]] = {r: [] for r in range(s.ranks)}
     used = dict.fromkeys(range(s.ranks), 0)
@@ -170,14 +170,15 @@ def _post(cfg: ModelConfig, train_cfg, shared, shared_bias, h, mb):
 
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     norm = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed")
-    head_input = norm.apply({"params": shared["final_norm"]}, h)
+    head_input = cast(jax.Array, norm.apply({"params": shared["final_norm"]}, h))
     mtp_in, counts, balance = [], [], []
     for k in range(1, cfg.num_mtp_layers + 1):
         tokens, seg = mtp_ahead(mb["inputs"], mb["segment_ids"], None, k, "train")
         emb = embed_lookup(shared["embed"]["embedding"], tokens, dtype)
         name = f"mtp_{k - 1}"
         variables = {"params": shared[name], "moe_bias": shared_bias.get(name, {})}
-        h, normed, s = MTPModule(cfg, "train").apply(variables, h, emb, mb["positions"], seg)
+        mtp = MTPModule(cfg, "train").apply(variables, h, emb, mb["positions"], seg)
+        h, normed, s = cast(tuple[jax.Array, jax.Array, dict], mtp)
         mtp_in.append(normed)
         if "counts" in s:
             counts.append(s["counts"])
