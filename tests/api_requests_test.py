@@ -140,6 +140,18 @@ def test_completion_field_errors_name_the_field(field, value, words):
             "tools[0].function.parameters",
             "'not' is not supported",
         ),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"type": "string"}},
+                    }
+                ]
+            },
+            "tools[0].function.parameters",
+            "type 'object'",
+        ),
         ({"tool_choice": "auto"}, "tool_choice", "needs 'tools'"),
         ({"tool_choice": "sometimes"}, "tool_choice", "must be"),
         ({"response_format": {"type": "json"}}, "response_format", "must be"),

@@ -118,3 +118,27 @@ def test_stop_string_cuts_text_and_cancels(app, tokenizer):
     choice = out.json()["choices"][0]
     assert choice["text"] == text[: text.index(stop)] and choice["finish_reason"] == "stop"
     assert engine.submitted[-1][0] in engine.cancelled
+
+
+def _openai_error(r, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return err
+
+
+def test_probe_findings_routes_and_unencodable_names(app):
+    """Probe findings: a trailing slash got a 307 redirect (no OpenAI body), a lone surrogate in
+    a field name a 500 (the error message naming it could not be encoded), and
+    `client.models.retrieve` a 404 (no GET /v1/models/{model})."""
+    _, client = app
+    for method, path in [("POST", "/v1/completions/"), ("POST", "/v1/chat/completions/"),
+                         ("GET", "/v1/models/"), ("GET", "/health/")]:  # fmt: skip
+        r = client.request(method, path, json={"prompt": "the"}, follow_redirects=False)
+        assert _openai_error(r, 404)["type"] == "not_found_error", path
+    raw = b'{"prompt": "the", "\\ud800x": 1}'
+    r = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    err = _openai_error(r, 400)
+    assert err["param"] == "\\ud800x" and "U+D800" in err["message"]
+    assert client.get("/v1/models/fake").json()["id"] == "fake"
+    assert _openai_error(client.get("/v1/models/other"), 404)["code"] == "model_not_found"

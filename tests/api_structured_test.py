@@ -245,3 +245,33 @@ def test_tool_history_and_auto_choice(client):
             client.chat.completions.create(model="tiny", messages=_messages(), **fields)
         assert info.value.body["param"] == param, info.value.body
     assert "pattern" in str(info.value) or True
+
+
+def test_openai_client_helpers_models_parse_and_pydantic_tools(client):
+    """Probe findings with the official client: `models.retrieve` and `chat.completions.parse`
+    with nested pydantic models (`$defs` / `$ref`) used to fail."""
+    import openai
+    from pydantic import BaseModel
+
+    class Point(BaseModel):
+        x: int
+        y: int
+
+    class Route(BaseModel):
+        name: str
+        stops: list[Point]
+        start: Point
+
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
+    out = client.chat.completions.parse(
+        model="tiny", messages=_messages(), response_format=Route, max_tokens=100, temperature=0
+    )
+    assert isinstance(out.choices[0].message.parsed, Route)
+    tool = openai.pydantic_function_tool(Point)
+    out = client.chat.completions.parse(
+        model="tiny", messages=_messages(), tools=[tool], tool_choice="required", max_tokens=120
+    )
+    (call,) = out.choices[0].message.tool_calls
+    assert isinstance(call.function.parsed_arguments, Point)

@@ -83,6 +83,27 @@ def test_grammar_accepts_valid_documents_and_rejects_invalid_ones():
     assert _accepts(Grammar({"type": "number"}), "12.5") and _accepts(Grammar(LIST), "[]")
 
 
+def test_refs_to_defs_as_pydantic_writes_them():
+    from openai.lib._pydantic import to_strict_json_schema
+    from pydantic import BaseModel
+
+    class Point(BaseModel):
+        x: int
+        label: str | None
+
+    class Shape(BaseModel):
+        name: str
+        points: list[Point]
+        center: Point
+
+    schema = to_strict_json_schema(Shape)
+    assert "$defs" in schema
+    grammar = Grammar(schema)
+    point = {"x": 1, "label": None}
+    assert _accepts(grammar, json.dumps({"name": "a", "points": [point, point], "center": point}))
+    assert not _accepts(grammar, json.dumps({"name": "a", "points": [{"x": 1}], "center": point}))
+
+
 @pytest.mark.parametrize(
     "schema, words",
     [
@@ -95,6 +116,14 @@ def test_grammar_accepts_valid_documents_and_rejects_invalid_ones():
         ({"anyOf": [{"type": "integer"}, {"type": "number"}]}, "same character"),
         ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "required"),
         ({"enum": []}, "enum"),
+        (
+            {
+                "$ref": "#/$defs/A",
+                "$defs": {"A": {"type": "array", "items": {"$ref": "#/$defs/A"}}},
+            },
+            "recursive",
+        ),
+        ({"$ref": "#/$defs/B"}, "not a name"),
     ],
 )
 def test_unsupported_schemas_name_the_keyword(schema, words):

@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP API over an `Engine` (FastAPI): the app and its routes.
 
 Endpoints: `GET /health` and `GET /metrics` (no auth; engine counts, the latter in the
-Prometheus text format), `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`.
+Prometheus text format), `GET /v1/models`, `GET /v1/models/{model}`, `POST /v1/completions`,
+`POST /v1/chat/completions`.
 
 The pieces live in their own modules: request parsing and validation (`dsjax.serve.requests`),
 response bodies and SSE framing (`dsjax.serve.responses`), running a request on the engine
@@ -182,14 +183,8 @@ class Service:
     def _body(self, raw: bytes) -> Any:
         body = parse_json(raw)
         model = body.get("model") if isinstance(body, dict) else None
-        if isinstance(model, str) and model != self.model_name:
-            raise APIError(
-                404,
-                f"model '{model}' does not exist; this server serves '{self.model_name}'",
-                type="not_found_error",
-                param="model",
-                code="model_not_found",
-            )
+        if isinstance(model, str):
+            self.model(model)  # 404 unless it is the served model
         return body
 
     def prepare_completion(self, raw: bytes) -> _Prepared:
@@ -258,17 +253,24 @@ class Service:
         return await run.respond(lambda: client_gone(request))
 
     def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self.model(self.model_name)]}
+
+    def model(self, name: str) -> dict[str, Any]:
+        """The served model's object (`GET /v1/models/{name}`); 404 for any other name."""
+        if name != self.model_name:
+            raise APIError(
+                404,
+                f"model '{name}' does not exist; this server serves '{self.model_name}'",
+                type="not_found_error",
+                param="model",
+                code="model_not_found",
+            )
         return {
-            "object": "list",
-            "data": [
-                {
-                    "id": self.model_name,
-                    "object": "model",
-                    "created": self.created,
-                    "owned_by": "dsjax",
-                    "max_model_len": self.limits.max_len,
-                }
-            ],
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "dsjax",
+            "max_model_len": self.limits.max_len,
         }
 
 
@@ -280,7 +282,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, **options) -> FastAPI
     """The FastAPI app serving `engine` (already started) with `tokenizer` (dsjax Tokenizer);
     `options` are `Service`'s (api_key, add_bos, max_body_bytes)."""
     service = Service(engine, tokenizer, model_name, **options)
-    app = FastAPI(title="dsjax", docs_url=None, redoc_url=None, openapi_url=None)
+    # No trailing-slash redirects: '/v1/completions/' is a 404 in the OpenAI shape, not a 307.
+    app = FastAPI(
+        title="dsjax", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False
+    )
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, err: APIError):
@@ -311,6 +316,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, **options) -> FastAPI
     async def models(request: Request):
         service.check_auth(request)
         return service.models()
+
+    @app.get("/v1/models/{model:path}")
+    async def model(request: Request, model: str):
+        service.check_auth(request)
+        return service.model(model)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

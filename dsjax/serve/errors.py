@@ -24,9 +24,11 @@ class APIError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ):
+        message = _printable(message)
         super().__init__(message)
         self.status, self.message, self.type = status, message, type
-        self.param, self.code, self.headers = param, code, headers
+        self.param = None if param is None else _printable(param)
+        self.code, self.headers = code, headers
 
     def body(self) -> dict[str, Any]:
         """The JSON body: {"error": {"message", "type", "param", "code"}}."""
@@ -38,6 +40,12 @@ class APIError(Exception):
                 "code": self.code,
             }
         }
+
+
+def _printable(text: str) -> str:
+    """`text` with lone surrogates (not encodable as UTF-8, e.g. from a client's "\\ud800" key)
+    written as escapes, so the error body can always be sent."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def bad_field(param: str, rule: str, code: str | None = None) -> APIError:

@@ -582,7 +582,12 @@ def _tools(tools: Any) -> tuple[dict[str, Any], ...]:
         if fn.get("strict") is not None:
             _bool(f"{at}.function.strict", fn["strict"])
         if fn.get("parameters") is not None:
-            function["parameters"] = fn["parameters"]
+            params = fn["parameters"]
+            if not isinstance(params, dict) or params.get("type", "object") != "object":
+                raise bad_field(
+                    f"{at}.function.parameters", "must be a JSON Schema of type 'object'"
+                )
+            function["parameters"] = params
             _grammar(f"{at}.function.parameters", fn["parameters"])
         out.append({"type": "function", "function": function})
     return tuple(out)

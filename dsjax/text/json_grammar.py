@@ -10,7 +10,8 @@ lets a caller keep a document inside a token budget.
 
 The schema subset: `type` (one name or a list), `properties`, `required`, `additionalProperties`
 (only whether it is false: declared properties are the only ones generated), `items`, `enum`,
-`const`, `anyOf` / `oneOf` whose alternatives start with different characters, and the
+`const`, `anyOf` / `oneOf` whose alternatives start with different characters, `$ref` to the
+root's `$defs` / `definitions` (not recursive; e.g. pydantic's nested models), and the
 annotations `title`, `description`, `default`, `examples`, `$schema`, `$id`, `$comment`,
 `strict`. Any other keyword is a `SchemaError` naming it.
 
@@ -119,9 +120,12 @@ def string_step(sub: int, b: int) -> int:
 class _Compiler:
     """Turns a schema into a table of specs (tuples) referenced by index from states."""
 
-    def __init__(self) -> None:
+    def __init__(self, defs: Any = None) -> None:
         self.specs: list[tuple] = []
         self.index: dict[tuple, int] = {}
+        self.defs = defs if isinstance(defs, dict) else {}
+        self.refs: dict[str, int] = {}
+        self.resolving: list[str] = []
 
     def add(self, spec: tuple) -> int:
         if spec not in self.index:
@@ -138,8 +142,15 @@ class _Compiler:
             return self.any_value()
         if not isinstance(schema, dict):
             raise SchemaError(f"{where}: a schema must be an object; got {_short(schema)}")
+        if "$ref" in schema:
+            for key in schema:
+                if key not in ("$ref", "$defs", "definitions") and key not in _ANNOTATIONS:
+                    raise SchemaError(
+                        f"{where}: the keyword '{key}' beside '$ref' is not supported"
+                    )
+            return self.ref(schema["$ref"], where)
         known = {"type", "properties", "required", "additionalProperties", "items", "enum"}
-        known |= {"const", "anyOf", "oneOf"}
+        known |= {"const", "anyOf", "oneOf", "$defs", "definitions"}
         for key in schema:
             if key not in known and key not in _ANNOTATIONS:
                 raise SchemaError(f"{where}: the keyword '{key}' is not supported")
@@ -170,6 +181,23 @@ class _Compiler:
             names = [t for t in names if t != "integer"]
         members = [self.typed(t, schema, where) for t in dict.fromkeys(names)]
         return members[0] if len(members) == 1 else self.union(members, f"{where}.type")
+
+    def ref(self, ref: Any, where: str) -> int:
+        """A local reference into the root's `$defs` / `definitions` (not recursive)."""
+        name = None
+        for prefix in ("#/$defs/", "#/definitions/"):
+            if isinstance(ref, str) and ref.startswith(prefix):
+                name = ref[len(prefix) :]
+        if name is None or name not in self.defs:
+            raise SchemaError(f"{where}.$ref: {_short(ref)} is not a name in the root's '$defs'")
+        if ref in self.refs:
+            return self.refs[ref]
+        if ref in self.resolving:
+            raise SchemaError(f"{where}.$ref: the recursive reference {ref} is not supported")
+        self.resolving.append(ref)
+        spec = self.refs[ref] = self.compile(self.defs[name], f"{where}.$ref({name})")
+        self.resolving.pop()
+        return spec
 
     def typed(self, name: str, schema: dict[str, Any], where: str) -> int:
         if name == "object":
@@ -225,6 +253,17 @@ class _Compiler:
                     )
                 seen[b] = m
         return flat[0] if len(flat) == 1 else self.add(("union", tuple(flat)))
+
+
+def _definitions(schema: Any, choices: Sequence[Choice] | None) -> dict[str, Any]:
+    """The root's `$defs` (and older `definitions`) that `$ref`s may name."""
+    out: dict[str, Any] = {}
+    for root in [schema] if choices is None else [sch for _, sch, _ in choices]:
+        if isinstance(root, dict):
+            for key in ("definitions", "$defs"):
+                if isinstance(root.get(key), dict):
+                    out.update(root[key])
+    return out
 
 
 def _encode(value: Any) -> bytes:
@@ -289,7 +328,7 @@ class Grammar:
     """
 
     def __init__(self, schema: Any = None, *, choices: Sequence[Choice] | None = None):
-        c = _Compiler()
+        c = _Compiler(_definitions(schema, choices))
         self.any_object = c.add(("free_object", c.any_value()))
         self.any_array = c.add(("array", c.any_value()))
         if choices is not None:
