@@ -1,7 +1,8 @@
 """Serve a dsjax model over an OpenAI-compatible HTTP API, or complete one prompt and exit.
 
     python serve.py --checkpoint=DIR [--host=127.0.0.1] [--port=8000] [--api-key=KEY]
-                    [--slots=8] [--max-queue=64] [--max-len=N] [--dtype=bfloat16]
+                    [--slots=8] [--max-queue=64] [--max-len=N] [--cache-tokens=N]
+                    [--page-size=64] [--no-prefix-cache] [--dtype=bfloat16]
                     [--max-body-bytes=4194304] [--mesh=expert=2,tensor=4 [--layout=decode]]
     python serve.py --checkpoint=DIR --prompt="Once upon a time" [--max-tokens=64]
 
@@ -30,7 +31,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    p.add_argument("--slots", type=int, default=8, help="requests decoded together")
+    p.add_argument("--slots", type=int, default=8, help="requests decoded together at most")
+    p.add_argument(
+        "--cache-tokens",
+        type=int,
+        default=None,
+        help="latent cache size in tokens, shared by all requests in pages (default: slots x "
+        "max-len); requests wait for pages",
+    )
+    p.add_argument("--page-size", type=int, default=64, help="tokens per latent cache page")
+    p.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="do not reuse the cached pages of earlier prompts with the same prefix",
+    )
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
     p.add_argument(
         "--max-len",
@@ -157,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         min_batch=args.min_batch,
         speculative=speculative,
         mesh=mesh,
+        page_size=args.page_size,
+        cache_tokens=args.cache_tokens,
+        prefix_cache=args.prefix_cache,
     ).start()
     engine.warmup()
     app = create_app(
@@ -169,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"serving {name} on http://{args.host}:{args.port} ({args.slots} slots, context "
-        f"{engine.max_len})",
+        f"{engine.max_len}, cache {engine.stats()['cache_pages'] * engine.page_size} tokens)",
         flush=True,
     )
     try:

@@ -53,6 +53,7 @@ import numpy as np
 from flax import struct
 
 from dsjax.inference import sampling as smp
+from dsjax.inference.scheduler import bucket_length
 from dsjax.model.config import ModelConfig
 from dsjax.model.transformer import MTPModule, Transformer, cache_batch_axis, init_cache
 
@@ -75,14 +76,6 @@ __all__ = [
 
 
 # ====================================================================== shapes
-def bucket_length(n: int, minimum: int = 8) -> int:
-    """`n` rounded up to a power of two (at least `minimum`) up to 64, then to a multiple of 64."""
-    n = max(int(n), minimum)
-    if n <= 64:
-        return 1 << (n - 1).bit_length()
-    return -(-n // 64) * 64
-
-
 def zeros_cache(cfg: ModelConfig, batch: int, length: int, mtp: bool = True):
     """A zero cache like `init_cache(cfg, batch, length)` (traceable); `mtp=False` leaves out
     the MTP modules' caches."""

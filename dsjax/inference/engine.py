@@ -1,25 +1,32 @@
 """Continuous-batching generation engine (used by serve.py), over the decode core.
 
-A fixed number of slots share one `decode.DecodeState` (batch = slots, S = `max_len`
-positions). A background thread loops:
+The policy lives in `dsjax.inference.scheduler.Scheduler` (plain Python: queue, slots, chunk
+plans, cache pages); this module runs its decisions on the device from one background thread
+and delivers events. `slots` rows share one `decode.DecodeState` whose latent caches are page
+pools (`dsjax.inference.engine_programs`: `cache_tokens` positions in pages of `page_size`, each
+request's positions on its own pages through its page table; `slots` only bounds how many
+requests decode together). The thread loops:
 
-1. frees the slots of finished or cancelled requests;
-2. admits queued requests into free slots. A prompt of at most `prefill_chunk` tokens: one
-   jitted program prefills it alone into a fresh [1, P] state (P = its bucketed length), samples
-   its first token and copies the row into the slot's row of every state leaf (batch and sequence
-   axes from `decode.state_axes`, i.e. the layout declared with the cache). A longer prompt is
-   prefilled incrementally (step 3) and its slot joins decoding when the prompt is in its cache;
+1. frees the slots and pages of finished or cancelled requests;
+2. admits queued requests, first come first served, while a slot is free and the pool can
+   reserve the pages the head request may need (prompt + max_tokens, less the cached prefix
+   pages it reuses); otherwise they wait. Prefix cache: full prompt pages are keyed by a hash
+   chain of their tokens (`page_pool.page_keys`); a prompt that starts with pages an earlier
+   prompt prefilled reuses them and prefills only the rest. A prompt of at most `prefill_chunk`
+   tokens without a cached prefix: one jitted program prefills it alone into a fresh [1, P]
+   state (P = its bucketed length), samples its first token and writes the row to its slot (the
+   cache to its pages). Other prompts are prefilled chunk by chunk (step 3) and their slot joins
+   decoding when the prompt is in its cache;
 3. runs ONE prefill chunk of the oldest incrementally prefilled prompt, straight into its slot's
-   row of the cache (`decode.prefill_first_chunk`: the first `n mod prefill_chunk` tokens, or a
-   whole chunk, in prefill mode, padded to a bucket; then `decode.prefill_next_chunk`: whole
-   chunks with the absorbed decode forward over the row's first W positions, W the smallest step
-   window covering the chunk). After the last chunk, `decode.first_state` samples token 0 into
-   the row exactly as the one-shot admit does. So one long prompt costs the running streams one
-   chunk per decode step, not the whole prompt at once. While its prompt is being prefilled the
-   slot is held done in the decode steps, and its position is parked beyond the cache, so a
-   step's cache writes for that row (at its position, and the MTP's at position - 1, - 2) fall
-   outside the cache and are dropped (JAX scatters drop out-of-bound updates): the partial cache
-   is never written by a step, and no step advances the slot;
+   pages (`decode.prefill_first_chunk`: the first `n mod prefill_chunk` tokens, or a whole
+   chunk, in prefill mode, padded to a bucket; then `decode.prefill_next_chunk`: whole chunks
+   with the absorbed decode forward over the row's first W positions, W the smallest step window
+   covering the chunk; after a cached prefix every chunk is of the second kind). After the last
+   chunk, `decode.first_state` samples token 0 into the row exactly as the one-shot admit does.
+   So one long prompt costs the running streams one chunk per decode step, not the whole prompt
+   at once. While its prompt is being prefilled the slot is held done in the decode steps and
+   its position is parked beyond the cache: no step writes for it or advances it. Once a prompt
+   is in the cache its full pages enter the prefix cache;
 4. runs one `decode.step` for every decoding slot: each slot with its own position, sampling
    parameters, PRNG key, stop ids and length limit (stop rules are decided on the device), and
    with MTP speculation when any active request speculates (`SamplingParams.speculative`,
@@ -29,10 +36,10 @@ positions). A background thread loops:
 
 Rows never interact (attention is per row, MoE is dropless and per token), so a request's
 output is the same whatever else is in the batch, and equals `generate`'s for the same seed and
-row (the key rule is `dsjax.inference.sampling`'s; a long prompt's cache up to the rounding of a different
-chunk split). Stale cache contents of a previous occupant are
+row (the key rule is `dsjax.inference.sampling`'s; a long or partly cached prompt's cache up to
+the rounding of a different chunk split). Stale contents of a page's previous owner are
 harmless: slot s is visible to a query at position p only if s <= p, and every slot up to p has
-been rewritten by the current request by then.
+been written by the current request (or is a cached prefix page holding the same tokens).
 
 Constrained decoding: a request submitted with a `constraint` (a `TokenConstraint`, e.g.
 `dsjax.inference.constrained.GrammarConstraint`) draws every token from its allowed set: before
@@ -71,6 +78,7 @@ from dsjax.inference import decode
 from dsjax.inference import engine_programs as programs
 from dsjax.inference.meshes import DecodeMesh
 from dsjax.inference.sampling import MAX_LOGPROBS, SamplingParams
+from dsjax.inference.scheduler import Scheduler, Seq
 from dsjax.model.config import ModelConfig
 
 __all__ = ["Engine", "QueueFull", "SamplingParams", "TokenConstraint", "TokenEvent"]
@@ -119,24 +127,17 @@ class TokenEvent:
     top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
 
 
-@dataclasses.dataclass
-class _Request:
-    """A request and its progress (always truthy: slots hold a _Request or None).
-
-    `chunk`: while the prompt is prefilled incrementally, the index of its next prefill chunk
-    (None otherwise: queued, or decoding)."""
+@dataclasses.dataclass(eq=False, kw_only=True)
+class _Request(Seq):
+    """A request and its progress (its scheduling state: `scheduler.Seq`)."""
 
     id: int
-    prompt: list[int]
     params: SamplingParams
     callback: Callable[[TokenEvent], None]
     row: int
-    generated: int = 0
     cancelled: bool = False
     failed: str | None = None
     finished: bool = False
-    slot: int | None = None
-    chunk: int | None = None
     constraint: TokenConstraint | None = None
 
     def allowed(self) -> np.ndarray | None:
@@ -165,8 +166,8 @@ class Engine:
     Args:
       cfg: model config.
       variables: {"params", "moe_bias"}.
-      slots: rows decoded together.
-      max_len: positions per slot (prompt + generated); default min(max_position_embeddings,
+      slots: rows decoded together (the concurrency bound; memory is `cache_tokens`).
+      max_len: positions per request (prompt + generated); default min(max_position_embeddings,
         4096).
       max_queue: waiting requests at most (submit raises QueueFull beyond).
       eos_id: token that ends a request (unless SamplingParams.ignore_eos).
@@ -185,6 +186,11 @@ class Engine:
         (first or later chunk, first chunk's bucketed length, attention window).
       mesh: decode on this `DecodeMesh` (weights placed by its layout, the slots' rows split as
         it splits requests when `slots` is a multiple of its `row_shards`); None: one device.
+      page_size: positions per cache page (default 64, FlashMLA's block).
+      cache_tokens: positions in the page pool, rounded down to whole pages (default
+        slots * max_len rounded up to pages: every slot can hold a max_len request). A request
+        waits in the queue until the pages it may need (prompt + max_tokens) can be reserved.
+      prefix_cache: reuse cached full prompt pages (see the module docstring).
     """
 
     def __init__(
@@ -203,6 +209,9 @@ class Engine:
         max_stop_ids: int = 16,
         prefill_chunk: int = decode.PREFILL_CHUNK,
         mesh: DecodeMesh | None = None,
+        page_size: int = 64,
+        cache_tokens: int | None = None,
+        prefix_cache: bool = True,
     ):
         if slots < 1:
             raise ValueError(f"slots={slots}: must be >= 1")
@@ -225,6 +234,10 @@ class Engine:
         has_mtp = cfg.num_mtp_layers > 0 and "mtp_0" in variables.get("params", {})
         if speculative and not has_mtp:
             raise ValueError("speculative=True needs an MTP module (cfg.num_mtp_layers >= 1)")
+        if page_size < 1:
+            raise ValueError(f"page_size={page_size}: must be >= 1")
+        if cache_tokens is None:
+            cache_tokens = slots * -(-max_len // page_size) * page_size
         self.cfg, self.slots, self.max_len, self.max_queue = cfg, slots, max_len, max_queue
         self.eos_id, self.seed = eos_id, seed
         self._mesh = mesh  # decode on a mesh: weights placed by its layout, programs under it
@@ -233,25 +246,29 @@ class Engine:
         self._spec_default = has_mtp if speculative is None else bool(speculative)
         self._stop_width = max_stop_ids
         self.prefill_chunk = int(prefill_chunk)
-        self._row_buckets = [*(b for b in (min_batch << i for i in range(32)) if b < slots), slots]
-        self._windows = [*(w for w in (min_window << i for i in range(32)) if w < max_len), max_len]
+        self._sched = Scheduler(
+            slots=slots,
+            max_len=max_len,
+            prefill_chunk=self.prefill_chunk,
+            min_batch=min_batch,
+            min_window=min_window,
+            page_size=page_size,
+            cache_tokens=cache_tokens,
+            prefix_cache=prefix_cache,
+        )
+        self.page_size = page_size
         self._state = self._new_state()
-        batch_axes, seq_axes = decode.state_axes(self._state)
-        self._axes = (tuple(jax.tree.leaves(batch_axes)), tuple(jax.tree.leaves(seq_axes)))
-        self._slot_req: list[_Request | None] = [None] * slots
-        self._prefilling: list[_Request] = []  # incrementally prefilled, in admission order
 
         self._cv = threading.Condition()
-        self._queue: collections.deque[_Request] = collections.deque()
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._counters = collections.Counter()
+        self._counters: collections.Counter[str] = collections.Counter()
 
     # ------------------------------------------------------------------ lifecycle
     def _new_state(self) -> decode.DecodeState:
-        """An all-done state of `slots` rows (shapes from the prefill program, traced once)."""
+        """An all-done state of `slots` rows with zero page pools (shapes traced once)."""
         req = decode.row_requests([], [], None, self._stop_width, pad_to=self.slots)
 
         def empty(variables, req):
@@ -262,15 +279,15 @@ class Engine:
                 tokens,
                 jnp.ones((self.slots,), jnp.int32),
                 req,
-                cache_len=self.max_len,
+                cache_len=1,
                 speculative=self._can_speculate,
             )
-            return state
+            return programs.pool_state(state, self._sched.pool.num_pages + 1, self.page_size)
 
         shapes = jax.eval_shape(empty, self._variables, req)
         state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         state = state.replace(done_B=jnp.ones((self.slots,), bool))
-        if self._mesh is not None:  # the slots' rows split as the mesh splits requests
+        if self._mesh is not None:  # slot rows (and pool pages) split as requests are split
             state = self._mesh.place_rows(state, decode.state_axes(state)[0])
         return state
 
@@ -297,7 +314,6 @@ class Engine:
             self._thread = None
         for req in list(self._requests.values()):
             self._finish(req, "cancelled")
-        self._queue.clear()
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -317,13 +333,14 @@ class Engine:
 
         The prefill (admit) program for the bucket of each of `prompt_lengths` (longer than
         `prefill_chunk`: the chunk programs it runs and the program that starts its decoding),
-        and the decode
-        step for EVERY row bucket (staggered requests move the step from R=min_batch up to
-        `slots` rows) at the attention window(s) each prompt length starts in (`all_windows`:
-        every window up to `max_len`), in plain and, when the checkpoint has an MTP module,
-        speculative form (`speculative` True/False: only that form), with log-probs too when
-        `logprobs`. Runs on a scratch all-done state (one extra state in memory meanwhile), so
-        it is safe while the engine serves; the compiled programs are the ones service calls.
+        and the decode step for EVERY row bucket (staggered requests move the step from
+        R=min_batch up to `slots` rows) at the attention window(s) each prompt length starts in
+        (`all_windows`: every window up to `max_len`), in plain and, when the checkpoint has an
+        MTP module, speculative form (`speculative` True/False: only that form), with log-probs
+        too when `logprobs`. Runs on a scratch all-done state writing only the TRASH page (one
+        extra state in memory meanwhile), so it is safe while the engine serves; the compiled
+        programs are the ones service calls. Prompts with a cached prefix run chunk programs
+        that may still compile on first use.
         """
         for n in prompt_lengths:
             if not 1 <= n < self.max_len:
@@ -339,6 +356,8 @@ class Engine:
             raise ValueError("speculative=True needs an MTP module (cfg.num_mtp_layers >= 1)")
         else:
             forms = (bool(speculative),)
+        sched = self._sched
+        trash = np.zeros((sched.slots, sched.max_pages), np.int32)  # every page TRASH
         short = [n for n in prompt_lengths if n <= self.prefill_chunk]
         buckets = sorted({min(decode.bucket_length(n), self.max_len) for n in short})
         state = self._new_state()
@@ -347,10 +366,10 @@ class Engine:
             (start > 0, T, window): (start, n)
             for n in prompt_lengths
             if n > self.prefill_chunk
-            for start, T, window in self._chunk_plan(n)
+            for start, T, window in sched.chunk_plan(n)
         }
         for (_, T, window), (start, n) in chunks.items():
-            state, logits, hidden = self._run_chunk(state, [0] * n, 0, start, T, window)
+            state, logits, hidden = self._run_chunk(state, [0] * n, 0, start, T, window, trash)
         if chunks:
             for top_n in top_ns:
                 state, _ = self._run_start_decoding(state, [0], req, 0, logits, hidden, top_n)
@@ -364,23 +383,23 @@ class Engine:
                     np.ones((1,), np.int32),
                     req,
                     np.int32(0),
+                    trash[:1, : self._pages(P)],
                     None,  # no mask: passed as the service passes it (one compiled program)
                     speculative=self._can_speculate,
                     top_n=top_n,
-                    axes=self._axes,
                 )
         if all_windows:
-            windows = list(self._windows)
+            windows = list(sched.windows)
         else:  # the window a step uses first after admitting a prompt of length n (cf. _step)
             windows = sorted(
                 {
-                    next((w for w in self._windows if w > n + spec), self.max_len)
+                    next((w for w in sched.windows if w > n + spec), self.max_len)
                     for n in prompt_lengths
                     for spec in forms
                 }
             )
         state = state.replace(done_B=jnp.ones_like(state.done_B))
-        for rows in self._row_buckets:
+        for rows in sched.row_buckets:
             live = np.zeros(rows, bool)
             for window in windows:
                 for spec in forms:
@@ -389,15 +408,18 @@ class Engine:
                             self.cfg,
                             self._variables,
                             state,
+                            trash[:rows, : self._pages(window)],
                             live,
                             None,
                             speculative=spec,
                             top_n=top_n,
-                            axes=self._axes,
                             rows=rows,
-                            window=window,
                         )
         jax.block_until_ready(state)
+
+    def _pages(self, positions: int) -> int:
+        """Page-table columns a program over positions 0..positions-1 reads."""
+        return min(-(-positions // self.page_size), self._sched.max_pages)
 
     # ------------------------------------------------------------------ client API
     def submit(
@@ -417,8 +439,8 @@ class Engine:
         its allowed sets (see the module docstring; one constraint object per request).
 
         Raises:
-          ValueError: empty prompt, token ids out of range, bad params, or prompt length +
-            max_tokens beyond max_len.
+          ValueError: empty prompt, token ids out of range, bad params, prompt length +
+            max_tokens beyond max_len, or more cache pages than the whole pool.
           QueueFull: max_queue requests are already waiting.
           RuntimeError: the engine is not running.
         """
@@ -443,26 +465,28 @@ class Engine:
                 f"prompt length {len(prompt)} + max_tokens {params.max_tokens} = "
                 f"{len(prompt) + params.max_tokens} exceeds the context length {self.max_len}"
             )
+        self._sched.check_fits(len(prompt), params.max_tokens)
         with self._cv:
             rid = self._next_id
             self._next_id += 1
         req = _Request(
-            rid,
-            prompt,
-            params,
-            callback or (lambda ev: None),
-            row if params.seed is not None else rid,
+            id=rid,
+            prompt=prompt,
+            max_tokens=params.max_tokens,
+            params=params,
+            callback=callback or (lambda ev: None),
+            row=row if params.seed is not None else rid,
             constraint=constraint,
         )
         with self._cv:
             if self._thread is None or self._stopping:
                 raise RuntimeError("the engine is not running; call start()")
-            if len(self._queue) >= self.max_queue:
+            if len(self._sched.queue) >= self.max_queue:
                 raise QueueFull(
-                    f"{len(self._queue)} requests are waiting (max_queue={self.max_queue})"
+                    f"{len(self._sched.queue)} requests are waiting (max_queue={self.max_queue})"
                 )
             self._requests[rid] = req
-            self._queue.append(req)
+            self._sched.queue.append(req)
             self._counters["submitted"] += 1
             self._cv.notify_all()
         return rid
@@ -474,29 +498,33 @@ class Engine:
             if req is None or req.finished:
                 return
             req.cancelled = True
-            if req.slot is None and req in self._queue:
-                self._queue.remove(req)
-                queued = True
-            else:
-                queued = False
+            queued = req.slot is None and req in self._sched.queue
             self._cv.notify_all()
         if queued:
             self._finish(req, "cancelled")
 
     def stats(self) -> dict[str, Any]:
-        """Slots, free slots, active and queued requests, running totals and speculation.
+        """Slots, free slots, active and queued requests, cache pages, running totals and
+        speculation.
 
         Totals: submitted, prefills (prompts in the cache, first token sampled), prefill_chunks
         (chunks of incrementally prefilled prompts run), steps, step_us, tokens
         (= generated_tokens), forwards (row decode forwards), draft_tokens, accepted_tokens,
-        finished_<reason>; derived: acceptance_rate (accepted / drafted) and tokens_per_forward
-        (decoded tokens per row forward). `active` counts slots holding a request, `prefilling`
-        those of them whose prompt is still being prefilled chunk by chunk.
+        finished_<reason>, prompt_tokens (admitted), prefix_cache_hit_tokens (of them found in
+        the prefix cache), cache_pages_evicted; derived: acceptance_rate (accepted / drafted) and
+        tokens_per_forward (decoded tokens per row forward). `active` counts slots holding a
+        request, `prefilling` those of them whose prompt is still being prefilled chunk by
+        chunk. Pool: page_size, cache_pages (in the pool), cache_pages_used (referenced by a
+        request), cache_pages_cached (unreferenced, kept for the prefix cache),
+        cache_pages_free, cache_pages_reserved (set aside for admitted requests' future tokens),
+        cache_usage ((used + reserved) / pages).
         """
         with self._cv:
-            active = sum(r is not None for r in self._slot_req)
+            sched = self._sched
+            active = self.slots - sched.free_slots()
             c = self._counters
             decoded = c["generated_tokens"] - c["prefills"]
+            pages = sched.page_stats()
             return {
                 **dict.fromkeys(_TOTALS, 0),  # present (0) before the first request
                 "acceptance_rate": c["accepted_tokens"] / c["draft_tokens"]
@@ -505,11 +533,14 @@ class Engine:
                 "tokens_per_forward": decoded / c["forwards"] if c["forwards"] else 0.0,
                 "slots": self.slots,
                 "active": active,
-                "prefilling": len(self._prefilling),
+                "prefilling": len(sched.prefilling),
                 "free_slots": self.slots - active,
-                "queued": len(self._queue),
+                "queued": len(sched.queue),
                 "max_queue": self.max_queue,
                 "max_len": self.max_len,
+                **pages,
+                "cache_usage": (pages["cache_pages_used"] + pages["cache_pages_reserved"])
+                / pages["cache_pages"],
                 **{k: int(v) for k, v in self._counters.items()},
             }
 
@@ -537,6 +568,7 @@ class Engine:
         last = result["last"]
         if last.finish_reason == "error":
             raise RuntimeError(f"request {rid} failed: {last.error}")
+        assert last.finish_reason is not None
         return tokens, last.finish_reason
 
     async def stream(
@@ -567,24 +599,23 @@ class Engine:
             req.failed = req.failed or f"callback failed: {type(err).__name__}: {err}"
 
     def _finish(self, req: _Request, reason: str, error: str | None = None) -> None:
-        """Frees the request's slot and sends its last event (once)."""
+        """Frees the request's slot and pages and sends its last event (once)."""
         with self._cv:
             if req.finished:
                 return
             req.finished = True
             self._requests.pop(req.id, None)
-            if req.slot is not None:
-                self._slot_req[req.slot] = None
-            if req.chunk is not None:
-                self._prefilling.remove(req)
-                req.chunk = None
+            self._sched.finish(req)
             self._counters[f"finished_{reason}"] += 1
         self._deliver(req, TokenEvent(req.id, (), reason, error))
 
     def _fail_all(self, err: Exception) -> None:
         self._state = self._new_state()
-        for req in [r for r in self._slot_req if r is not None]:
+        for req in [r for r in self._sched.slot_seq if r is not None]:
+            assert isinstance(req, _Request)
             self._finish(req, "error", f"{type(err).__name__}: {err}")
+        with self._cv:
+            self._sched.pool.drop_cached()  # the new state's pages hold nothing
 
     def _run(self) -> None:
         with self._context():
@@ -595,33 +626,35 @@ class Engine:
                     log.exception("engine iteration failed; failing the active requests")
                     self._fail_all(err)
 
+    def _slot_requests(self) -> list[_Request]:
+        return [r for r in self._sched.slot_seq if isinstance(r, _Request)]
+
     def _iteration(self) -> None:
         """Ends cancelled / failed requests, admits queued requests, runs one prefill chunk of
         the oldest incrementally prefilled prompt and one decode step."""
         with self._cv:
-            while not (self._stopping or self._queue or any(self._slot_req)):
+            while not (self._stopping or self._sched.queue or self._slot_requests()):
                 self._cv.wait()
             if self._stopping:
                 return
-            ending = [r for r in self._slot_req if r is not None and (r.cancelled or r.failed)]
+            ending = [r for r in self._slot_requests() if r.cancelled or r.failed]
         for req in ending:
             self._end_early(req)
         while True:
             with self._cv:
-                free = [i for i, r in enumerate(self._slot_req) if r is None]
-                if not free or not self._queue or self._stopping:
+                if self._stopping:
                     break
-                req = self._queue.popleft()
-                req.slot = free[0]
-                self._slot_req[free[0]] = req
-                if len(req.prompt) > self.prefill_chunk:
-                    req.chunk = 0
-                    self._prefilling.append(req)
+                req = self._sched.admit_next()
+            if req is None:
+                break
+            assert isinstance(req, _Request)
             if req.chunk is None:
                 self._admit(req)
-        if self._prefilling:
-            self._prefill_chunk(self._prefilling[0])
-        if any(r is not None and r.chunk is None for r in self._slot_req):
+        if self._sched.prefilling:
+            head = self._sched.prefilling[0]
+            assert isinstance(head, _Request)
+            self._prefill_chunk(head)
+        if self._sched.decoding():
             self._step()
 
     def _end_early(self, req: _Request) -> None:
@@ -640,8 +673,13 @@ class Engine:
             speculative_default=self._spec_default,
         )
 
+    def _table(self, slot: int, positions: int) -> np.ndarray:
+        """Row `slot`'s page table over positions 0..positions-1, as a [1, K] batch."""
+        return self._sched.tables[slot : slot + 1, : self._pages(positions)].copy()
+
     def _admit(self, req: _Request) -> None:
-        """Prefills `req` into its slot and emits its first token."""
+        """Prefills `req` into its slot and pages and emits its first token."""
+        assert req.slot is not None
         try:
             n = len(req.prompt)
             P = min(decode.bucket_length(n), self.max_len)
@@ -655,10 +693,10 @@ class Engine:
                 np.array([n], np.int32),
                 self._row_request(req),
                 np.int32(req.slot),
+                self._table(req.slot, P),
                 _rows(req.allowed()),
                 speculative=self._can_speculate,
                 top_n=None if req.params.logprobs is None else MAX_LOGPROBS,
-                axes=self._axes,
             )
             first = jax.device_get(first)
         except Exception as err:
@@ -667,28 +705,25 @@ class Engine:
             if any(x.is_deleted() for x in jax.tree.leaves(self._state)):  # donated, then failed
                 raise
             return
+        with self._cv:
+            self._sched.prompt_done(req)
         self._counters["prefills"] += 1
         self._emit(req, first, 0)
 
-    def _chunk_plan(self, n: int) -> list[tuple[int, int, int]]:
-        """(start, length, window) of each prefill chunk of an n-token prompt: first the
-        remainder (n mod prefill_chunk, or a whole chunk) padded to its bucket (at most a chunk),
-        then whole chunks ending exactly at n, each over the smallest step window covering it."""
-        c = self.prefill_chunk
-        k = -(-n // c)
-        r = n - (k - 1) * c
-        spans = [(0, min(decode.bucket_length(r), c))] + [(r + i * c, c) for i in range(k - 1)]
-        return [(s, T, next(w for w in self._windows if w >= s + T)) for s, T in spans]
+    def _chunk_plan(self, n: int, start: int = 0) -> list[tuple[int, int, int]]:
+        """(start, length, window) of each prefill chunk (`Scheduler.chunk_plan`)."""
+        return self._sched.chunk_plan(n, start)
 
-    def _run_chunk(self, state, prompt, slot, start, T, window):
-        """Runs `programs.prompt_chunk` for prompt[start:start + T] (zero-padded) into row `slot`;
-        returns (state, logits_1V, hidden_1D) at the prompt's last token (or the chunk's last
-        entry)."""
+    def _run_chunk(self, state, prompt, slot, start, T, window, tables=None):
+        """Runs `programs.prompt_chunk` for prompt[start:start + T] (zero-padded) into row `slot`
+        (page tables: the scheduler's, or `tables`); returns (state, logits_1V, hidden_1D) at
+        the prompt's last token (or the chunk's last entry)."""
         n = len(prompt)
         tokens = np.zeros((2, T), np.int32)  # the chunk's tokens and their MTP next tokens
         nxt = decode.prompt_next_tokens(np.asarray([prompt], np.int32))[0]
         seg = slice(start, min(start + T, n))
         tokens[0, : seg.stop - start], tokens[1, : seg.stop - start] = prompt[seg], nxt[seg]
+        table = (self._sched.tables if tables is None else tables)[slot : slot + 1]
         return programs.prompt_chunk(
             self.cfg,
             self._variables,
@@ -699,9 +734,8 @@ class Engine:
             np.array([n], np.int32),
             np.int32(min(n - 1 - start, T - 1)),
             np.int32(slot),
+            table[:, : self._pages(window)].copy(),
             speculative=self._can_speculate,
-            axes=self._axes,
-            window=window,
             first=start == 0,
         )
 
@@ -723,9 +757,8 @@ class Engine:
         """Runs the next prefill chunk of `req`; after the last, samples and emits its first
         token (the slot then decodes from the next step on)."""
         assert req.chunk is not None
-        plan = self._chunk_plan(len(req.prompt))
-        start, T, window = plan[req.chunk]
-        last = req.chunk == len(plan) - 1
+        start, T, window = req.plan[req.chunk]
+        last = req.chunk == len(req.plan) - 1
         try:
             self._state, logits, hidden = self._run_chunk(
                 self._state, req.prompt, req.slot, start, T, window
@@ -748,8 +781,7 @@ class Engine:
             req.chunk += 1
             return
         with self._cv:
-            self._prefilling.remove(req)
-            req.chunk = None
+            self._sched.prompt_done(req)
         self._counters["prefills"] += 1
         self._emit(req, first, 0)
 
@@ -796,33 +828,34 @@ class Engine:
 
     def _step(self) -> None:
         """One decode step for all decoding slots (slots being prefilled are held done)."""
-        active = [(i, r) for i, r in enumerate(self._slot_req) if r is not None and r.chunk is None]
+        decoding = self._sched.decoding()
         speculative = any(
             self._spec_default if r.params.speculative is None else r.params.speculative
-            for _, r in active
+            for _, r in decoding
+            if isinstance(r, _Request)
         )
-        # Position of each slot's last token = prompt length + generated - 1; a speculative
-        # step also writes the next position.
-        top = max(len(r.prompt) + r.generated - 1 for _, r in active) + speculative
-        window = next(w for w in self._windows if w > top)
-        rows = next(b for b in self._row_buckets if b > active[-1][0])
+        with self._cv:
+            plan = self._sched.step_plan(speculative)
+        assert plan is not None
+        active = [(i, r) for i, r in plan.active if isinstance(r, _Request)]
+        rows = plan.rows
         live = np.zeros(rows, bool)
         live[[i for i, _ in active]] = True
         allowed = self._step_masks(active, rows, live)
         want = any(r.params.logprobs is not None for _, r in active)
+        table = self._sched.tables[:rows, : self._pages(plan.window)].copy()
         t0 = time.perf_counter()
         try:
             self._state, out = programs.step(
                 self.cfg,
                 self._variables,
                 self._state,
+                table,
                 live,
                 allowed,
                 speculative=speculative,
                 top_n=MAX_LOGPROBS if want else None,
-                axes=self._axes,
                 rows=rows,
-                window=window,
             )
             out = jax.device_get(out)
         except Exception as err:

@@ -1,10 +1,23 @@
-"""The engine's jitted programs over one `decode.DecodeState` of all slots (dsjax/inference/engine.py
-drives them from its host loop): `admit` (a whole prompt into a slot), `prompt_chunk` and
-`start_decoding` (a long prompt chunk by chunk, then its first token), `step` (one decode step
-over the active slots and positions). Each takes the state donated and the cache layout `axes`
-(`decode.state_axes`: per leaf, the batch and sequence axes) as a static argument. The programs
-that sample (`admit`, `start_decoding`, `step`) take an optional packed allowed-token mask per row
-(`allowed_*W`, see `decode`); None compiles the unconstrained program.
+"""The engine's jitted programs over one `decode.DecodeState` of all slots whose caches are page
+pools (dsjax/inference/engine.py drives them from its host loop): `admit` (a whole prompt into a
+slot's pages), `prompt_chunk` and `start_decoding` (a long or partly cached prompt chunk by
+chunk, then its first token), `step` (one decode step over the active slots).
+
+Paged cache (SPEC §14): every cache leaf of the state is a pool of pages, the slot axis of the
+contiguous layout (`model.cache_batch_axis`) replaced by a page axis and the sequence axis by the
+position within a page: scanned stacks [L, N, page, ...], MTP [N, page, ...]. The other leaves
+keep one row per slot. A program receives the page tables of its rows ([R, P] int32 page ids,
+`scheduler.Scheduler.tables`; entries past a row's pages point at `page_pool.TRASH`), gathers
+each row's pages into a contiguous view ([L, R, P * page, ...], the XLA gather path), runs the
+unchanged decode core on it (`decode`), and writes back only the pages the program wrote: a
+prompt's or chunk's pages, or in a decode step the pages of the positions a step can write (the
+MTP catch-up entry n-1 or n-2 through the verified n+1). Shared prefix pages lie wholly before
+those positions, so no program writes a page another row reads. Writes to TRASH are garbage
+nobody reads unmasked (a position p sees only slots <= p, all the row's own).
+
+Each program takes the state donated. The programs that sample (`admit`, `start_decoding`,
+`step`) take an optional packed allowed-token mask per row (`allowed_*W`, see `decode`); None
+compiles the unconstrained program.
 """
 
 from __future__ import annotations
@@ -16,29 +29,120 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.inference import decode
+from dsjax.inference.page_pool import TRASH
+from dsjax.model.transformer import cache_batch_axis
+
+__all__ = ["PARKED", "admit", "pool_state", "prompt_chunk", "row_view", "start_decoding", "step"]
 
 
-def put_rows(full, part, batch_axes, start: int | jax.Array):
-    """Writes `part` (fewer rows / positions) into `full` at row `start`, position 0."""
-
-    def put(x, v, a):
-        idx = [jnp.int32(0)] * x.ndim
-        idx[a] = jnp.asarray(start, jnp.int32)
-        return jax.lax.dynamic_update_slice(x, v.astype(x.dtype), idx)
-
-    return jax.tree.map(put, full, part, batch_axes)
+# ====================================================================== pages
+def _pool_axes(state: decode.DecodeState):
+    """Page axis of every leaf of (state.cache, state.mtp_cache) (the position axis follows)."""
+    main = {k: jax.tree.map(lambda _, k=k: cache_batch_axis(k), v) for k, v in state.cache.items()}
+    mtp = jax.tree.map(lambda _: cache_batch_axis("mtp_0"), state.mtp_cache)
+    return main, mtp
 
 
+def _gather(pool, table_RP, b: int):
+    """Rows' pages as contiguous caches: pool [.., N, page, ..] -> [.., R, P * page, ..]."""
+    g = jnp.take(pool, table_RP, axis=b)
+    R, P = table_RP.shape
+    return g.reshape(pool.shape[:b] + (R, P * pool.shape[b + 1]) + pool.shape[b + 2 :])
+
+
+def _write(pool, view, table_RP, pages_RK, b: int):
+    """Writes page pages_RK[r, k] of row r of `view` [.., R, S, ..] (S <= P * page) to its pool
+    page table_RP[r, pages_RK[r, k]]; entries outside [0, P) go to TRASH."""
+    page = pool.shape[b + 1]
+    R, P = table_RP.shape
+    S = view.shape[b + 1]
+    if S < P * page:  # pad the view to whole pages
+        widths = [(0, 0)] * view.ndim
+        widths[b + 1] = (0, P * page - S)
+        view = jnp.pad(view, widths)
+    pages = view.reshape(view.shape[:b] + (R, P, page) + view.shape[b + 2 :])
+    k = jnp.clip(pages_RK, 0, P - 1)
+    rows = jnp.arange(R)[:, None]
+    lead = (slice(None),) * b
+    vals = pages[lead + (rows, k)]  # [.., R, K, page, ..]
+    ids = jnp.where((pages_RK >= 0) & (pages_RK < P), table_RP[rows, k], TRASH)
+    K = pages_RK.shape[1]
+    vals = vals.reshape(vals.shape[:b] + (R * K,) + vals.shape[b + 2 :])
+    return pool.at[lead + (ids.reshape(-1),)].set(vals.astype(pool.dtype))
+
+
+def _views(state, table_RP):
+    """(main, mtp) caches of the rows whose page tables are `table_RP`, contiguous."""
+    axes = _pool_axes(state)
+    main = jax.tree.map(lambda x, b: _gather(x, table_RP, b), state.cache, axes[0])
+    mtp = jax.tree.map(lambda x, b: _gather(x, table_RP, b), state.mtp_cache, axes[1])
+    return main, mtp
+
+
+def _write_back(state, main, mtp, table_RP, pages_RK):
+    """`state` with the pages pages_RK of the rows' views (main, mtp) written to the pools."""
+    axes = _pool_axes(state)
+    write = functools.partial(_write, table_RP=table_RP, pages_RK=pages_RK)
+    cache = jax.tree.map(lambda x, v, b: write(x, v, b=b), state.cache, main, axes[0])
+    if state.mtp_cache is not None and mtp is not None:
+        mtp = jax.tree.map(lambda x, v, b: write(x, v, b=b), state.mtp_cache, mtp, axes[1])
+    else:
+        mtp = state.mtp_cache
+    return state.replace(cache=cache, mtp_cache=mtp)
+
+
+def _set_rows(state, part, start):
+    """`state`'s per-slot leaves (all but the caches) with `part`'s rows at row `start`."""
+    updates = {}
+    for f in dataclasses.fields(state):
+        if f.name in ("cache", "mtp_cache"):
+            continue
+        x, v = getattr(state, f.name), getattr(part, f.name)
+        idx = (jnp.asarray(start, jnp.int32),) + (jnp.int32(0),) * (x.ndim - 1)
+        updates[f.name] = jax.lax.dynamic_update_slice(x, v.astype(x.dtype), idx)
+    return state.replace(**updates)
+
+
+def _rows(state, start, count: int):
+    """`state`'s per-slot leaves of rows start..start+count-1 (caches left out: None)."""
+    part = state.replace(cache=None, mtp_cache=None)
+    return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, count, 0), part)
+
+
+def pool_state(state: decode.DecodeState, pages: int, page_size: int) -> decode.DecodeState:
+    """`state` (any traced shapes) with its caches replaced by zero page pools of `pages`
+    pages of `page_size` positions (page 0 = TRASH included)."""
+    main = jax.tree.map(
+        lambda x, b: jnp.zeros(x.shape[:b] + (pages, page_size) + x.shape[b + 2 :], x.dtype),
+        state.cache,
+        _pool_axes(state)[0],
+    )
+    mtp = jax.tree.map(
+        lambda x: jnp.zeros((pages, page_size) + x.shape[2:], x.dtype), state.mtp_cache
+    )
+    return state.replace(cache=main, mtp_cache=mtp)
+
+
+@jax.jit
+def row_view(state, table_1P, slot):
+    """Row `slot` of `state` as a one-row state whose caches are gathered from its pages
+    table_1P (contiguous, positions 0..P*page-1; for inspection)."""
+    main, mtp = _views(state, table_1P)
+    return _rows(state, slot, 1).replace(cache=main, mtp_cache=mtp)
+
+
+# ====================================================================== programs
 @functools.partial(
-    jax.jit, static_argnames=("cfg", "speculative", "top_n", "axes"), donate_argnames=("state",)
+    jax.jit, static_argnames=("cfg", "speculative", "top_n"), donate_argnames=("state",)
 )
 def admit(
-    cfg, variables, state, tokens_1P, length_1, req, slot, allowed_1W=None,
-    *, speculative, top_n, axes,
+    cfg, variables, state, tokens_1P, length_1, req, slot, table_1K, allowed_1W=None,
+    *, speculative, top_n,
 ):  # fmt: skip
-    """Prefills one prompt into a fresh [1, P] state, samples token 0 and copies the row into
-    row `slot` of `state`; returns (state, StepOutput of the row). Prompts longer than
-    decode.PREFILL_CHUNK run chunk by chunk inside this one program (bounded activations)."""
+    """Prefills one prompt into a fresh [1, P] state, samples token 0, writes the row's cache
+    to its pages table_1K (K pages cover P) and its other leaves to row `slot`; returns (state,
+    StepOutput of the row). Prompts longer than decode.PREFILL_CHUNK run chunk by chunk inside
+    this one program (bounded activations)."""
     row, first = decode.prefill(
         cfg,
         variables,
@@ -51,8 +155,9 @@ def admit(
         prefill_chunk=decode.PREFILL_CHUNK,  # activation memory bounded by the chunk
         allowed_BW=allowed_1W,
     )
-    batch_axes = jax.tree.unflatten(jax.tree.structure(state), list(axes[0]))
-    return put_rows(state, row, batch_axes, slot), first
+    pages_1K = jnp.arange(table_1K.shape[1], dtype=jnp.int32)[None]
+    state = _write_back(state, row.cache, row.mtp_cache, table_1K, pages_1K)
+    return _set_rows(state, row, slot), first
 
 
 # Position of a slot whose prompt is being prefilled incrementally: beyond every cache, so the
@@ -62,46 +167,48 @@ PARKED = 2**30
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg", "speculative", "axes", "window", "first"),
+    static_argnames=("cfg", "speculative", "first"),
     donate_argnames=("state",),
 )
 def prompt_chunk(
-    cfg, variables, state, tokens_1T, next_1T, start, length_1, last, slot,
-    *, speculative, axes, window, first,
+    cfg, variables, state, tokens_1T, next_1T, start, length_1, last, slot, table_1P,
+    *, speculative, first,
 ):  # fmt: skip
-    """One prompt chunk of the request in row `slot` at positions start..start+T-1, written into
-    that row's cache positions 0..window-1 (and MTP module 0's cache with `speculative`).
+    """One prompt chunk of the request in row `slot` at positions start..start+T-1, over the
+    row's pages table_1P (its positions 0..P*page-1, the attention window), written to them (and
+    MTP module 0's cache with `speculative`).
 
-    `first`: the first chunk (`decode.prefill_first_chunk`, prefill mode from position 0,
-    positions >= length_1 are padding); it also parks the row (done, position `PARKED`) so the
-    decode steps until the last chunk leave it alone. Otherwise `decode.prefill_next_chunk`
-    (absorbed decode forward over the row's cache). Returns (state, logits_1V, hidden_1D) at
-    chunk offset `last` (the prompt's last token when this is the last chunk).
+    `first`: the first chunk from position 0 (`decode.prefill_first_chunk`, prefill mode,
+    positions >= length_1 are padding). Otherwise `decode.prefill_next_chunk` (absorbed decode
+    forward over the row's cache: the earlier chunks, or a cached prefix). The first chunk the
+    row runs parks it (done, position `PARKED`) so the decode steps until the last chunk leave it
+    alone. Returns (state, logits_1V, hidden_1D) at chunk offset `last` (the prompt's last token
+    when this is the last chunk).
     """
-    tree = jax.tree.structure(state)
-    batch_axes = jax.tree.unflatten(tree, list(axes[0]))
-    seq_axes = jax.tree.unflatten(tree, list(axes[1]))
-
-    def view(x, b, s):
-        x = jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=b)
-        return x if s < 0 else jax.lax.slice_in_dim(x, 0, window, axis=s)
-
-    row = jax.tree.map(view, state, batch_axes, seq_axes)
-    mtp_cache = row.mtp_cache if speculative else None
+    main, mtp = _views(state, table_1P)
+    mtp = mtp if speculative else None
     if first:
-        main, mtp_cache, logits_1TV, hidden_1TD = decode.prefill_first_chunk(
-            cfg, variables, row.cache, mtp_cache, tokens_1T, next_1T, length_1
-        )
-        row = row.replace(
-            positions_B=jnp.full_like(row.positions_B, PARKED),
-            done_B=jnp.ones_like(row.done_B),
+        main, mtp, logits_1TV, hidden_1TD = decode.prefill_first_chunk(
+            cfg, variables, main, mtp, tokens_1T, next_1T, length_1
         )
     else:
-        main, mtp_cache, logits_1TV, hidden_1TD = decode.prefill_next_chunk(
-            cfg, variables, row.cache, mtp_cache, tokens_1T, next_1T, start
+        main, mtp, logits_1TV, hidden_1TD = decode.prefill_next_chunk(
+            cfg, variables, main, mtp, tokens_1T, next_1T, start
         )
-    row = row.replace(cache=main, mtp_cache=mtp_cache if speculative else row.mtp_cache)
-    return put_rows(state, row, batch_axes, slot), logits_1TV[:, last], hidden_1TD[:, last]
+    T, page = tokens_1T.shape[1], _page_size(state)
+    span = jnp.arange(-(-T // page) + 1, dtype=jnp.int32)[None] + start // page
+    pages_1K = jnp.where(span <= (start + T - 1) // page, span, -1)
+    state = _write_back(state, main, mtp, table_1P, pages_1K)
+    row = _rows(state, slot, 1)
+    row = row.replace(
+        positions_B=jnp.full_like(row.positions_B, PARKED), done_B=jnp.ones_like(row.done_B)
+    )
+    return _set_rows(state, row, slot), logits_1TV[:, last], hidden_1TD[:, last]
+
+
+def _page_size(state) -> int:
+    leaf = jax.tree.leaves(state.cache)[0]
+    return leaf.shape[cache_batch_axis(next(iter(state.cache))) + 1]
 
 
 @functools.partial(jax.jit, static_argnames=("speculative", "top_n"), donate_argnames=("state",))
@@ -124,34 +231,28 @@ def start_decoding(
         top_n=top_n,
         allowed_BW=allowed_1W,
     )
-    updates = {
-        f.name: getattr(state, f.name).at[slot].set(getattr(row, f.name)[0])
-        for f in dataclasses.fields(row)
-        if f.name not in ("cache", "mtp_cache")
-    }
-    return state.replace(**updates), first
+    return _set_rows(state, row, slot), first
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg", "speculative", "top_n", "axes", "rows", "window"),
+    static_argnames=("cfg", "speculative", "top_n", "rows"),
     donate_argnames=("state",),
 )
-def step(cfg, variables, state, live_R, allowed_RW=None, *, speculative, top_n, axes, rows, window):
-    """One decode step over slots 0..rows-1 and cache positions 0..window-1 (every active slot
-    and position is among them); rows with live_R False are held done. `allowed_RW`: the rows'
-    packed allowed-token masks, or None."""
-    tree = jax.tree.structure(state)
-    batch_axes = jax.tree.unflatten(tree, list(axes[0]))
-    seq_axes = jax.tree.unflatten(tree, list(axes[1]))
-
-    def view(x, b, s):
-        x = jax.lax.slice_in_dim(x, 0, rows, axis=b)
-        return x if s < 0 else jax.lax.slice_in_dim(x, 0, window, axis=s)
-
-    sub = jax.tree.map(view, state, batch_axes, seq_axes)
+def step(cfg, variables, state, table_RP, live_R, allowed_RW=None, *, speculative, top_n, rows):
+    """One decode step over slots 0..rows-1, each over its pages table_RP (positions
+    0..P*page-1, covering every active position); rows with live_R False are held done and
+    write nothing. `allowed_RW`: the rows' packed allowed-token masks, or None."""
+    main, mtp = _views(state, table_RP)
+    sub = _rows(state, 0, rows).replace(cache=main, mtp_cache=mtp)
     sub = sub.replace(done_B=sub.done_B | ~live_R)
+    pos, catch = sub.positions_B, sub.catch_B
     sub, out = decode.step(
         cfg, variables, sub, speculative=speculative, top_n=top_n, allowed_BW=allowed_RW
     )
-    return put_rows(state, sub, batch_axes, 0), out
+    # Pages of the first (MTP catch-up n-1-catch) and last (n+1 verified) positions written.
+    page = _page_size(state)
+    written = jnp.stack([pos - 1 - catch, pos + speculative], 1) // page
+    pages_R2 = jnp.where(live_R[:, None] & (written >= 0), written, -1)
+    state = _write_back(state, sub.cache, sub.mtp_cache, table_RP, pages_R2)
+    return _set_rows(state, sub, 0), out

@@ -212,6 +212,27 @@ _METRICS = (
         "accepted_tokens",
     ),
     ("dsjax_prefills_total", "counter", "Prompts prefilled.", "prefills"),
+    (
+        "dsjax_prefix_cache_hit_tokens_total",
+        "counter",
+        "Prompt tokens found in the prefix cache (not prefilled again).",
+        "prefix_cache_hit_tokens",
+    ),
+    ("dsjax_prompt_tokens_total", "counter", "Prompt tokens admitted.", "prompt_tokens"),
+    ("dsjax_cache_pages", "gauge", "Pages of the latent cache pool.", "cache_pages"),
+    ("dsjax_cache_pages_used", "gauge", "Cache pages held by requests.", "cache_pages_used"),
+    (
+        "dsjax_cache_pages_cached",
+        "gauge",
+        "Unreferenced cache pages kept for the prefix cache (evictable).",
+        "cache_pages_cached",
+    ),
+    (
+        "dsjax_cache_usage_ratio",
+        "gauge",
+        "Cache pages held or reserved by requests / pages.",
+        "cache_usage",
+    ),
     ("dsjax_requests_submitted_total", "counter", "Requests submitted.", "submitted"),
 )
 
