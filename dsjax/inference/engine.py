@@ -644,12 +644,12 @@ class Engine:
             with self._cv:
                 if self._stopping:
                     break
-                req = self._sched.admit_next()
-            if req is None:
+                admitted = self._sched.admit_next()
+            if admitted is None:
                 break
-            assert isinstance(req, _Request)
-            if req.chunk is None:
-                self._admit(req)
+            assert isinstance(admitted, _Request)
+            if admitted.chunk is None:
+                self._admit(admitted)
         if self._sched.prefilling:
             head = self._sched.prefilling[0]
             assert isinstance(head, _Request)

@@ -109,7 +109,7 @@ def _rows(state, start, count: int):
     return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, count, 0), part)
 
 
-def pool_state(state: decode.DecodeState, pages: int, page_size: int) -> decode.DecodeState:
+def pool_state(state, pages: int, page_size: int):
     """`state` (any traced shapes) with its caches replaced by zero page pools of `pages`
     pages of `page_size` positions (page 0 = TRASH included)."""
     main = jax.tree.map(
