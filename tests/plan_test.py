@@ -96,6 +96,40 @@ def test_decode_plan_compiles_for_v5e_2x2(v5e_2x2):
 
 
 @needs_libtpu
+def test_decode_layout_plan_reads_weights_where_they_live(v5e_2x2):
+    """The decode layout on expert 2 x tensor 2: the cache's rows over all 4 chips, no weight
+    all-gathered (the FSDP plan above gathers every layer's), the HBM bound reported."""
+    config = tiny.get_config()
+    config.mesh.update(data=1, expert=2, tensor=2)
+    r = plan.plan_decode(config, v5e_2x2, batch=8, cache_len=128, layout="decode")
+    _check_report(r, v5e_2x2)
+    assert r["layout"] == "decode"
+    assert r["memory"]["cache_bytes"] == 3 * 2 * 128 * (32 + 8) * 4  # 2 of 8 rows per chip
+    assert r["collectives"]["ops"]["all-gather"]["result_bytes"] < r["memory"]["params_bytes"] / 10
+    bound = r["hbm_bound"]
+    assert bound["bytes_per_device"] <= r["analytic_bytes"]["total"]
+    assert bound["step_over_bound"] >= 1.0
+    assert "HBM bound" in plan.format_report(r)
+
+
+def test_xla_oom_figure_is_the_whole_requirement():
+    """XLA:TPU's "HLO temporaries (X)" counts the arguments too: the total is X, not X + args."""
+    err = RuntimeError(
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (33.39G) exceeds available HBM (31.25G)."
+    )
+    oom, _ = plan._oom_or_raise(err)
+    gib = 1024**3
+    target = plan.Target("t", (), None, 31.25 * gib, None, None)
+    report: dict = {}
+    memory = {"args_bytes": 28.99 * gib}
+    plan._fill_fit(report, target, memory, oom)
+    assert memory["total_bytes"] == pytest.approx(33.39 * gib)
+    assert memory["temp_bytes"] == pytest.approx(4.40 * gib)
+    assert report["fits"] is False and report["headroom_bytes"] == pytest.approx(-2.14 * gib)
+
+
+@needs_libtpu
 def test_a_config_that_cannot_fit_exits_1_with_the_numbers(tmp_path):
     """A 2^26-token vocabulary: embedding + head in f32 are 32 GiB per v5e chip (15.75 GiB)."""
     out = tmp_path / "plan.json"
