@@ -184,6 +184,7 @@ def test_forced_tool_calls_match_the_parameters(client):
     finish = None
     for chunk in stream:
         for c in chunk.choices:
+            assert c.delta.tool_calls or c.delta.role or c.finish_reason  # no empty chunks
             finish = c.finish_reason or finish
             assert not c.delta.content
             for d in c.delta.tool_calls or ():

@@ -242,3 +242,31 @@ def test_chat_template_renders_tools_and_calls(index):
     text = template.render(messages, [WEATHER])
     assert text.startswith("system: ## Tools") and '"city"' in text
     assert render_calls([ToolCall("get_weather", "{}")]) in text and "tool: sunny" in text
+
+
+def test_templates_that_render_calls_get_them_as_deepseek_writes_them(index):
+    """An assistant turn of only calls reaches the template with content None (DeepSeek's
+    template renders calls under `content is none`)."""
+    from dsjax.serve.requests import Limits, parse_chat
+    from dsjax.text.tokenizer import Tokenizer
+
+    tok, _ = index
+    source = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and m['content'] is none %}"
+        "{% for t in m['tool_calls'] %}CALL {{ t['function']['name'] }} "
+        "{{ t['function']['arguments'] }}{% endfor %}{% else %}{{ m['content'] }}{% endif %}"
+        "{% endfor %}"
+    )
+    templated = Tokenizer(
+        tok.backend, bos_token="<|bos|>", eos_token="<|eos|>", chat_template=source
+    )
+    call = {"id": "c", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}
+    body = {
+        "messages": [
+            {"role": "user", "content": "hi "},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+        ]
+    }
+    req = parse_chat(body, Limits(vocab_size=tok.vocab_size, max_len=64, max_sequences=4))
+    assert req.messages[1]["content"] is None
+    assert ChatTemplate(templated).render(req.messages) == 'hi CALL add {"a": 1}'

@@ -497,11 +497,14 @@ def _message(i: int, m: Any) -> dict[str, Any]:
                 )
             parts.append(part["text"])
         content = "".join(parts)
+    calls_only = content is None and role == "assistant" and m.get("tool_calls") is not None
     if content is None:
         content = ""
     if not isinstance(content, str):
         raise bad_field(f"{where}.content", "must be a string or a list of text parts")
-    out: dict[str, Any] = {"role": role, "content": content}
+    # An assistant turn of only tool calls keeps content None: DeepSeek's template tests
+    # `content is none` to render the calls.
+    out: dict[str, Any] = {"role": role, "content": None if calls_only else content}
     if m.get("name") is not None:
         out["name"] = _string(f"{where}.name", m["name"])
     if m.get("tool_calls") is not None:

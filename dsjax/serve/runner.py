@@ -385,6 +385,12 @@ class Generation:
                     self._delta_choice(c, deltas.get(c, ""), c in ended)
                     for c in sorted(set(deltas) | ended | fresh)
                 ]
+                # Nothing to say (text held back by a tool-call parser): no chunk for it.
+                choices = [
+                    x
+                    for x in choices
+                    if x.get("delta") != {} or x["finish_reason"] or x["logprobs"] is not None
+                ]
                 if choices:
                     chunk = self._envelope(choices, True)
                     yield sse({**chunk, "usage": None} if include_usage else chunk)
