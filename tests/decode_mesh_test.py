@@ -50,7 +50,7 @@ def test_generate_on_decode_mesh_equals_single_device(model, spec):
     dm = DecodeMesh.parse(spec)
     placed = dm.place(cfg, variables)
     gate = placed["params"]["moe_layers"]["moe"]["experts"]["gate"]
-    assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "expert", None, "tensor")
+    assert tuple(gate.sharding.spec)[1:] == ("expert", None, "tensor")  # [L, E, D, F]
     want = generate(cfg, variables, PROMPTS, 8)
     assert generate(cfg, placed, PROMPTS, 8, mesh=dm).tokens == want.tokens
     if spec == "expert=2,tensor=4":  # MTP drafting and verification on the mesh too
@@ -107,6 +107,6 @@ def test_engine_on_decode_mesh_equals_generate(model):
     kw = dict(slots=8, max_len=32, min_batch=8, min_window=32, speculative=False)
     with Engine(cfg, variables, mesh=dm, **kw) as eng:
         gate = eng._variables["params"]["moe_layers"]["moe"]["experts"]["gate"]
-        assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "expert", None, "tensor")
+        assert tuple(gate.sharding.spec)[1:] == ("expert", None, "tensor")
         got = [eng.generate(p, SamplingParams(max_tokens=6), timeout=600)[0] for p in PROMPTS]
     assert got == want
