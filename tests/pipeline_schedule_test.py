@@ -5,6 +5,7 @@ import pytest
 from dsjax.train.pipeline_schedule import (
     SCHEDULES,
     make_schedule,
+    pipeline_figures,
     simulate,
     ticks,
 )
@@ -93,3 +94,14 @@ def test_refusals():
         make_schedule("dualpipe", 4, 4)
     with pytest.raises(ValueError, match="must be one of"):
         make_schedule("zb", 4, 8)
+
+
+def test_pipeline_figures():
+    f = pipeline_figures("1f1b", 4, 8, 100.0)
+    assert f["bubble_fraction"] == pytest.approx(3 / 11)
+    assert (f["chunks"], f["peak_activations"], f["activation_bytes"]) == (4, 4, 400.0)
+    assert f["stage_transfer_bytes"] == 2 * 3 * 8 * 100.0
+    d = pipeline_figures("dualpipe", 4, 8, 100.0)
+    # 8 chunks, 7 boundaries, one of them on the last rank (chunk 3 -> 4): 6 cross ranks.
+    assert (d["chunks"], d["peak_activations"]) == (8, 9)
+    assert d["stage_transfer_bytes"] == 2 * 6 * 8 * 100.0

@@ -49,6 +49,7 @@ from dsjax.plan import (
 )
 from dsjax.train import metrics  # noqa: E402
 from dsjax.train import step as ts  # noqa: E402
+from dsjax.train.pipeline_schedule import pipeline_figures  # noqa: E402
 
 GIB = 1024**3
 SAVED_PER_LAYER = {"full": 1, "offload": 0, "save_attn": 2, "save_attn_ffn": 3,
@@ -438,6 +439,19 @@ def plan_train(config: ml_collections.ConfigDict, target: Target) -> dict:
     n = len(target.devices)
     report = _header(config, cfg, target, mesh, "train")
     report.update(batch=batch, seq_len=T, tokens_per_step=batch * T)
+    stages = mesh.shape["stage"]
+    if stages > 1:  # docs/spec.md §13: bubble, activation memory, stage-to-stage bytes
+        name, micro = ts.pipeline_settings(config.train, stages)
+        if batch % (sharding.batch_shards(mesh) * config.train.grad_accum * micro):
+            raise PlanError(
+                f"config.train.batch_size={batch} must divide by grad_accum x microbatches="
+                f"{micro} x the {sharding.batch_shards(mesh)} batch shards (raise --batch_per_chip)",
+                1,
+            )
+        rows = batch // config.train.grad_accum // micro / sharding.batch_shards(mesh)
+        act = rows * T * cfg.hidden_size * jnp.dtype(cfg.dtype).itemsize
+        report["pipeline"] = pipeline_figures(name, stages, micro, act)
+        report["pipeline"]["stage_transfer_bytes"] *= config.train.grad_accum
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         step = jax.jit(
@@ -734,6 +748,13 @@ def format_report(r: dict) -> str:
         p = r["params_billion"]
         lines.append(f"   parameters: {p['total']:.2f}B total, {p['activated']:.2f}B activated, "
                      f"{p['mtp']:.2f}B MTP")  # fmt: skip
+    pp = r.get("pipeline")
+    if pp:
+        lines.append(f"   pipeline: {pp['schedule']} over {pp['stages']} stages, "
+                     f"{pp['microbatches']} micro-batches, {pp['chunks']} chunks, {pp['ticks']} "
+                     f"ticks; bubble {pp['bubble_fraction'] * 100:.1f}% (B = 3F); activations "
+                     f"{pp['peak_activations']} chunk inputs = {_g(pp['activation_bytes'])} per "
+                     f"chip; stage-to-stage {_g(pp['stage_transfer_bytes'])} per chip per step")  # fmt: skip
     lines.append(f"   compile: {r['compile_s']:.1f} s")
     lines.append("   per device (compiler):")
     state = (f"latent cache {_g(m['cache_bytes'])}" if "cache_bytes" in m

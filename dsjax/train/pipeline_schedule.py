@@ -319,3 +319,26 @@ def _activation_slots(s: Schedule, fwd, bwd) -> tuple[dict[tuple[int, int], int]
             if b_row[r] is not None:
                 free[r].append(slot[b_row[r]])
     return slot, max(used)
+
+
+def pipeline_figures(name: str, ranks: int, microbatches: int, microbatch_bytes: float) -> dict:
+    """The planner's pipeline figures: lockstep ticks, bubble fraction (simulated with B = 3F:
+    dsjax's backward chunk recomputes its forward), peak activation memory of the worst rank
+    (chunk inputs, x `microbatch_bytes` = one micro-batch's [b, T, D] activations per chip), and
+    the stage-to-stage bytes of one step per chip (forward activations and input gradients over
+    every chunk boundary between two ranks: over DCN when stages are TPU slices)."""
+    s = make_schedule(name, ranks, microbatches)
+    sim = simulate(s, 1.0, 3.0)
+    crossings = sum(s.chunk_rank[c] != s.chunk_rank[c + 1] for c in range(s.chunks - 1))
+    peak = max(sim.peak_activations)
+    return {
+        "schedule": name,
+        "stages": ranks,
+        "microbatches": microbatches,
+        "chunks": s.chunks,
+        "ticks": ticks(s).length,
+        "bubble_fraction": sim.bubble_fraction,
+        "peak_activations": peak,
+        "activation_bytes": peak * microbatch_bytes,
+        "stage_transfer_bytes": 2 * crossings * microbatches * microbatch_bytes,
+    }
