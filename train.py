@@ -211,7 +211,13 @@ def parse_flags(argv):
     try:
         return FLAGS(argv)
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-        # ml_collections reports a misspelled key as a repr'd multi-line KeyError.
+        from dsjax.run_config import override_error
+
+        # ml_collections reports a misspelled key as a repr'd multi-line KeyError ('foo'): the
+        # config seam names the section, the key and the nearest valid keys instead.
+        unknown = override_error(argv)
+        if unknown:
+            fail(unknown)
         text = str(e)[1:-1] if isinstance(e, KeyError | AttributeError) else str(e)
         text = text.replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
         fail(text)

@@ -120,7 +120,7 @@ def child_train(args) -> dict:
     import jax.numpy as jnp
 
     from dsjax.model.transformer import Transformer, init_variables
-    from dsjax.train.step import loss_fn
+    from dsjax.train.step import loss_fn, train_options
 
     T = args.T
     cfg, config = model_cfg(args, T)
@@ -139,7 +139,7 @@ def child_train(args) -> dict:
     @jax.jit
     def fwd_bwd(params, moe_bias, batch):
         def loss(p):
-            return loss_fn(p, moe_bias, batch, model=model, train_cfg=config.train)[0]
+            return loss_fn(p, moe_bias, batch, model=model, train_cfg=train_options(config))[0]
 
         return jax.value_and_grad(loss)(params)
 

@@ -47,10 +47,7 @@ def main(_):
         "weights": np.ones((B, T), np.float32),
     }
     batch = jax.tree.map(jnp.asarray, batch)
-    step = jax.jit(
-        functools.partial(ts.train_step, model=model, tx=tx, schedule=schedule, train_cfg=c.train),
-        donate_argnums=0,
-    )
+    step = ts.jit_train_step(model, tx, schedule, c)
     t = time.perf_counter()
     state, m = step(state, batch)
     jax.block_until_ready(m)

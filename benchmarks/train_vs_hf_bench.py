@@ -17,7 +17,6 @@ cores (`taskset -c 1 ...`; torch gets `--threads`, default the cores this proces
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import tempfile
@@ -71,10 +70,7 @@ def dsjax_stepper(c, variables, tokens):
         "positions": jnp.tile(jnp.arange(T, dtype=jnp.int32), (B, 1)),
         "weights": jnp.ones((B, T), jnp.float32),
     }
-    step_fn = jax.jit(
-        functools.partial(ts.train_step, model=model, tx=tx, schedule=schedule, train_cfg=c.train),
-        donate_argnums=0,
-    )
+    step_fn = ts.jit_train_step(model, tx, schedule, c)
     holder = {"state": state}
 
     def step():

@@ -90,7 +90,7 @@ def _loss_and_grads(config, mesh, batch, layout_chips: int = 1):
     on a mesh without a context axis."""
     model = Transformer(ts.model_config(config))
     tx, _ = ts.make_optimizer(config)
-    loss = functools.partial(ts.loss_fn, model=model, train_cfg=config.train)
+    loss = functools.partial(ts.loss_fn, model=model, train_cfg=ts.train_options(config))
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         state, _, _ = ts.create_sharded_state(jax.random.key(0), model, tx, mesh, T)
 

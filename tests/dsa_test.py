@@ -467,9 +467,7 @@ def _is_indexer(path) -> bool:
 
 def test_warmup_trains_only_the_indexer_and_lowers_its_kl():
     c, model, tx, schedule, state, batch = _dsa_setup("warmup")
-    step = jax.jit(
-        functools.partial(ts.train_step, model=model, tx=tx, schedule=schedule, train_cfg=c.train)
-    )
+    step = ts.jit_train_step(model, tx, schedule, c, donate=False)
     first, m0 = step(state, batch)
     assert float(m0["grad_norm"]) > 0 and np.isfinite(float(m0["indexer_kl"]))
     n_indexer = 0
@@ -501,7 +499,7 @@ def test_sparse_stage_lm_loss_trains_main_model_and_kl_only_the_indexer():
     c.train.indexer_loss_weight = 0.0
 
     def loss_and_kl(params):
-        loss, aux = ts.loss_fn(params, {}, batch, model=model, train_cfg=c.train)
+        loss, aux = ts.loss_fn(params, {}, batch, model=model, train_cfg=ts.train_options(c))
         return loss, aux["indexer_kl"]
 
     @jax.jit

@@ -18,6 +18,7 @@ from flax import linen as nn
 from configs import tiny
 from dsjax.model import fp8, sharding
 from dsjax.model.transformer import Transformer, init_cache
+from dsjax.run_config import TrainOptions
 from dsjax.train import step as ts
 from tests.helpers import tiny_config
 
@@ -234,7 +235,7 @@ def model_case():
 
 def _grads(cfg, batch, params, moe_bias):
     model = Transformer(cfg)
-    train_cfg = ml_collections.ConfigDict(dict(mtp_weight=0.3, balance_loss_weight=1e-4))
+    train_cfg = TrainOptions(mtp_weight=0.3, balance_loss_weight=1e-4)
     loss = lambda p: ts.loss_fn(p, moe_bias, batch, model=model, train_cfg=train_cfg)[0]  # noqa
     return jax.jit(jax.grad(loss))(params)
 
@@ -409,12 +410,7 @@ def test_fp8_train_steps_reduce_the_loss():
     mesh = sharding.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         state, _, _ = ts.create_sharded_state(jax.random.key(0), model, tx, mesh, T)
-        step = jax.jit(
-            functools.partial(
-                ts.train_step, model=model, tx=tx, schedule=schedule, train_cfg=config.train
-            ),
-            donate_argnums=0,
-        )
+        step = ts.jit_train_step(model, tx, schedule, config)
         losses = []
         for _ in range(4):
             state, m = step(state, batch)

@@ -13,6 +13,7 @@ import optax
 import pytest
 from flax import linen as nn
 
+from dsjax import run_config
 from dsjax.model import sharding
 from dsjax.model.transformer import Transformer, init_variables
 from dsjax.rl.grpo import (
@@ -34,6 +35,7 @@ from dsjax.rl.rewards import (
     parse_answer,
     scratchpad,
 )
+from dsjax.run_config import GRPOOptions, TrainOptions
 from tests.helpers import tiny_config
 
 
@@ -144,10 +146,8 @@ def test_task_tokenizer_and_teacher():
 
 # ----------------------------------------------------------------------------- model step
 def _grpo_cfg():
-    g = ml_collections.ConfigDict()
-    g.epsilon, g.beta = 0.2, 0.04
-    t = ml_collections.ConfigDict()
-    t.balance_loss_weight, t.bias_update_rate = 1e-4, 1e-3
+    g = GRPOOptions(epsilon=0.2, beta=0.04)
+    t = TrainOptions(balance_loss_weight=1e-4, bias_update_rate=1e-3)
     return g, t
 
 
@@ -237,6 +237,7 @@ def test_batch_masks_completion_tokens(run):
 
 def _run_config():
     c = ml_collections.ConfigDict()
+    c.trainer = "grpo"
     c.seed = 5
     c.model = {"vocab_size": 24}
     c.data = {"seq_len": 24}
@@ -265,7 +266,7 @@ def test_resume_is_exact(run, tmp_path):
         restored, loop = _restore(manager, 1, abstract)
         manager.close()
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
-        args = (run["fns"], run["cfg"], run["tok"], task, config, 1)
+        args = (run["fns"], run["cfg"], run["tok"], task, run_config.parse(config), 1)
         resumed, m_resumed = grpo_step(restored, *args, loop["prompt_index"])
         straight, m_straight = grpo_step(state, *args, 2)  # donates `state`: last use
     assert m_resumed == m_straight and np.isfinite(m_straight["loss"])

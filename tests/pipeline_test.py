@@ -43,9 +43,10 @@ def setup():
         k: jnp.asarray(v, jnp.float32 if k == "weights" else jnp.int32) for k, v in batch.items()
     }
     model = Transformer(cfg)
+    train_cfg = ts.train_options(config)
     grad_fn = jax.jit(
         jax.value_and_grad(
-            functools.partial(ts.loss_fn, model=model, train_cfg=config.train), has_aux=True
+            functools.partial(ts.loss_fn, model=model, train_cfg=train_cfg), has_aux=True
         )
     )
     loss = grads = counts = None
@@ -64,7 +65,7 @@ def _program(config, model, schedule, mesh):
     fn = functools.partial(
         pipeline.pipeline_grads,
         model=model,
-        train_cfg=config.train,
+        train_cfg=ts.train_options(config),
         schedule=schedule,
         microbatches=M,
     )

@@ -168,7 +168,7 @@ CONFIG_RULES = [
     ("data__eval_fraction", 1.0, "config.data.eval_fraction=1.0 must be in [0, 1)"),
     ("data__seq_len", 0, "config.data.seq_len=0 must be >= 1"),
     ("data__max_documents", -2, "config.data.max_documents=-2 must be >= 0"),
-    ("mesh__tensor", 0, "config.mesh.tensor=0: must be a positive size or -1"),
+    ("mesh__tensor", 0, "config.mesh.tensor=0 must be a positive size or -1"),
 ]
 
 

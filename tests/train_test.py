@@ -27,6 +27,7 @@ from configs import tiny
 from dsjax.checkpoints.orbax_io import Checkpointer, load_for_inference
 from dsjax.model import sharding
 from dsjax.model.transformer import Transformer, init_variables
+from dsjax.run_config import TrainOptions
 from dsjax.train import data, metrics
 from dsjax.train import step as ts
 from dsjax.train.loop import TrainingError, train_and_evaluate
@@ -236,13 +237,7 @@ def _run_steps(config, mesh, batches):
         state, _, shardings = ts.create_sharded_state(
             jax.random.key(0), model, tx, mesh, config.data.seq_len, config.optim.host_offload
         )
-        step = jax.jit(
-            functools.partial(
-                ts.train_step, model=model, tx=tx, schedule=schedule, train_cfg=config.train
-            ),
-            in_shardings=(shardings, sharding.batch_sharding(mesh)),
-            donate_argnums=0,
-        )
+        step = ts.jit_train_step(model, tx, schedule, config, shardings=shardings, mesh=mesh)
         losses = []
         for b in batches:
             state, m = step(state, jax.device_put(b, sharding.batch_sharding(mesh)))
@@ -351,11 +346,7 @@ def test_bias_update_balances_load_only_when_enabled(rate):
     # A skewed starting bias: a few experts win most tokens until the rule corrects it.
     skew = jnp.linspace(-0.5, 0.5, cfg.n_routed_experts)
     state = state.replace(moe_bias=jax.tree.map(lambda b: b + skew, state.moe_bias))
-    step = jax.jit(
-        functools.partial(
-            ts.train_step, model=model, tx=tx, schedule=schedule, train_cfg=config.train
-        )
-    )
+    step = ts.jit_train_step(model, tx, schedule, config, donate=False)
     batch = jax.tree.map(jnp.asarray, _synthetic_batch(cfg, 8, 32))
     imbalance = []
     for _ in range(40):
@@ -539,7 +530,6 @@ def test_adam_moments_stored_in_moment_dtype(moment_dtype):
 def test_chunked_cross_entropy_equals_whole_loss_and_gradients():
     """ce_chunk=5 over T=12 (3 chunks, the last padded; MTP depth 1 over T-1=11) gives the
     unchunked loss and gradients to <= 1e-6 relative, in float32."""
-    import ml_collections
 
     from tests.helpers import rel_err
     from tests.helpers import tiny_config as model_cfg
@@ -550,9 +540,7 @@ def test_chunked_cross_entropy_equals_whole_loss_and_gradients():
     model = Transformer(cfg)
 
     def loss_and_grads(chunk):
-        tc = ml_collections.ConfigDict(
-            dict(ce_chunk=chunk, mtp_weight=0.3, balance_loss_weight=1e-4)
-        )
+        tc = TrainOptions(ce_chunk=chunk, mtp_weight=0.3, balance_loss_weight=1e-4)
 
         def f(p):
             return ts.loss_fn(p, variables["moe_bias"], batch, model=model, train_cfg=tc)

@@ -18,7 +18,6 @@ can restore it.)
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -306,13 +305,11 @@ def _config_json(config) -> dict[str, Any]:
 
 
 def model_config_from_run(config: dict[str, Any] | ml_collections.ConfigDict) -> ModelConfig:
-    """The ModelConfig of a run's ConfigDict (or its JSON form)."""
-    model = dict(config["model"])
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(model) - fields)
-    if unknown:
-        raise ValueError(f"config.model has unknown field(s) {unknown}")
-    return ModelConfig(**model)
+    """The ModelConfig of a run's ConfigDict (or its JSON form), through `dsjax.run_config`
+    (unknown keys and wrong types are one line naming the field)."""
+    from dsjax.run_config import model_from_dict  # noqa: PLC0415
+
+    return model_from_dict(config["model"])
 
 
 def load_for_inference(workdir: str, step: int | None = None, *, dtype: str | None = None):

@@ -27,7 +27,6 @@ os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
 os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
 
 import dataclasses  # noqa: E402
-import functools  # noqa: E402
 import importlib.util  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
@@ -41,6 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
+from dsjax import run_config  # noqa: E402
 from dsjax.model import sharding  # noqa: E402
 from dsjax.model.transformer import Transformer, cache_batch_axis  # noqa: E402
 from dsjax.plan import (
@@ -424,11 +424,12 @@ def _batch_abstract(mesh, batch: int, seq_len: int) -> dict:
 
 def plan_train(config: ml_collections.ConfigDict, target: Target) -> dict:
     """Compiles the real train step for `target`; returns the report dict."""
-    mesh = sharding.make_mesh(**config.mesh, devices=list(target.devices))
-    cfg = ts.model_config(config)
-    model, (tx, schedule) = Transformer(cfg), ts.make_optimizer(config)
-    T, batch = config.data.seq_len, config.train.batch_size
-    if batch % (sharding.batch_shards(mesh) * config.train.grad_accum):
+    run = run_config.parse(config)
+    mesh = sharding.make_mesh(**dataclasses.asdict(run.mesh), devices=list(target.devices))
+    cfg = run.model
+    model, (tx, schedule) = Transformer(cfg), ts.make_optimizer(run)
+    T, batch = run.data.seq_len, run.train.batch_size
+    if batch % (sharding.batch_shards(mesh) * run.train.grad_accum):
         raise PlanError(
             f"config.train.batch_size={batch} must divide by grad_accum x the "
             f"{sharding.batch_shards(mesh)} batch shards of mesh {dict(mesh.shape)}",
@@ -454,14 +455,7 @@ def plan_train(config: ml_collections.ConfigDict, target: Target) -> dict:
         report["pipeline"]["stage_transfer_bytes"] *= config.train.grad_accum
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        step = jax.jit(
-            functools.partial(
-                ts.train_step, model=model, tx=tx, schedule=schedule, train_cfg=config.train
-            ),  # fmt: skip
-            in_shardings=(shardings, sharding.batch_sharding(mesh)),
-            out_shardings=(shardings, sharding.replicated(mesh)),
-            donate_argnums=0,
-        )
+        step = ts.jit_train_step(model, tx, schedule, run, shardings=shardings, mesh=mesh)
         lowered = step.lower(abstract, _batch_abstract(mesh, batch, T))
         compiled, oom, dump = compile_or_oom(lowered)
     report["compile_s"] = time.perf_counter() - t0
@@ -825,6 +819,7 @@ def main(argv) -> int:
     if not f.topology:
         raise PlanError("--topology is required (e.g. v5p:4x8x8, v5e:2x2, v6e:4x4, v4:2x2x1, gpu)")
     target = make_target(f.topology)
+    run_config.parse(config)  # unknown keys, types and ranges: one line before any compile
     if f.mode == "decode":
         reports = [plan_decode(config, target, f.batch, f.cache_len, f.layout)]
     else:
@@ -881,4 +876,14 @@ def run() -> None:
             print(f"plan: {e}", file=sys.stderr)
             sys.exit(2)
 
-    app.run(entry)
+    def parse(argv):
+        from absl import flags
+
+        try:
+            return flags.FLAGS(argv)
+        except (flags.Error, KeyError, AttributeError) as e:
+            # ml_collections names only the missing key ('foo'); the config seam says more.
+            print(f"plan: {run_config.override_error(argv) or e}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(entry, flags_parser=parse)

@@ -223,7 +223,11 @@ def jit_grpo_fns(model, tx, schedule, shardings, mesh, grpo_cfg, train_cfg):
             epsilon=float(grpo_cfg.epsilon),
             beta=float(grpo_cfg.beta),
             balance_weight=float(train_cfg.balance_loss_weight),
-            bias_update_rate=float(grpo_cfg.get("bias_update_rate", train_cfg.bias_update_rate)),
+            bias_update_rate=float(
+                train_cfg.bias_update_rate
+                if grpo_cfg.bias_update_rate is None
+                else grpo_cfg.bias_update_rate
+            ),
         ),
         in_shardings=(shardings, batch_sh, b2, b2),
         out_shardings=(shardings, rep),

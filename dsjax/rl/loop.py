@@ -28,6 +28,7 @@ Metrics per step go to `metrics.jsonl` / TensorBoard; `rewards.png` plots reward
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -42,6 +43,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import linen as nn
 
+from dsjax import run_config
 from dsjax.checkpoints.orbax_io import _config_json, _cpu_array_handler
 from dsjax.inference.generate import generate
 from dsjax.model import sharding
@@ -58,14 +60,15 @@ from dsjax.rl.rewards import (
     format_reward,
     scratchpad,
 )
+from dsjax.run_config import RunConfig
 from dsjax.train import metrics
 from dsjax.train.loop import prepare_workdir
 from dsjax.train.step import (
     TrainingError,
     create_sharded_state,
+    jit_train_step,
     make_optimizer,
     model_config,
-    train_step,
     validate_config,
 )
 
@@ -85,34 +88,18 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- config
 def _check(config) -> None:
-    g, s = config.grpo, config.sft
-    rules = [
-        ("grpo.steps", g.steps, g.steps >= 1),
-        ("grpo.prompts", g.prompts, g.prompts >= 1),
-        ("grpo.group_size", g.group_size, g.group_size >= 2),
-        ("grpo.inner_steps", g.inner_steps, g.inner_steps >= 1),
-        ("grpo.max_new_tokens", g.max_new_tokens, g.max_new_tokens >= 1),
-        ("grpo.epsilon", g.epsilon, 0 < g.epsilon < 1),
-        ("grpo.beta", g.beta, g.beta >= 0),
-        ("grpo.lr", g.lr, g.lr >= 0),
-        ("grpo.eval_every", g.eval_every, g.eval_every >= 1),
-        ("grpo.eval_prompts", g.eval_prompts, g.eval_prompts >= 1),
-        ("grpo.temperature", g.temperature, g.temperature > 0),
-        ("sft.steps", s.steps, s.steps >= 0),
-        ("sft.p_correct", s.p_correct, 0 <= s.p_correct <= 1),
-        ("sft.p_bad_format", s.p_bad_format, 0 <= s.p_bad_format <= 1),
-    ]
-    for name, value, ok in rules:
-        if not ok:
-            raise ValueError(f"config.{name}={value!r} is out of range (see configs/grpo_arith.py)")
-    longest = len(str(config.task.max_operand)) * 2 + 3  # bos a op b =
+    """The task's rules between fields (each field's own type and range: `run_config.parse`)."""
+    config = run_config.parse(config)
+    g, s = _grpo(config), _sft(config)
+    max_operand = run_config.options(config, "task").max_operand
+    longest = len(str(max_operand)) * 2 + 3  # bos a op b =
     if longest + g.max_new_tokens > config.data.seq_len:
         raise ValueError(
             f"config.data.seq_len={config.data.seq_len} must hold a prompt ({longest} tokens) + "
             f"config.grpo.max_new_tokens={g.max_new_tokens}"
         )
-    teacher = longest + _longest_teacher(config.task.max_operand)
-    if s.steps and not s.get("init_from") and teacher > config.data.seq_len:
+    teacher = longest + _longest_teacher(max_operand)
+    if s.steps and not s.init_from and teacher > config.data.seq_len:
         raise ValueError(
             f"config.data.seq_len={config.data.seq_len} must hold the cold start's longest "
             f"example ({teacher} tokens)"
@@ -128,8 +115,18 @@ def _longest_teacher(max_operand: int) -> int:
     return len(ArithTokenizer().encode(text)) + 1
 
 
+def _grpo(run: RunConfig) -> run_config.GRPOOptions:
+    assert run.grpo is not None  # run_config.parse fills the GRPO sections of a GRPO run
+    return run.grpo
+
+
+def _sft(run: RunConfig) -> run_config.SFTOptions:
+    assert run.sft is not None
+    return run.sft
+
+
 def make_task(config) -> ArithTask:
-    t = config.task
+    t = run_config.options(config, "task")
     return ArithTask(t.max_operand, t.ops, seed=config.seed, heldout_every=t.heldout_every)
 
 
@@ -256,17 +253,20 @@ def evaluate(cfg, variables, tok, task, config) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- cold start
-def cold_start(config, mesh, model, tok, task, workdir):
-    """(params, moe_bias) after the SFT stage, trained now or restored from WORKDIR/cold_start."""
-    sft = config.sft
-    sft_config = ml_collections.ConfigDict(config.to_dict())
-    sft_config.train.steps = max(sft.steps, 1)
-    sft_config.optim.lr = sft.lr
-    sft_config.optim.warmup_steps = min(sft.warmup_steps, max(sft.steps - 1, 0))
-    tx, schedule = make_optimizer(sft_config)
+def cold_start(config: RunConfig, saved_config, mesh, model, tok, task, workdir):
+    """(params, moe_bias) after the SFT stage, trained now or restored from WORKDIR/cold_start.
+    `saved_config`: the run's ConfigDict, stored beside the cold-start weights."""
+    sft = _sft(config)
+    sft_run = config.replace(
+        train=dataclasses.replace(config.train, steps=max(sft.steps, 1)),
+        optim=dataclasses.replace(
+            config.optim, lr=sft.lr, warmup_steps=min(sft.warmup_steps, max(sft.steps - 1, 0))
+        ),
+    )
+    tx, schedule = make_optimizer(sft_run)
     T = config.data.seq_len
     state, abstract, shardings = create_sharded_state(
-        jax.random.key(config.seed), model, tx, mesh, T, config.optim.get("host_offload", False)
+        jax.random.key(config.seed), model, tx, mesh, T, config.optim.host_offload
     )
     directory = os.path.join(workdir, "cold_start")
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True))
@@ -278,14 +278,7 @@ def cold_start(config, mesh, model, tok, task, workdir):
         manager.close()
         log.info("cold start: restored from %s", directory)
         return restored["model"]["params"], restored["model"]["moe_bias"]
-    step_fn = jax.jit(
-        functools.partial(
-            train_step, model=model, tx=tx, schedule=schedule, train_cfg=sft_config.train
-        ),
-        in_shardings=(shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
+    step_fn = jit_train_step(model, tx, schedule, sft_run, shardings=shardings, mesh=mesh)
     bsz, t0 = config.train.batch_size, time.perf_counter()
     for i in range(sft.steps):
         batch = sft_batch(task, tok, i * bsz, bsz, T, config.seed, sft)
@@ -305,7 +298,8 @@ def cold_start(config, mesh, model, tok, task, workdir):
     manager.save(
         0,
         args=ocp.args.Composite(
-            model=ocp.args.StandardSave(model_vars), config=ocp.args.JsonSave(_config_json(config))
+            model=ocp.args.StandardSave(model_vars),
+            config=ocp.args.JsonSave(_config_json(saved_config)),
         ),
     )
     manager.wait_until_finished()
@@ -450,13 +444,15 @@ def _save_task_tokenizer(tok: HFTaskTokenizer, directory: str) -> None:
 
 
 def _with_model(config, cfg) -> ml_collections.ConfigDict:
-    """`config` with config.model replaced by every field of ModelConfig `cfg` but remat (which
-    config.train.remat sets)."""
-    import dataclasses  # noqa: PLC0415
-
+    """`config` with config.model replaced by every field of ModelConfig `cfg` but those that
+    config.train sets (remat, dsa_stage: `run_config.FROM_TRAIN`)."""
     out = ml_collections.ConfigDict(config.to_dict())
     out.model = ml_collections.ConfigDict(
-        {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "remat"}
+        {
+            f.name: getattr(cfg, f.name)
+            for f in dataclasses.fields(cfg)
+            if f.name not in run_config.FROM_TRAIN
+        }
     )
     return out
 
@@ -497,7 +493,7 @@ def resolve_start(config, workdir: str):
     so it reads nothing from the Hugging Face directory (which may be gone).
     """
     latest = _latest_step(workdir)
-    init_from = config.sft.get("init_from") or ""
+    init_from = run_config.options(config, "sft").init_from
     saved_tok = os.path.join(workdir, TOKENIZER_DIR)
     if latest is not None and os.path.isfile(os.path.join(saved_tok, "tokenizer.json")):
         log.info(
@@ -604,23 +600,30 @@ def _restore(manager, step: int, abstract: GRPOState):
 
 
 # ----------------------------------------------------------------------------- the run
-def _grpo_optimizer(config):
-    c = ml_collections.ConfigDict(config.to_dict())
-    c.train.steps = config.grpo.steps * config.grpo.inner_steps
-    c.optim.lr = config.grpo.lr
-    c.optim.warmup_steps = min(config.grpo.warmup_steps, c.train.steps - 1)
-    c.optim.min_lr_ratio = 1.0  # constant after warm-up
-    return make_optimizer(c)
+def _grpo_optimizer(config: RunConfig):
+    g = _grpo(config)
+    steps = g.steps * g.inner_steps
+    return make_optimizer(
+        config.replace(
+            train=dataclasses.replace(config.train, steps=steps),
+            optim=dataclasses.replace(
+                config.optim,
+                lr=g.lr,
+                warmup_steps=min(g.warmup_steps, steps - 1),
+                min_lr_ratio=1.0,  # constant after warm-up
+            ),
+        )
+    )
 
 
 def _variables(state: GRPOState):
     return {"params": state.params, "moe_bias": state.moe_bias}
 
 
-def grpo_step(state, fns, cfg, tok, task, config, step: int, prompt_index: int):
+def grpo_step(state, fns, cfg, tok, task, config: RunConfig, step: int, prompt_index: int):
     """One GRPO step: rollout, rewards, advantages, π_old/π_ref, μ updates. Returns
     (state, metrics dict of floats)."""
-    g = config.grpo
+    g = _grpo(config)
     logp_fn, update_fn = fns
     probs = task.problems(prompt_index, g.prompts)
     prompts, comps, texts, reps = rollout(
@@ -632,7 +635,7 @@ def grpo_step(state, fns, cfg, tok, task, config, step: int, prompt_index: int):
         max_new_tokens=g.max_new_tokens,
         seed=_rollout_seed(config.seed, step),
         temperature=g.temperature,
-        speculative=bool(g.get("speculative", False)),
+        speculative=g.speculative,
     )
     reward, acc, fmt = score(texts, reps, g.format_weight)
     adv = np.asarray(group_advantages(reward.reshape(g.prompts, g.group_size))).reshape(-1)
@@ -660,40 +663,41 @@ def grpo_step(state, fns, cfg, tok, task, config, step: int, prompt_index: int):
 def grpo_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Cold start then GRPO per `config` in `workdir` (resuming its latest checkpoint)."""
     workdir = prepare_workdir(workdir)
-    _check(config)
-    validate_config(config, None)
-    mesh = sharding.make_mesh(**config.mesh)
+    run = run_config.parse(config)
+    _check(run)
+    mesh = run_config.make_mesh(run)
     _cpu_array_handler()
     config, tok, start_vars = resolve_start(config, workdir)  # outside the mesh context
-    validate_config(config, mesh)
-    task = make_task(config)
-    if config.model.vocab_size < tok.vocab_size:
+    run = validate_config(config, mesh)  # config.model may come from the start checkpoint
+    task = make_task(run)
+    if run.model.vocab_size < tok.vocab_size:
         raise ValueError(
-            f"config.model.vocab_size={config.model.vocab_size} is below the "
+            f"config.model.vocab_size={run.model.vocab_size} is below the "
             f"task tokenizer's {tok.vocab_size} tokens"
         )
-    rows = config.grpo.prompts * config.grpo.group_size
+    g = _grpo(run)
+    rows = g.prompts * g.group_size
     if rows % sharding.batch_shards(mesh):
         raise ValueError(
             f"config.grpo.prompts × group_size = {rows} must divide by the "
             f"{sharding.batch_shards(mesh)} data shards of the mesh"
         )
-    cfg = model_config(config)
+    cfg = run.model
     model = Transformer(cfg)
     chief = jax.process_index() == 0
     if chief:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
     log.info("model: %.2fM parameters; mesh %s", count_params(cfg)["total"] / 1e6, dict(mesh.shape))
-    g, t_start = config.grpo, time.perf_counter()
+    t_start = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        tx, schedule = _grpo_optimizer(config)
+        tx, schedule = _grpo_optimizer(run)
         abstract, shardings = grpo_state_shardings(
-            model, tx, mesh, config.data.seq_len, config.optim.get("host_offload", False)
+            model, tx, mesh, run.data.seq_len, run.optim.host_offload
         )
         manager = ocp.CheckpointManager(
             os.path.join(workdir, "checkpoints"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True),
+            options=ocp.CheckpointManagerOptions(max_to_keep=run.checkpoint.keep, create=True),
         )
         latest = manager.latest_step()
         if latest is not None:
@@ -705,31 +709,31 @@ def grpo_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[s
                 moe_bias = jax.device_put(start_vars.get("moe_bias", {}), shardings.moe_bias)
                 start_vars = None
             else:
-                params, moe_bias = cold_start(config, mesh, model, tok, task, workdir)
+                params, moe_bias = cold_start(run, config, mesh, model, tok, task, workdir)
             init = jax.jit(functools.partial(_fresh_state, tx=tx), out_shardings=shardings)
             state, loop = init(params, moe_bias), {"prompt_index": 0}
         start = int(state.step) // g.inner_steps
-        fns = jit_grpo_fns(model, tx, schedule, shardings, mesh, g, config.train)
+        fns = jit_grpo_fns(model, tx, schedule, shardings, mesh, g, run.train)
         writer = metrics.MetricWriter(workdir, is_chief=chief, resume_step=start)
         last: dict[str, float] = {}
         try:
             if start == 0:
-                first = evaluate(cfg, _variables(state), tok, task, config)
+                first = evaluate(cfg, _variables(state), tok, task, run)
                 writer.write(0, first)
                 log.info("step 0 (cold start): %s", _fmt(first))
                 last.update(cold_start_eval=first)
             step, t_mark = start, time.perf_counter()
             while step < g.steps:
-                state, m = grpo_step(state, fns, cfg, tok, task, config, step, loop["prompt_index"])
+                state, m = grpo_step(state, fns, cfg, tok, task, run, step, loop["prompt_index"])
                 step += 1
                 loop["prompt_index"] += g.prompts
                 m["step_seconds"] = time.perf_counter() - t_mark
                 if step % g.eval_every == 0 or step == g.steps:
-                    m.update(evaluate(cfg, _variables(state), tok, task, config))
+                    m.update(evaluate(cfg, _variables(state), tok, task, run))
                 writer.write(step, m)
-                if step % config.train.log_every == 0 or step == g.steps:
+                if step % run.train.log_every == 0 or step == g.steps:
                     log.info("grpo %d/%d: %s", step, g.steps, _fmt(m))
-                if step % config.checkpoint.every == 0 or step == g.steps:
+                if step % run.checkpoint.every == 0 or step == g.steps:
                     _save(manager, step, state, loop, config)
                 last = {**last, **m}
                 t_mark = time.perf_counter()

@@ -40,6 +40,8 @@ import grain
 import ml_collections
 import numpy as np
 
+from dsjax import run_config
+from dsjax.run_config import DataOptions, RunConfig
 from dsjax.text.tokenizer import Tokenizer, train_bpe
 
 Arrays = dict[str, np.ndarray]
@@ -49,17 +51,13 @@ _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-    """Defaults of the `config.data` group."""
-    defaults = dict(source="stdlib", seq_len=256, eval_fraction=0.02, tokenizer="")
-    return ml_collections.ConfigDict(
-        defaults | dict(tokenizer_train_bytes=8_000_000, max_documents=0, shuffle_rows=0)
-    )
+    """Defaults of the `config.data` group (declared in `dsjax.run_config.DataOptions`)."""
+    return ml_collections.ConfigDict(dataclasses.asdict(DataOptions()))
 
 
-def _data_field(config: ml_collections.ConfigDict, name: str) -> Any:
-    """Reads `config.data.<name>`, falling back to `default_data_config()`."""
-    data = config.get("data") or {}
-    return data.get(name, default_data_config()[name])
+def _data_field(config: ml_collections.ConfigDict | RunConfig, name: str) -> Any:
+    """`config.data.<name>`, typed and checked (`dsjax.run_config`), default when absent."""
+    return getattr(run_config.options(config, "data"), name)
 
 
 def _int_field(value: Any, field: str, minimum: int) -> int:

@@ -34,18 +34,18 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
+from dsjax import run_config
 from dsjax.checkpoints.orbax_io import Checkpointer, CheckpointError
 from dsjax.model import sharding
 from dsjax.model.transformer import Transformer, count_params
+from dsjax.run_config import RunConfig
 from dsjax.train import data, metrics
 from dsjax.train.step import (
     TrainingError,
     create_sharded_state,
     eval_step,
+    jit_train_step,
     make_optimizer,
-    model_config,
-    train_step,
-    validate_config,
 )
 
 log = logging.getLogger("dsjax.train")
@@ -91,7 +91,7 @@ def _target_bytes(byte_table_V, targets_BT, weights_BT) -> jax.Array:
     return jnp.where(weights_BT > 0, byte_table_V[targets_BT], 0).sum()
 
 
-def _evaluate(eval_fn, state, config, tokenizer, batch_sharding, byte_table_V):
+def _evaluate(eval_fn, state, config: RunConfig, tokenizer, batch_sharding, byte_table_V):
     """(mean held-out cross-entropy in nats per token, bits per byte) over the first
     `eval_batches` batches of the eval split (the same batches every time).
 
@@ -233,7 +233,7 @@ def _head_lines(text: str, n: int) -> str:
     return "".join(text.splitlines(keepends=True)[:n]).rstrip("\n")
 
 
-def _sample(cfg, state, tokenizer, config) -> tuple[str | None, str | None]:
+def _sample(cfg, state, tokenizer, config: RunConfig) -> tuple[str | None, str | None]:
     """What the model learned, from one `generate` call of two rows (single-process runs):
 
     - a sampled continuation of `config.train.sample_prompt` (`config.train.sample_temperature`,
@@ -284,18 +284,17 @@ def _sample(cfg, state, tokenizer, config) -> tuple[str | None, str | None]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains per `config` in `workdir` (resuming from its latest checkpoint); returns a summary."""
     workdir = prepare_workdir(workdir)
-    validate_config(config, None)  # the rules that need no mesh, before building one
-    mesh = sharding.make_mesh(**config.mesh)
-    validate_config(config, mesh)
-    cfg = model_config(config)
+    run = run_config.parse(config)  # validated once; the rest reads `run`
+    mesh = run_config.make_mesh(run)
+    cfg = run.model
     chief = jax.process_index() == 0
     if chief:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-    tokenizer = data.get_tokenizer(config, workdir)
-    seq_len, steps = config.data.seq_len, config.train.steps
+    tokenizer = data.get_tokenizer(run, workdir)
+    seq_len, steps = run.data.seq_len, run.train.steps
     model = Transformer(cfg)
-    tx, schedule = make_optimizer(config)
+    tx, schedule = make_optimizer(run)
     counts = count_params(cfg)
     log.info(
         "model: %.2fM parameters (%.2fM activated, %.2fM MTP); mesh %s; %d devices",
@@ -311,22 +310,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     peak_total = peak * jax.device_count() if peak else None
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        rng = jax.random.key(config.seed)
+        rng = jax.random.key(run.seed)
         train_iter = data.make_iterator(
-            config,
+            run,
             tokenizer,
             "train",
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        ckpt = Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep)
+        ckpt = Checkpointer(workdir, every=run.checkpoint.every, keep=run.checkpoint.keep)
         latest = ckpt.latest_step()
         if latest is not None and latest >= steps and ckpt.newest_verified_step() == latest:
             ckpt.close()
             log.info("the run is complete: its checkpoint at step %d >= train.steps", latest)
             return {"step": latest, "complete": True, "peak_flops_source": peak_source}
         state, abstract, shardings = create_sharded_state(
-            rng, model, tx, mesh, seq_len, config.optim.get("host_offload", False)
+            rng, model, tx, mesh, seq_len, run.optim.host_offload
         )
         start, restored = ckpt.restore_latest(abstract, train_iter)
         if start is not None:
@@ -334,14 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             log.info("resumed from the checkpoint at step %d", start)
         start = int(start or 0)
         batch_sharding = sharding.batch_sharding(mesh)
-        step_fn = jax.jit(
-            functools.partial(
-                train_step, model=model, tx=tx, schedule=schedule, train_cfg=config.train
-            ),
-            in_shardings=(shardings, batch_sharding),
-            out_shardings=(shardings, sharding.replicated(mesh)),
-            donate_argnums=0,
-        )
+        step_fn = jit_train_step(model, tx, schedule, run, shardings=shardings, mesh=mesh)
         eval_fn = jax.jit(functools.partial(eval_step, model=model))
 
         writer = metrics.MetricWriter(workdir, is_chief=chief, resume_step=start)
@@ -361,7 +353,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         evaluate = functools.partial(
             _evaluate,
             eval_fn,
-            config=config,
+            config=run,
             tokenizer=tokenizer,
             batch_sharding=batch_sharding,
             byte_table_V=byte_table_V,
@@ -382,9 +374,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     step += 1
                     pending.append((step, m))
                     final = step == steps
-                    log_now = step % config.train.log_every == 0 or final
-                    save_now = step % config.checkpoint.every == 0 or final
-                    eval_now = step % config.train.eval_every == 0 or final
+                    log_now = step % run.train.log_every == 0 or final
+                    save_now = step % run.checkpoint.every == 0 or final
+                    eval_now = step % run.train.eval_every == 0 or final
                     if not (log_now or save_now or eval_now or stop.reason):
                         continue
                     done = _check_finite(pending)
@@ -443,7 +435,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if chief:
             summary["plot"] = os.path.join(workdir, "loss.png")
             metrics.plot_loss(os.path.join(workdir, "metrics.jsonl"), summary["plot"])
-            summary["sample"], summary["heldout_sample"] = _sample(cfg, state, tokenizer, config)
+            summary["sample"], summary["heldout_sample"] = _sample(cfg, state, tokenizer, run)
             if summary["sample"] is not None:
                 parsed, lines = sample_python_lines(summary["sample"])
                 summary["sample_python_lines"] = {"parse": parsed, "lines": lines}

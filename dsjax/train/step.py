@@ -9,9 +9,7 @@ sees it.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 from typing import Any
 
 import flax
@@ -21,23 +19,22 @@ import ml_collections
 import optax
 from flax import linen as nn
 
+from dsjax import run_config
 from dsjax.model import sharding
 from dsjax.model.config import ModelConfig
 from dsjax.model.layers.context import (
-    check_context_parallel,
     context_size,
     fold_context,
     shift_ahead,
     to_context_layout,
 )
-from dsjax.model.layers.indexer import DSA_STAGES
 from dsjax.model.transformer import (
-    REMAT_POLICIES,
     ModelOutput,
     Transformer,
     cheap_compile_options,
     head_kernel,
 )
+from dsjax.run_config import RunConfig, TrainOptions
 
 
 class TrainingError(RuntimeError):
@@ -53,180 +50,32 @@ class TrainState:
 
 
 # ----------------------------------------------------------------------------- config
-def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    """The ModelConfig of a run: `config.model` plus the remat policy from `config.train`."""
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    model = dict(config.model)
-    unknown = sorted(set(model) - fields)
-    if unknown:
-        raise ValueError(f"config.model has unknown field(s) {unknown}")
-    model["remat"] = config.train.remat
-    if "dsa_stage" in config.train:  # the DSA indexer's training stage (MLA sees it)
-        model["dsa_stage"] = config.train.dsa_stage
-    return ModelConfig(**model)
+def model_config(config: ml_collections.ConfigDict | RunConfig) -> ModelConfig:
+    """The ModelConfig of a run (its ConfigDict or RunConfig), through `dsjax.run_config`:
+    `config.model` plus the remat policy and DSA stage from `config.train`."""
+    return run_config.parse(config).model
 
 
-_REMAT_POLICIES = ("none", *REMAT_POLICIES)  # model.REMAT_POLICIES: the one list
-# (group, field, kind, rule): kind "int" or "float"; rule a (text, predicate) pair.
-_AT_LEAST_1 = ("must be >= 1", lambda v: v >= 1)
-_AT_LEAST_0 = ("must be >= 0", lambda v: v >= 0)
-_POSITIVE = ("must be > 0", lambda v: v > 0)
-_FRACTION = ("must be in [0, 1)", lambda v: 0 <= v < 1)
-_UNIT = ("must be in [0, 1]", lambda v: 0 <= v <= 1)
-_CONFIG_RULES = (
-    ("train", "steps", "int", _AT_LEAST_1),
-    ("train", "batch_size", "int", _AT_LEAST_1),
-    ("train", "grad_accum", "int", _AT_LEAST_1),
-    ("train", "log_every", "int", _AT_LEAST_1),
-    ("train", "eval_every", "int", _AT_LEAST_1),
-    ("train", "eval_batches", "int", _AT_LEAST_1),
-    ("train", "sample_tokens", "int", _AT_LEAST_0),
-    ("train", "ce_chunk", "int", _AT_LEAST_0),
-    ("train", "microbatches", "int", _AT_LEAST_0),
-    ("train", "mtp_weight", "float", _AT_LEAST_0),
-    ("train", "balance_loss_weight", "float", _AT_LEAST_0),
-    ("train", "bias_update_rate", "float", _AT_LEAST_0),
-    ("train", "indexer_loss_weight", "float", _AT_LEAST_0),
-    ("train", "sample_temperature", "float", _AT_LEAST_0),
-    ("optim", "lr", "float", _AT_LEAST_0),
-    ("optim", "min_lr_ratio", "float", _UNIT),
-    ("optim", "warmup_steps", "int", _AT_LEAST_0),
-    ("optim", "weight_decay", "float", _AT_LEAST_0),
-    ("optim", "clip_norm", "float", _POSITIVE),
-    ("optim", "b1", "float", _FRACTION),
-    ("optim", "b2", "float", _FRACTION),
-    ("data", "seq_len", "int", _AT_LEAST_1),
-    ("data", "eval_fraction", "float", _FRACTION),
-    ("data", "tokenizer_train_bytes", "int", _AT_LEAST_1),
-    ("data", "max_documents", "int", _AT_LEAST_0),
-    ("checkpoint", "every", "int", _AT_LEAST_1),
-    ("checkpoint", "keep", "int", _AT_LEAST_1),
-)
+def validate_config(config: ml_collections.ConfigDict | RunConfig, mesh) -> RunConfig:
+    """The validated RunConfig; raises ValueError naming the field and its rule for a run that
+    cannot work. With a `mesh` (None skips them) also the rules that involve the device layout."""
+    run = run_config.parse(config)
+    if mesh is not None:
+        run_config.check_mesh(run, mesh)
+    return run
 
 
-def _check_field(config, group: str, name: str, kind: str, rule) -> None:
-    """One `config.<group>.<name>` against its rule (absent optional fields pass)."""
-    section = config.get(group)
-    if section is None or name not in section:
-        return
-    value, (text, ok) = section[name], rule
-    field = f"config.{group}.{name}={value!r}"
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    if kind == "int" and not is_int:
-        raise ValueError(f"{field} must be an integer")
-    if kind == "float" and not (is_int or isinstance(value, float)):
-        raise ValueError(f"{field} must be a number")
-    if kind == "float" and not math.isfinite(value):
-        raise ValueError(f"{field} must be finite")
-    if not ok(value):
-        raise ValueError(f"{field} {text}")
+def train_options(config: ml_collections.ConfigDict | RunConfig | TrainOptions) -> TrainOptions:
+    """The typed `config.train` that the jitted step reads."""
+    if isinstance(config, TrainOptions):
+        return config
+    return run_config.parse(config).train
 
 
-def validate_config(config: ml_collections.ConfigDict, mesh) -> None:
-    """Raises ValueError naming the field and its rule for a run that cannot work.
-
-    Every numeric field with a rule is checked (types, ranges, finiteness); with a `mesh`
-    (None skips them) also the rules that involve the device layout.
-    """
-    if not isinstance(config.get("seed"), int) or isinstance(config.get("seed"), bool):
-        raise ValueError(f"config.seed={config.get('seed')!r} must be an integer")
-    for group, name, kind, rule in _CONFIG_RULES:
-        _check_field(config, group, name, kind, rule)
-    t = config.train
-    if t.get("remat", "full") not in _REMAT_POLICIES:
-        raise ValueError(f"config.train.remat={t.remat!r} must be one of {_REMAT_POLICIES}")
-    if t.get("dsa_stage", "off") not in DSA_STAGES:
-        raise ValueError(f"config.train.dsa_stage={t.dsa_stage!r} must be one of {DSA_STAGES}")
-    moment = config.optim.get("moment_dtype")
-    if moment is not None and moment not in ("float32", "bfloat16"):
-        raise ValueError(f"config.optim.moment_dtype={moment!r} must be 'float32' or 'bfloat16'")
-    offload = config.optim.get("host_offload", False)
-    if not isinstance(offload, bool):
-        raise ValueError(f"config.optim.host_offload={offload!r} must be True or False")
-    for key in ("stage", "data", "fsdp", "expert", "context", "tensor"):
-        size = config.mesh.get(key, 1)
-        if not isinstance(size, int) or isinstance(size, bool) or size == 0 or size < -1:
-            raise ValueError(f"config.mesh.{key}={size!r}: must be a positive size or -1")
-    try:
-        cfg = model_config(config)
-    except TypeError as e:
-        raise ValueError(f"config.model: {e}") from None
-    if config.mesh.get("context", 1) > 1:
-        if config.mesh.get("context") == -1:
-            raise ValueError("config.mesh.context=-1: give the context axis an explicit size")
-        check_context_parallel(cfg, config.data.seq_len, config.mesh.context)
-    _check_pipeline_config(config, cfg)
-    if config.data.seq_len > cfg.max_position_embeddings:
-        raise ValueError(
-            f"config.data.seq_len={config.data.seq_len} exceeds "
-            f"config.model.max_position_embeddings={cfg.max_position_embeddings}"
-        )
-    if mesh is None:
-        return
-    if offload or t.get("remat") == "offload":
-        _check_host_memory(mesh, "config.optim.host_offload" if offload else "config.train.remat")
-    shards = sharding.batch_shards(mesh)
-    if t.batch_size % (t.grad_accum * shards):
-        raise ValueError(
-            f"config.train.batch_size={t.batch_size} must divide into grad_accum={t.grad_accum} "
-            f"micro-batches across {shards} data shards (mesh data x fsdp x expert)"
-        )
-    stages = mesh.shape.get("stage", 1)
-    if stages > 1:
-        micro = pipeline_settings(t, stages)[1]
-        if t.batch_size % (t.grad_accum * micro * shards):
-            raise ValueError(
-                f"config.train.batch_size={t.batch_size} must divide into grad_accum="
-                f"{t.grad_accum} x microbatches={micro} pipeline micro-batches across {shards} "
-                "data shards (mesh data x fsdp x expert)"
-            )
-    if t.batch_size % jax.process_count():
-        raise ValueError(
-            f"config.train.batch_size={t.batch_size} must divide by the "
-            f"{jax.process_count()} processes"
-        )
-    if cfg.n_routed_experts and cfg.n_routed_experts % mesh.shape["expert"]:
-        raise ValueError(
-            f"config.model.n_routed_experts={cfg.n_routed_experts} must divide by "
-            f"config.mesh.expert={mesh.shape['expert']}"
-        )
-
-
-def _check_pipeline_config(config, cfg: ModelConfig) -> None:
-    """The pipeline's rules (mesh.stage > 1): a known schedule, an even split of the MoE layers,
-    no context parallelism (its permuted layout is not pipelined)."""
-    from dsjax.train.pipeline import check_pipeline
-    from dsjax.train.pipeline_schedule import SCHEDULES
-
-    t, stages = config.train, config.mesh.get("stage", 1)
-    name = t.get("pipeline_schedule", "1f1b")
-    if name not in SCHEDULES:
-        raise ValueError(f"config.train.pipeline_schedule={name!r} must be one of {SCHEDULES}")
-    if stages == 1:
-        return
-    if stages == -1:
-        raise ValueError("config.mesh.stage=-1: give the stage axis an explicit size")
-    if config.mesh.get("context", 1) != 1:
-        raise ValueError("config.mesh.context > 1 with config.mesh.stage > 1: not supported")
-    check_pipeline(cfg, stages, *pipeline_settings(t, stages))
-
-
-def _check_host_memory(mesh, field: str) -> None:
-    device = mesh.devices.flat[0]
-    try:
-        kinds = {m.kind for m in device.addressable_memories()}
-    except Exception:  # noqa: BLE001 - abstract (AOT) devices: the compiler decides
-        return
-    if "pinned_host" not in kinds:
-        raise ValueError(
-            f"{field}: {device.platform} devices have no pinned host memory to offload to "
-            f"(memories: {sorted(kinds)})"
-        )
-
-
-def make_optimizer(config: ml_collections.ConfigDict):
+def make_optimizer(config: ml_collections.ConfigDict | RunConfig):
     """AdamW (no decay on norm scales), warm-up then cosine, global-norm clipping."""
-    o, steps = config.optim, config.train.steps
+    run = run_config.parse(config)
+    o, steps = run.optim, run.train.steps
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=o.lr,
@@ -235,7 +84,7 @@ def make_optimizer(config: ml_collections.ConfigDict):
         end_value=o.lr * o.min_lr_ratio,
     )
 
-    stage = config.train.get("dsa_stage", "off")
+    stage = run.train.dsa_stage
 
     def decay_mask(params):  # not norm scales, nor what no gradient trains (see _decays)
         return jax.tree_util.tree_map_with_path(
@@ -243,7 +92,7 @@ def make_optimizer(config: ml_collections.ConfigDict):
             params,
         )
 
-    moment_dtype = o.get("moment_dtype", "float32")
+    moment_dtype = o.moment_dtype
     if moment_dtype == "float32":
         adamw = optax.adamw(
             schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask
@@ -420,7 +269,7 @@ def mtp_weights(batch, k: int):
     return jnp.pad(w[:, k:] * w[:, :-k] * same, ((0, 0), (0, k)))
 
 
-def loss_fn(params, moe_bias, batch, *, model: Transformer, train_cfg):
+def loss_fn(params, moe_bias, batch, *, model: Transformer, train_cfg: TrainOptions):
     # The head is applied in `output_loss`, fused with the cross-entropy.
     out: ModelOutput = model.apply(
         {"params": params, "moe_bias": moe_bias},
@@ -433,11 +282,11 @@ def loss_fn(params, moe_bias, batch, *, model: Transformer, train_cfg):
     return output_loss(out, params, batch, cfg=model.cfg, train_cfg=train_cfg)
 
 
-def output_loss(out: ModelOutput, params, batch, *, cfg: ModelConfig, train_cfg):
+def output_loss(out: ModelOutput, params, batch, *, cfg: ModelConfig, train_cfg: TrainOptions):
     """(loss, aux) of a model output taken with `logits=False`: the head fused with the chunked
     cross-entropy, MTP, balance and indexer losses (the part of `loss_fn` after the model)."""
     # ce_chunk 0: the whole sequence at once.
-    chunk = int(train_cfg.get("ce_chunk", 0) or 0) or batch["inputs"].shape[1]
+    chunk = train_cfg.ce_chunk or batch["inputs"].shape[1]
     kernel = head_kernel(cfg, params).astype(jnp.dtype(cfg.dtype))
     # Gathered whole along D (FSDP) for the cross-entropy chunks: left to itself, XLA may instead
     # move every chip's tokens to the chips holding a D slice of the head and materialise the
@@ -475,7 +324,7 @@ def output_loss(out: ModelOutput, params, batch, *, cfg: ModelConfig, train_cfg)
         if cfg.dsa_stage == "warmup":  # main model frozen: no backward pass through it
             loss = jax.lax.stop_gradient(loss)
         aux["indexer_kl"] = out.indexer_kl
-        loss = loss + train_cfg.get("indexer_loss_weight", 1.0) * out.indexer_kl
+        loss = loss + train_cfg.indexer_loss_weight * out.indexer_kl
     return loss, aux
 
 
@@ -520,7 +369,7 @@ def prepare_batch(batch, model):
     return to_context_layout(batch, C, model.cfg.num_mtp_layers, mtp_weights)
 
 
-def train_step(state: TrainState, batch, *, model, tx, schedule, train_cfg):
+def train_step(state: TrainState, batch, *, model, tx, schedule, train_cfg: TrainOptions):
     """One optimizer step over `grad_accum` micro-batches, then the routing-bias update.
 
     Under a mesh whose `stage` axis is > 1 each accumulation micro-batch is itself pipelined
@@ -594,7 +443,7 @@ def _pipelined_grads(params, moe_bias, mb, *, model, train_cfg):
     """`_grads` through the pipeline over `stage` (means over its micro-batches)."""
     from dsjax.train.pipeline import pipeline_grads
 
-    schedule, microbatches = pipeline_settings(train_cfg, pipeline_stages())
+    schedule, microbatches = run_config.pipeline_settings(train_cfg, pipeline_stages())
     _, grads, metrics, counts = pipeline_grads(
         params, moe_bias, mb, model=model, train_cfg=train_cfg,
         schedule=schedule, microbatches=microbatches,
@@ -607,11 +456,31 @@ def _pipelined_grads(params, moe_bias, mb, *, model, train_cfg):
     )
 
 
-def pipeline_settings(train_cfg, stages: int) -> tuple[str, int]:
-    """(schedule, micro-batches) of `config.train`; microbatches 0 means 2 x stages."""
-    schedule = train_cfg.get("pipeline_schedule", "1f1b")
-    microbatches = int(train_cfg.get("microbatches", 0) or 0) or 2 * stages
-    return schedule, microbatches
+def jit_train_step(
+    model: Transformer,
+    tx,
+    schedule,
+    config: ml_collections.ConfigDict | RunConfig | TrainOptions,
+    *,
+    shardings=None,
+    mesh=None,
+    donate: bool = True,
+):
+    """The jitted `train_step` (the one place it is built): `(state, batch) -> (state, metrics)`
+    with the state donated. With `shardings` (the state's, from `state_shardings`) and `mesh`,
+    the batch is split over the mesh's batch axes and the metrics come back replicated."""
+    fn = functools.partial(
+        train_step, model=model, tx=tx, schedule=schedule, train_cfg=train_options(config)
+    )
+    donate_argnums = (0,) if donate else ()
+    if shardings is None:
+        return jax.jit(fn, donate_argnums=donate_argnums)
+    return jax.jit(
+        fn,
+        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=donate_argnums,
+    )
 
 
 def to_device(tree):
