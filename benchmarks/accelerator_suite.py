@@ -323,10 +323,7 @@ def train_row(recipe: str, s: dict, device: dict, keep: dict) -> dict[str, Any]:
         "weights": np.ones((B, T), np.float32),
     }
     batch = jax.tree.map(jnp.asarray, batch)
-    step = jax.jit(
-        functools.partial(ts.train_step, model=model, tx=tx, schedule=schedule, train_cfg=c.train),
-        donate_argnums=0,
-    )
+    step = ts.jit_train_step(model, tx, schedule, c)
     holder = {"state": state}
     del state
 

@@ -15,7 +15,7 @@ type and the rule are checked by `parse`, and unknown keys are refused with the 
 A model field is a field of `ModelConfig` (dsjax/model/config.py) and needs nothing here.
 
 One source of truth: `remat` and `dsa_stage` are ModelConfig fields (the modules read them)
-whose value comes from `config.train`; setting them under `config.model` is an error.
+whose value comes from `config.train`; a different value under `config.model` is an error.
 """
 
 from __future__ import annotations
@@ -349,8 +349,16 @@ def model_from_dict(model: Mapping[str, Any], **from_train: Any) -> ModelConfig:
     hints = typing.get_type_hints(ModelConfig)
     kw = {}
     for key, value in dict(model).items():
-        if key not in hints or (key in FROM_TRAIN and from_train):
+        if key not in hints:
             raise ValueError(unknown_key_message(f"model.{key}"))
+        if key in from_train:  # the same value in both places is no conflict
+            if value != from_train[key]:
+                raise ValueError(
+                    f"config.model.{key}={value!r} conflicts with config.train.{key}="
+                    f"{from_train[key]!r}: set it under config.train only (the one source of "
+                    "truth; it is passed on to the model)"
+                )
+            continue
         kw[key] = _check_value(f"config.model.{key}", value, hints[key], None)
     try:
         return ModelConfig(**kw, **from_train)

@@ -105,12 +105,17 @@ def test_remat_in_the_model_group_is_an_error_not_silently_overwritten():
     # Before: config.model.remat = "none" in a file was replaced by config.train.remat ("full").
     c = tiny.get_config()
     c.model.remat = "none"
-    assert _error(c).startswith("config.model.remat: set config.train.remat instead")
+    assert _error(c).startswith(
+        "config.model.remat='none' conflicts with config.train.remat='full': set it under "
+        "config.train only"
+    )
     c = tiny.get_config()
     c.model.dsa_stage = "warmup"
-    assert _error(c).startswith("config.model.dsa_stage: set config.train.dsa_stage instead")
+    assert _error(c).startswith("config.model.dsa_stage='warmup' conflicts with config.train")
     c = tiny.get_config()
     c.train.remat = "none"
+    assert parse(c).model.remat == "none"
+    c.model.remat = "none"  # e.g. config.model = asdict(cfg): the same value is no conflict
     assert parse(c).model.remat == "none"
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import tiny
 from dsjax.checkpoints.orbax_io import Checkpointer, load_for_inference
@@ -267,7 +268,9 @@ def test_sharded_training_equals_single_device(mesh_run):
     ref, _ = _run_steps(config, single, batches)
     np.testing.assert_allclose(got, ref, rtol=1e-5)
     experts = state.params["moe_layers"]["moe"]["experts"]["gate"]  # [L, E, D, F]
-    assert experts.sharding.spec[1] == "expert" and experts.sharding.spec[2] == "fsdp"
+    mesh = mesh_run[2]
+    want = NamedSharding(mesh, PartitionSpec(None, "expert", "fsdp"))  # (fsdp, context=1) too
+    assert experts.sharding.is_equivalent_to(want, experts.ndim), experts.sharding.spec
     shard_shape = experts.addressable_shards[0].data.shape
     assert shard_shape[1] == cfg.n_routed_experts // 2 and shard_shape[2] == cfg.hidden_size // 2
     emb = state.params["embed"]["embedding"]
