@@ -444,9 +444,21 @@ def _check_pipeline(run: RunConfig) -> None:
         raise ValueError("config.mesh.stage=-1: give the stage axis an explicit size")
     if run.mesh.context != 1:
         raise ValueError("config.mesh.context > 1 with config.mesh.stage > 1: not supported")
+    layers = run.model.num_moe_layers
+    if stages > max(layers, 1):  # before building a schedule table of that size
+        raise ValueError(
+            f"config.mesh.stage={stages} exceeds the model's {layers} MoE layers (one per stage "
+            "at least)"
+        )
+    schedule, micro = pipeline_settings(run.train, stages)
+    if micro > run.train.batch_size:
+        raise ValueError(
+            f"config.train.microbatches={micro} exceeds config.train.batch_size="
+            f"{run.train.batch_size} (a micro-batch holds at least one sequence)"
+        )
     from dsjax.train.pipeline import check_pipeline  # noqa: PLC0415
 
-    check_pipeline(run.model, stages, *pipeline_settings(run.train, stages))
+    check_pipeline(run.model, stages, schedule, micro)
 
 
 def check_mesh(run: RunConfig, mesh: Any) -> None:

@@ -177,7 +177,7 @@ def test_mesh_that_does_not_fit_the_devices_names_config_mesh():
     run = parse(c)
     with pytest.raises(ValueError) as err:
         run_config.make_mesh(run)
-    assert str(err.value).startswith("config.mesh {'data': 3,")
+    assert str(err.value).startswith("config.mesh {'stage': 1, 'data': 3,")
     assert f"!= {jax.device_count()} devices" in str(err.value)
     c.mesh.data, c.mesh.fsdp, c.mesh.expert = -1, 1, 16  # tiny has 8 experts, 8 devices
     with pytest.raises(ValueError, match="config.mesh"):
@@ -208,3 +208,15 @@ def test_base_config_is_built_from_the_declared_options():
     base = get_base_config()
     for name, cls in run_config.SECTIONS.items():
         assert dict(base[name]) == dataclasses.asdict(cls()), name
+
+
+def test_pipeline_sizes_are_checked_before_building_a_schedule():
+    # A huge stage or micro-batch count once built a tick table of that size (out of memory).
+    c = tiny.get_config()
+    c.mesh.stage, c.mesh.data = 10**30, 1
+    assert _error(c).startswith("config.mesh.stage=1000000000000000000000000000000 exceeds the")
+    c = tiny.get_config()
+    c.mesh.stage, c.train.microbatches = 2, 10**30
+    assert _error(c).startswith("config.train.microbatches=1000000000000000000000000000000 exceeds")
+    c.train.microbatches, c.train.pipeline_schedule = 4, "zigzag"
+    assert _error(c).startswith("config.train.pipeline_schedule='zigzag' must be one of")
