@@ -15,7 +15,6 @@ over gathering their weights), 4 MoE layers, bf16, reference attention (see RESU
 from __future__ import annotations
 
 import argparse
-import functools
 import re
 import sys
 import time
@@ -46,10 +45,8 @@ def compile_step(schedule: str, topology: str) -> str:
     abstract, shardings = ts.state_shardings(model, tx, mesh, c.data.seq_len)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        step = jax.jit(
-            functools.partial(ts.train_step, model=model, tx=tx, schedule=lr, train_cfg=c.train),
-            in_shardings=(shardings, sharding.batch_sharding(mesh)),
-            out_shardings=(shardings, sharding.replicated(mesh)),
+        step = ts.jit_train_step(
+            model, tx, lr, c, shardings=shardings, mesh=mesh, donate=False
         )
         batch = planner._batch_abstract(mesh, c.train.batch_size, c.data.seq_len)
         text = step.lower(abstract, batch).compile().as_text()

@@ -13,7 +13,6 @@ recompute, the transfers), not a speed-up.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import time
@@ -62,10 +61,7 @@ def time_layout(mesh_sizes, schedule, a) -> tuple[float, float]:
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         state, _, shardings = ts.create_sharded_state(jax.random.key(0), model, tx, mesh, a.seq)
         batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-        step = jax.jit(
-            functools.partial(ts.train_step, model=model, tx=tx, schedule=lr, train_cfg=c.train),
-            donate_argnums=0,
-        )
+        step = ts.jit_train_step(model, tx, lr, c)
         t0 = time.perf_counter()
         compiled = step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
