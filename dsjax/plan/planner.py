@@ -442,7 +442,7 @@ def plan_train(config: ml_collections.ConfigDict, target: Target) -> dict:
     report.update(batch=batch, seq_len=T, tokens_per_step=batch * T)
     stages = mesh.shape["stage"]
     if stages > 1:  # docs/spec.md §13: bubble, activation memory, stage-to-stage bytes
-        name, micro = ts.pipeline_settings(config.train, stages)
+        name, micro = run_config.pipeline_settings(run.train, stages)
         if batch % (sharding.batch_shards(mesh) * config.train.grad_accum * micro):
             raise PlanError(
                 f"config.train.batch_size={batch} must divide by grad_accum x microbatches="
