@@ -155,3 +155,30 @@ def test_checkpoint_restores_across_stage_counts(tmp_path):
         gate = restored.params["moe_layers"]["moe"]["experts"]["gate"]
         assert gate.addressable_shards[0].data.shape[0] == 8 // mesh.shape["stage"]
         state = restored
+
+
+def test_train_step_with_stages_and_grad_accum_matches_stage_1(setup):
+    """train_step under stage=2 (1F1B, 2 micro-batches inside each of 2 accumulation steps)
+    gives stage=1's grad_accum=4 step: loss, gradient norm and the routing-bias update."""
+    config, model, params, moe_bias, batch, _ = setup
+    config = config.copy_and_resolve_references()  # the fixture's stays as it is
+    tx, lr = ts.make_optimizer(config)
+    out = []
+    for sizes, accum in ((dict(data=4, expert=2), 4), (dict(stage=2, data=2, expert=2), 2)):
+        config.train.grad_accum, config.train.microbatches = accum, 2
+        mesh = sharding.make_mesh(**sizes)
+        state = ts.TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            moe_bias=moe_bias,
+            opt_state=tx.init(params),
+        )
+        step = functools.partial(
+            ts.train_step, model=model, tx=tx, schedule=lr, train_cfg=config.train
+        )
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+            out.append(jax.jit(step)(state, batch))
+    (a, ma), (b, mb) = out
+    for k in ("loss", "main_ce", "grad_norm", "tokens"):
+        np.testing.assert_allclose(mb[k], ma[k], rtol=1e-5, err_msg=k)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(y, x, atol=1e-7), a.moe_bias, b.moe_bias)
