@@ -28,6 +28,7 @@ Metrics per step go to `metrics.jsonl` / TensorBoard; `rewards.png` plots reward
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -62,7 +63,7 @@ from dsjax.rl.rewards import (
 )
 from dsjax.run_config import RunConfig
 from dsjax.train import metrics
-from dsjax.train.loop import prepare_workdir
+from dsjax.train.run import StopFlag, prepare_workdir, save_if_finite
 from dsjax.train.step import (
     TrainingError,
     create_sharded_state,
@@ -716,6 +717,7 @@ def grpo_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[s
         fns = jit_grpo_fns(model, tx, schedule, shardings, mesh, g, run.train)
         writer = metrics.MetricWriter(workdir, is_chief=chief, resume_step=start)
         last: dict[str, float] = {}
+        stop_ctx = contextlib.ExitStack()
         try:
             if start == 0:
                 first = evaluate(cfg, _variables(state), tok, task, run)
@@ -723,7 +725,9 @@ def grpo_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[s
                 log.info("step 0 (cold start): %s", _fmt(first))
                 last.update(cold_start_eval=first)
             step, t_mark = start, time.perf_counter()
-            while step < g.steps:
+            stop = StopFlag()  # SIGTERM / Ctrl-C: save at the next step, then return
+            stop_ctx.enter_context(stop.installed())
+            while step < g.steps and stop.reason is None:
                 state, m = grpo_step(state, fns, cfg, tok, task, run, step, loop["prompt_index"])
                 step += 1
                 loop["prompt_index"] += g.prompts
@@ -733,11 +737,13 @@ def grpo_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[s
                 writer.write(step, m)
                 if step % run.train.log_every == 0 or step == g.steps:
                     log.info("grpo %d/%d: %s", step, g.steps, _fmt(m))
-                if step % run.checkpoint.every == 0 or step == g.steps:
-                    _save(manager, step, state, loop, config)
+                if step % run.checkpoint.every == 0 or step == g.steps or stop.reason:
+                    save = functools.partial(_save, manager, step, state, loop, config)
+                    save_if_finite(step, state.params, save)
                 last = {**last, **m}
                 t_mark = time.perf_counter()
         finally:
+            stop_ctx.close()
             writer.close()
             manager.wait_until_finished()
             manager.close()

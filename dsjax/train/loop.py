@@ -22,9 +22,7 @@ import functools
 import itertools
 import json
 import logging
-import math
 import os
-import signal
 import time
 from typing import Any
 
@@ -40,6 +38,14 @@ from dsjax.model import sharding
 from dsjax.model.transformer import Transformer, count_params
 from dsjax.run_config import RunConfig
 from dsjax.train import data, metrics
+from dsjax.train.run import (
+    StopFlag,
+    check_finite,
+    last_good,
+    prepare_workdir,
+    save_if_finite,
+    write_config,
+)
 from dsjax.train.step import (
     TrainingError,
     create_sharded_state,
@@ -58,27 +64,6 @@ __all__ = [
     "prepare_workdir",
     "train_and_evaluate",
 ]
-
-
-class _StopFlag:
-    """Set by SIGTERM / the first Ctrl-C; the loop saves and exits at the next step."""
-
-    def __init__(self):
-        self.reason: str | None = None
-
-    def __call__(self, signum, frame):
-        if self.reason is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.reason = signal.Signals(signum).name
-
-    @contextlib.contextmanager
-    def installed(self):
-        previous = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
 
 
 def _global_batch(local: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
@@ -138,51 +123,6 @@ def sample_python_lines(sample: str) -> tuple[int, int]:
     if len(lines) > 1 and not lines[-1].endswith("\n"):
         lines = lines[:-1]
     return metrics.python_line_check("".join(lines))
-
-
-def prepare_workdir(workdir: str) -> str:
-    """Creates `workdir` if needed and checks it is a writable directory (ValueError if not)."""
-    workdir = os.path.abspath(workdir)
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise ValueError(f"--workdir {workdir} is a file, not a directory")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(
-            f"the work directory {workdir} is not writable: {e.strerror or e}"
-        ) from None
-    return workdir
-
-
-@jax.jit
-def _all_finite(params) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(params)]))
-
-
-def _check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict[str, float]]]:
-    """Fetches pending step metrics; raises on the first non-finite loss."""
-    fetched = jax.device_get(pending)
-    out = []
-    for step, m in fetched:
-        m = {k: float(v) for k, v in m.items()}
-        if not math.isfinite(m["loss"]):
-            raise TrainingError(f"loss is {m['loss']} at step {step}; stopping")
-        out.append((step, m))
-    return out
-
-
-def _last_good(ckpt: Checkpointer) -> str:
-    """Names the newest checkpoint that verifies, for the message of a stopped run."""
-    try:
-        ckpt.wait()
-    except Exception:  # noqa: BLE001  a failed pending save is reported by close()
-        pass
-    step = ckpt.newest_verified_step()
-    return "no checkpoint kept" if step is None else f"the last good checkpoint is step {step}"
 
 
 # Lines of the held-out prompt / continuations shown at the end of a run.
@@ -288,9 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mesh = run_config.make_mesh(run)
     cfg = run.model
     chief = jax.process_index() == 0
-    if chief:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    write_config(workdir, config)
     tokenizer = data.get_tokenizer(run, workdir)
     seq_len, steps = run.data.seq_len, run.train.steps
     model = Transformer(cfg)
@@ -339,7 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer = metrics.MetricWriter(workdir, is_chief=chief, resume_step=start)
         progress = metrics.Progress(steps, start_step=start) if chief else None
         flops_per_token = metrics.train_flops_per_token(cfg, seq_len)
-        stop = _StopFlag()
+        stop = StopFlag()
         pending: list[tuple[int, dict]] = []
         last: dict[str, float] = {}
         eval_loss = None
@@ -379,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     eval_now = step % run.train.eval_every == 0 or final
                     if not (log_now or save_now or eval_now or stop.reason):
                         continue
-                    done = _check_finite(pending)
+                    done = check_finite(pending)
                     pending = []
                     now = time.perf_counter()
                     tokens = sum(m["tokens"] for _, m in done)
@@ -398,15 +336,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     if progress:
                         progress.update(step, last)
                     if save_now or stop.reason:
-                        if not bool(_all_finite(state.params)):
-                            raise TrainingError(
-                                f"the parameters after step {step} are not finite; stopping "
-                                "without saving them"
-                            )
-                        ckpt.save(step, state, train_iter, config, force=True)
+                        save_if_finite(
+                            step,
+                            state.params,
+                            functools.partial(
+                                ckpt.save, step, state, train_iter, config, force=True
+                            ),
+                        )
                     t_mark = time.perf_counter()  # eval and checkpoint time is not step time
             except TrainingError as e:
-                raise TrainingError(f"{e} ({_last_good(ckpt)})") from None
+                raise TrainingError(f"{e} ({last_good(ckpt)})") from None
             finally:
                 if progress:
                     progress.close()
