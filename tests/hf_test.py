@@ -31,6 +31,7 @@ import dsjax.checkpoints.hf as hf
 import dsjax.checkpoints.hf_load as hf_load
 import dsjax.checkpoints.hf_save as hf_save
 from dsjax.checkpoints.hf import hf_tensor_table, load_hf_checkpoint, save_hf_checkpoint
+from dsjax.model import transformer
 from dsjax.model.config import ModelConfig
 
 try:  # tests/ is a plain directory (pytest puts it on sys.path) or, later, a package
@@ -96,8 +97,7 @@ def _apply_fn(cfg):
 
 
 def dsjax_outputs(cfg, variables, toks):
-    """The dsjax model's output (skips the calling test when dsjax.model.transformer is not there yet)."""
-    pytest.importorskip("dsjax.model.transformer")
+    """The dsjax model's output."""
     return _apply_fn(cfg)(variables, np.asarray(toks, np.int32))
 
 
@@ -211,7 +211,7 @@ def test_loaded_leaves_are_the_torch_weights(base):
 
 
 def test_tree_matches_model_init(mtp_checkpoint, tmp_path):
-    model_mod = pytest.importorskip("dsjax.model.transformer")
+    model_mod = transformer
     from flax import linen as nn
 
     cfg, v = load_hf_checkpoint(mtp_checkpoint[2])
