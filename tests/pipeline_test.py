@@ -174,7 +174,7 @@ def test_train_step_with_stages_and_grad_accum_matches_stage_1(setup):
             opt_state=tx.init(params),
         )
         step = functools.partial(
-            ts.train_step, model=model, tx=tx, schedule=lr, train_cfg=config.train
+            ts.train_step, model=model, tx=tx, schedule=lr, train_cfg=ts.train_options(config)
         )
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
             out.append(jax.jit(step)(state, batch))
