@@ -126,14 +126,23 @@ def dequantize_fp8(w8: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]
     return w
 
 
+def pow2_ceil(x: np.ndarray) -> np.ndarray:
+    """The smallest power of two >= x (x > 0), float32."""
+    m, e = np.frexp(np.asarray(x, np.float64))
+    return np.ldexp(1.0, np.where(m == 0.5, e - 1, e)).astype(np.float32)
+
+
 def quantize_fp8(
-    w: np.ndarray, block: tuple[int, int] = DEFAULT_BLOCK
+    w: np.ndarray, block: tuple[int, int] = DEFAULT_BLOCK, pow2: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Block-quantises `w` [..., rows, cols] to (float8_e4m3fn weights, float32 scale_inv).
 
     Per block: `s = max|block| / 448` (1 for an all-zero block), `W8 = round_e4m3(W / s)` in
     float32 (round to nearest even, clipped to ±448). scale_inv: [..., ceil(rows/b0),
     ceil(cols/b1)]. Non-finite weights raise ValueError (they have no FP8 encoding).
+    `pow2` (DeepSeek-V4's ue8m0 scales): `s = 2^ceil(log2(max|block| / 448))`, halved when the
+    block's max would round to 224, so that re-quantising a dequantised block gives back the
+    same bytes.
     """
     w = np.asarray(w, np.float32)
     if not np.all(np.isfinite(w)):
@@ -146,6 +155,13 @@ def quantize_fp8(
     tiles = padded.reshape(*lead, gr, b0, gc, b1)
     amax = np.abs(tiles).max(axis=(-3, -1))
     scale = np.where(amax > 0, amax / np.float32(FP8_MAX), np.float32(1)).astype(np.float32)
+    if pow2:
+        scale = pow2_ceil(scale)
+        # A block whose largest value rounds down to 224 would be re-quantised with half the
+        # scale after a dequantise: halve it now (its max then rounds to 448), so that
+        # quantise(dequantise(q)) == q.
+        top = (amax / scale).astype(FP8_DTYPE).astype(np.float32)
+        scale = np.where((amax > 0) & (top <= FP8_MAX / 2), scale / 2, scale).astype(np.float32)
     q = np.clip(tiles / scale[..., :, None, :, None], -FP8_MAX, FP8_MAX)
     w8 = q.reshape(*lead, gr * b0, gc * b1)[..., :rows, :cols].astype(FP8_DTYPE)
     return w8, scale

@@ -30,6 +30,7 @@ from dsjax.checkpoints.hf_table import (
     TensorEntry,
     hf_tensor_table,
 )
+from dsjax.checkpoints.safetensors_io import EXTRA_TO_NP
 from dsjax.checkpoints.safetensors_io import NP_TO_ST as _NP_TO_ST
 from dsjax.checkpoints.safetensors_io import ST_TO_NP as _ST_TO_NP
 from dsjax.model.config import DTYPES, ModelConfig
@@ -52,6 +53,9 @@ def _leaf_paths(node: Any, prefix: Path_ = ()) -> Iterator[Path_]:
             yield from _leaf_paths(v, (*prefix, str(k)))
     else:
         yield prefix
+
+
+_ALL_CODES = {**_ST_TO_NP, **EXTRA_TO_NP}
 
 
 class _HostSlices:
@@ -87,7 +91,7 @@ def _write_shard(
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for e in entries:
-        nbytes = math.prod(e.shape) * _ST_TO_NP[codes[e.key]].itemsize
+        nbytes = math.prod(e.shape) * _ALL_CODES[codes[e.key]].itemsize
         header[e.key] = {
             "dtype": codes[e.key],
             "shape": list(e.shape),
@@ -100,7 +104,7 @@ def _write_shard(
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for e in entries:
-            arr = np.ascontiguousarray(fetch(e), dtype=_ST_TO_NP[codes[e.key]])
+            arr = np.ascontiguousarray(fetch(e), dtype=_ALL_CODES[codes[e.key]])
             if arr.shape != e.shape:
                 raise ValueError(f"{e.key}: tensor has shape {arr.shape}, expected {e.shape}")
             f.write(arr.reshape(-1).view(np.uint8).data)
@@ -116,7 +120,7 @@ def _plan_shards(
     shards: list[list[TensorEntry]] = [[]]
     size = 0
     for e in entries:
-        nbytes = math.prod(e.shape) * _ST_TO_NP[codes[e.key]].itemsize
+        nbytes = math.prod(e.shape) * _ALL_CODES[codes[e.key]].itemsize
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -152,6 +156,7 @@ def save_hf_checkpoint(
     max_shard_bytes: int = 4 << 30,
     dtype: Any = None,
     fp8: bool = False,
+    fp4_experts: bool = False,
 ) -> None:
     """Writes `variables` as a Hugging Face checkpoint directory loadable by transformers.
 
@@ -170,9 +175,22 @@ def save_hf_checkpoint(
 
     The files are written to a temporary directory beside `path` and renamed into place at
     the end: a failed save leaves an existing checkpoint at `path` untouched.
+
+    DeepSeek-V4 (`cfg.arch == "v4"`): the official release naming and layout (`hf_v4.py`);
+    fp8=True writes FP8 with power-of-two 128x128 scales where the release has FP8, and
+    `fp4_experts=True` the routed experts in FP4 (1x32 power-of-two scales).
     """
     path = Path(path)
     variables = meta.unbox(variables)  # tolerate nn.Partitioned-boxed leaves straight from init
+    if cfg.is_v4:
+        from dsjax.checkpoints.hf_v4 import save_v4
+
+        return save_v4(
+            path, cfg, variables, max_shard_bytes=max_shard_bytes, dtype=dtype, fp8=fp8,
+            fp4_experts=fp4_experts,
+        )  # fmt: skip
+    if fp4_experts:
+        raise ValueError("fp4_experts=True is DeepSeek-V4's layout (cfg.arch == 'v4')")
     out_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
     table = hf_tensor_table(cfg)
 

@@ -31,10 +31,19 @@ ST_TO_NP: dict[str, np.dtype] = {
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
 }
 NP_TO_ST: dict[np.dtype, str] = {v: k for k, v in ST_TO_NP.items()}
+# Codes only DeepSeek-V4 checkpoints use (`read(..., extra=True)`): the hash-routing table
+# (I64 / I32), FP4 experts packed two per byte (I8) and power-of-two block scales (F8_E8M0).
+EXTRA_TO_NP: dict[str, np.dtype] = {
+    "I8": np.dtype(np.int8),
+    "I32": np.dtype(np.int32),
+    "I64": np.dtype(np.int64),
+    "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
+}
+NP_TO_EXTRA: dict[np.dtype, str] = {v: k for k, v in EXTRA_TO_NP.items()}
 # Byte width of every code the format defines: offsets are checked even for unsupported dtypes.
 _ITEMSIZE = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
-    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+    "BF16": 2, "F8_E8M0": 1, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
 }  # fmt: skip
 MAX_JSON_BYTES = 64 << 20  # config.json / index.json larger than this are not checkpoints
 
@@ -131,15 +140,15 @@ class SafetensorsFile:
         begin, end = self.tensors[name]["data_offsets"]
         return end - begin
 
-    def read(self, name: str) -> np.ndarray:
-        """A read-only view of tensor `name` backed by the memory map (no copy)."""
+    def read(self, name: str, extra: bool = False) -> np.ndarray:
+        """A read-only view of tensor `name` backed by the memory map (no copy); `extra` also
+        accepts the `EXTRA_TO_NP` codes."""
         info = self.tensors[name]
         code = info["dtype"]
-        if code not in ST_TO_NP:
-            raise ValueError(
-                f"{name} in {self.path} has dtype {code}; supported: {sorted(ST_TO_NP)}"
-            )
-        dtype = ST_TO_NP[code]
+        codes = {**ST_TO_NP, **EXTRA_TO_NP} if extra else ST_TO_NP
+        if code not in codes:
+            raise ValueError(f"{name} in {self.path} has dtype {code}; supported: {sorted(codes)}")
+        dtype = codes[code]
         shape = tuple(info["shape"])
         begin, end = info["data_offsets"]
         if end == begin:

@@ -11,13 +11,22 @@ import dataclasses
 import math
 from typing import Any
 
-SCORING_FUNCS = ("sigmoid", "softmax")
+SCORING_FUNCS = ("sigmoid", "softmax", "sqrtsoftplus")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 REMAT_POLICIES = ("none", "full", "offload", "dots", "dots_no_batch", "save_attn", "save_attn_ffn")
 ATTENTION_IMPLS = ("auto", "reference", "chunked", "cudnn", "splash")
 MOE_IMPLS = ("auto", "ragged_dot", "tiled")
 DTYPES = ("float32", "bfloat16", "float16")
-SUPPORTED_HF_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2", "deepseek_v32")
+SUPPORTED_HF_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2", "deepseek_v32", "deepseek_v4")
+ARCHS = ("v3", "v4")
+# DeepSeek-V4 attention layer types (HF `layer_types`): sliding window only, compressed sparse
+# (CSA: 4:1 overlapping compression + lightning indexer top-k), heavily compressed (HCA: 128:1).
+SLIDING, CSA, HCA = (
+    "sliding_attention",
+    "compressed_sparse_attention",
+    "heavily_compressed_attention",
+)
+V4_LAYER_TYPES = (SLIDING, CSA, HCA)
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -99,8 +108,32 @@ class ModelConfig:
     # Training stage of the indexer (not part of the HF format; set from config.train.dsa_stage):
     # "off" | "warmup" (dense attention, indexer KL over all keys) | "sparse" (KL over top-k).
     dsa_stage: str = "off"
+    # DeepSeek-V4 (HF deepseek_v4, docs/spec.md §12), used when arch == "v4": shared key=value attention
+    # of head_dim (RoPE on its last qk_rope_head_dim dims), per-head sinks, grouped low-rank
+    # output (o_groups x o_lora_rank), a sliding window in every layer plus per-layer compressed
+    # branches (`layer_types`: CSA at compress_rate_csa with the lightning indexer's index_topk /
+    # index_n_heads / index_head_dim, HCA at compress_rate_hca), compressed layers' RoPE at
+    # compress_rope_theta with the YaRN fields above (main RoPE: rope_theta, no YaRN), mHC
+    # residual streams (hc_mult, Sinkhorn iterations, eps), MoE in every layer with the first
+    # num_hash_layers routed by a token-id table, and SwiGLU clamped at swiglu_limit (0 = none).
+    arch: str = "v3"
+    head_dim: int = 512
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    sliding_window: int = 128
+    layer_types: tuple[str, ...] = ()
+    compress_rate_csa: int = 4
+    compress_rate_hca: int = 128
+    compress_rope_theta: float = 160000.0
+    num_hash_layers: int = 0
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    swiglu_limit: float = 0.0
 
     def __post_init__(self):
+        if not isinstance(self.layer_types, tuple):  # lists from JSON / ml_collections
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -171,8 +204,8 @@ class ModelConfig:
                     f"exceeds the experts in the kept groups (topk_group*experts_per_group="
                     f"{self.topk_group * per_group})",
                 )
-            if self.topk_method == "noaux_tc" and self.scoring_func != "sigmoid":
-                fail("topk_method", "noaux_tc requires scoring_func='sigmoid'")
+            if self.topk_method == "noaux_tc" and self.scoring_func == "softmax":
+                fail("topk_method", "noaux_tc requires scoring_func 'sigmoid' or 'sqrtsoftplus'")
         if self.rope_factor is not None:
             if self.rope_factor <= 0:
                 fail("rope_factor", "must be positive")
@@ -206,7 +239,11 @@ class ModelConfig:
             fail("dsa_stage", "must be one of ('off', 'warmup', 'sparse')")
         if self.dsa_stage != "off" and not self.index_topk:
             fail("dsa_stage", "trains the DSA lightning indexer: needs index_topk > 0")
-        if self.index_topk:
+        if self.arch not in ARCHS:
+            fail("arch", f"must be one of {ARCHS}")
+        if self.arch == "v4":
+            self._validate_v4(fail, is_int)
+        elif self.index_topk:
             if not self.q_lora_rank:
                 fail("q_lora_rank", "DeepSeek Sparse Attention (index_topk > 0) needs q LoRA")
             if not is_int(self.index_n_heads) or self.index_n_heads <= 0:
@@ -218,7 +255,45 @@ class ModelConfig:
                     "(RoPE rotates its first qk_rope_head_dim dims)",
                 )
 
+    def _validate_v4(self, fail, is_int) -> None:
+        """DeepSeek-V4's own rules (see the field comments)."""
+        for name in (
+            "head_dim", "o_groups", "o_lora_rank", "sliding_window", "compress_rate_csa",
+            "compress_rate_hca", "hc_mult", "hc_sinkhorn_iters", "q_lora_rank",
+            "n_routed_experts", "index_n_heads", "index_head_dim", "index_topk",
+        ):  # fmt: skip
+            if not is_int(getattr(self, name)) or getattr(self, name) <= 0:
+                fail(name, "must be a positive integer for arch='v4'")
+        if self.first_k_dense_replace:
+            fail("first_k_dense_replace", "must be 0 for arch='v4' (every layer is MoE)")
+        if len(self.layer_types) != self.num_hidden_layers:
+            fail("layer_types", f"needs one entry per layer ({self.num_hidden_layers})")
+        bad = [t for t in self.layer_types if t not in V4_LAYER_TYPES]
+        if bad:
+            fail("layer_types", f"entries must be in {V4_LAYER_TYPES}; got {bad[0]!r}")
+        if self.qk_rope_head_dim > min(self.head_dim, self.index_head_dim):
+            fail("qk_rope_head_dim", "must not exceed head_dim nor index_head_dim")
+        if (self.num_attention_heads * self.head_dim) % self.o_groups:
+            fail("o_groups", "must divide num_attention_heads * head_dim")
+        if self.num_attention_heads % self.o_groups:
+            fail("o_groups", "must divide num_attention_heads (heads are grouped whole)")
+        if (
+            not is_int(self.num_hash_layers)
+            or not 0 <= self.num_hash_layers <= self.num_hidden_layers
+        ):
+            fail("num_hash_layers", f"must be in [0, num_hidden_layers={self.num_hidden_layers}]")
+        if self.n_group != 1:
+            fail("n_group", "must be 1 for arch='v4' (no group-limited routing)")
+        if self.swiglu_limit < 0:
+            fail("swiglu_limit", "must be >= 0 (0 = no clamp)")
+        if self.tie_word_embeddings:
+            fail("tie_word_embeddings", "is not supported for arch='v4'")
+
     # ------------------------------------------------------------------ derived
+    @property
+    def is_v4(self) -> bool:
+        return self.arch == "v4"
+
     @property
     def num_dense_layers(self) -> int:
         return self.num_hidden_layers if self.n_routed_experts == 0 else self.first_k_dense_replace
@@ -235,7 +310,7 @@ class ModelConfig:
     @property
     def use_dsa(self) -> bool:
         """DeepSeek Sparse Attention (a lightning indexer and top-k keys per query) is on."""
-        return self.index_topk > 0
+        return self.index_topk > 0 and not self.is_v4
 
     @property
     def qk_head_dim(self) -> int:
@@ -247,7 +322,10 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """`(d_n + d_r)^-0.5 * m^2`, m = YaRN mscale with mscale_all_dim (docs/spec.md §3)."""
+        """`(d_n + d_r)^-0.5 * m^2`, m = YaRN mscale with mscale_all_dim (docs/spec.md §3); V4:
+        head_dim^-0.5 (no YaRN magnitude correction anywhere, docs/spec.md §12)."""
+        if self.is_v4:
+            return self.head_dim**-0.5
         scale = self.qk_head_dim**-0.5
         if self.use_yarn and self.rope_mscale_all_dim:
             m = yarn_mscale(self.rope_factor, self.rope_mscale_all_dim)
@@ -257,7 +335,7 @@ class ModelConfig:
     @property
     def rope_cos_sin_scale(self) -> float:
         """HF's YaRN `attention_factor` applied to cos/sin (1.0 for every released config)."""
-        if not self.use_yarn:
+        if not self.use_yarn or self.is_v4:
             return 1.0
         if self.rope_attention_factor is not None:
             return float(self.rope_attention_factor)
@@ -280,6 +358,10 @@ class ModelConfig:
                 f"config.json model_type={model_type!r} is not supported; "
                 f"expected one of {SUPPORTED_HF_TYPES}"
             )
+        if model_type == "deepseek_v4":
+            from dsjax.model.config_v4 import v4_fields_from_hf
+
+            return cls(**{**v4_fields_from_hf(hf), **overrides})
         required = (
             "vocab_size",
             "hidden_size",
@@ -359,7 +441,12 @@ class ModelConfig:
         return cls(**kw)
 
     def to_hf(self) -> dict[str, Any]:
-        """A Hugging Face deepseek_v3 config.json dict (current `rope_parameters` dialect)."""
+        """A Hugging Face config.json dict (current `rope_parameters` dialect): deepseek_v4 for
+        arch "v4", else deepseek_v3 / deepseek_v2 / deepseek_v32."""
+        if self.is_v4:
+            from dsjax.model.config_v4 import v4_to_hf
+
+            return v4_to_hf(self)
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.use_yarn:
             rope.update(

@@ -78,6 +78,15 @@ RULE_TABLE: tuple[tuple, ...] = (
     ("kv_lora", ("fsdp", "context")),
     ("kv_lora", "fsdp"),
     ("head_dim", None),
+    # DeepSeek-V4: the grouped output projection's input (one group of heads' outputs) shards
+    # like the q latent; the mHC streams and their small mixing weights stay whole.
+    ("o_in", None, "decode"),
+    ("o_in", ("fsdp", "expert", "context")),
+    ("o_in", ("fsdp", "context")),
+    ("o_in", "fsdp"),
+    ("hc", None),
+    ("hc_in", None),
+    ("hc_mix", None),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("layers", None),

@@ -23,6 +23,7 @@ from dsjax.model.layers.mla import MLA
 from dsjax.model.layers.mlp import Linear, SwiGLU
 from dsjax.model.layers.moe import MoE
 from dsjax.model.layers.norms import RMSNorm
+from dsjax.model.v4_blocks import V4MTP, v4_layers
 
 # Names of the block outputs that the "save_*" policies keep for the backward pass (each one
 # [B,T,D] in the compute dtype per layer) instead of recomputing the sub-layer that made it, and
@@ -252,6 +253,10 @@ class Transformer(nn.Module):
             ),
         )
         self.final_norm = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed")
+        if cfg.is_v4:  # DeepSeek-V4: the mHC streams collapse before the final norm
+            from dsjax.model.layers.mhc import HyperHead
+
+            self.hc_head = HyperHead(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(
                 cfg.hidden_size,
@@ -303,6 +308,8 @@ class Transformer(nn.Module):
         positions_BT = positions_BT.astype(jnp.int32)
 
         x = self.lookup(tokens_BT)
+        if cfg.is_v4:
+            return self._v4(x, tokens_BT, positions_BT, segment_ids_BT, mode, run_mtp, logits)
         stats: dict[str, Any] = {}
         dense_stats: dict[str, Any] = {}
         if cfg.num_dense_layers:
@@ -351,6 +358,47 @@ class Transformer(nn.Module):
             mtp_head_input=None if want_logits or not mtp_inputs else tuple(mtp_inputs),
             indexer_kl=sum(indexer_kls) if indexer_kls else None,
         )
+
+    def _v4(self, x, tokens_BT, positions_BT, segment_ids_BT, mode, run_mtp, want_logits):
+        """DeepSeek-V4's body (`v4_blocks`): mHC streams through the layers, HyperHead, final
+        norm; MTP depth k sees the main streams (depth 1) or the previous depth's."""
+        cfg = self.cfg
+        if mode != "train":
+            raise ValueError(
+                f"mode={mode!r}: DeepSeek-V4 has only the full-sequence forward (mode='train') "
+                "so far; its decode caches are not implemented"
+            )
+        T = tokens_BT.shape[1]
+        streams, stats = v4_layers(cfg, mode, x, tokens_BT, positions_BT, segment_ids_BT)
+        hidden = self.hc_head(streams)
+        head_input = self.final_norm(hidden)
+        mtp_inputs, mtp_counts, mtp_balance = [], [], []
+        run_mtp = (mode == "train") if run_mtp is None else run_mtp
+        if cfg.num_mtp_layers and run_mtp:
+            h = streams
+            for k in range(1, cfg.num_mtp_layers + 1):
+                if T - k <= 0:
+                    raise ValueError(f"MTP depth {k} needs more than {k} tokens; got T={T}")
+                nxt = jnp.concatenate([tokens_BT[:, k:], jnp.repeat(tokens_BT[:, -1:], k, 1)], 1)
+                seg = jnp.where(jnp.arange(T)[None, :] + k < T, segment_ids_BT, 0)
+                h, normed, s = V4MTP(cfg, mode, name=f"mtp_{k - 1}")(
+                    h, self.lookup(nxt), nxt, positions_BT, seg
+                )
+                mtp_inputs.append(normed)
+                mtp_counts.append(s["counts"])
+                mtp_balance.append(s["balance"])
+        return ModelOutput(
+            logits=self.head(head_input) if want_logits else None,
+            mtp_logits=tuple(self.head(m) for m in mtp_inputs) if want_logits and mtp_inputs
+            else None,
+            hidden=hidden,
+            expert_counts=stats.get("counts"),
+            balance_loss=stats.get("balance"),
+            mtp_expert_counts=jnp.stack(mtp_counts) if mtp_counts else None,
+            mtp_balance_loss=jnp.stack(mtp_balance) if mtp_balance else None,
+            head_input=None if want_logits else head_input,
+            mtp_head_input=None if want_logits or not mtp_inputs else tuple(mtp_inputs),
+        )  # fmt: skip
 
 
 def head_kernel(cfg: ModelConfig, params) -> jax.Array:

@@ -328,11 +328,27 @@ def output_loss(out: ModelOutput, params, batch, *, cfg: ModelConfig, train_cfg:
     return loss, aux
 
 
+def routing_biases(moe_bias):
+    """The `moe_bias` tree without DeepSeek-V4's hash-routing tables (`tid2eid`, fixed
+    integers): the routing biases the balancing rule updates."""
+    if not isinstance(moe_bias, dict):
+        return moe_bias
+    kept = {k: routing_biases(v) for k, v in moe_bias.items() if k != "tid2eid"}
+    return {k: v for k, v in kept.items() if not isinstance(v, dict) or v}
+
+
 def expert_counts_tree(moe_bias, out: ModelOutput):
-    """Per-expert token counts arranged like the `moe_bias` tree."""
-    counts = {}
+    """Per-expert token counts arranged like `routing_biases(moe_bias)`."""
+    counts: dict[str, Any] = {}
     if "moe_layers" in moe_bias:
         counts["moe_layers"] = {"moe": {"bias": out.expert_counts}}
+    # DeepSeek-V4: unrolled layers_{i}; out.expert_counts stacks the top-k routed ones in order.
+    routed = sorted(
+        (int(name.split("_")[1]) for name in moe_bias
+         if name.startswith("layers_") and "bias" in moe_bias[name]["moe"]),
+    )  # fmt: skip
+    for j, i in enumerate(routed):
+        counts[f"layers_{i}"] = {"moe": {"bias": out.expert_counts[j]}}
     for name in moe_bias:
         if name.startswith("mtp_"):
             k = int(name.split("_")[1])
@@ -340,11 +356,22 @@ def expert_counts_tree(moe_bias, out: ModelOutput):
     return counts
 
 
+def _merge(full, part):
+    """`full` with the leaves present in `part` replaced."""
+    if not isinstance(full, dict):
+        return part
+    return {k: _merge(v, part[k]) if k in part else v for k, v in full.items()}
+
+
 def update_bias(moe_bias, counts, rate: float):
-    """Auxiliary-loss-free balancing: b_i <- b_i + γ sign(mean_j c_j - c_i), per layer."""
-    return jax.tree.map(
-        lambda b, c: b + rate * jnp.sign(c.mean(-1, keepdims=True) - c), moe_bias, counts
+    """Auxiliary-loss-free balancing: b_i <- b_i + γ sign(mean_j c_j - c_i), per layer (hash
+    tables untouched)."""
+    new = jax.tree.map(
+        lambda b, c: b + rate * jnp.sign(c.mean(-1, keepdims=True) - c),
+        routing_biases(moe_bias),
+        counts,
     )
+    return _merge(moe_bias, new)
 
 
 def load_imbalance(counts) -> jax.Array:
@@ -385,7 +412,7 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, train_cfg: Trai
         sums = jax.tree.map(jnp.add, sums, {"metrics": new, "counts": counts})
         return (jax.tree.map(jnp.add, grads_acc, grads), sums), None
 
-    zeros_counts = jax.tree.map(jnp.zeros_like, state.moe_bias)
+    zeros_counts = jax.tree.map(jnp.zeros_like, routing_biases(state.moe_bias))
     zero_metrics = {k: jnp.float32(0.0) for k in ("loss", "main_ce", "mtp_ce", "balance", "tokens")}
     if model.cfg.dsa_stage != "off":
         zero_metrics["indexer_kl"] = jnp.float32(0.0)

@@ -60,10 +60,20 @@ class Linear(nn.Module):
         return jnp.dot(x.astype(self.dtype), self.weight())
 
 
+def swiglu(gate, up, limit: float = 0.0, fp8: bool = False):
+    """`silu(gate) * up`; with `limit` > 0 DeepSeek-V4's clamp first (gate <= limit, up in
+    [-limit, limit]); under `fp8` the backward keeps FP8 copies of gate/up (`fp8.fp8_swiglu`)."""
+    if limit:
+        gate = jnp.minimum(gate, limit)
+        up = jnp.clip(up, -limit, limit)
+    return fp8_lib.fp8_swiglu(gate, up) if fp8 else jax.nn.silu(gate) * up
+
+
 class SwiGLU(nn.Module):
     """Dense gated feed-forward of width `features`: x [..., hidden] -> [..., hidden].
 
-    Parameters gate, up [hidden, features], down [features, hidden]."""
+    Parameters gate, up [hidden, features], down [features, hidden]; `limit` > 0 clamps the
+    pre-activations (`swiglu`)."""
 
     hidden: int
     features: int
@@ -71,6 +81,7 @@ class SwiGLU(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     init_std: float = 0.006
     fp8: bool = False
+    limit: float = 0.0
 
     @nn.compact
     def __call__(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
@@ -79,7 +90,7 @@ class SwiGLU(nn.Module):
         )
         gate = Linear(self.hidden, self.features, ("embed", "mlp"), name="gate", **kw)(x_BTD)
         up = Linear(self.hidden, self.features, ("embed", "mlp"), name="up", **kw)(x_BTD)
-        h_BTF = jax.nn.silu(gate) * up
+        h_BTF = swiglu(gate, up, self.limit)
         if h_BTF.ndim == 3:
             h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "length", "mlp"))
         return Linear(self.features, self.hidden, ("mlp", "embed"), name="down", **kw)(h_BTF)

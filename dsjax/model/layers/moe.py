@@ -26,17 +26,38 @@ from jax.sharding import PartitionSpec as P
 
 from dsjax.model import fp8 as fp8_lib
 from dsjax.model.config import ModelConfig
-from dsjax.model.layers.mlp import Linear, SwiGLU
+from dsjax.model.layers.mlp import Linear, SwiGLU, swiglu
 from dsjax.model.sharding import TOKEN_AXES, active_rules, dim_axes
+
+
+def expert_scores(logits_NE: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
+    """Router scores [N, E] f32: sigmoid (V3), softmax (V2) or sqrt(softplus) (V4)."""
+    logits_NE = logits_NE.astype(jnp.float32)
+    if cfg.scoring_func == "sigmoid":
+        return jax.nn.sigmoid(logits_NE)
+    if cfg.scoring_func == "sqrtsoftplus":
+        return jnp.sqrt(jax.nn.softplus(logits_NE))
+    return jax.nn.softmax(logits_NE, axis=-1)
+
+
+def _combine_weights(scores_NE, idx_NK, cfg: ModelConfig):
+    weights = jnp.take_along_axis(scores_NE, idx_NK, axis=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor
+
+
+def route_hashed(logits_NE, token_ids_N, table_VK, cfg: ModelConfig):
+    """DeepSeek-V4's hash routing: experts `table[token id]` (a fixed [vocab, k] table), weighted
+    by their normalised scores. Returns what `route` does."""
+    scores = expert_scores(logits_NE, cfg)
+    idx_NK = jnp.take(table_VK, token_ids_N, axis=0).astype(jnp.int32)
+    return idx_NK, _combine_weights(scores, idx_NK, cfg), scores
 
 
 def route(logits_NE: jnp.ndarray, bias_E: jnp.ndarray, cfg: ModelConfig):
     """Returns (expert ids [N, k] int32, combine weights [N, k] f32, scores [N, E] f32)."""
-    logits_NE = logits_NE.astype(jnp.float32)
-    if cfg.scoring_func == "sigmoid":
-        scores = jax.nn.sigmoid(logits_NE)
-    else:
-        scores = jax.nn.softmax(logits_NE, axis=-1)
+    scores = expert_scores(logits_NE, cfg)
     choice = scores + bias_E.astype(jnp.float32) if cfg.topk_method == "noaux_tc" else scores
     N, E = choice.shape
     if cfg.n_group > 1 and cfg.topk_method != "greedy":
@@ -49,10 +70,7 @@ def route(logits_NE: jnp.ndarray, bias_E: jnp.ndarray, cfg: ModelConfig):
         keep_NG = jax.nn.one_hot(keep, cfg.n_group, dtype=jnp.bool_).any(axis=1)
         choice = jnp.where(keep_NG[:, :, None], grouped, -jnp.inf).reshape(N, E)
     _, idx_NK = jax.lax.top_k(choice, cfg.num_experts_per_tok)
-    weights = jnp.take_along_axis(scores, idx_NK, axis=-1)
-    if cfg.norm_topk_prob:
-        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
-    return idx_NK.astype(jnp.int32), weights * cfg.routed_scaling_factor, scores
+    return idx_NK.astype(jnp.int32), _combine_weights(scores, idx_NK, cfg), scores
 
 
 def _platform() -> str:
@@ -61,11 +79,6 @@ def _platform() -> str:
     mesh = jax.sharding.get_abstract_mesh()
     device = None if mesh.empty else getattr(mesh, "abstract_device", None)
     return device.platform if device is not None else jax.default_backend()
-
-
-def _swiglu(gate, up, fp8: bool):
-    """silu(gate) * up; under FP8 its backward keeps FP8 copies of gate/up (`fp8.fp8_swiglu`)."""
-    return fp8_lib.fp8_swiglu(gate, up) if fp8 else jax.nn.silu(gate) * up
 
 
 def grouped_swiglu(
@@ -80,6 +93,7 @@ def grouped_swiglu(
     fp8: bool = False,
     scales=None,
     zero_tail: bool = True,
+    limit: float = 0.0,
 ):
     """SwiGLU per contiguous expert group of rows (rows sorted by expert; rows past the sum of
     the group sizes give zeros, or with `zero_tail=False` and impl "ragged_dot" whatever the
@@ -97,6 +111,7 @@ def grouped_swiglu(
     weight blocks, 1x128 activation tiles, FP32 accumulation, FP8 residuals), both impls.
     `scales`: (gate, up, down) `scale_inv` blocks [E, ceil(in/128), ceil(out/128)] when the
     weights are stored float8 (used directly under `fp8`, else dequantised to x's dtype).
+    `limit` > 0: DeepSeek-V4's clamped SwiGLU (`mlp.swiglu`).
     """
     impl, tile = _resolve_impl(impl, tile, platform)
     quantized = fp8 or scales is not None
@@ -105,7 +120,7 @@ def grouped_swiglu(
         mm = lambda a, w, s: fp8_lib.grouped_matmul(  # noqa: E731
             "ragged", a, w, group_sizes_E, s, fp8, x_MD.dtype
         ).astype(x_MD.dtype)
-        h = _swiglu(mm(x_MD, w_gate_EDF, s_gate), mm(x_MD, w_up_EDF, s_up), fp8)
+        h = swiglu(mm(x_MD, w_gate_EDF, s_gate), mm(x_MD, w_up_EDF, s_up), limit, fp8)
         y = mm(h, w_down_EFD, s_down)
         if not zero_tail:
             return y
@@ -114,7 +129,7 @@ def grouped_swiglu(
     if impl == "ragged_dot":
         gate = jax.lax.ragged_dot(x_MD, w_gate_EDF, group_sizes_E)
         up = jax.lax.ragged_dot(x_MD, w_up_EDF, group_sizes_E)
-        y = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down_EFD, group_sizes_E)
+        y = jax.lax.ragged_dot(swiglu(gate, up, limit), w_down_EFD, group_sizes_E)
         if not zero_tail:
             return y
         valid = jnp.arange(x_MD.shape[0]) < group_sizes_E.sum()
@@ -128,7 +143,7 @@ def grouped_swiglu(
         .set(x_MD, mode="drop")
         .reshape(n_tiles, tile, D)
     )
-    y_TmD = _tiled_swiglu(x_TmD, tile_expert, w_gate_EDF, w_up_EDF, w_down_EFD, fp8, scales)
+    y_TmD = _tiled_swiglu(x_TmD, tile_expert, w_gate_EDF, w_up_EDF, w_down_EFD, fp8, scales, limit)
     return y_TmD.reshape(n_tiles * tile, D).at[dest].get(mode="fill", fill_value=0)
 
 
@@ -174,18 +189,20 @@ def _tile_layout(group_sizes_E, M: int, tile: int):
     return dest, tile_expert, n_tiles
 
 
-def _tiled_swiglu(x_TmD, tile_expert, w_gate_EDF, w_up_EDF, w_down_EFD, fp8=False, scales=None):
+def _tiled_swiglu(
+    x_TmD, tile_expert, w_gate_EDF, w_up_EDF, w_down_EFD, fp8=False, scales=None, limit=0.0
+):
     """SwiGLU of every tile [t, m, D] with its own expert's weights -> [t, m, D]."""
     if fp8 or scales is not None:
         s_gate, s_up, s_down = scales if scales is not None else (None, None, None)
         mm = lambda a, w, s: fp8_lib.grouped_matmul(  # noqa: E731
             "tiled", a, w, tile_expert, s, fp8, x_TmD.dtype
         ).astype(x_TmD.dtype)
-        h_TmF = _swiglu(mm(x_TmD, w_gate_EDF, s_gate), mm(x_TmD, w_up_EDF, s_up), fp8)
+        h_TmF = swiglu(mm(x_TmD, w_gate_EDF, s_gate), mm(x_TmD, w_up_EDF, s_up), limit, fp8)
         return mm(h_TmF, w_down_EFD, s_down)
     gate = jnp.einsum("tmd,tdf->tmf", x_TmD, _take_experts(*_match(w_gate_EDF, tile_expert)))
     up = jnp.einsum("tmd,tdf->tmf", x_TmD, _take_experts(*_match(w_up_EDF, tile_expert)))
-    h_TmF = jax.nn.silu(gate) * up
+    h_TmF = swiglu(gate, up, limit)
     return jnp.einsum("tmf,tfd->tmd", h_TmF, _take_experts(*_match(w_down_EFD, tile_expert)))
 
 
@@ -252,7 +269,16 @@ _collect_rows.defvjp(_collect_rows_fwd, _collect_rows_bwd)
 
 
 def tiled_dispatch_combine(
-    x_ND, idx_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, tile, fp8=False, scales=None
+    x_ND,
+    idx_NK,
+    weights_NK,
+    w_gate_EDF,
+    w_up_EDF,
+    w_down_EFD,
+    tile,
+    fp8=False,
+    scales=None,
+    limit=0.0,
 ):
     """Routed experts with the tiled grouped matmul, each token row moved straight into its
     expert's padded tile and back: `dispatch_combine` + `grouped_swiglu(impl="tiled")` in one.
@@ -274,7 +300,7 @@ def tiled_dispatch_combine(
     x_TmD = _expand_rows(*_match(x_ND, assignment_S // K, slot_A.reshape(N, K))).reshape(
         n_tiles, tile, D
     )
-    y_TmD = _tiled_swiglu(x_TmD, tile_expert, w_gate_EDF, w_up_EDF, w_down_EFD, fp8, scales)
+    y_TmD = _tiled_swiglu(x_TmD, tile_expert, w_gate_EDF, w_up_EDF, w_down_EFD, fp8, scales, limit)
     y_NKD = _collect_rows(*_match(y_TmD.reshape(S, D), slot_A, assignment_S)).reshape(N, K, D)
     return jnp.einsum("nkd,nk->nd", y_NKD.astype(jnp.float32), weights_NK)
 
@@ -305,13 +331,14 @@ def gathered_combine(x_ND, idx_NK, weights_NK, experts):
         mm = lambda a, w, s: fp8_lib.grouped_matmul(  # noqa: E731
             "tiled", a, w, tile_expert, s, True
         ).astype(dtype)
-        h_R1F = _swiglu(mm(x_R1D, w_gate, s_gate), mm(x_R1D, w_up, s_up), True)
+        limit = experts.cfg.swiglu_limit
+        h_R1F = swiglu(mm(x_R1D, w_gate, s_gate), mm(x_R1D, w_up, s_up), limit, True)
         y = mm(h_R1F, w_down, s_down).reshape(N, K, -1)
         return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights_NK).astype(dtype)
     w_gate, w_up, w_down = experts.weights(dtype)
     g = jnp.einsum("nd,nkdf->nkf", x_ND, w_gate[idx_NK])
     u = jnp.einsum("nd,nkdf->nkf", x_ND, w_up[idx_NK])
-    y = jnp.einsum("nkf,nkfd->nkd", jax.nn.silu(g) * u, w_down[idx_NK])
+    y = jnp.einsum("nkf,nkfd->nkd", swiglu(g, u, experts.cfg.swiglu_limit), w_down[idx_NK])
     return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights_NK).astype(dtype)
 
 
@@ -550,7 +577,7 @@ def expert_all_to_all(x_nD, idx_nK, weights_nK, w_gate, w_up, w_down, cfg, axis,
         gate, up = _fp8_dispatch_fn(R, axis, platform)(
             x_nD, order // K, w_gate, w_up, *slices, group_sizes
         )
-        h = _swiglu(gate.astype(x_nD.dtype), up.astype(x_nD.dtype), True)
+        h = swiglu(gate.astype(x_nD.dtype), up.astype(x_nD.dtype), cfg.swiglu_limit, True)
         y_grouped = fp8_lib.grouped_matmul("ragged", h, w_down, group_sizes, None, True)
         y_grouped = y_grouped.astype(x_nD.dtype)
     else:
@@ -558,7 +585,7 @@ def expert_all_to_all(x_nD, idx_nK, weights_nK, w_gate, w_up, w_down, cfg, axis,
         # Rows past the groups are never sent back: no need to zero them (a [R, D] select).
         y_grouped = grouped_swiglu(
             x_grouped, group_sizes, w_gate, w_up, w_down, cfg.moe_impl, cfg.moe_tile, platform,
-            cfg.fp8, zero_tail=False,
+            cfg.fp8, zero_tail=False, limit=cfg.swiglu_limit,
         )  # fmt: skip
     back_offsets_PL = jax.lax.dynamic_slice_in_dim(starts_PE, me * E_l, E_l, axis=1)
     y_sorted = ragged_exchange(
@@ -649,12 +676,21 @@ def sharded_experts(x_ND, idx_NK, weights_NK, experts: Experts, mesh, choice: st
         if group:
             y = expert_all_to_all(x, idx, w, wg, wu, wd, cfg, group, platform)
         elif impl == "tiled":
-            y = tiled_dispatch_combine(x, idx, w, wg, wu, wd, tile, cfg.fp8)
+            y = tiled_dispatch_combine(x, idx, w, wg, wu, wd, tile, cfg.fp8, limit=cfg.swiglu_limit)
         else:
             order, group_sizes = _sort_by_expert(idx, E)
             x_sorted = jnp.take(x, order // idx.shape[1], axis=0)
             y_sorted = grouped_swiglu(
-                x_sorted, group_sizes, wg, wu, wd, impl, tile, platform, cfg.fp8
+                x_sorted,
+                group_sizes,
+                wg,
+                wu,
+                wd,
+                impl,
+                tile,
+                platform,
+                cfg.fp8,
+                limit=cfg.swiglu_limit,
             )
             y = _combine(y_sorted, order, w)
         if ax("tensor"):
@@ -752,7 +788,16 @@ class Experts(nn.Module):
             )
         scales, (w_gate, w_up, w_down) = self._operands(dtype)
         y = tiled_dispatch_combine(
-            x_ND.astype(dtype), idx_NK, weights_NK, w_gate, w_up, w_down, tile, cfg.fp8, scales
+            x_ND.astype(dtype),
+            idx_NK,
+            weights_NK,
+            w_gate,
+            w_up,
+            w_down,
+            tile,
+            cfg.fp8,
+            scales,
+            cfg.swiglu_limit,
         )
         return y.astype(dtype)
 
@@ -770,6 +815,7 @@ class Experts(nn.Module):
             cfg.moe_tile,
             fp8=cfg.fp8,
             scales=scales,
+            limit=cfg.swiglu_limit,
         )
 
 
@@ -784,18 +830,31 @@ class MoE(nn.Module):
 
     `exchange` picks the mesh axes the routed experts split over for the token all-to-all
     ("auto", "none", "expert", "fsdp_expert", "expert_context", "fsdp_expert_context"; see
-    `exchange_group`)."""
+    `exchange_group`).
+
+    `hashed` (DeepSeek-V4's first layers): experts come from the fixed table moe_bias
+    `tid2eid` [vocab, k] int32 indexed by `token_ids_BT` (`route_hashed`) instead of the
+    biased top-k; that layer has no `bias`."""
 
     cfg: ModelConfig
     exchange: str = "auto"
+    hashed: bool = False
 
     @nn.compact
-    def __call__(self, x_BTD, valid_BT):
+    def __call__(self, x_BTD, valid_BT, token_ids_BT=None):
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         B, T, D = x_BTD.shape
         E = cfg.n_routed_experts
-        bias = self.variable("moe_bias", "bias", jnp.zeros, (E,), jnp.float32)
+        if self.hashed:
+            if token_ids_BT is None:
+                raise ValueError("a hash-routed MoE layer needs the token ids")
+            table = self.variable(
+                "moe_bias", "tid2eid", jnp.zeros, (cfg.vocab_size, cfg.num_experts_per_tok),
+                jnp.int32,
+            )  # fmt: skip
+        else:
+            bias = self.variable("moe_bias", "bias", jnp.zeros, (E,), jnp.float32)
         # Router in float32 (docs/spec.md §5); kernel path moe/router/kernel.
         router = Linear(
             D,
@@ -807,7 +866,12 @@ class MoE(nn.Module):
             name="router",
         )
         x_ND = x_BTD.reshape(B * T, D)
-        idx_NK, weights_NK, scores_NE = route(router(x_ND), bias.value, cfg)
+        if self.hashed:
+            idx_NK, weights_NK, scores_NE = route_hashed(
+                router(x_ND), token_ids_BT.reshape(-1), table.value, cfg
+            )
+        else:
+            idx_NK, weights_NK, scores_NE = route(router(x_ND), bias.value, cfg)
         experts = Experts(cfg, name="experts")
         mesh = jax.sharding.get_abstract_mesh()
         shards = 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in TOKEN_AXES)
@@ -829,6 +893,7 @@ class MoE(nn.Module):
                 pdtype,
                 cfg.init_std,
                 fp8=cfg.fp8,
+                limit=cfg.swiglu_limit,
                 name="shared",
             )(x_BTD)
         counts, balance = balance_stats(

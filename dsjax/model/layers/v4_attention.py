@@ -1,0 +1,143 @@
+"""DeepSeek-V4 attention (docs/spec.md §12): one shared key=value vector per token, sliding window plus
+compressed entries, a learnable sink per head, grouped low-rank output.
+
+    c_Q = RMSNorm(W_qa h);  q_i = RoPE_t(UnRMS(W_qb,i c_Q));  kv_t = RoPE_t(RMSNorm(W_kv h))
+    keys(t) = {kv_s : t - W < s <= t} ∪ compressed entries visible to t
+      (HCA layers: all closed entries; CSA layers: the lightning indexer's top-k of them)
+    p = softmax([q_i·k / sqrt(d) for k in keys(t)] ∪ [sink_i]), the sink's share dropped
+    o_i = RoPE_{-t}(Σ p_k k)   (K = V carries RoPE: the output is rotated back)
+    out = W_ob · concat_g(W_oa^(g) · concat(o_i, i in group g))
+
+Window layers rotate with the "main" table, CSA/HCA layers (all their rotations) with the
+"compress" one (`rope.v4_rope_frequencies`).
+
+The window branch runs in blocks of W queries against their own and the previous block's
+keys (2W keys per query, not T); the compressed entries (T / rate of them) are attended densely
+under a mask, and one softmax covers window, entries and sink. Only full-sequence ("train")
+mode exists so far: the decode caches are not implemented.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from dsjax.model.config import CSA, HCA, SLIDING, ModelConfig
+from dsjax.model.layers.mhc import unweighted_rms
+from dsjax.model.layers.mlp import Linear
+from dsjax.model.layers.norms import RMSNorm
+from dsjax.model.layers.rope import rotate_trailing, v4_rope_frequencies
+from dsjax.model.layers.v4_compressor import Compressor, Indexer
+
+_MASKED = -1e30
+
+
+def window_attention(q_BTHd, kv_BTd, comp_BNd, comp_visible_BTN, sinks_H, *, window: int,
+                     scale: float, segment_ids_BT):  # fmt: skip
+    """One softmax over each query's window keys (t - W < s <= t, same segment), its visible
+    compressed entries and its head's sink logit. Returns [B, T, H, d] in kv's dtype."""
+    B, T, H, d = q_BTHd.shape
+    W = window
+    nb = -(-T // W)
+    pad = nb * W - T
+    q_b = jnp.pad(q_BTHd, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, nb, W, H, d)
+    kv_b = jnp.pad(kv_BTd, ((0, 0), (0, pad), (0, 0))).reshape(B, nb, W, d)
+    keys = jnp.concatenate([jnp.pad(kv_b[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0))), kv_b], 2)
+    seg_b = jnp.pad(segment_ids_BT, ((0, 0), (0, pad)), constant_values=-1).reshape(B, nb, W)
+    seg_k = jnp.concatenate(
+        [jnp.pad(seg_b[:, :-1], ((0, 0), (1, 0), (0, 0)), constant_values=-2), seg_b], 2
+    )
+    q_idx = jnp.arange(W)[None, :] + W * jnp.arange(nb)[:, None]  # [nb, W]
+    k_idx = jnp.arange(2 * W)[None, :] + W * (jnp.arange(nb)[:, None] - 1)  # [nb, 2W]
+    rel = q_idx[:, :, None] - k_idx[:, None, :]
+    near = (rel >= 0) & (rel < W) & (k_idx[:, None, :] >= 0)  # [nb, W, 2W]
+    vis_w = near[None] & (seg_b[..., :, None] == seg_k[..., None, :])  # [B, nb, W, 2W]
+    logits_w = jnp.einsum("bnqhd,bnkd->bnqhk", q_b, keys, preferred_element_type=jnp.float32)
+    logits_w = jnp.where(vis_w[:, :, :, None, :], logits_w * scale, _MASKED)
+    logits_w = logits_w.reshape(B, nb * W, H, 2 * W)[:, :T]
+    parts = [logits_w]
+    N = comp_BNd.shape[1]
+    if N:
+        logits_c = jnp.einsum(
+            "bthd,bnd->bthn", q_BTHd, comp_BNd, preferred_element_type=jnp.float32
+        )
+        parts.append(jnp.where(comp_visible_BTN[:, :, None, :], logits_c * scale, _MASKED))
+    sink = jnp.broadcast_to(sinks_H.astype(jnp.float32)[None, None, :, None], (B, T, H, 1))
+    probs = jax.nn.softmax(jnp.concatenate([*parts, sink], axis=-1), axis=-1)
+    p_w = jnp.pad(probs[..., : 2 * W], ((0, 0), (0, pad), (0, 0), (0, 0)))
+    p_w = p_w.reshape(B, nb, W, H, 2 * W).astype(kv_BTd.dtype)
+    out = jnp.einsum("bnqhk,bnkd->bnqhd", p_w, keys, preferred_element_type=jnp.float32)
+    out = out.reshape(B, nb * W, H, d)[:, :T]
+    if N:
+        p_c = probs[..., 2 * W : 2 * W + N].astype(comp_BNd.dtype)
+        out = out + jnp.einsum("bthn,bnd->bthd", p_c, comp_BNd, preferred_element_type=jnp.float32)
+    return out.astype(kv_BTd.dtype)
+
+
+class V4Attention(nn.Module):
+    """`V4Attention(cfg, layer_type)(x_BTD, positions_BT, segment_ids_BT) -> [B, T, D]`.
+
+    Parameters: wq_a [D, q_lora], q_norm, wq_b [q_lora, H*d], wkv [D, d], kv_norm [d], wo_a
+    [(H/g)*d, g*d_g] (group j's columns j*d_g..), wo_b [g*d_g, D], sinks [H] (float32); CSA /
+    HCA layers a `compressor`, CSA layers an `indexer` too."""
+
+    cfg: ModelConfig
+    layer_type: str = SLIDING
+    mode: str = "train"
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+        cfg = self.cfg
+        if self.mode != "train":
+            raise ValueError(
+                f"DeepSeek-V4 attention mode={self.mode!r}: only the full-sequence forward "
+                "(mode='train') is implemented; V4 decode caches are not"
+            )
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        B, T, D = x_BTD.shape
+        H, d, g = cfg.num_attention_heads, cfg.head_dim, cfg.o_groups
+        kw = dict(dtype=dtype, param_dtype=pdtype, init_std=cfg.init_std, fp8=cfg.fp8)
+        inv_freq = v4_rope_frequencies(cfg, compressed=self.layer_type != SLIDING)
+
+        c_q = Linear(D, cfg.q_lora_rank, ("embed", "q_lora"), name="wq_a", **kw)(x_BTD)
+        c_q = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "q_lora", name="q_norm")(c_q)
+        q = Linear(cfg.q_lora_rank, H * d, ("q_lora", "heads"), name="wq_b", **kw)(c_q)
+        q = nn.with_logical_constraint(
+            q.reshape(B, T, H, d), ("batch", "length", "heads", "head_dim")
+        )
+        q = rotate_trailing(
+            unweighted_rms(q, cfg.rms_norm_eps).astype(dtype), positions_BT, inv_freq
+        )
+        kv = Linear(D, d, ("embed", "head_dim"), name="wkv", **kw)(x_BTD)
+        kv = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "head_dim", name="kv_norm")(kv)
+        kv = rotate_trailing(kv, positions_BT, inv_freq)
+
+        q_idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+        comp = jnp.zeros((B, 0, d), dtype)
+        visible = jnp.zeros((B, T, 0), jnp.bool_)
+        if self.layer_type in (CSA, HCA):
+            csa = self.layer_type == CSA
+            rate = cfg.compress_rate_csa if csa else cfg.compress_rate_hca
+            comp, info = Compressor(cfg, rate, d, csa, name="compressor")(
+                x_BTD, positions_BT, segment_ids_BT
+            )
+            visible = info.visible(q_idx, segment_ids_BT)
+            if csa:
+                visible = Indexer(cfg, name="indexer")(
+                    x_BTD, c_q, positions_BT, visible, segment_ids_BT
+                )
+        sinks = self.param(
+            "sinks", nn.with_logical_partitioning(nn.initializers.zeros, ("heads",)), (H,),
+            jnp.float32,
+        )  # fmt: skip
+        o = window_attention(
+            q, kv, comp, visible, sinks, window=cfg.sliding_window, scale=cfg.softmax_scale,
+            segment_ids_BT=segment_ids_BT,
+        )  # fmt: skip
+        o = rotate_trailing(o, positions_BT, inv_freq, inverse=True)
+        wo_a = Linear(H * d // g, g * cfg.o_lora_rank, ("o_in", "heads"), name="wo_a", **kw)
+        w = wo_a.weight().reshape(H * d // g, g, cfg.o_lora_rank)
+        y = jnp.einsum("btgi,igr->btgr", o.reshape(B, T, g, H * d // g), w)
+        y = y.reshape(B, T, g * cfg.o_lora_rank)
+        return Linear(g * cfg.o_lora_rank, D, ("heads", "embed"), name="wo_b", **kw)(y)
