@@ -16,7 +16,7 @@ from dsjax.checkpoints.hf import load_hf_checkpoint, save_hf_checkpoint
 from dsjax.checkpoints.hf_table_v4 import float32_leaf, v4_tensor_table
 from dsjax.checkpoints.safetensors_io import SafetensorsFile
 from dsjax.model.config import CSA, HCA, SLIDING, ModelConfig
-from dsjax.model.transformer import Transformer
+from dsjax.model.transformer import Transformer, count_params
 
 try:
     import v4_fixtures as fx
@@ -85,6 +85,8 @@ def test_flash_and_pro_configs_match_the_release():
     want = ModelConfig.from_hf(released_flash())
     arch = lambda c: c.replace(dtype="float32", param_dtype="float32", remat="full")  # noqa: E731
     assert arch(flash).to_hf() == arch(want).to_hf()
+    counts = count_params(flash)  # the release: 284B total, 13B activated
+    assert 284.0e9 < counts["total"] < 284.7e9 and 13.0e9 < counts["activated"] < 13.5e9
     pro = ModelConfig(**deepseek_v4_pro.get_config().model.to_dict())
     assert pro.layer_types[:2] == (HCA, HCA) and pro.layer_types.count(CSA) == 30
     assert (pro.hidden_size, pro.n_routed_experts, pro.index_topk) == (7168, 384, 1024)

@@ -78,12 +78,15 @@ class Compressor(nn.Module):
         seg_Nm = segment_ids_BT[:, : N * m].reshape(B, N, m)
         first_seg = seg_Nm[:, :, 0]
         if self.overlap:
-            prev_kv = jnp.pad(kv_NmC[:, :-1, :, :d], ((0, 0), (1, 0), (0, 0), (0, 0)))
-            prev_gate = jnp.pad(
-                gate_NmC[:, :-1, :, :d], ((0, 0), (1, 0), (0, 0), (0, 0)),
-                constant_values=-jnp.inf,
-            )  # fmt: skip
-            prev_seg = jnp.pad(seg_Nm[:, :-1], ((0, 0), (1, 0), (0, 0)), constant_values=-1)
+            # Window w's previous slots are window w-1's first halves (none for w = 0).
+            def prev(x, fill):
+                pad = [(0, 0)] * x.ndim
+                pad[1] = (1, 0)
+                return jnp.pad(x[:, :-1], pad, constant_values=fill)[:, :N]
+
+            prev_kv = prev(kv_NmC[..., :d], 0)
+            prev_gate = prev(gate_NmC[..., :d], -jnp.inf)
+            prev_seg = prev(seg_Nm, -1)
             same = (prev_seg == first_seg[:, :, None])[..., None]
             prev_gate = jnp.where(same, prev_gate, -jnp.inf)
             kv_NmC = jnp.concatenate([prev_kv, kv_NmC[..., d:]], axis=2)
