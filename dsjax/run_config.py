@@ -284,6 +284,10 @@ def _type_name(tp: Any) -> str:
 def _check_value(where: str, value: Any, tp: Any, rule: Rule | None) -> Any:
     """`value` as type `tp` (an int is a valid float), checked against `rule`; else ValueError."""
     args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple:  # tuple[X, ...] (e.g. ModelConfig.layer_types)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}={value!r} must be a list")
+        return tuple(_check_value(f"{where}[{i}]", v, args[0], None) for i, v in enumerate(value))
     if args:  # X | None
         if value is None:
             return None
