@@ -10,6 +10,7 @@ unmasked run gives.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 
@@ -158,7 +159,11 @@ def test_engine_constrained_requests_beside_free_ones(variables):
         constraints = [EveryThird(6), EveryThird(6, fail=True)]
         ids = [
             engine.submit(prompts[0], params, collect),
-            engine.submit(prompts[1], params, collect, constraint=constraints[0]),
+            # Complete exactly at max_tokens: finish_reason is still "stop".
+            engine.submit(
+                prompts[1], dataclasses.replace(params, max_tokens=6), collect,
+                constraint=constraints[0],
+            ),  # fmt: skip
             engine.submit(prompts[2], params, collect, constraint=constraints[1]),
         ]
         assert done.wait(120)
@@ -169,5 +174,14 @@ def test_engine_constrained_requests_beside_free_ones(variables):
     logits = np.asarray(forward(variables, np.array([prompts[1] + masked], np.int32)))
     want = np.where(np.arange(CFG.vocab_size) % 3 == 0, logits, -np.inf).argmax(-1)
     assert masked == want[len(prompts[1]) - 1 : -1].tolist()
+    # Log-probs of the masked request: of the masked distribution it was drawn from.
+    masked_lp = jax.nn.log_softmax(
+        np.where(np.arange(CFG.vocab_size) % 3 == 0, logits, -np.inf)[len(prompts[1]) - 1 : -1]
+    )
+    got_lp = [x for ev in results[ids[1]] if ev.logprobs for x in ev.logprobs]
+    want_lp = np.take_along_axis(np.asarray(masked_lp), np.array(masked)[:, None], 1)[:, 0]
+    np.testing.assert_allclose(got_lp, want_lp, rtol=1e-4, atol=1e-4)
+    tops = [t for ev in results[ids[1]] if ev.top_logprobs for t in ev.top_logprobs]
+    assert all(tok % 3 == 0 for top in tops for tok, _ in top)
     assert results[ids[2]][-1].finish_reason == "error" and len(broken) == 1
     assert "broken constraint" in results[ids[2]][-1].error

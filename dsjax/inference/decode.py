@@ -524,7 +524,8 @@ def first_state(
         forwards_B=zeros,
     )
     allowed = None if allowed_BW is None else smp.unpack_allowed(allowed_BW, logits_BV.shape[-1])
-    first = state.sampling.sample(_mask(logits_BV, allowed), zeros)
+    masked_BV = _mask(logits_BV, allowed)
+    first = state.sampling.sample(masked_BV, zeros)
     valid = jnp.asarray(req.valid_B)
     stopped = valid & _is_stop(first, state.stop_ids_BK)
     done = ~valid | stopped | (state.max_new_B <= 1)
@@ -538,7 +539,7 @@ def first_state(
         stopped_B=stopped,
     )
     if top_n is not None:
-        lp, ids, top = _logprobs(logits_BV[:, None], first[:, None], top_n)
+        lp, ids, top = _logprobs(masked_BV[:, None], first[:, None], top_n)
         emitted = emitted.replace(logprobs_B2=lp, top_ids_B2N=ids, top_logprobs_B2N=top)
     return state, emitted
 
@@ -570,7 +571,8 @@ def _plain_step(cfg, variables, s: DecodeState, top_n, allowed_BV=None):
     logits, _, cache = decode_forward(
         cfg, variables, s.cache, s.tokens_B[:, None], s.positions_B[:, None]
     )
-    nxt = s.sampling.sample(_mask(logits[:, 0], allowed_BV), s.counts_B)
+    masked_BV = _mask(logits[:, 0], allowed_BV)
+    nxt = s.sampling.sample(masked_BV, s.counts_B)
     count = s.counts_B + active
     stop = active & _is_stop(nxt, s.stop_ids_BK)
     done = s.done_B | stop | (count >= s.max_new_B)
@@ -585,7 +587,7 @@ def _plain_step(cfg, variables, s: DecodeState, top_n, allowed_BV=None):
     )
     out = StepOutput(jnp.stack([nxt, nxt], 1), active.astype(jnp.int32), done, new.stopped_B)
     if top_n is not None:
-        lp, ids, top = _logprobs(logits, nxt[:, None], top_n)
+        lp, ids, top = _logprobs(masked_BV[:, None], nxt[:, None], top_n)
         out = out.replace(logprobs_B2=lp, top_ids_B2N=ids, top_logprobs_B2N=top)
     return new, out
 
@@ -603,7 +605,8 @@ def _speculative_step(cfg, variables, s: DecodeState, top_n, allowed_BV=None):
     logits, hidden, cache = decode_forward(
         cfg, variables, s.cache, jnp.stack([s.tokens_B, draft], 1), jnp.stack([pos, pos + 1], 1)
     )
-    p_filtered = sampling.filter(_mask(logits[:, 0], allowed_BV))
+    masked_BV = _mask(logits[:, 0], allowed_BV)
+    p_filtered = sampling.filter(masked_BV)
     accept, resampled = smp.verify_draft(
         sampling.keys(count, smp.ACCEPT),
         sampling.keys(count, smp.RESIDUAL),
@@ -665,6 +668,10 @@ def _speculative_step(cfg, variables, s: DecodeState, top_n, allowed_BV=None):
         accepted_B=active & accept,
     )
     if top_n is not None:
-        lp, ids, top = _logprobs(logits, jnp.stack([first, bonus], 1), top_n)
+        # The first token's under the masked distribution it was drawn from; the bonus's
+        # under the raw logits (a masked row never takes one).
+        lp, ids, top = _logprobs(
+            jnp.stack([masked_BV, logits[:, 1]], 1), jnp.stack([first, bonus], 1), top_n
+        )
         out = out.replace(logprobs_B2=lp, top_ids_B2N=ids, top_logprobs_B2N=top)
     return new, out

@@ -114,9 +114,11 @@ class TokenEvent:
 
     finish_reason: None (more to come), "stop" (eos / stop token), "length" (max_tokens),
     "cancelled" or "error" (then `error` holds the message).
-    logprobs[i]: log-probability of tokens[i] under log_softmax of the raw logits (temperature
-    1); top_logprobs[i]: the top-n (token, logprob) pairs, descending. Both only when the
-    request's `SamplingParams.logprobs` is not None.
+    logprobs[i]: log-probability of tokens[i] under log_softmax of the logits (temperature 1)
+    the token was drawn from: the raw logits, or under a constraint the logits with the
+    disallowed tokens at -inf; top_logprobs[i]: the top-n (token, logprob) pairs of that
+    distribution, descending. Both only when the request's `SamplingParams.logprobs` is not
+    None.
     """
 
     request_id: int
@@ -821,10 +823,10 @@ class Engine:
                 req.failed = f"constraint failed: {type(err).__name__}: {err}"
         if req.failed:
             self._end_early(req)
-        elif out.done_B[i]:
-            self._finish(req, "stop" if out.stopped_B[i] else "length")
-        elif finished:
+        elif out.stopped_B[i] or finished:  # a stop at exactly max_tokens is still a stop
             self._finish(req, "stop")
+        elif out.done_B[i]:
+            self._finish(req, "length")
 
     def _step(self) -> None:
         """One decode step for all decoding slots (slots being prefilled are held done)."""
