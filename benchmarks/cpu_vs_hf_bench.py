@@ -37,6 +37,7 @@ import decode_bench as db  # noqa: E402
 import train_vs_hf_bench as tb  # noqa: E402
 
 from dsjax.model.config import ModelConfig  # noqa: E402
+from dsjax.testing import random_variables  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDE = dict(
@@ -82,7 +83,7 @@ def bench_train(cfg: ModelConfig, steps: int, batch: int = 8, seq: int = 256) ->
     """Median s/step of both sides, alternating."""
     cfg = cfg.replace(num_mtp_layers=0, scan_unroll=cfg.num_hidden_layers)
     c = tb.run_config(cfg, batch, seq)
-    variables = db.random_variables(cfg, std=0.02)
+    variables = random_variables(cfg, std=0.02)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq + 1))
     tokens = tokens.astype(np.int32)
     runs = {"dsjax": tb.dsjax_stepper(c, variables, tokens)}
@@ -102,7 +103,7 @@ def bench_train(cfg: ModelConfig, steps: int, batch: int = 8, seq: int = 256) ->
 
 def bench_decode(cfg: ModelConfig, batches, new_tokens: int, repeats: int) -> dict:
     """{batch: (dsjax decode tok/s, HF decode tok/s, share of identical greedy rows)}."""
-    variables = db.random_variables(cfg)
+    variables = random_variables(cfg)
     model = hf_model(cfg, variables, train=False)
     rng = np.random.default_rng(0)
     out = {}

@@ -48,13 +48,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsjax.inference.generate import generate, main_cache  # noqa: E402
 from dsjax.model.config import ModelConfig  # noqa: E402
-from dsjax.model.transformer import Transformer, abstract_variables, init_cache  # noqa: E402
+from dsjax.model.transformer import Transformer, init_cache  # noqa: E402
+from dsjax.testing import random_variables  # noqa: E402
 
 DEFAULT_CONFIG = dict(
     vocab_size=4096,
@@ -106,35 +106,6 @@ def load_model_config(path: str | None) -> ModelConfig:
     fields = {k: v for k, v in fields.items() if k in known}
     fields.update(dtype="float32", param_dtype="float32", remat="none")
     return ModelConfig(**fields)
-
-
-def random_variables(cfg: ModelConfig, seed: int = 0, gain: float = 1.5, std: float | None = None):
-    """Random variables from shapes alone (no init compile).
-
-    By default with well-separated logits (kernels N(0, (gain / sqrt(fan_in))^2), embeddings
-    N(0, 1), norm scales 1 + 0.2 N(0, 1)); with `std`, a training init (everything N(0, std^2),
-    norm scales 1, routing bias 0).
-    """
-    shapes = nn.unbox(abstract_variables(cfg))
-    rng = np.random.default_rng(seed)
-
-    def make(path, s):
-        name = jax.tree_util.keystr(path)
-        if std is not None:
-            if "moe_bias" in name:
-                return jnp.zeros(s.shape, s.dtype)
-            if name.endswith("['scale']"):
-                return jnp.ones(s.shape, s.dtype)
-            return jnp.asarray(std * rng.standard_normal(s.shape), s.dtype)
-        if "moe_bias" in name:
-            return jnp.asarray(rng.uniform(0, 0.3, s.shape), s.dtype)
-        if name.endswith("['scale']"):
-            return jnp.asarray(1 + 0.2 * rng.standard_normal(s.shape), s.dtype)
-        if "embedding" in name:
-            return jnp.asarray(rng.standard_normal(s.shape), s.dtype)
-        return jnp.asarray(gain / math.sqrt(s.shape[-2]) * rng.standard_normal(s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(make, shapes)
 
 
 def best_time(fn, repeats: int, label: str = "") -> float:

@@ -6,7 +6,7 @@
         [--prefill-len=131072[,...]] [--prefill-chunk=512] [--new-tokens=16]
         [--skip-train] [--skip-block] [--skip-prefill] [--json=FILE]
 
-`--config=tests` is tests/helpers.tiny_config (train settings from configs/tiny.py).
+`--config=tests` is dsjax.testing.tiny_config (train settings from configs/tiny.py).
 
 (a) Train step memory: one jitted forward + backward of the real training loss
     (`dsjax.train.step.loss_fn`: main + MTP cross-entropy + balance loss; batch 1, T tokens, one
@@ -92,9 +92,8 @@ def model_cfg(args, max_len: int, stretch_yarn: bool = False):
     >= `max_len`; `stretch_yarn`: YaRN's rope_factor raised so original x factor covers it."""
     from dsjax.train.step import model_config
 
-    if args.config == "tests":  # tests/helpers.tiny_config; train settings of configs/tiny.py
-        sys.path.insert(0, str(REPO / "tests"))
-        from helpers import tiny_config
+    if args.config == "tests":  # dsjax.testing.tiny_config; train settings of configs/tiny.py
+        from dsjax.testing import tiny_config
 
         config = load_run_config("configs/tiny.py")
         cfg = tiny_config(**({"remat": args.remat} if args.remat else {}))

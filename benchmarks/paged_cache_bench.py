@@ -34,9 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode_bench import load_model_config, random_variables, table  # noqa: E402
+from decode_bench import load_model_config, table  # noqa: E402
 
 from dsjax.inference.engine import Engine, SamplingParams  # noqa: E402
+from dsjax.testing import random_variables  # noqa: E402
 
 
 def cache_bytes_per_token(engine: Engine) -> int:

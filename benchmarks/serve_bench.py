@@ -34,17 +34,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode_bench import load_model_config, random_variables, table  # noqa: E402
+from decode_bench import load_model_config, table  # noqa: E402
+
+from dsjax.testing import save_random_hf_checkpoint  # noqa: E402
 
 
 def make_checkpoint(config: str) -> tuple[Path, int]:
     """A random HF checkpoint + BPE tokenizer in a temporary directory; returns (dir, vocab)."""
-    from dsjax.checkpoints.hf import save_hf_checkpoint
     from dsjax.text.tokenizer import train_bpe
 
     cfg = load_model_config(config)
     path = Path(tempfile.mkdtemp(prefix="serve_bench_"))
-    save_hf_checkpoint(path, cfg, random_variables(cfg))
+    save_random_hf_checkpoint(path, cfg)
     corpus = [Path(__file__).read_text()] * 4 + [
         p.read_text() for p in (REPO / "dsjax").glob("*.py")
     ]

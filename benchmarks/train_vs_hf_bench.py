@@ -30,10 +30,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode_bench import load_average, load_model_config, random_variables  # noqa: E402
+from decode_bench import load_average, load_model_config  # noqa: E402
 
 from configs.base import get_base_config  # noqa: E402
 from dsjax.model.transformer import Transformer  # noqa: E402
+from dsjax.testing import random_variables  # noqa: E402
 from dsjax.train import step as ts  # noqa: E402
 
 

@@ -21,66 +21,16 @@ import uvicorn
 
 from dsjax.inference.engine import Engine
 from dsjax.serve.app import create_app
-from dsjax.text.tokenizer import Tokenizer, train_bpe
-from dsjax.text.tool_calls import MARKERS
-from tests.helpers import random_variables, tiny_config
-
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string"},
-        "age": {"type": "integer"},
-        "tags": {"type": "array", "items": {"type": "string"}},
-        "member": {"type": "boolean"},
-    },
-    "required": ["name", "age", "member"],
-    "additionalProperties": False,
-}
-CHOICE = {
-    "type": "object",
-    "properties": {
-        "color": {"enum": ["red", "green", 10, 1]},
-        "score": {"type": ["number", "null"]},
-        "where": {
-            "type": "object",
-            "properties": {"x": {"type": "number"}, "y": {"type": "number"}},
-            "required": ["x", "y"],
-        },
-    },
-    "required": ["color", "where", "score"],
-}
-LIST = {"type": "array", "items": {"type": "integer"}}
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
-            "required": ["city", "unit"],
-        },
-    },
-}
-ADD = {
-    "type": "function",
-    "function": {
-        "name": "add",
-        "parameters": {
-            "type": "object",
-            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-            "required": ["a", "b"],
-        },
-    },
-}
-
-
-def tool_tokenizer() -> Tokenizer:
-    """A small byte-level BPE with DeepSeek's tool-call markers as special tokens."""
-    corpus = ['{"name": "the quick brown fox", "age": 12, "tags": ["a", "b"], "ok": true}'] * 30
-    trained = train_bpe(corpus + ["hello world, what is the weather in Paris?"] * 10, 400)
-    trained.backend.add_special_tokens(list(MARKERS))
-    return Tokenizer(trained.backend, bos_token="<|bos|>", eos_token="<|eos|>")
+from dsjax.testing import (
+    ADD,
+    CHOICE,
+    LIST,
+    PERSON,
+    WEATHER,
+    random_variables,
+    tiny_config,
+    tool_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")

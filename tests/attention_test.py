@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dsjax.model.layers.attention import attention, chunk_schedule, chunked_attention
-from tests.helpers import np_attention, rel_err
+from dsjax.testing import np_attention, rel_err
 
 
 def _inputs(seed, B, T, S, G=2, H=2, K=6, V=5):
@@ -148,7 +148,7 @@ def test_chunked_and_splash_in_remat_scanned_model_match_reference_grads():
     from flax import linen as nn
 
     from dsjax.model.transformer import Transformer, abstract_variables
-    from tests.helpers import tiny_config
+    from dsjax.testing import tiny_config
 
     tokens = jnp.asarray(np.random.RandomState(5).randint(0, 64, (2, 12)))
     seg = jnp.asarray(np.array([[1] * 5 + [2] * 7, [1] * 12], np.int32))

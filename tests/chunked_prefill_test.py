@@ -12,7 +12,7 @@ import pytest
 from dsjax.inference import decode
 from dsjax.inference.generate import generate
 from dsjax.inference.sampling import SamplingParams
-from tests.helpers import random_variables, rel_err, tiny_config
+from dsjax.testing import random_variables, rel_err, tiny_config
 
 CFG = tiny_config(num_hidden_layers=2)  # one dense and one MoE layer, one MTP module
 

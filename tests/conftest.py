@@ -1,4 +1,6 @@
-"""Test setup: 8 fake CPU devices (set before JAX is imported) and the repo root on sys.path."""
+"""Test setup: 8 fake CPU devices (set before JAX is imported), the repo root on sys.path, and
+the fixtures several test files share. Shared helpers (tiny configs, random variables,
+references) are in `dsjax.testing`."""
 
 import os
 import sys
@@ -41,3 +43,17 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "dsjax-xla-cache")
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """configs/tiny.py's BPE, trained once per test process (train and train-CLI runs load it)."""
+    from configs import tiny
+    from dsjax.train import data
+
+    workdir = tmp_path_factory.mktemp("tok")
+    data.get_tokenizer(tiny.get_config(), str(workdir))
+    return str(workdir / "tokenizer")

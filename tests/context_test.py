@@ -17,9 +17,8 @@ from dsjax.model.layers.attention import reference_attention
 from dsjax.model.layers.context import to_context_layout, tokens_ahead, zigzag_order
 from dsjax.model.layers.latent_flash import latent_flash_attention
 from dsjax.model.transformer import Transformer
+from dsjax.testing import synthetic_batch, tiny_config
 from dsjax.train import step as ts
-from tests.helpers import tiny_config
-from tests.train_test import _synthetic_batch
 
 T = 16
 
@@ -37,7 +36,7 @@ def test_zigzag_order_balances_causal_work():
 
 def test_layout_moves_every_array_and_finds_the_tokens_ahead():
     cfg = ts.model_config(tiny.get_config())
-    batch = _synthetic_batch(cfg, 2, T, seed=4)
+    batch = synthetic_batch(cfg, 2, T, seed=4)
     out = to_context_layout(batch, 4, 2, ts.mtp_weights)
     order = zigzag_order(T, 4)
     for key in ("inputs", "targets", "segment_ids", "positions", "weights"):
@@ -110,7 +109,7 @@ def _loss_and_grads(config, mesh, batch, layout_chips: int = 1):
 def reference():
     config = tiny.get_config()
     config.data.seq_len = T
-    batch = _synthetic_batch(ts.model_config(config), 4, T, seed=1)
+    batch = synthetic_batch(ts.model_config(config), 4, T, seed=1)
     single = sharding.make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
     return config, batch, _loss_and_grads(config, single, batch)
 

@@ -22,8 +22,7 @@ import pytest
 from dsjax.inference import decode
 from dsjax.inference import sampling as smp
 from dsjax.model.transformer import Transformer
-from tests.generate_test import drafter_variables
-from tests.helpers import tiny_config
+from dsjax.testing import drafter_variables, tiny_config
 
 CFG = tiny_config()
 PROMPTS = [[5, 9, 14, 3, 7], [11, 2], [1, 2, 3, 4, 5, 6, 7, 8], [40, 41, 42]]

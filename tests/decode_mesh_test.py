@@ -17,7 +17,7 @@ from dsjax.inference.meshes import DecodeMesh
 from dsjax.model import sharding
 from dsjax.model.transformer import init_variables
 from dsjax.plan import hlo_stats, planner
-from tests.helpers import tiny_config
+from dsjax.testing import tiny_config
 
 HLO_DTYPES = {"float32": "f32", "bfloat16": "bf16", "int32": "s32"}
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [3, 3, 3, 3, 3, 3, 3]]

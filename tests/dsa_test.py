@@ -31,13 +31,9 @@ from dsjax.model.config import ModelConfig
 from dsjax.model.layers.indexer import Indexer, dsa_flops, select_topk
 from dsjax.model.layers.mla import sparse_latent_attention
 from dsjax.model.transformer import Transformer, init_cache
+from dsjax.testing import random_variables, tiny_config
 from dsjax.train import step as ts
-from tests.helpers import random_variables, tiny_config
-
-try:
-    import hf_fixtures as fx
-except ImportError:  # pragma: no cover
-    from tests import hf_fixtures as fx
+from tests import hf_fixtures as fx
 
 TOPK = 6
 T_LONG, T_SHORT, BATCH = 23, 5, 2

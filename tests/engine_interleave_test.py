@@ -22,7 +22,7 @@ from dsjax.inference import decode
 from dsjax.inference import engine_programs as programs
 from dsjax.inference.engine import Engine, SamplingParams, TokenEvent
 from dsjax.inference.generate import generate
-from tests.helpers import random_variables, rel_err, tiny_config
+from dsjax.testing import random_variables, rel_err, tiny_config, tokens_of
 
 TINY = tiny_config()  # 3 layers (dense, MoE, MoE) and one MTP module
 CHUNK, MAX_LEN = 8, 64
@@ -91,10 +91,6 @@ def wait_until(pred, timeout=120.0):
     while not pred():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.005)
-
-
-def tokens_of(events: list[TokenEvent]) -> list[int]:
-    return [t for ev in events for t in ev.tokens]
 
 
 def test_long_prompt_interleaves_with_a_decoding_stream(engine, variables, chunk_log, reference):

@@ -19,8 +19,7 @@ import pytest
 from dsjax.inference.engine import Engine, SamplingParams, TokenEvent
 from dsjax.inference.generate import generate
 from dsjax.model.transformer import Transformer
-from tests.generate_test import PROMPTS, drafter_variables
-from tests.helpers import tiny_config
+from dsjax.testing import PROMPTS, drafter_variables, tiny_config, tokens_of
 
 TINY = tiny_config()
 NEW = 10
@@ -67,10 +66,6 @@ def run_all(engine, prompts, params, rows=None) -> list[list[TokenEvent]]:
     ids = [engine.submit(p, params, collect, row=r) for p, r in zip(prompts, rows, strict=True)]
     assert done.wait(120)
     return [events[i] for i in ids]
-
-
-def tokens_of(events):
-    return [t for ev in events for t in ev.tokens]
 
 
 @pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])

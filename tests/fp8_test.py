@@ -19,8 +19,8 @@ from configs import tiny
 from dsjax.model import fp8, sharding
 from dsjax.model.transformer import Transformer, init_cache
 from dsjax.run_config import TrainOptions
+from dsjax.testing import tiny_config
 from dsjax.train import step as ts
-from tests.helpers import tiny_config
 
 E4M3_NP = ml_dtypes.float8_e4m3fn
 

@@ -25,43 +25,10 @@ from dsjax.inference.generate import (
     sample_tokens,
     verify_draft,
 )
-from dsjax.model.config import ModelConfig
 from dsjax.model.transformer import Transformer, init_cache
-from tests.helpers import random_variables, rel_err, tiny_config
+from dsjax.testing import PROMPTS, drafter_variables, random_variables, rel_err, tiny_config
 
 TINY = tiny_config()
-PROMPTS = [[5, 9, 14, 3, 7], [11], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
-
-
-# ====================================================================== model builders
-def drafter_variables(cfg: ModelConfig, seed: int, residual: float):
-    """A model whose MTP module nearly copies the main model's next prediction.
-
-    Main blocks' output projections are scaled by `residual` (so hidden ~ embedding and the main
-    model is almost a bigram model); the MTP block's projections are zero and eh_proj passes the
-    normed embedding of t_{i+1} through, so MTP's logits at i ~ the main model's logits at i+1.
-    """
-    v = random_variables(cfg, seed)
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, x: (
-            x * residual if any(k in jax.tree_util.keystr(p) for k in ("['o']", "['down']")) else x
-        ),
-        v["params"],
-    )
-    mtp = jax.tree_util.tree_map_with_path(
-        lambda p, x: (
-            jnp.zeros_like(x)
-            if any(k in jax.tree_util.keystr(p) for k in ("['o']", "['down']"))
-            else x
-        ),
-        params["mtp_0"],
-    )
-    D = cfg.hidden_size
-    mtp["eh_proj"]["kernel"] = jnp.concatenate([jnp.eye(D), jnp.zeros((D, D))], 0)
-    for norm in ("enorm", "hnorm"):
-        mtp[norm]["scale"] = jnp.ones((D,))
-    mtp["head_norm"]["scale"] = params["final_norm"]["scale"]
-    return {"params": {**params, "mtp_0": mtp}, "moe_bias": v["moe_bias"]}
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from dsjax.rl.rewards import (
     scratchpad,
 )
 from dsjax.run_config import GRPOOptions, TrainOptions
-from tests.helpers import tiny_config
+from dsjax.testing import tiny_config
 
 
 # ----------------------------------------------------------------------------- NumPy references
@@ -353,19 +353,17 @@ def test_grpo_from_hf_directory(tmp_path, monkeypatch):
     reference), then a resume that no longer needs the directory."""
     import shutil
 
-    from dsjax.checkpoints.hf import save_hf_checkpoint
     from dsjax.checkpoints.orbax_io import load_for_inference
     from dsjax.rl import loop as grpo_lib
+    from dsjax.testing import save_random_hf_checkpoint
     from dsjax.train.metrics import read_metrics
-    from tests.helpers import random_variables
 
     hf_dir, workdir = tmp_path / "hf", tmp_path / "run"
     # The model of the `run` fixture (its generate program is reused): vocab 24 (the tokenizer
     # has 23), bos 0 and eos 1 in config.json; config.model says vocab 32, 3 layers, hidden 96.
     cfg = tiny_config(vocab_size=24, num_hidden_layers=2, max_position_embeddings=32)
     bos, eos = cfg.bos_token_id, cfg.eos_token_id
-    variables = jax.device_get(random_variables(cfg, 3, gain=1.0))
-    save_hf_checkpoint(hf_dir, cfg, variables)
+    variables = save_random_hf_checkpoint(hf_dir, cfg, 3, gain=1.0)
     assert grpo_lib.start_kind(str(hf_dir)) == "hf"
 
     # No tokenizer.json: a clear error naming the file, before any weight is read.

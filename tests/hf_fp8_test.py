@@ -27,11 +27,7 @@ from transformers import DeepseekV3ForCausalLM
 
 from dsjax.checkpoints import hf_fp8
 from dsjax.checkpoints.hf import hf_tensor_table, load_hf_checkpoint, save_hf_checkpoint
-
-try:
-    import hf_fixtures as fx
-except ImportError:  # pragma: no cover
-    from tests import hf_fixtures as fx
+from tests import hf_fixtures as fx
 
 CFG = dict(
     vocab_size=64,

@@ -33,11 +33,7 @@ import dsjax.checkpoints.hf_save as hf_save
 from dsjax.checkpoints.hf import hf_tensor_table, load_hf_checkpoint, save_hf_checkpoint
 from dsjax.model import transformer
 from dsjax.model.config import ModelConfig
-
-try:  # tests/ is a plain directory (pytest puts it on sys.path) or, later, a package
-    import hf_fixtures as fx
-except ImportError:  # pragma: no cover
-    from tests import hf_fixtures as fx
+from tests import hf_fixtures as fx
 
 T_LONG = 40  # > original_max_position_embeddings (16): YaRN's long-context regime
 BATCH = 2

@@ -16,11 +16,11 @@ import pytest
 
 from dsjax.inference.constrained import GrammarConstraint, TokenMasks, VocabIndex
 from dsjax.inference.sampling import unpack_allowed
+from dsjax.testing import ADD, CHOICE, LIST, PERSON, WEATHER, tool_tokenizer
 from dsjax.text.chat_template import ChatTemplate
 from dsjax.text.json_grammar import DEAD, STRING_SUBSTATES, Grammar, SchemaError, string_step
 from dsjax.text.token_bytes import token_bytes
 from dsjax.text.tool_calls import MARKERS, ToolCall, ToolCallParser, render_calls
-from tests.api_structured_test import ADD, CHOICE, LIST, PERSON, WEATHER, tool_tokenizer
 
 NESTED = {
     "type": "object",

@@ -10,7 +10,7 @@ from dsjax.model.config import ModelConfig
 from dsjax.model.layers.attention import attention
 from dsjax.model.layers.norms import RMSNorm
 from dsjax.model.layers.rope import apply_rope, rope_frequencies, yarn_correction_range
-from tests.helpers import np_attention, rel_err, tiny_config
+from dsjax.testing import np_attention, rel_err, tiny_config
 
 
 def test_rmsnorm_matches_formula():

@@ -12,6 +12,7 @@ import pytest
 import configs.deepseek_v3
 from dsjax.model.config import ModelConfig
 from dsjax.model.transformer import count_params
+from dsjax.testing import tiny_config
 from dsjax.train import metrics
 from dsjax.train.metrics import (
     MetricWriter,
@@ -24,7 +25,6 @@ from dsjax.train.metrics import (
     plot_loss,
     train_flops_per_token,
 )
-from tests.helpers import tiny_config
 
 
 def _matmul_flops(breakdown):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dsjax.model.transformer import Transformer, init_cache, init_variables
-from tests.helpers import rel_err, scale_params, tiny_config
+from dsjax.testing import rel_err, scale_params, tiny_config
 
 
 @pytest.mark.parametrize("q_lora_rank", [16, 0])

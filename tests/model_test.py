@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax.model.transformer import Transformer, init_variables, segment_positions
-from tests.helpers import rel_err, scale_params, tiny_config
+from dsjax.testing import rel_err, scale_params, tiny_config
 
 
 def test_segment_positions_restart_per_document():

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from dsjax.model.layers.moe import MoE, exchange_group, exchange_padded
 from dsjax.model.sharding import BATCH_AXES, logical_to_sharding, make_mesh
-from tests.helpers import rel_err, tiny_config
+from dsjax.testing import rel_err, tiny_config
 
 B, T = 8, 4  # 32 tokens: 4 per shard on 8 shards
 # name: (mesh, MoE.exchange, the exchange group it must use)

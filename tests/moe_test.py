@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsjax.model.layers.moe import balance_stats, dispatch_combine, grouped_swiglu, route
-from tests.helpers import rel_err, tiny_config
+from dsjax.testing import rel_err, tiny_config
 
 
 def np_route(logits, bias, cfg):

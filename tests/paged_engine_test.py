@@ -15,7 +15,7 @@ import pytest
 from dsjax.inference import engine_programs as programs
 from dsjax.inference.engine import Engine, SamplingParams, TokenEvent
 from dsjax.inference.generate import generate
-from tests.helpers import random_variables, tiny_config
+from dsjax.testing import random_variables, tiny_config, tokens_of
 
 TINY = tiny_config()  # one MTP module: speculative steps over pages too
 SAMPLED = dict(temperature=1.0, top_k=6, top_p=0.9)
@@ -42,10 +42,6 @@ def run_all(engine, prompts, params, on_first=None) -> list[list[TokenEvent]]:
     ids = [engine.submit(p, params, collect) for p in prompts]
     assert done.wait(300)
     return [events[i] for i in ids]
-
-
-def tokens_of(events):
-    return [t for ev in events for t in ev.tokens]
 
 
 def assert_no_page_held(engine):

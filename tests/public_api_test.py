@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 import dsjax
 import dsjax.model.layers
-from tests.helpers import rel_err, tiny_config
+from dsjax.testing import rel_err, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, T = 8, 4  # 32 tokens: 4 per batch shard on the 8-device mesh

@@ -40,13 +40,6 @@ def small_config(tokenizer_dir: str, **fields):
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("tok")
-    data.get_tokenizer(tiny.get_config(), str(workdir))
-    return str(workdir / "tokenizer")
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, tokenizer_dir):
     """(workdir, summary) of one finished 3-step run with checkpoints 1, 2, 3."""
     workdir = str(tmp_path_factory.mktemp("run"))

@@ -29,19 +29,11 @@ from dsjax.checkpoints.orbax_io import Checkpointer, load_for_inference
 from dsjax.model import sharding
 from dsjax.model.transformer import Transformer, init_variables
 from dsjax.run_config import TrainOptions
+from dsjax.testing import synthetic_batch
 from dsjax.train import data, metrics
 from dsjax.train import step as ts
 from dsjax.train.loop import TrainingError, train_and_evaluate
 from tests.conftest import ROOT
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    """One small BPE for every run in this file (saves each run training its own)."""
-    config = tiny.get_config()
-    workdir = tmp_path_factory.mktemp("tok")
-    data.get_tokenizer(config, str(workdir))
-    return str(workdir / "tokenizer")
 
 
 def tiny_config(tokenizer_dir, **train):
@@ -215,21 +207,6 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, tokenizer_dir):
 
 
 # ----------------------------------------------------------------------------- sharding
-def _synthetic_batch(cfg, B, T, seed=0):
-    rng = np.random.RandomState(seed)
-    seg = np.ones((B, T), np.int32)
-    seg[:, T // 2 :] = 2
-    seg[0, -3:] = 0  # some padding
-    pos = np.concatenate([np.arange(T // 2), np.arange(T - T // 2)])[None].repeat(B, 0)
-    return {
-        "inputs": rng.randint(0, cfg.vocab_size, (B, T)).astype(np.int32),
-        "targets": rng.randint(0, cfg.vocab_size, (B, T)).astype(np.int32),
-        "segment_ids": seg,
-        "positions": pos.astype(np.int32),
-        "weights": (seg > 0).astype(np.float32),
-    }
-
-
 def _run_steps(config, mesh, batches):
     cfg = ts.model_config(config)
     model = Transformer(cfg)
@@ -256,7 +233,7 @@ def _mesh_config():
 def mesh_run():
     """(config, batches, mesh, losses, final state) of 3 steps of tiny on a 2 x 2 x 2 mesh."""
     config = _mesh_config()
-    batches = [_synthetic_batch(ts.model_config(config), 8, 16, seed=s) for s in range(3)]
+    batches = [synthetic_batch(ts.model_config(config), 8, 16, seed=s) for s in range(3)]
     mesh = sharding.make_mesh(data=2, fsdp=2, expert=2, tensor=1)
     return (config, batches, mesh, *_run_steps(config, mesh, batches))
 
@@ -350,7 +327,7 @@ def test_bias_update_balances_load_only_when_enabled(rate):
     skew = jnp.linspace(-0.5, 0.5, cfg.n_routed_experts)
     state = state.replace(moe_bias=jax.tree.map(lambda b: b + skew, state.moe_bias))
     step = ts.jit_train_step(model, tx, schedule, config, donate=False)
-    batch = jax.tree.map(jnp.asarray, _synthetic_batch(cfg, 8, 32))
+    batch = jax.tree.map(jnp.asarray, synthetic_batch(cfg, 8, 32))
     imbalance = []
     for _ in range(40):
         state, m = step(state, batch)
@@ -477,7 +454,7 @@ def test_dense_config_trains_with_bf16_moments_and_chunked_ce():
     config.optim.moment_dtype = "bfloat16"
     config.train.ce_chunk = 6
     cfg = ts.model_config(config)
-    batch = _synthetic_batch(cfg, 8, 16)
+    batch = synthetic_batch(cfg, 8, 16)
     mesh = sharding.make_mesh(data=2, fsdp=4, expert=1, tensor=1)
     losses, state = _run_steps(config, mesh, [batch] * 3)
     assert all(math.isfinite(x) for x in losses), losses
@@ -534,12 +511,12 @@ def test_chunked_cross_entropy_equals_whole_loss_and_gradients():
     """ce_chunk=5 over T=12 (3 chunks, the last padded; MTP depth 1 over T-1=11) gives the
     unchunked loss and gradients to <= 1e-6 relative, in float32."""
 
-    from tests.helpers import rel_err
-    from tests.helpers import tiny_config as model_cfg
+    from dsjax.testing import rel_err
+    from dsjax.testing import tiny_config as model_cfg
 
     cfg = model_cfg(num_hidden_layers=2)
     variables = init_variables(cfg, jax.random.key(0), 2, 12)
-    batch = {k: jnp.asarray(v) for k, v in _synthetic_batch(cfg, 2, 12).items()}
+    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(cfg, 2, 12).items()}
     model = Transformer(cfg)
 
     def loss_and_grads(chunk):

@@ -17,11 +17,7 @@ from dsjax.checkpoints.hf_table_v4 import float32_leaf, v4_tensor_table
 from dsjax.checkpoints.safetensors_io import SafetensorsFile
 from dsjax.model.config import CSA, HCA, SLIDING, ModelConfig
 from dsjax.model.transformer import Transformer, count_params
-
-try:
-    import v4_fixtures as fx
-except ImportError:  # pragma: no cover
-    from tests import v4_fixtures as fx
+from tests import v4_fixtures as fx
 
 
 def released_flash() -> dict:
