@@ -206,6 +206,42 @@ def test_collectives_count_loop_bodies_per_iteration():
     assert ops["reduce-scatter"]["count"] == 0
 
 
+_HLO_SLICES = """
+ENTRY %main (x: f32[1024]) -> f32[1024] {
+  %x = f32[1024]{0} parameter(0)
+  %dp = f32[1024]{0} all-reduce(f32[1024]{0} %x), replica_groups=[4,2]<=[2,4]T(1,0), to_apply=%add
+  %ici = f32[1024]{0} all-reduce(f32[1024]{0} %x), replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add
+  %pp = f32[1024]{0} collective-permute(f32[1024]{0} %x), source_target_pairs={{0,4},{1,5}}
+  %in = f32[1024]{0} collective-permute(f32[1024]{0} %x), source_target_pairs={{0,1},{4,5}}
+  ROOT %a2a = f32[1024]{0} all-to-all(f32[1024]{0} %x), replica_groups={{0,1,4,5}}, dimensions={0}
+}
+"""
+
+
+def test_collectives_split_bytes_between_slices():
+    """Hand-worked, 2 slices of 4 devices: the all-reduce over pairs (0,4)... crosses DCN
+    (2 S (K-1)/(K m) = S), the one inside each slice does not; a permute 0 -> 4 crosses, 0 -> 1
+    does not; an all-to-all over {0,1,4,5} sends half its rows to the other slice."""
+    ops = hlo_stats.collectives(_HLO_SLICES, num_devices=8, per_slice=4)["ops"]
+    S = 1024 * 4
+    assert ops["all-reduce"]["dcn_bytes"] == pytest.approx(S)
+    assert ops["collective-permute"]["dcn_bytes"] == pytest.approx(S)
+    assert ops["all-to-all"]["dcn_bytes"] == pytest.approx(S / 2)
+    assert "dcn_bytes" not in hlo_stats.collectives(_HLO_SLICES, num_devices=8)["ops"]["all-reduce"]
+
+
+@needs_libtpu
+def test_num_slices_orders_devices_by_slice():
+    """`--num_slices=2`: the devices of slice 0 come first, so the mesh's outer axis spans the
+    slices; the DCN rate is the published per-chip figure."""
+    target = plan.make_target("v5e:2x2", num_slices=2)
+    assert len(target.devices) == 8 and target.slices == 2
+    assert [d.slice_index for d in target.devices] == [0] * 4 + [1] * 4
+    assert target.dcn_bytes_per_s == pytest.approx(25e9 / 8)
+    with pytest.raises(plan.PlanError, match="num_slices=0"):
+        plan.make_target("v5e:2x2", num_slices=0)
+
+
 def test_requirements_tpu_pins_the_installed_jax():
     import jax
 

@@ -33,6 +33,9 @@ _OP = re.compile(r"=\s*(.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
 _GROUPS_LIST = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
 _GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_GROUPS_IOTA_FULL = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?")
+_GROUPS_ALL = re.compile(r"replica_groups=\{((?:\{[0-9,]*\},?)*)\}")
+_PAIRS = re.compile(r"source_target_pairs=\{((?:\{[0-9,]*\},?)*)\}")
 _CONDITION = re.compile(r"\bcondition=%?([\w.\-]+)")
 _CONST = re.compile(r"s32\[\]\S* constant\((\d+)\)")
 
@@ -140,11 +143,79 @@ def _moved_bytes(op: str, size: float, n: int) -> float:
     return size  # collective-permute
 
 
-def collectives(hlo: str, num_devices: int) -> dict:
-    """{op: {"count", "result_bytes", "moved_bytes"}} per step, plus `unknown_trip_counts`."""
+def _groups(line: str, num_devices: int) -> list[list[int]] | None:
+    """The replica groups of a collective as lists of device ids (the program's logical ids:
+    positions in the mesh's device list), or None for a form not read here."""
+    m = _GROUPS_IOTA_FULL.search(line)
+    if m:
+        import numpy as np
+
+        g, size = int(m.group(1)), int(m.group(2))
+        dims = [int(d) for d in m.group(3).split(",")]
+        ids = np.arange(int(np.prod(dims))).reshape(dims)
+        if m.group(4):
+            ids = ids.transpose([int(p) for p in m.group(4).split(",")])
+        return ids.reshape(g, size).tolist()
+    m = _GROUPS_ALL.search(line)
+    if m:
+        groups = [
+            [int(x) for x in grp.split(",") if x]
+            for grp in re.findall(r"\{([0-9,]*)\}", m.group(1))
+        ]
+        return groups or [list(range(num_devices))]
+    return None
+
+
+def _dcn_bytes(op: str, line: str, size: float, num_devices: int, per_slice: int) -> float:
+    """Bytes one device sends between slices (DCN) for `op` on `size`-byte results, when the
+    devices of slice s are the mesh positions [s * per_slice, (s + 1) * per_slice): a
+    collective-permute's pairs that cross, else the groups' members in other slices, with a
+    hierarchical algorithm (reduce/gather inside a slice, one share per chip over DCN): for a
+    group of K slices x m chips, all-reduce 2 S (K-1)/(K m), all-gather S (K-1)/(K m),
+    reduce-scatter S (K-1), all-to-all S (n - m)/n. Unknown group forms count as crossing."""
+    if op == "collective-permute":
+        m = _PAIRS.search(line)
+        if not m:
+            return size
+        pairs = [
+            [int(x) for x in p.split(",") if x] for p in re.findall(r"\{([0-9,]*)\}", m.group(1))
+        ]
+        cross = [p for p in pairs if len(p) == 2 and p[0] // per_slice != p[1] // per_slice]
+        # Every device sends at most once: the worst device's bytes.
+        return size if cross else 0.0
+    groups = _groups(line, num_devices)
+    if groups is None:
+        return _moved_bytes(op, size, num_devices)
+    worst = 0.0
+    for grp in groups:
+        n = len(grp)
+        slices = {d // per_slice for d in grp}
+        K = len(slices)
+        if K <= 1 or n <= 1:
+            continue
+        m = n / K
+        if op == "all-reduce":
+            b = 2 * size * (K - 1) / (K * m)
+        elif op == "all-gather":
+            b = size * (K - 1) / (K * m)
+        elif op == "reduce-scatter":
+            b = size * (K - 1)
+        else:  # all-to-all, ragged-all-to-all
+            b = size * (n - m) / n
+        worst = max(worst, b)
+    return worst
+
+
+def collectives(hlo: str, num_devices: int, per_slice: int | None = None) -> dict:
+    """{op: {"count", "result_bytes", "moved_bytes"}} per step, plus `unknown_trip_counts`.
+    With `per_slice` (devices per slice of a multi-slice target) each op also has
+    "dcn_bytes": what one device sends between slices (`_dcn_bytes`)."""
     comps, entry = _split_computations(hlo)
     mult, unknown = _multiplicities(comps, entry)
     stats = {op: {"count": 0, "result_bytes": 0.0, "moved_bytes": 0.0} for op in COLLECTIVES}
+    if per_slice:
+        for v in stats.values():
+            v["dcn_bytes"] = 0.0
     for name, lines in comps:
         m = mult.get(name, 0.0)
         if not m:
@@ -163,6 +234,8 @@ def collectives(hlo: str, num_devices: int) -> dict:
             stats[op]["count"] += int(m)
             stats[op]["result_bytes"] += m * size
             stats[op]["moved_bytes"] += m * _moved_bytes(op, size, n)
+            if per_slice:
+                stats[op]["dcn_bytes"] += m * _dcn_bytes(op, line, size, num_devices, per_slice)
     return {"ops": stats, "unknown_trip_counts": unknown}
 
 

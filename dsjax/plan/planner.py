@@ -3,7 +3,7 @@
     python -m dsjax.plan --config=configs/deepseek_v3.py --topology=v5p:4x8x8 \
         [--mode=train|decode] [--config.mesh.fsdp=32 --config.mesh.expert=8 ...] \
         [--batch_per_chip=1] [--batch=64 --cache_len=32768 --layout=fsdp|decode]
-        [--json=PATH] [--search]
+        [--json=PATH] [--search] [--num_slices=K]
 
 It compiles the REAL program (`dsjax.train.step.train_step` with `state_shardings`, or the
 model's absorbed-latent decode forward of one token per row over a cache) for abstract TPU chips
@@ -14,6 +14,10 @@ bytes per step, and a roofline step time from published chip figures (dsjax/plan
 an upper-bound MFU. Beside the compiler's figures an analytic breakdown shows where memory goes.
 Decode plans take a layout (`--layout`, `dsjax.model.sharding.logical_rules`) and report the HBM
 bound (weights + latent cache read once per step, evenly over the chips) beside the roofline.
+`--num_slices=K` plans K such slices joined by the data-center network (multi-slice; the mesh's
+outer axes, `stage` then `data`, span the slices): the report adds the bytes each chip sends
+between slices per step and their time at the published DCN rate, and for `mesh.stage > 1` an
+estimated step time with the pipeline's bubble.
 Exit status: 0 fits, 1 does not fit (numbers printed), 2 cannot plan (libtpu / GPU missing).
 """
 
@@ -76,12 +80,19 @@ class Target:
     hbm_bytes_per_s: float | None
     ici_bytes_per_s: float | None
     host_bytes: float | None = None  # host memory per device
+    slices: int = 1  # slices joined by the data-center network (multi-slice)
+    dcn_bytes_per_s: float | None = None  # per device, between slices
 
 
 # ----------------------------------------------------------------------------- target
-def make_target(topology: str) -> Target:
-    """TPU topology name (v5p:4x8x8, v5e:2x2, v6e:4x4, v4:2x2x1) or 'gpu' (the local GPUs)."""
+def make_target(topology: str, num_slices: int = 1) -> Target:
+    """TPU topology name (v5p:4x8x8, v5e:2x2, v6e:4x4, v4:2x2x1) or 'gpu' (the local GPUs);
+    `num_slices` TPU slices of that topology joined by DCN (devices in slice order)."""
+    if num_slices < 1:
+        raise PlanError(f"--num_slices={num_slices}: must be >= 1")
     if topology.strip().lower() == "gpu":
+        if num_slices > 1:
+            raise PlanError("--num_slices applies to TPU topologies, not --topology=gpu")
         try:
             devices = jax.devices("gpu")
         except RuntimeError:
@@ -102,19 +113,25 @@ def make_target(topology: str) -> Target:
     from jax.experimental import topologies
 
     name = tpu_specs.libtpu_topology_name(spec, dims)
-    extra = {}
+    extra: dict = {"num_slices": num_slices} if num_slices > 1 else {}
     if tpu_specs.num_chips(dims) < 4:  # less than one host: libtpu needs the host's bounds
         extra["chips_per_host_bounds"] = [*dims, 1, 1][:3]
     devices = topologies.get_topology_desc(platform="tpu", topology_name=name, **extra).devices
-    per_chip = len(devices) / tpu_specs.num_chips(dims)  # v4: one device per TensorCore
+    chips = tpu_specs.num_chips(dims) * num_slices
+    per_chip = len(devices) / chips  # v4: one device per TensorCore
+    label = f"{name} ({chips} chips, {len(devices)} devices)"
+    if num_slices > 1:
+        label = f"{num_slices} x {name} over DCN ({chips} chips, {len(devices)} devices)"
     return Target(
-        f"{name} ({tpu_specs.num_chips(dims)} chips, {len(devices)} devices)",
+        label,
         tuple(devices),
         spec.peak_bf16_flops / per_chip,
         spec.hbm_bytes / per_chip,
         spec.hbm_bytes_per_s / per_chip,
         spec.ici_bytes_per_s / per_chip,
         spec.host_bytes / per_chip if spec.host_bytes else None,
+        num_slices,
+        spec.dcn_bytes_per_s / per_chip if spec.dcn_bytes_per_s else None,
     )
 
 
@@ -288,13 +305,15 @@ def _memory_from_compiled(compiled, args_bytes: float, dump: CompilerDump | None
     return out
 
 
-def _collectives(compiled, dump: CompilerDump | None, n: int) -> dict | None:
+def _collectives(compiled, dump: CompilerDump | None, n: int, slices: int = 1) -> dict | None:
     """The collectives of the optimized program: from the compiler's dump, else from
-    `compiled.as_text()` (which jaxlib cannot parse for a newer libtpu's programs)."""
+    `compiled.as_text()` (which jaxlib cannot parse for a newer libtpu's programs). With
+    `slices` > 1 each op also has its bytes sent between slices ("dcn_bytes")."""
+    per_slice = n // slices if slices > 1 else None
     if dump is not None and dump.hlo_text:
-        return hlo_stats.collectives(dump.hlo_text, n)
+        return hlo_stats.collectives(dump.hlo_text, n, per_slice)
     try:
-        return hlo_stats.collectives(compiled.as_text(), n)
+        return hlo_stats.collectives(compiled.as_text(), n, per_slice)
     except Exception:  # noqa: BLE001 - e.g. "async-update instruction should have 1 operands"
         return None
 
@@ -326,13 +345,27 @@ def _roofline(report: dict, target: Target, flops_dev: float, hw_flops_dev: floa
         est["compute_s"] = hw_flops_dev / target.peak_flops
     if target.hbm_bytes_per_s:
         est["hbm_s"] = hbm_bytes_dev / target.hbm_bytes_per_s
-    if target.ici_bytes_per_s and report.get("collectives"):
-        moved = sum(v["moved_bytes"] for v in report["collectives"]["ops"].values())
-        est["ici_s"] = moved / target.ici_bytes_per_s
+    ops = (report.get("collectives") or {}).get("ops", {})
+    dcn = sum(v.get("dcn_bytes", 0.0) for v in ops.values())
+    if target.ici_bytes_per_s and ops:
+        moved = sum(v["moved_bytes"] for v in ops.values())
+        est["ici_s"] = max(moved - dcn, 0.0) / target.ici_bytes_per_s
+    if target.slices > 1 and ops:
+        report["dcn_bytes"] = dcn
+        if target.dcn_bytes_per_s:
+            est["dcn_s"] = dcn / target.dcn_bytes_per_s
     if est:
         est["step_s"] = max(est.values())
         if target.peak_flops:
             est["mfu_upper_bound"] = flops_dev / (est["step_s"] * target.peak_flops)
+    pp = report.get("pipeline")
+    if pp and "compute_s" in est:
+        # Pipelined: every rank idles for the bubble; compute stretches by 1 / (1 - bubble),
+        # the transfers overlap it at best.
+        stretched = est["compute_s"] / (1 - pp["bubble_fraction"])
+        est["pipelined_step_s"] = max(
+            [stretched] + [v for k, v in est.items() if k in ("hbm_s", "ici_s", "dcn_s")]
+        )
     report["estimate"] = est
 
 
@@ -484,7 +517,7 @@ def plan_train(config: ml_collections.ConfigDict, target: Target) -> dict:
     if compiled is not None:
         cost = _cost(compiled)
         report["flops"]["xla_per_device"] = cost.get("flops")
-        report["collectives"] = _collectives(compiled, dump, n)
+        report["collectives"] = _collectives(compiled, dump, n, target.slices)
         hbm_traffic = float(cost.get("bytes accessed", 0.0))
     # At least: weights read in forward, recompute and backward, state read+written once.
     hbm_traffic = max(hbm_traffic, 3 * memory["params_bytes"] + 2 * (state_bytes + host_state))
@@ -778,16 +811,24 @@ def format_report(r: dict) -> str:
         parts = [f"{op} x{v['count']} {_g(v['result_bytes'])} (sends {_g(v['moved_bytes'])})"
                  for op, v in col["ops"].items() if v["count"]]  # fmt: skip
         lines.append("   collectives/step/device: " + ("; ".join(parts) or "none"))
+        if "dcn_bytes" in r:
+            dcn = [f"{op} {_g(v['dcn_bytes'])}" for op, v in col["ops"].items()
+                   if v.get("dcn_bytes")]  # fmt: skip
+            lines.append(f"   between slices (DCN) per step per chip: {_g(r['dcn_bytes'])}"
+                         + (f" ({'; '.join(dcn)})" if dcn else ""))  # fmt: skip
         if col["unknown_trip_counts"]:
             unknown = col["unknown_trip_counts"]
             lines.append(f"     ({unknown} loops of unknown trip count counted once)")
     e = r.get("estimate", {})
     if e:
         parts = [f"{k[:-2]} {v * 1e3:.1f} ms" for k, v in e.items()
-                 if k.endswith("_s") and k != "tokens_per_s"]  # fmt: skip
+                 if k.endswith("_s") and k not in ("tokens_per_s", "pipelined_step_s")]  # fmt: skip
         tail = f"; MFU <= {e['mfu_upper_bound'] * 100:.1f}%" if "mfu_upper_bound" in e else ""
         tps = f"; {e['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in e else ""
         lines.append("   roofline: " + ", ".join(parts) + tail + tps)
+        if "pipelined_step_s" in e:
+            lines.append(f"   pipelined step (compute / (1 - bubble), transfers overlapped): "
+                         f"{e['pipelined_step_s'] * 1e3:.1f} ms")  # fmt: skip
     bound = r.get("hbm_bound")
     if bound:
         over = bound.get("step_over_bound")
@@ -818,7 +859,7 @@ def main(argv) -> int:
         raise PlanError("--config=configs/NAME.py is required")
     if not f.topology:
         raise PlanError("--topology is required (e.g. v5p:4x8x8, v5e:2x2, v6e:4x4, v4:2x2x1, gpu)")
-    target = make_target(f.topology)
+    target = make_target(f.topology, f.num_slices)
     run_config.parse(config)  # unknown keys, types and ranges: one line before any compile
     if f.mode == "decode":
         reports = [plan_decode(config, target, f.batch, f.cache_len, f.layout)]
@@ -858,6 +899,7 @@ def _define_flags():
                       "data-parallel attention)")  # fmt: skip
     flags.DEFINE_string("json", None, "write the report(s) as JSON here")
     flags.DEFINE_bool("search", False, "search meshes x batch per chip x remat (train)")
+    flags.DEFINE_integer("num_slices", 1, "TPU slices of --topology joined by DCN (multi-slice)")
     flags.DEFINE_integer("top", 4, "--search: how many of the analytically best to compile")
 
 

@@ -12,6 +12,9 @@ Sources (Cloud TPU system-architecture pages, read 2025):
 Host memory per chip (what `optim.host_offload` and remat "offload" use): the TPU VM's DRAM over
 its chips, from the same pages (read 2026): v5e 512 GiB per 8-chip host, v5p 448 GB per 4-chip
 VM, v6e 1,536 GiB per 8-chip host; v4's is not given there (None: not checked).
+Data-center network (DCN, between the slices of a multi-slice job) per chip, same pages (read
+2026): v5p 50 Gbps per chip; v5e 6.4 Tbps per 256-chip pod (25 Gbps per chip); v4 and v6e's are
+not given there (None: no DCN time is estimated).
 HBM capacity is what XLA:TPU itself reports as available (v5p: "available HBM (95.74G)", v5e:
 15.75G, v6e: 31.25G; G = GiB);
 where the compiler has not been seen to say, the nominal size. libtpu exposes v4 as one JAX device
@@ -37,12 +40,13 @@ class ChipSpec:
     ici_bytes_per_s: float  # per chip, all links together
     dims: int  # 3 for 3-D tori (v4, v5p), 2 for v5e / v6e
     host_bytes: float | None = None  # host DRAM per chip
+    dcn_bytes_per_s: float | None = None  # data-center network (between slices) per chip
 
 
 CHIPS = {
     "v4": ChipSpec("v4", 275e12, 32 * GIB, 1200e9, 300e9, 3),
-    "v5e": ChipSpec("v5e", 197e12, 15.75 * GIB, 819e9, 200e9, 2, 512 * GIB / 8),
-    "v5p": ChipSpec("v5p", 459e12, 95.74 * GIB, 2765e9, 600e9, 3, 448e9 / 4),
+    "v5e": ChipSpec("v5e", 197e12, 15.75 * GIB, 819e9, 200e9, 2, 512 * GIB / 8, 6.4e12 / 8 / 256),
+    "v5p": ChipSpec("v5p", 459e12, 95.74 * GIB, 2765e9, 600e9, 3, 448e9 / 4, 50e9 / 8),
     "v6e": ChipSpec("v6e", 918e12, 31.25 * GIB, 1640e9, 448e9, 2, 1536 * GIB / 8),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v5": "v5p"}
