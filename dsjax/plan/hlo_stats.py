@@ -193,15 +193,15 @@ def _dcn_bytes(op: str, line: str, size: float, num_devices: int, per_slice: int
         K = len(slices)
         if K <= 1 or n <= 1:
             continue
-        m = n / K
+        per = n / K  # the group's members in each slice
         if op == "all-reduce":
-            b = 2 * size * (K - 1) / (K * m)
+            b = 2 * size * (K - 1) / (K * per)
         elif op == "all-gather":
-            b = size * (K - 1) / (K * m)
+            b = size * (K - 1) / (K * per)
         elif op == "reduce-scatter":
             b = size * (K - 1)
         else:  # all-to-all, ragged-all-to-all
-            b = size * (n - m) / n
+            b = size * (n - per) / n
         worst = max(worst, b)
     return worst
 
