@@ -76,6 +76,8 @@ class ModelOutput:
     head_input: jax.Array | None = None
     mtp_head_input: tuple[jax.Array, ...] | None = None
     indexer_kl: jax.Array | None = None
+    # DeepSeek-V4: the mHC streams after the last layer [B, T, n, D] (the MTP module's input).
+    streams: jax.Array | None = None
 
 
 class Block(nn.Module):
@@ -363,11 +365,6 @@ class Transformer(nn.Module):
         """DeepSeek-V4's body (`v4_blocks`): mHC streams through the layers, HyperHead, final
         norm; MTP depth k sees the main streams (depth 1) or the previous depth's."""
         cfg = self.cfg
-        if mode != "train":
-            raise ValueError(
-                f"mode={mode!r}: DeepSeek-V4 has only the full-sequence forward (mode='train') "
-                "so far; its decode caches are not implemented"
-            )
         T = tokens_BT.shape[1]
         streams, stats = v4_layers(cfg, mode, x, tokens_BT, positions_BT, segment_ids_BT)
         hidden = self.hc_head(streams)
@@ -377,10 +374,12 @@ class Transformer(nn.Module):
         if cfg.num_mtp_layers and run_mtp:
             h = streams
             for k in range(1, cfg.num_mtp_layers + 1):
-                if T - k <= 0:
+                if mode == "train" and T - k <= 0:
                     raise ValueError(f"MTP depth {k} needs more than {k} tokens; got T={T}")
                 nxt = jnp.concatenate([tokens_BT[:, k:], jnp.repeat(tokens_BT[:, -1:], k, 1)], 1)
-                seg = jnp.where(jnp.arange(T)[None, :] + k < T, segment_ids_BT, 0)
+                seg = segment_ids_BT
+                if mode == "train":  # the last k positions see a placeholder token
+                    seg = jnp.where(jnp.arange(T)[None, :] + k < T, segment_ids_BT, 0)
                 h, normed, s = V4MTP(cfg, mode, name=f"mtp_{k - 1}")(
                     h, self.lookup(nxt), nxt, positions_BT, seg
                 )
@@ -398,6 +397,7 @@ class Transformer(nn.Module):
             mtp_balance_loss=jnp.stack(mtp_balance) if mtp_balance else None,
             head_input=None if want_logits else head_input,
             mtp_head_input=None if want_logits or not mtp_inputs else tuple(mtp_inputs),
+            streams=streams,
         )  # fmt: skip
 
 

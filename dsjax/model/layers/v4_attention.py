@@ -13,8 +13,12 @@ Window layers rotate with the "main" table, CSA/HCA layers (all their rotations)
 
 The window branch runs in blocks of W queries against their own and the previous block's
 keys (2W keys per query, not T); the compressed entries (T / rate of them) are attended densely
-under a mask, and one softmax covers window, entries and sink. Only full-sequence ("train")
-mode exists so far: the decode caches are not implemented.
+under a mask, and one softmax covers window, entries and sink.
+
+"prefill" / "decode" modes read and write the layer's `V4LayerCache` (`cache` collection,
+variable "v4"; `dsjax/model/v4_cache.py`): the new tokens attend to the window ring plus
+themselves, and to every cached entry visible to them (`v4_decode.py`); both modes are the
+same computation (a prefill is a forward from position 0 over an unused cache).
 """
 
 from __future__ import annotations
@@ -29,6 +33,16 @@ from dsjax.model.layers.mlp import Linear
 from dsjax.model.layers.norms import RMSNorm
 from dsjax.model.layers.rope import rotate_trailing, v4_rope_frequencies
 from dsjax.model.layers.v4_compressor import Compressor, Indexer
+from dsjax.model.layers.v4_decode import (
+    cached_window_attention,
+    chunk_bounds,
+    entries_visible,
+    window_keys,
+    write_slots,
+)
+from dsjax.model.v4_cache import cache_axes, zeros_layer_cache
+
+MODES = ("train", "prefill", "decode")
 
 _MASKED = -1e30
 
@@ -89,11 +103,8 @@ class V4Attention(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, positions_BT, segment_ids_BT):
         cfg = self.cfg
-        if self.mode != "train":
-            raise ValueError(
-                f"DeepSeek-V4 attention mode={self.mode!r}: only the full-sequence forward "
-                "(mode='train') is implemented; V4 decode caches are not"
-            )
+        if self.mode not in MODES:
+            raise ValueError(f"DeepSeek-V4 attention mode={self.mode!r}: expected one of {MODES}")
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         B, T, D = x_BTD.shape
         H, d, g = cfg.num_attention_heads, cfg.head_dim, cfg.o_groups
@@ -112,32 +123,82 @@ class V4Attention(nn.Module):
         kv = Linear(D, d, ("embed", "head_dim"), name="wkv", **kw)(x_BTD)
         kv = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "head_dim", name="kv_norm")(kv)
         kv = rotate_trailing(kv, positions_BT, inv_freq)
-
-        q_idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
-        comp = jnp.zeros((B, 0, d), dtype)
-        visible = jnp.zeros((B, T, 0), jnp.bool_)
-        if self.layer_type in (CSA, HCA):
-            csa = self.layer_type == CSA
-            rate = cfg.compress_rate_csa if csa else cfg.compress_rate_hca
-            comp, info = Compressor(cfg, rate, d, csa, name="compressor")(
-                x_BTD, positions_BT, segment_ids_BT
-            )
-            visible = info.visible(q_idx, segment_ids_BT)
-            if csa:
-                visible = Indexer(cfg, name="indexer")(
-                    x_BTD, c_q, positions_BT, visible, segment_ids_BT
-                )
-        sinks = self.param(
-            "sinks", nn.with_logical_partitioning(nn.initializers.zeros, ("heads",)), (H,),
-            jnp.float32,
-        )  # fmt: skip
-        o = window_attention(
-            q, kv, comp, visible, sinks, window=cfg.sliding_window, scale=cfg.softmax_scale,
-            segment_ids_BT=segment_ids_BT,
-        )  # fmt: skip
+        if self.mode == "train":
+            o = self._full(x_BTD, c_q, q, kv, positions_BT, segment_ids_BT)
+        else:
+            o = self._cached(x_BTD, c_q, q, kv, positions_BT, segment_ids_BT)
         o = rotate_trailing(o, positions_BT, inv_freq, inverse=True)
         wo_a = Linear(H * d // g, g * cfg.o_lora_rank, ("o_in", "heads"), name="wo_a", **kw)
         w = wo_a.weight().reshape(H * d // g, g, cfg.o_lora_rank)
         y = jnp.einsum("btgi,igr->btgr", o.reshape(B, T, g, H * d // g), w)
         y = y.reshape(B, T, g * cfg.o_lora_rank)
         return Linear(g * cfg.o_lora_rank, D, ("heads", "embed"), name="wo_b", **kw)(y)
+
+    def _compressor(self):
+        cfg, csa = self.cfg, self.layer_type == CSA
+        rate = cfg.compress_rate_csa if csa else cfg.compress_rate_hca
+        return rate, Compressor(cfg, rate, cfg.head_dim, csa, name="compressor")
+
+    def _sinks(self):
+        return self.param(
+            "sinks", nn.with_logical_partitioning(nn.initializers.zeros, ("heads",)),
+            (self.cfg.num_attention_heads,), jnp.float32,
+        )  # fmt: skip
+
+    def _full(self, x_BTD, c_q, q, kv, positions_BT, segment_ids_BT):
+        """The full-sequence forward (train mode): blocked window + masked entries."""
+        cfg = self.cfg
+        B, T, d = kv.shape
+        dtype = kv.dtype
+        q_idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+        comp = jnp.zeros((B, 0, d), dtype)
+        visible = jnp.zeros((B, T, 0), jnp.bool_)
+        if self.layer_type in (CSA, HCA):
+            _, compressor = self._compressor()
+            comp, info = compressor(x_BTD, positions_BT, segment_ids_BT)
+            visible = info.visible(q_idx, segment_ids_BT)
+            if self.layer_type == CSA:
+                visible = Indexer(cfg, name="indexer")(
+                    x_BTD, c_q, positions_BT, visible, segment_ids_BT
+                )
+        return window_attention(
+            q, kv, comp, visible, self._sinks(), window=cfg.sliding_window, scale=cfg.softmax_scale,
+            segment_ids_BT=segment_ids_BT,
+        )  # fmt: skip
+
+    def _cached(self, x_BTD, c_q, q, kv, positions_BT, segment_ids_BT):
+        """Prefill/decode: the new tokens over the layer's `V4LayerCache` (module docstring)."""
+        cfg = self.cfg
+        B, T, d = kv.shape
+        var = self.variable(
+            "cache", "v4", zeros_layer_cache, cfg, self.layer_type, B, T
+        )  # at init T is the cache length
+        cache = var.value
+        valid = segment_ids_BT > 0
+        first, last = chunk_bounds(positions_BT, valid)
+        keys, key_pos = window_keys(cache.window, cache.window_pos, kv, positions_BT, valid, first)
+        comp = jnp.zeros((B, 0, d), kv.dtype)
+        visible = jnp.zeros((B, T, 0), jnp.bool_)
+        if self.layer_type in (CSA, HCA):
+            rate, compressor = self._compressor()
+            comp, comp_cache = compressor(x_BTD, positions_BT, segment_ids_BT, cache.compressor)
+            cache = cache.replace(compressor=comp_cache)
+            visible = entries_visible(positions_BT, comp.shape[1], rate)
+            if self.layer_type == CSA:
+                visible, index_cache = Indexer(cfg, name="indexer")(
+                    x_BTD, c_q, positions_BT, visible, segment_ids_BT, cache.indexer
+                )
+                cache = cache.replace(indexer=index_cache)
+        o = cached_window_attention(
+            q, keys, key_pos, comp, visible, self._sinks(), window=cfg.sliding_window,
+            scale=cfg.softmax_scale, positions_BT=positions_BT,
+        )  # fmt: skip
+        window, window_pos = write_slots(
+            cache.window, cache.window_pos, kv, positions_BT, valid, last
+        )
+        cache = cache.replace(window=window, window_pos=window_pos)
+        var.value = jax.tree.map(
+            nn.with_logical_constraint, cache, cache_axes(cache),
+            is_leaf=lambda x: isinstance(x, tuple),
+        )  # fmt: skip
+        return o

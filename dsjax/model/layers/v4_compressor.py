@@ -31,6 +31,7 @@ from dsjax.model.config import ModelConfig
 from dsjax.model.layers.mlp import Linear
 from dsjax.model.layers.norms import RMSNorm
 from dsjax.model.layers.rope import rotate_trailing, v4_rope_frequencies
+from dsjax.model.layers.v4_decode import compress_chunk, write_entries
 
 
 @flax.struct.dataclass
@@ -51,7 +52,11 @@ class EntryInfo:
 class Compressor(nn.Module):
     """`Compressor(cfg, rate, dim, overlap)(x_BTD, positions_BT, segment_ids_BT) ->
     (entries [B, N, dim] compute dtype, EntryInfo)`, N = T // rate. Parameters: wkv, wgate
-    [D, c*dim], ape [rate, c*dim] (float32), norm [dim]; c = 2 with overlap, else 1."""
+    [D, c*dim], ape [rate, c*dim] (float32), norm [dim]; c = 2 with overlap, else 1.
+
+    With `cache` (a `v4_cache.CompressorCache`, decode modes; segment ids > 0 mark the valid tokens):
+    returns (all cached entries [B, N_max, dim] with the windows closing here written, the
+    updated cache) instead (`v4_decode.compress_chunk`)."""
 
     cfg: ModelConfig
     rate: int
@@ -59,7 +64,7 @@ class Compressor(nn.Module):
     overlap: bool
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache=None):
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         B, T, D = x_BTD.shape
@@ -72,6 +77,18 @@ class Compressor(nn.Module):
             "ape", nn.with_logical_partitioning(nn.initializers.zeros, (None, "head_dim")),
             (m, width), jnp.float32,
         )  # fmt: skip
+        norm = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "head_dim", name="norm")
+        if cache is not None:
+            gate_f32 = gate.astype(jnp.float32) + ape[positions_BT % m]
+            pooled, w_BJ, emit, cache = compress_chunk(
+                cache, kv, gate_f32, positions_BT, segment_ids_BT > 0, rate=m,
+                overlap=self.overlap,
+            )  # fmt: skip
+            values = rotate_trailing(
+                norm(pooled), w_BJ * m, v4_rope_frequencies(cfg, compressed=True)
+            )
+            entries = write_entries(cache.entries, values, w_BJ, emit)
+            return entries, cache.replace(entries=entries)
         N = T // m
         kv_NmC = kv[:, : N * m].reshape(B, N, m, width)
         gate_NmC = gate[:, : N * m].reshape(B, N, m, width).astype(jnp.float32) + ape
@@ -93,7 +110,7 @@ class Compressor(nn.Module):
             gate_NmC = jnp.concatenate([prev_gate, gate_NmC[..., d:]], axis=2)
         weights = jax.nn.softmax(gate_NmC, axis=2)
         pooled = jnp.sum(kv_NmC.astype(jnp.float32) * weights, axis=2)
-        normed = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "head_dim", name="norm")(pooled)
+        normed = norm(pooled)
         starts = jnp.arange(N, dtype=jnp.int32) * m
         entries = rotate_trailing(
             normed, positions_BT[:, : N * m : m], v4_rope_frequencies(cfg, compressed=True)
@@ -107,20 +124,22 @@ class Indexer(nn.Module):
     """`Indexer(cfg)(x_BTD, c_q_BTQ, positions_BT, visible_BTN, segment_ids_BT)` -> the CSA
     entries each query attends to, [B, T, N] bool (its top `index_topk` visible entries by
     score). Parameters: wq_b [q_lora, H_I*c_I], weights_proj [D, H_I], compressor (CSA-style
-    at c_I)."""
+    at c_I). With `cache` (decode modes, the indexer's `CompressorCache`), the keys are the
+    cached ones ([B, N_max, c_I]) and it returns (chosen, updated cache)."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, c_q_BTQ, positions_BT, visible_BTN, segment_ids_BT):
+    def __call__(self, x_BTD, c_q_BTQ, positions_BT, visible_BTN, segment_ids_BT, cache=None):
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         B, T, D = x_BTD.shape
         H, c = cfg.index_n_heads, cfg.index_head_dim
         kw = dict(dtype=dtype, param_dtype=pdtype, init_std=cfg.init_std)
-        keys_BNc, _ = Compressor(cfg, cfg.compress_rate_csa, c, True, name="compressor")(
-            x_BTD, positions_BT, segment_ids_BT
+        keys_BNc, second = Compressor(cfg, cfg.compress_rate_csa, c, True, name="compressor")(
+            x_BTD, positions_BT, segment_ids_BT, cache
         )
+        cache = None if cache is None else second
         q = Linear(cfg.q_lora_rank, H * c, ("q_lora", "heads"), name="wq_b", **kw)(c_q_BTQ)
         q = rotate_trailing(
             q.reshape(B, T, H, c), positions_BT, v4_rope_frequencies(cfg, compressed=True)
@@ -131,11 +150,12 @@ class Indexer(nn.Module):
         scores = jnp.einsum("bth,bthn->btn", w_BTH, jax.nn.relu(dots) * c**-0.5)
         N = keys_BNc.shape[1]
         if N == 0:
-            return visible_BTN
+            return visible_BTN if cache is None else (visible_BTN, cache)
         scores = jnp.where(visible_BTN, scores, -jnp.inf)
         _, top = jax.lax.top_k(scores, min(cfg.index_topk, N))
         chosen = jnp.zeros((B, T, N), jnp.bool_)
         chosen = chosen.at[jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None], top].set(
             True
         )
-        return jax.lax.stop_gradient(chosen & visible_BTN)
+        chosen = jax.lax.stop_gradient(chosen & visible_BTN)
+        return chosen if cache is None else (chosen, cache)
