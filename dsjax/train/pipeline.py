@@ -39,17 +39,44 @@ METRICS = ("loss", "main_ce", "mtp_ce", "balance", "tokens")
 
 
 def check_pipeline(cfg: ModelConfig, stages: int, schedule: str, microbatches: int) -> int:
-    """Layers per chunk; ValueError (one line naming the fields) for a split that cannot work."""
+    """Layers of the longest chunk; ValueError (one line naming the fields) for a split that
+    cannot work. The MoE stack is stored in contiguous blocks over `stage`, so the stages must
+    divide the MoE layers; within a rank the chunks may differ by one layer (`chunk_sizes`)."""
     s = ps.make_schedule(schedule, stages, microbatches)
-    chunks, L = s.chunks, cfg.num_moe_layers
-    if L == 0 or L % chunks:
+    L = cfg.num_moe_layers
+    if L == 0 or L % stages:
         raise ValueError(
-            f"config.mesh.stage={stages} with pipeline_schedule={schedule!r} cuts the "
-            f"{L} MoE layers into {chunks} chunks: they must divide evenly"
+            f"config.mesh.stage={stages} must divide the {L} MoE layers (each pipeline rank "
+            f"stores an equal block of them)"
         )
     if cfg.dsa_stage != "off":
         raise ValueError(f"config.train.dsa_stage={cfg.dsa_stage!r}: pipelines run with 'off'")
-    return L // chunks
+    return max(chunk_sizes(s, L))
+
+
+def chunk_sizes(s: ps.Schedule, L: int) -> tuple[int, ...]:
+    """Layers of each chunk (contiguous, in model order): each rank's chunks together hold
+    L / ranks layers, split as evenly as they go (DualPipe with L / ranks odd: rank r's chunk
+    r one layer longer than its chunk 2N-1-r). The shorter chunks run masked identity layers
+    up to the longest (`_masked_stack`); those are not parameters of the model."""
+    per_rank = L // s.ranks
+    sizes = [0] * s.chunks
+    for r in range(s.ranks):
+        mine = s.rank_chunks(r)
+        for j, c in enumerate(mine):
+            sizes[c] = per_rank // len(mine) + (j < per_rank % len(mine))
+    return tuple(sizes)
+
+
+def chunk_rows(s: ps.Schedule, L: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows [C, Lc], valid [C, Lc]): the model layer of each row of each chunk padded to the
+    longest, Lc layers; a padding row repeats the chunk's first layer and is not valid."""
+    sizes = chunk_sizes(s, L)
+    Lc, starts = max(sizes), np.cumsum((0, *sizes[:-1]))
+    i = np.arange(Lc)
+    valid = i[None, :] < np.asarray(sizes)[:, None]
+    rows = np.where(valid, starts[:, None] + i[None, :], starts[:, None])
+    return rows.astype(np.int32), valid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,21 +231,45 @@ def _post(cfg: ModelConfig, train_cfg, shared, shared_bias, h, mb):
     return loss, metrics, out.mtp_expert_counts
 
 
-def _chunk(cfg, train_cfg, layers: int, p_chunk, shared, x_in, bias, shared_bias, mb, first, last):
+def _masked_stack(cfg, layers: int, p_chunk, bias, x, mb, valid):
+    """The MoE stack of a chunk padded to `layers` rows, one layer at a time: a row that is not
+    `valid` is the identity (its output is its input, its counts and balance loss zero, so it
+    gets no gradient and moves no routing bias)."""
+    one = _stack(cfg, True, 1, "train", "moe_layers")
+
+    def layer(h, row):
+        p, b, ok = row
+        variables = {
+            "params": jax.tree.map(lambda a: a[None], p),
+            "moe_bias": {"moe": {"bias": b[None]}},
+        }
+        y, stats = one.apply(variables, h, mb["positions"], mb["segment_ids"], None)
+        stats = jax.tree.map(lambda a: jnp.where(ok, a[0], jnp.zeros_like(a[0])), stats)
+        return jnp.where(ok, y, h), stats
+
+    return jax.lax.scan(layer, x, (p_chunk, bias, valid))
+
+
+def _chunk(cfg, train_cfg, layers: int, p_chunk, shared, x_in, bias, shared_bias, mb, first, last,
+           valid=None):  # fmt: skip
     """One chunk's forward: (output [b,T,D], loss share, (counts [layers,E], metrics, MTP counts)).
 
     `first`/`last` (traced booleans) add the prologue (the input is then the micro-batch's tokens,
     not `x_in`) and the epilogue; the loss share is α·(this chunk's balance losses) plus, on the
-    last chunk, the cross-entropies and MTP terms."""
+    last chunk, the cross-entropies and MTP terms. `valid` [layers] (uneven chunks): which rows
+    are real layers (`_masked_stack`)."""
     x = jnp.where(first, _pre(cfg, shared, mb).astype(x_in.dtype), x_in)
-    stack = _stack(cfg, True, layers, "train", "moe_layers")
-    h, stats = stack.apply(
-        {"params": p_chunk, "moe_bias": {"moe": {"bias": bias}}},
-        x,
-        mb["positions"],
-        mb["segment_ids"],
-        None,
-    )
+    if valid is None:
+        stack = _stack(cfg, True, layers, "train", "moe_layers")
+        h, stats = stack.apply(
+            {"params": p_chunk, "moe_bias": {"moe": {"bias": bias}}},
+            x,
+            mb["positions"],
+            mb["segment_ids"],
+            None,
+        )
+    else:
+        h, stats = _masked_stack(cfg, layers, p_chunk, bias, x, mb, valid)
     tail = jax.tree.map(
         lambda a: jnp.where(last, a, jnp.zeros_like(a)),
         _post(cfg, train_cfg, shared, shared_bias, h, mb),
@@ -230,11 +281,17 @@ def _chunk(cfg, train_cfg, layers: int, p_chunk, shared, x_in, bias, shared_bias
     return h, loss, (stats["counts"], metrics, mtp_counts)
 
 
-def _layer_order(s: ps.Schedule, layers: int) -> np.ndarray:
-    """Model layer index of each row of the stage-sharded MoE stack: rank r's block holds its
-    chunks in local-slot order (the identity for GPipe/1F1B)."""
+def _layer_order(s: ps.Schedule, L: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order, position): the model layer of each row of the stage-sharded MoE stack the step
+    runs on (rank r's block holds its chunks in local-slot order, each padded to the longest:
+    the identity for GPipe/1F1B), and the row holding each model layer."""
+    rows, valid = chunk_rows(s, L)
     chunks = [c for r in range(s.ranks) for c in s.rank_chunks(r)]
-    return np.concatenate([np.arange(c * layers, (c + 1) * layers) for c in chunks])
+    order = np.concatenate([rows[c] for c in chunks])
+    position = np.empty(L, np.int64)
+    mask = np.concatenate([valid[c] for c in chunks])
+    position[order[mask]] = np.flatnonzero(mask)
+    return order, position
 
 
 def pipeline_grads(
@@ -260,8 +317,9 @@ def pipeline_grads(
     tab = tables(s)
     k = s.chunks // N  # chunks per rank
     M = microbatches
-    order = _layer_order(s, layers)
-    inverse = np.argsort(order)
+    order, inverse = _layer_order(s, cfg.num_moe_layers)
+    rows, valid = chunk_rows(s, cfg.num_moe_layers)
+    uneven = not valid.all()
     stacked = jax.tree.map(lambda x: jnp.take(x, order, axis=0), params["moe_layers"])
     shared = {n: v for n, v in params.items() if n != "moe_layers"}
     bias_stack = moe_bias["moe_layers"]["moe"]["bias"]  # [L, E], model order, replicated
@@ -274,6 +332,7 @@ def pipeline_grads(
         table_arrays = {n: jnp.asarray(v) for n, v in tab.arrays.items()}
     arrays = table_arrays
     chunk = functools.partial(_chunk, cfg, train_cfg, layers)
+    rows_j, valid_j = jnp.asarray(rows), jnp.asarray(valid)
 
     def body(stacked, shared, bias_stack, shared_bias, mbs, arrays):
         r = jax.lax.axis_index(AXIS)
@@ -284,25 +343,34 @@ def pipeline_grads(
             on, mb_i, c = row(f"{kind}_on", i), row(f"{kind}_mb", i), row(f"{kind}_chunk", i)
             p = jax.tree.map(lambda x: x[row(f"{kind}_local", i)], local)
             mb = jax.tree.map(lambda x: x[mb_i], mbs)
-            bias = jax.lax.dynamic_slice_in_dim(bias_stack, c * layers, layers)
+            if uneven:
+                bias = jnp.take(bias_stack, rows_j[c], axis=0)
+            else:
+                bias = jax.lax.dynamic_slice_in_dim(bias_stack, c * layers, layers)
             x_in = carry["act"][row(f"{kind}_act", i)]
             first, last = c == 0, c == s.chunks - 1
             return on, mb_i, c, p, mb, bias, x_in, first, last
+
+        def chunk_of(c):
+            return functools.partial(chunk, valid=valid_j[c]) if uneven else chunk
 
         def tick(carry, i):
             # Forward chunk.
             on, _, c, p, mb, bias, x_in, first, last = run("f", i, carry)
             f_out = jax.tree.map(
                 lambda a: jnp.where(on, a, jnp.zeros_like(a)),
-                chunk(p, shared, x_in, bias, shared_bias, mb, first, last),
+                chunk_of(c)(p, shared, x_in, bias, shared_bias, mb, first, last),
             )
             y, _, (counts, metrics, mtp_counts) = f_out
-            carry["counts"] = jax.lax.dynamic_update_slice_in_dim(
-                carry["counts"],
-                jax.lax.dynamic_slice_in_dim(carry["counts"], c * layers, layers) + counts,
-                c * layers,
-                0,
-            )
+            if uneven:  # padding rows repeat a real row with zero counts
+                carry["counts"] = carry["counts"].at[rows_j[c]].add(counts)
+            else:
+                carry["counts"] = jax.lax.dynamic_update_slice_in_dim(
+                    carry["counts"],
+                    jax.lax.dynamic_slice_in_dim(carry["counts"], c * layers, layers) + counts,
+                    c * layers,
+                    0,
+                )
             carry["metrics"] = jax.tree.map(jnp.add, carry["metrics"], metrics)
             if mtp_counts is not None:
                 carry["mtp_counts"] = carry["mtp_counts"] + mtp_counts
@@ -311,9 +379,11 @@ def pipeline_grads(
             g_y = jnp.where(lastb, 0.0, carry["grad"][row("b_grad", i)]).astype(act_dtype)
 
             def backward():
-                f = lambda p_, sh_, x_: chunk(p_, sh_, x_, biasb, shared_bias, mbb, firstb, lastb)[
-                    :2
-                ]  # noqa: E731,E501
+                f = (
+                    lambda p_, sh_, x_: chunk_of(cb)(  # noqa: E731
+                        p_, sh_, x_, biasb, shared_bias, mbb, firstb, lastb
+                    )[:2]
+                )
                 _, vjp = jax.vjp(f, pb, shared, xb)
                 return vjp((g_y, jnp.float32(1.0 / M)))
 
