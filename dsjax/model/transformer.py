@@ -23,12 +23,12 @@ from dsjax.model.layers.mla import MLA
 from dsjax.model.layers.mlp import Linear, SwiGLU
 from dsjax.model.layers.moe import MoE
 from dsjax.model.layers.norms import RMSNorm
-from dsjax.model.v4_blocks import V4MTP, v4_layers
+from dsjax.model.v4_blocks import ATTN_OUT, FFN_OUT, LAYER_IN, V4MTP, v4_layers
 
 # Names of the block outputs that the "save_*" policies keep for the backward pass (each one
 # [B,T,D] in the compute dtype per layer) instead of recomputing the sub-layer that made it, and
 # of the block input, which "offload" keeps in host memory.
-ATTN_OUT, FFN_OUT, LAYER_IN = "attn_out", "ffn_out", "layer_in"
+# (ATTN_OUT, FFN_OUT, LAYER_IN; defined beside the V4 block, which names them too.)
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     # "full", but each layer's input (the one [B,T,D] that "full" keeps per layer) waits for the
@@ -366,7 +366,10 @@ class Transformer(nn.Module):
         norm; MTP depth k sees the main streams (depth 1) or the previous depth's."""
         cfg = self.cfg
         T = tokens_BT.shape[1]
-        streams, stats = v4_layers(cfg, mode, x, tokens_BT, positions_BT, segment_ids_BT)
+        policy = REMAT_POLICIES[cfg.remat] if cfg.remat != "none" and mode == "train" else None
+        streams, stats = v4_layers(
+            cfg, mode, x, tokens_BT, positions_BT, segment_ids_BT, policy=policy
+        )
         hidden = self.hc_head(streams)
         head_input = self.final_norm(hidden)
         mtp_inputs, mtp_counts, mtp_balance = [], [], []

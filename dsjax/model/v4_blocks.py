@@ -6,7 +6,8 @@
 
 X [B, T, n, D] are the mHC streams (`layers/mhc.py`). Every layer is MoE; the first
 `num_hash_layers` route by the token-id table. Layers are unrolled (not scanned): their
-attention types differ.
+attention types differ. In training each block is rematerialised under `cfg.remat`'s policy
+(the transformer's `REMAT_POLICIES`): "full" keeps only each block's input streams.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from dsjax.model.config import SLIDING, ModelConfig
 from dsjax.model.layers.mhc import HyperConnection, HyperHead, hc_merge
@@ -25,6 +27,8 @@ from dsjax.model.layers.norms import RMSNorm
 from dsjax.model.layers.v4_attention import V4Attention
 
 STREAM_AXES = ("batch", "length", "hc", "embed")
+# Names the remat policies save or offload (the same names as the V3 blocks').
+ATTN_OUT, FFN_OUT, LAYER_IN = "attn_out", "ffn_out", "layer_in"
 
 
 class V4Block(nn.Module):
@@ -41,16 +45,17 @@ class V4Block(nn.Module):
     def __call__(self, x_BTnD, tokens_BT, positions_BT, segment_ids_BT):
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        x_BTnD = nn.with_logical_constraint(x_BTnD, STREAM_AXES)
+        x_BTnD = checkpoint_name(nn.with_logical_constraint(x_BTnD, STREAM_AXES), LAYER_IN)
         post, comb, u = HyperConnection(cfg, name="hc_attn")(x_BTnD)
         h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed", name="attn_norm")(u)
         a = V4Attention(cfg, self.layer_type, self.mode, name="attn")(
             h, positions_BT, segment_ids_BT
         )
-        x_BTnD = hc_merge(x_BTnD, a, post, comb)
+        x_BTnD = hc_merge(x_BTnD, checkpoint_name(a, ATTN_OUT), post, comb)
         post, comb, u = HyperConnection(cfg, name="hc_ffn")(x_BTnD)
         h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed", name="ffn_norm")(u)
         y, stats = MoE(cfg, hashed=self.hashed, name="moe")(h, segment_ids_BT > 0, tokens_BT)
+        y = checkpoint_name(y, FFN_OUT)
         return nn.with_logical_constraint(hc_merge(x_BTnD, y, post, comb), STREAM_AXES), stats
 
 
@@ -84,16 +89,18 @@ class V4MTP(nn.Module):
 
 
 def v4_layers(
-    cfg: ModelConfig, mode: str, x_BTD, tokens_BT, positions_BT, segment_ids_BT
+    cfg: ModelConfig, mode: str, x_BTD, tokens_BT, positions_BT, segment_ids_BT, policy=None
 ) -> tuple[jax.Array, dict[str, Any]]:
     """The main stack (called inside `Transformer.__call__`): embeddings [B,T,D] copied into
-    n streams, the `layers_{i}` blocks. Returns (streams [B,T,n,D], {"counts": [L_routed, E],
+    n streams, the `layers_{i}` blocks (each under `nn.remat` with `policy` when one is given).
+    Returns (streams [B,T,n,D], {"counts": [L_routed, E],
     "balance": [L_routed]} over the top-k routed layers (hash layers' routing is fixed))."""
     x = jnp.broadcast_to(x_BTD[:, :, None, :], (*x_BTD.shape[:2], cfg.hc_mult, x_BTD.shape[-1]))
     counts, balance = [], []
+    block = V4Block if policy is None else nn.remat(V4Block, policy=policy)
     for i, layer_type in enumerate(cfg.layer_types):
         hashed = i < cfg.num_hash_layers
-        x, stats = V4Block(cfg, layer_type, hashed, mode, name=f"layers_{i}")(
+        x, stats = block(cfg, layer_type, hashed, mode, name=f"layers_{i}")(
             x, tokens_BT, positions_BT, segment_ids_BT
         )
         if not hashed:
