@@ -33,6 +33,7 @@ from dsjax.model.layers.mlp import Linear
 from dsjax.model.layers.norms import RMSNorm
 from dsjax.model.layers.rope import rotate_trailing, v4_rope_frequencies
 from dsjax.model.layers.v4_compressor import Compressor, Indexer
+from dsjax.model.layers.v4_core import v4_attention_core
 from dsjax.model.layers.v4_decode import (
     cached_window_attention,
     chunk_bounds,
@@ -146,24 +147,25 @@ class V4Attention(nn.Module):
         )  # fmt: skip
 
     def _full(self, x_BTD, c_q, q, kv, positions_BT, segment_ids_BT):
-        """The full-sequence forward (train mode): blocked window + masked entries."""
+        """The full-sequence forward (train mode): window, entries and sink in query chunks,
+        CSA's entries gathered by the indexer's top-k, context-parallel (`v4_core`)."""
         cfg = self.cfg
         B, T, d = kv.shape
-        dtype = kv.dtype
-        q_idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None], (B, T))
-        comp = jnp.zeros((B, 0, d), dtype)
-        visible = jnp.zeros((B, T, 0), jnp.bool_)
+        entries = jnp.zeros((B, 0, d), kv.dtype)
+        entry_last, entry_seg = jnp.zeros((0,), jnp.int32), jnp.zeros((B, 0), jnp.int32)
+        index = None
         if self.layer_type in (CSA, HCA):
             _, compressor = self._compressor()
-            comp, info = compressor(x_BTD, positions_BT, segment_ids_BT)
-            visible = info.visible(q_idx, segment_ids_BT)
+            entries, info = compressor(x_BTD, positions_BT, segment_ids_BT)
+            entry_last, entry_seg = info.last_idx_N, info.segment_BN
             if self.layer_type == CSA:
-                visible = Indexer(cfg, name="indexer")(
-                    x_BTD, c_q, positions_BT, visible, segment_ids_BT
+                index = Indexer(cfg, project_only=True, name="indexer")(
+                    x_BTD, c_q, positions_BT, None, segment_ids_BT
                 )
-        return window_attention(
-            q, kv, comp, visible, self._sinks(), window=cfg.sliding_window, scale=cfg.softmax_scale,
-            segment_ids_BT=segment_ids_BT,
+        return v4_attention_core(
+            q, kv, segment_ids_BT, entries, entry_last, entry_seg, self._sinks(), index,
+            window=cfg.sliding_window, scale=cfg.softmax_scale, topk=cfg.index_topk,
+            chunk=cfg.attention_chunk,
         )  # fmt: skip
 
     def _cached(self, x_BTD, c_q, q, kv, positions_BT, segment_ids_BT):

@@ -128,6 +128,9 @@ class Indexer(nn.Module):
     cached ones ([B, N_max, c_I]) and it returns (chosen, updated cache)."""
 
     cfg: ModelConfig
+    # Return the projections (q [B,T,H_I,c_I], w [B,T,H_I] f32 scaled, keys [B,N,c_I]) and
+    # leave the selection to the caller (`v4_core.indexer_topk`, chunked).
+    project_only: bool = False
 
     @nn.compact
     def __call__(self, x_BTD, c_q_BTQ, positions_BT, visible_BTN, segment_ids_BT, cache=None):
@@ -146,6 +149,8 @@ class Indexer(nn.Module):
         )
         w_BTH = Linear(D, H, ("embed", None), name="weights_proj", **kw)(x_BTD)
         w_BTH = w_BTH.astype(jnp.float32) * H**-0.5
+        if self.project_only:
+            return q, w_BTH, keys_BNc
         dots = jnp.einsum("bthc,bnc->bthn", q, keys_BNc, preferred_element_type=jnp.float32)
         scores = jnp.einsum("bth,bthn->btn", w_BTH, jax.nn.relu(dots) * c**-0.5)
         N = keys_BNc.shape[1]
