@@ -400,8 +400,12 @@ def train_analytic(cfg, config, params_bytes: float, optimizer_bytes: float, mes
     chunk = int(config.train.get("ce_chunk", 0) or 0)
     logit_T = min(chunk, T) if chunk else T * (1 + cfg.num_mtp_layers)
     heads = cfg.num_attention_heads / tensor
-    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-    attn = tokens * heads * (2 * qk + 2 * cfg.v_head_dim) * act * 3
+    if cfg.is_v4:
+        attn = _v4_attention_working_set(cfg, tokens, T, heads, act)
+    else:
+        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        attn = tokens * heads * (2 * qk + 2 * cfg.v_head_dim) * act * 3
+    streams = cfg.hc_mult if cfg.is_v4 else 1  # V4's residual is n mHC streams
     dense = tokens * 3 * cfg.intermediate_size / tensor * act
     moe_exchange = mtp_block = expert_weights = 0.0
     if cfg.n_routed_experts and cfg.num_moe_layers + cfg.num_mtp_layers > 0:
@@ -420,7 +424,7 @@ def train_analytic(cfg, config, params_bytes: float, optimizer_bytes: float, mes
         "grads": params_bytes,
         "optimizer": 0.0 if offload else optimizer_bytes,
         "param_cast": params_bytes * act / pb if pb > act else 0.0,
-        "saved_activations": cfg.num_hidden_layers * per_layer * tokens * D * act,
+        "saved_activations": cfg.num_hidden_layers * per_layer * tokens * streams * D * act,
         "moe_exchange": moe_exchange,
         "mtp_block": mtp_block,
         "expert_weights": expert_weights,
@@ -431,9 +435,23 @@ def train_analytic(cfg, config, params_bytes: float, optimizer_bytes: float, mes
     out["total"] = sum(out.values())  # in HBM; what follows waits in host memory
     out["host_optimizer"] = optimizer_bytes if offload else 0.0
     out["host_activations"] = (
-        cfg.num_hidden_layers * tokens * D * act if cfg.remat == "offload" else 0.0
+        cfg.num_hidden_layers * tokens * streams * D * act if cfg.remat == "offload" else 0.0
     )
     return out
+
+
+def _v4_attention_working_set(cfg, tokens: float, T: int, heads: float, act: int) -> float:
+    """DeepSeek-V4 (docs/spec.md §12): one CSA layer's attention intermediates on a device's
+    `tokens` queries: queries and outputs [tokens, heads, d] (x3 for the backward), the float32
+    logits over 2W window keys and the T/m compressed entries (dense under the visibility mask;
+    their probabilities alike), the indexer's float32 scores [tokens, H_I, T/m] and its mask."""
+    n_csa = T // cfg.compress_rate_csa if "compressed_sparse_attention" in cfg.layer_types else 0
+    n_hca = T // cfg.compress_rate_hca
+    entries = max(n_csa, n_hca)
+    q = tokens * heads * cfg.head_dim * act * 3
+    logits = tokens * heads * (2 * cfg.sliding_window + entries) * 4 * 2
+    indexer = tokens * n_csa * (cfg.index_n_heads * 4 + 1)
+    return q + logits + indexer
 
 
 def offloads_optimizer(config) -> bool:
@@ -860,6 +878,8 @@ def main(argv) -> int:
     if not f.topology:
         raise PlanError("--topology is required (e.g. v5p:4x8x8, v5e:2x2, v6e:4x4, v4:2x2x1, gpu)")
     target = make_target(f.topology, f.num_slices)
+    if f.layers:
+        truncate_layers(config, f.layers)
     run_config.parse(config)  # unknown keys, types and ranges: one line before any compile
     if f.mode == "decode":
         reports = [plan_decode(config, target, f.batch, f.cache_len, f.layout)]
@@ -877,6 +897,24 @@ def main(argv) -> int:
         with open(f.json, "w") as fh:
             json.dump(_jsonable(reports if f.search else reports[0]), fh, indent=2)
     return 0 if reports and reports[0]["fits"] else 1
+
+
+def truncate_layers(config, layers: int) -> None:
+    """Keeps the first `layers` decoder layers (and their layer types): for models whose whole
+    unrolled program (DeepSeek-V4) is too big to compile on the planning machine. Per-chip
+    memory is then extrapolated from two depths (it is linear in the layer count: state and
+    saved activations per layer, one layer's working set)."""
+    m = config.model
+    if layers < 1 or layers > m.num_hidden_layers:
+        raise PlanError(f"--layers={layers}: must be between 1 and {m.num_hidden_layers}")
+    m.num_hidden_layers = layers
+    if m.get("layer_types"):
+        m.layer_types = list(m.layer_types)[:layers]
+    if m.get("num_hash_layers"):
+        m.num_hash_layers = min(m.num_hash_layers, layers)
+    if m.get("first_k_dense_replace"):
+        m.first_k_dense_replace = min(m.first_k_dense_replace, layers)
+    config.name = f"{config.get('name', '?')} (first {layers} layers)"
 
 
 def _define_flags():
@@ -897,6 +935,7 @@ def _define_flags():
                       "decode: the rule set of dsjax.model.sharding placing weights and cache "
                       "(fsdp: weights gathered per step; decode: expert x tensor weights, "
                       "data-parallel attention)")  # fmt: skip
+    flags.DEFINE_integer("layers", 0, "compile only the first N decoder layers (0 = all)")
     flags.DEFINE_string("json", None, "write the report(s) as JSON here")
     flags.DEFINE_bool("search", False, "search meshes x batch per chip x remat (train)")
     flags.DEFINE_integer("num_slices", 1, "TPU slices of --topology joined by DCN (multi-slice)")

@@ -81,6 +81,10 @@ def flops_breakdown(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     """
     if not isinstance(seq_len, int) or seq_len <= 0:
         raise ValueError(f"seq_len={seq_len!r}: must be a positive integer")
+    if cfg.is_v4:  # DeepSeek-V4's attention, mHC and MoE-everywhere (adds an `mhc` key)
+        from dsjax.train.flops_v4 import v4_flops_breakdown  # noqa: PLC0415
+
+        return v4_flops_breakdown(cfg, seq_len)
     D, V = cfg.hidden_size, cfg.vocab_size
     L = cfg.num_hidden_layers
     proj = 2.0 * _attention_proj_params(cfg)
