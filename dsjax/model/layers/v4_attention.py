@@ -11,9 +11,10 @@ compressed entries, a learnable sink per head, grouped low-rank output.
 Window layers rotate with the "main" table, CSA/HCA layers (all their rotations) with the
 "compress" one (`rope.v4_rope_frequencies`).
 
-The window branch runs in blocks of W queries against their own and the previous block's
-keys (2W keys per query, not T); the compressed entries (T / rate of them) are attended densely
-under a mask, and one softmax covers window, entries and sink.
+Training (the full sequence) runs `v4_core.v4_attention_core`: query chunks over their window
+keys, HCA's entries under a mask and CSA's top-k entries gathered, one softmax with the sink,
+context-parallel over the `context` axis. `window_attention` below is the same computation in
+dense form (blocks of W queries over 2W keys, a [T, N] entry mask): the reference its tests use.
 
 "prefill" / "decode" modes read and write the layer's `V4LayerCache` (`cache` collection,
 variable "v4"; `dsjax/model/v4_cache.py`): the new tokens attend to the window ring plus

@@ -25,6 +25,7 @@ token indices: chip c's queries start at c T/C.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -101,8 +102,9 @@ def local_core(q_BTHd, kv_BTd, seg_BT, kv_prev_BWd, seg_prev_BW, entries_BNd, en
     xs = [jnp.arange(n), _chunks(q_BTHd, n, Q), _chunks(seg_BT, n, Q, -1)]
     sparse = index is not None and N > 0
     if sparse:
-        top, ok = indexer_topk(*index, seg_BT, entry_last_N, entry_seg_BN, offset=offset,
-                               topk=topk, chunk=chunk)  # fmt: skip
+        iq, iw, ikeys = index
+        top, ok = indexer_topk(iq, iw, ikeys, seg_BT, entry_last_N, entry_seg_BN,
+                               offset=offset, topk=topk, chunk=chunk)  # fmt: skip
         xs += [_chunks(top, n, Q), _chunks(ok, n, Q, False)]
     sink = sinks_H.astype(jnp.float32)
 
@@ -167,7 +169,7 @@ def v4_attention_core(q_BTHd, kv_BTd, seg_BT, entries_BNd, entry_last_N, entry_s
     """[B, T, H, d]: the V4 attention core over the whole sequence (module docstring); under a
     mesh with `context` > 1 each chip computes its own T/C queries (contiguous shards)."""
     B, T, H, d = q_BTHd.shape
-    kw = dict(window=window, scale=scale, topk=topk, chunk=chunk)
+    kw: dict[str, Any] = dict(window=window, scale=scale, topk=topk, chunk=chunk)
     W = window
     C = context_chips(B, T)
     if C == 1:
