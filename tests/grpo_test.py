@@ -248,29 +248,97 @@ def _run_config():
 
 
 def test_resume_is_exact(run, tmp_path):
-    """Save -> restore -> one GRPO step equals the same step taken without the round trip."""
-    import orbax.checkpoint as ocp
+    """Save -> restore through training's Checkpointer (checksums written) -> one GRPO step
+    equals the same step taken without the round trip."""
+    from dsjax.checkpoints.orbax_io import Checkpointer, verify_step
 
-    from dsjax.checkpoints.orbax_io import _cpu_array_handler
-
-    _cpu_array_handler()  # CPU: no per-array slicing programs (~20 s each to compile)
     state, mesh, config = run["state"], run["mesh"], _run_config()
     task = ArithTask(9, "+", seed=config.seed)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         abstract, _ = grpo_state_shardings(run["model"], run["tx"], mesh, 24)
-        manager = ocp.CheckpointManager(
-            str(tmp_path),
-            options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
-        )
-        _save(manager, 1, state, {"prompt_index": 2}, config)
-        restored, loop = _restore(manager, 1, abstract)
-        manager.close()
+        ckpt = Checkpointer(str(tmp_path), every=1, keep=2, async_save=False)
+        _save(ckpt, 1, state, {"prompt_index": 2}, config)
+        ckpt.close()
+        assert (tmp_path / "checkpoint_sums" / "1.json").is_file()
+        assert verify_step(str(tmp_path), 1) is None
+        ckpt = Checkpointer(str(tmp_path), every=1, keep=2, async_save=False)
+        step, (restored, loop) = ckpt.restore_newest(lambda s: _restore(ckpt, s, abstract))
+        ckpt.close()
+        assert step == 1 and loop == {"prompt_index": 2}
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
         args = (run["fns"], run["cfg"], run["tok"], task, run_config.parse(config), 1)
         resumed, m_resumed = grpo_step(restored, *args, loop["prompt_index"])
-        straight, m_straight = grpo_step(state, *args, 2)  # donates `state`: last use
+        copy = jax.tree.map(jnp.copy, state)  # grpo_step donates its state; keep the fixture's
+        straight, m_straight = grpo_step(copy, *args, 2)
     assert m_resumed == m_straight and np.isfinite(m_straight["loss"])
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed), jax.device_get(straight))
+
+
+def _cold_start_config(steps: int):
+    import dataclasses
+
+    from configs.grpo_arith import get_config
+
+    c = get_config()
+    cfg = tiny_config(vocab_size=24, num_hidden_layers=2, max_position_embeddings=32)
+    c.model = {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if f.name not in run_config.FROM_TRAIN
+    }
+    c.task.max_operand = 9
+    c.data.seq_len = 32  # the teacher's longest example is 28 tokens
+    c.train.batch_size = 8
+    c.sft.update(steps=2, warmup_steps=1)
+    c.grpo.update(
+        steps=steps, prompts=2, group_size=4, inner_steps=1, max_new_tokens=8, eval_every=1
+    )
+    c.grpo.eval_prompts = 8
+    c.checkpoint.every = 1
+    return c
+
+
+def test_cold_start_is_checkpoint_zero_and_a_damaged_step_falls_back(tmp_path, monkeypatch):
+    """The cold start's result is GRPO's checkpoint 0 inside WORKDIR/checkpoints (with sums, no
+    directory of its own). A damaged newest checkpoint is moved aside and the run resumes from
+    the one before, without a second cold start, and repeats the lost step exactly; when every
+    checkpoint is damaged the run refuses in one line."""
+    from dsjax.checkpoints.orbax_io import CheckpointError
+    from dsjax.rl import loop as grpo_lib
+    from dsjax.train.metrics import read_metrics
+
+    cfg = tiny_config(vocab_size=24, num_hidden_layers=2, max_position_embeddings=32)
+    workdir = tmp_path / "run"
+    grpo_lib.grpo_and_evaluate(_cold_start_config(1), str(workdir))
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["0", "1"]
+    assert sorted(p.name for p in (workdir / "checkpoint_sums").iterdir()) == ["0.json", "1.json"]
+    assert not (workdir / "cold_start").exists()
+    step1 = _restore_item(workdir, "model", cfg)
+
+    # Damage step 1 (one byte of its largest model file); a rerun must not cold-start again.
+    files = [p for p in (workdir / "checkpoints" / "1" / "model").rglob("*") if p.is_file()]
+    victim = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+
+    def no_cold_start(*args, **kwargs):
+        raise AssertionError("the cold start ran again")
+
+    monkeypatch.setattr(grpo_lib, "cold_start", no_cold_start)
+    summary = grpo_lib.grpo_and_evaluate(_cold_start_config(1), str(workdir))
+    assert summary["step"] == 1
+    assert (workdir / "damaged_checkpoints" / "1").is_dir()
+    assert [r["step"] for r in read_metrics(str(workdir / "metrics.jsonl"))] == [0, 1]
+    jax.tree.map(np.testing.assert_array_equal, _restore_item(workdir, "model", cfg), step1)
+
+    # Every checkpoint damaged: one line naming them, nothing moved.
+    for step in ("0", "1"):
+        for p in (workdir / "checkpoints" / step).rglob("*"):
+            if p.is_file() and p.stat().st_size:
+                p.write_bytes(b"\0" * p.stat().st_size)
+    with pytest.raises(CheckpointError, match=r"every checkpoint in .* is damaged"):
+        grpo_lib.grpo_and_evaluate(_cold_start_config(1), str(workdir))
 
 
 def test_config_errors_name_the_field():
@@ -422,7 +490,8 @@ def test_grpo_from_hf_directory(tmp_path, monkeypatch):
     # Resume to step 2 with the Hugging Face directory gone: checkpoint + WORKDIR/tokenizer only.
     shutil.rmtree(hf_dir)
     summary = grpo_lib.grpo_and_evaluate(_hf_run_config(hf_dir, 2), str(workdir))
-    assert summary["step"] == 2 and np.isfinite(summary["loss"])
+    records = read_metrics(str(workdir / "metrics.jsonl"))
+    assert summary["step"] == 2 and summary["loss"] == records[-1]["loss"]
     reference = _restore_item(workdir, "reference", cfg)
     jax.tree.map(np.testing.assert_array_equal, reference, variables)  # never changes
     moved = jax.tree.map(

@@ -1,8 +1,11 @@
-"""Orbax checkpoints of a training run: model variables, optimizer state, data iterator, config.
+"""Orbax checkpoints of a run (supervised training and GRPO): model variables, optimizer state,
+loop position, config.
 
-Layout: `WORKDIR/checkpoints/<step>/{model, optimizer, data, config}`. `model` holds
-`{"params", "moe_bias"}` alone so inference restores it without the optimizer state; `data` is the
-Grain iterator position (one JSON file per process); `config` the run's ConfigDict as JSON.
+Layout: `WORKDIR/checkpoints/<step>/<item>`. Every run has `model` (`{"params", "moe_bias"}`
+alone, so inference restores it without the optimizer state), `optimizer` and `config` (the run's
+ConfigDict as JSON). Training adds `data`, the Grain iterator position (one JSON file per
+process); GRPO adds `reference` (the reference policy) and `loop` (JSON). `Checkpointer.save` /
+`restore` are training's items; `save_items` / `restore_items` take any.
 Orbax writes each step into a temporary directory and renames it when complete, so an
 interrupted save never replaces a good checkpoint. Restoring takes the target shardings, so a
 checkpoint restores onto a different mesh.
@@ -23,7 +26,8 @@ import logging
 import os
 import shutil
 import zlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import grain
 import jax
@@ -36,6 +40,8 @@ log = logging.getLogger("dsjax.checkpoints.orbax_io")
 
 SUMS_DIR = "checkpoint_sums"
 DAMAGED_DIR = "damaged_checkpoints"
+
+T = TypeVar("T")
 
 
 class CheckpointError(ValueError):
@@ -98,6 +104,14 @@ def verify_step(workdir: str, step: int) -> str | None:
     return None
 
 
+def newest_verified_step(workdir: str) -> int | None:
+    """The newest step of `WORKDIR/checkpoints` whose files match their sums (None if none)."""
+    for step in reversed(step_dirs(os.path.join(workdir, "checkpoints"))):
+        if verify_step(workdir, step) is None:
+            return step
+    return None
+
+
 def _listing(step_dir: str) -> set[str]:
     out = set()
     for root, _, files in os.walk(step_dir):
@@ -148,14 +162,20 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_iter, config, *, force: bool = False) -> bool:
-        """Saves if `step` is on the interval (or `force`); returns whether it saved."""
-        self.wait()  # Orbax would wait for the previous save anyway; then record its sums
-        args = ocp.args.Composite(
+        """Saves a training state if `step` is on the interval (or `force`); returns whether it
+        saved."""
+        items = dict(
             model=ocp.args.StandardSave({"params": state.params, "moe_bias": state.moe_bias}),
             optimizer=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
             data=grain.checkpoint.CheckpointSave(data_iter),
-            config=ocp.args.JsonSave(_config_json(config)),
         )
+        return self.save_items(step, items, config, force=force)
+
+    def save_items(self, step: int, items: dict[str, Any], config, *, force: bool = False) -> bool:
+        """Saves Orbax `items` (name -> save args) and `config` (as the `config` item) if `step`
+        is on the interval (or `force`); returns whether it saved."""
+        self.wait()  # Orbax would wait for the previous save anyway; then record its sums
+        args = ocp.args.Composite(**items, config=ocp.args.JsonSave(_config_json(config)))
         return self.manager.save(step, args=args, force=force)
 
     def seal(self) -> None:
@@ -183,15 +203,17 @@ class Checkpointer:
 
     def newest_verified_step(self) -> int | None:
         """The newest step whose files match their sums (None if none)."""
-        for step in reversed(step_dirs(self.directory)):
-            if verify_step(self.workdir, step) is None:
-                return step
-        return None
+        return newest_verified_step(self.workdir)
 
     def restore_latest(self, abstract_state, data_iter):
-        """(step, state) of the newest checkpoint that verifies and restores, or (None, None)
-        when there is none at all. Damaged newer steps are reported and moved aside to
-        `WORKDIR/damaged_checkpoints/` once a good one is found. CheckpointError (one line)
+        """(step, training state) of the newest checkpoint that verifies and restores, or
+        (None, None); see `restore_newest`."""
+        return self.restore_newest(lambda step: self.restore(step, abstract_state, data_iter))
+
+    def restore_newest(self, restore: Callable[[int], T]) -> tuple[int | None, T | None]:
+        """(step, restore(step)) of the newest checkpoint that verifies and restores, or
+        (None, None) when there is none at all. Damaged newer steps are reported and moved aside
+        to `WORKDIR/damaged_checkpoints/` once a good one is found. CheckpointError (one line)
         if every checkpoint is damaged, or if one whose checksums match does not restore (the
         run's config no longer matches it: moving it aside would lose a good checkpoint)."""
         damaged: list[tuple[int, str]] = []
@@ -201,7 +223,7 @@ class Checkpointer:
             state = None
             if reason is None:
                 try:
-                    state = self.restore(step, abstract_state, data_iter)
+                    state = restore(step)
                 except Exception as e:  # noqa: BLE001  Orbax raises many kinds
                     if self._sealed(step):  # intact files: the run's config does not match
                         raise CheckpointError(
@@ -256,16 +278,15 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     def restore(self, step: int, abstract_state, data_iter):
-        """Restores `step` into the shapes/shardings of `abstract_state`; moves `data_iter`."""
+        """Restores training's `step` into the shapes/shardings of `abstract_state`; moves
+        `data_iter`."""
         target_model = {"params": abstract_state.params, "moe_bias": abstract_state.moe_bias}
         target_opt = {"step": abstract_state.step, "opt_state": abstract_state.opt_state}
-        restored = self.manager.restore(
+        restored = self.restore_items(
             step,
-            args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(target_model),
-                optimizer=ocp.args.StandardRestore(target_opt),
-                data=grain.checkpoint.CheckpointRestore(data_iter),
-            ),
+            model=ocp.args.StandardRestore(target_model),
+            optimizer=ocp.args.StandardRestore(target_opt),
+            data=grain.checkpoint.CheckpointRestore(data_iter),
         )
         model, opt = restored["model"], restored["optimizer"]
         return abstract_state.replace(
@@ -274,6 +295,10 @@ class Checkpointer:
             moe_bias=model["moe_bias"],
             opt_state=opt["opt_state"],
         )
+
+    def restore_items(self, step: int, **items: Any):
+        """The Orbax `items` (name -> restore args) of `step`, as a mapping of name -> value."""
+        return self.manager.restore(step, args=ocp.args.Composite(**items))
 
     def wait(self) -> None:
         """Waits for the pending save, then records the checksums of what it wrote.

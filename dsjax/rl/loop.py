@@ -2,8 +2,8 @@
 
 1. Cold start (SFT): `config.sft.steps` of `train_step` on a noisy teacher's completions of the
    arithmetic task (format right, answers right only `config.sft.p_correct` of the time, a few
-   broken formats), loss on completion tokens only. Saved once in `WORKDIR/cold_start/`; a rerun
-   reuses it. `config.sft.init_from` replaces the stage (`resolve_start`):
+   broken formats), loss on completion tokens only. Its result is GRPO's checkpoint 0, so a rerun
+   resumes after it. `config.sft.init_from` replaces the stage (`resolve_start`):
    - a train.py work directory with the same model (e.g. an earlier run of this config);
    - a Hugging Face DeepSeek-format directory (config.json + *.safetensors + tokenizer.json):
      R1-Zero style, GRPO straight from its weights. Its config.json sets the model (config.model
@@ -17,11 +17,14 @@
    Held-out evaluation (one sample per held-out prompt at temperature 1, and greedy) at step 0 (=
    the cold-start checkpoint) and every `config.grpo.eval_every` steps.
 
-Checkpoints (Orbax, `WORKDIR/checkpoints/<step>/`): `model` (the policy's params + moe_bias, so
-`checkpoint.load_for_inference` and serve.py read it), `reference`, `optimizer` (step + AdamW
-state), `loop` (JSON: next prompt index; the rollout seed is a function of (seed, step)), and
-`config` (with the model actually run). Resuming restores all of them, so a resumed run repeats
-the uninterrupted one exactly; a run started from a Hugging Face directory resumes from its
+Checkpoints: training's `orbax_io.Checkpointer` (`WORKDIR/checkpoints/<step>/`, per-file
+checksums, the newest step that verifies is restored and damaged newer ones are moved aside,
+SIGTERM saves, non-finite parameters are never saved). Step 0 is the starting policy (after the
+cold start, or the `init_from` weights). Items: `model` (the policy's params + moe_bias, so
+`load_for_inference` and serve.py read it), `reference`, `optimizer` (step + AdamW state), `loop`
+(JSON: next prompt index; the rollout seed is a function of (seed, step)), and `config` (with
+the model actually run). Resuming restores all of them, so a resumed run repeats the
+uninterrupted one exactly; a run started from a Hugging Face directory resumes from its
 checkpoint's config and `WORKDIR/tokenizer/` without reading that directory again.
 Metrics per step go to `metrics.jsonl` / TensorBoard; `rewards.png` plots reward and accuracy.
 """
@@ -45,7 +48,12 @@ import orbax.checkpoint as ocp
 from flax import linen as nn
 
 from dsjax import run_config
-from dsjax.checkpoints.orbax_io import _config_json, _cpu_array_handler
+from dsjax.checkpoints.orbax_io import (
+    Checkpointer,
+    CheckpointError,
+    newest_verified_step,
+    step_dirs,
+)
 from dsjax.inference.generate import generate
 from dsjax.model import sharding
 from dsjax.model.transformer import Transformer, count_params
@@ -63,7 +71,7 @@ from dsjax.rl.rewards import (
 )
 from dsjax.run_config import RunConfig
 from dsjax.train import metrics
-from dsjax.train.run import StopFlag, prepare_workdir, save_if_finite
+from dsjax.train.run import StopFlag, prepare_workdir, save_if_finite, write_config
 from dsjax.train.step import (
     TrainingError,
     create_sharded_state,
@@ -254,9 +262,8 @@ def evaluate(cfg, variables, tok, task, config) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- cold start
-def cold_start(config: RunConfig, saved_config, mesh, model, tok, task, workdir):
-    """(params, moe_bias) after the SFT stage, trained now or restored from WORKDIR/cold_start.
-    `saved_config`: the run's ConfigDict, stored beside the cold-start weights."""
+def cold_start(config: RunConfig, mesh, model, tok, task):
+    """(params, moe_bias) after the SFT stage (`config.sft`), trained from a fresh init."""
     sft = _sft(config)
     sft_run = config.replace(
         train=dataclasses.replace(config.train, steps=max(sft.steps, 1)),
@@ -266,19 +273,9 @@ def cold_start(config: RunConfig, saved_config, mesh, model, tok, task, workdir)
     )
     tx, schedule = make_optimizer(sft_run)
     T = config.data.seq_len
-    state, abstract, shardings = create_sharded_state(
+    state, _, shardings = create_sharded_state(
         jax.random.key(config.seed), model, tx, mesh, T, config.optim.host_offload
     )
-    directory = os.path.join(workdir, "cold_start")
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True))
-    target = {"params": abstract.params, "moe_bias": abstract.moe_bias}
-    if manager.latest_step() is not None:
-        restored = manager.restore(
-            manager.latest_step(), args=ocp.args.Composite(model=ocp.args.StandardRestore(target))
-        )
-        manager.close()
-        log.info("cold start: restored from %s", directory)
-        return restored["model"]["params"], restored["model"]["moe_bias"]
     step_fn = jit_train_step(model, tx, schedule, sft_run, shardings=shardings, mesh=mesh)
     bsz, t0 = config.train.batch_size, time.perf_counter()
     for i in range(sft.steps):
@@ -295,16 +292,6 @@ def cold_start(config: RunConfig, saved_config, mesh, model, tok, task, workdir)
                 loss,
                 time.perf_counter() - t0,
             )
-    model_vars = {"params": state.params, "moe_bias": state.moe_bias}
-    manager.save(
-        0,
-        args=ocp.args.Composite(
-            model=ocp.args.StandardSave(model_vars),
-            config=ocp.args.JsonSave(_config_json(saved_config)),
-        ),
-    )
-    manager.wait_until_finished()
-    manager.close()
     return state.params, state.moe_bias
 
 
@@ -459,20 +446,21 @@ def _with_model(config, cfg) -> ml_collections.ConfigDict:
 
 
 def _latest_step(workdir: str) -> int | None:
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        return None
-    manager = ocp.CheckpointManager(directory)
-    latest = manager.latest_step()
-    manager.close()
-    return latest
+    steps = step_dirs(os.path.join(workdir, "checkpoints"))
+    return steps[-1] if steps else None
 
 
-def _saved_model_config(workdir: str, step: int):
-    """The ModelConfig stored with the GRPO checkpoint at `step`."""
+def _saved_model_config(workdir: str):
+    """The ModelConfig stored with the newest GRPO checkpoint that verifies."""
     from dsjax.checkpoints.orbax_io import model_config_from_run  # noqa: PLC0415
 
-    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    directory = os.path.join(workdir, "checkpoints")
+    step = newest_verified_step(workdir)
+    if step is None:
+        raise CheckpointError(
+            f"every checkpoint in {directory} is damaged; move them away to start the run again"
+        )
+    manager = ocp.CheckpointManager(directory)
     saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     manager.close()
     return model_config_from_run(saved["config"])
@@ -503,7 +491,7 @@ def resolve_start(config, workdir: str):
             latest,
             saved_tok,
         )
-        cfg = _saved_model_config(workdir, latest)
+        cfg = _saved_model_config(workdir)
         return _with_model(config, cfg), load_task_tokenizer(saved_tok), None
     if not init_from:
         return config, ArithTokenizer(), None
@@ -557,37 +545,29 @@ def _start_from_hf(config, path: str, saved_tok: str):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def _save(manager, step: int, state: GRPOState, loop: dict, config) -> None:
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            model=ocp.args.StandardSave({"params": state.params, "moe_bias": state.moe_bias}),
-            reference=ocp.args.StandardSave(
-                {"params": state.ref_params, "moe_bias": state.ref_moe_bias}
-            ),
-            optimizer=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
-            loop=ocp.args.JsonSave(loop),
-            config=ocp.args.JsonSave(_config_json(config)),
+def _save(ckpt: Checkpointer, step: int, state: GRPOState, loop: dict, config) -> None:
+    items = dict(
+        model=ocp.args.StandardSave({"params": state.params, "moe_bias": state.moe_bias}),
+        reference=ocp.args.StandardSave(
+            {"params": state.ref_params, "moe_bias": state.ref_moe_bias}
         ),
-        force=True,
+        optimizer=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
+        loop=ocp.args.JsonSave(dict(loop)),  # a copy: the loop moves on while it is written
     )
+    ckpt.save_items(step, items, config, force=True)
 
 
-def _restore(manager, step: int, abstract: GRPOState):
-    r = manager.restore(
+def _restore(ckpt: Checkpointer, step: int, abstract: GRPOState):
+    r = ckpt.restore_items(
         step,
-        args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(
-                {"params": abstract.params, "moe_bias": abstract.moe_bias}
-            ),
-            reference=ocp.args.StandardRestore(
-                {"params": abstract.ref_params, "moe_bias": abstract.ref_moe_bias}
-            ),
-            optimizer=ocp.args.StandardRestore(
-                {"step": abstract.step, "opt_state": abstract.opt_state}
-            ),
-            loop=ocp.args.JsonRestore(),
+        model=ocp.args.StandardRestore({"params": abstract.params, "moe_bias": abstract.moe_bias}),
+        reference=ocp.args.StandardRestore(
+            {"params": abstract.ref_params, "moe_bias": abstract.ref_moe_bias}
         ),
+        optimizer=ocp.args.StandardRestore(
+            {"step": abstract.step, "opt_state": abstract.opt_state}
+        ),
+        loop=ocp.args.JsonRestore(),
     )
     state = GRPOState(
         step=r["optimizer"]["step"],
@@ -662,12 +642,11 @@ def grpo_step(state, fns, cfg, tok, task, config: RunConfig, step: int, prompt_i
 
 
 def grpo_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Cold start then GRPO per `config` in `workdir` (resuming its latest checkpoint)."""
+    """Cold start then GRPO per `config` in `workdir` (resuming its newest good checkpoint)."""
     workdir = prepare_workdir(workdir)
     run = run_config.parse(config)
     _check(run)
     mesh = run_config.make_mesh(run)
-    _cpu_array_handler()
     config, tok, start_vars = resolve_start(config, workdir)  # outside the mesh context
     run = validate_config(config, mesh)  # config.model may come from the start checkpoint
     task = make_task(run)
@@ -686,9 +665,7 @@ def grpo_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[s
     cfg = run.model
     model = Transformer(cfg)
     chief = jax.process_index() == 0
-    if chief:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    write_config(workdir, config)
     log.info("model: %.2fM parameters; mesh %s", count_params(cfg)["total"] / 1e6, dict(mesh.shape))
     t_start = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
@@ -696,34 +673,32 @@ def grpo_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[s
         abstract, shardings = grpo_state_shardings(
             model, tx, mesh, run.data.seq_len, run.optim.host_offload
         )
-        manager = ocp.CheckpointManager(
-            os.path.join(workdir, "checkpoints"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=run.checkpoint.keep, create=True),
-        )
-        latest = manager.latest_step()
-        if latest is not None:
-            state, loop = _restore(manager, latest, abstract)
-            log.info("resumed from the GRPO checkpoint at step %d", latest)
-        else:
-            if start_vars is not None:  # config.sft.init_from: no cold start
-                params = jax.device_put(start_vars["params"], shardings.params)
-                moe_bias = jax.device_put(start_vars.get("moe_bias", {}), shardings.moe_bias)
-                start_vars = None
-            else:
-                params, moe_bias = cold_start(run, config, mesh, model, tok, task, workdir)
-            init = jax.jit(functools.partial(_fresh_state, tx=tx), out_shardings=shardings)
-            state, loop = init(params, moe_bias), {"prompt_index": 0}
-        start = int(state.step) // g.inner_steps
-        fns = jit_grpo_fns(model, tx, schedule, shardings, mesh, g, run.train)
-        writer = metrics.MetricWriter(workdir, is_chief=chief, resume_step=start)
+        ckpt = Checkpointer(workdir, every=run.checkpoint.every, keep=run.checkpoint.keep)
+        writer = None
         last: dict[str, float] = {}
         stop_ctx = contextlib.ExitStack()
         try:
-            if start == 0:
+            resumed, restored = ckpt.restore_newest(lambda s: _restore(ckpt, s, abstract))
+            if restored is not None:
+                state, loop = restored
+                log.info("resumed from the GRPO checkpoint at step %d", resumed)
+            else:
+                if start_vars is not None:  # config.sft.init_from: no cold start
+                    params = jax.device_put(start_vars["params"], shardings.params)
+                    moe_bias = jax.device_put(start_vars.get("moe_bias", {}), shardings.moe_bias)
+                    start_vars = None
+                else:
+                    params, moe_bias = cold_start(run, mesh, model, tok, task)
+                init = jax.jit(functools.partial(_fresh_state, tx=tx), out_shardings=shardings)
+                state, loop = init(params, moe_bias), {"prompt_index": 0}
+            start = int(state.step) // g.inner_steps
+            fns = jit_grpo_fns(model, tx, schedule, shardings, mesh, g, run.train)
+            writer = metrics.MetricWriter(workdir, is_chief=chief, resume_step=start)
+            if restored is None:  # step 0: the starting policy, evaluated and kept
                 first = evaluate(cfg, _variables(state), tok, task, run)
                 writer.write(0, first)
                 log.info("step 0 (cold start): %s", _fmt(first))
-                last.update(cold_start_eval=first)
+                save_if_finite(0, state.params, lambda: _save(ckpt, 0, state, loop, config))
             step, t_mark = start, time.perf_counter()
             stop = StopFlag()  # SIGTERM / Ctrl-C: save at the next step, then return
             stop_ctx.enter_context(stop.installed())
@@ -738,20 +713,16 @@ def grpo_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[s
                 if step % run.train.log_every == 0 or step == g.steps:
                     log.info("grpo %d/%d: %s", step, g.steps, _fmt(m))
                 if step % run.checkpoint.every == 0 or step == g.steps or stop.reason:
-                    save = functools.partial(_save, manager, step, state, loop, config)
+                    save = functools.partial(_save, ckpt, step, state, loop, config)
                     save_if_finite(step, state.params, save)
                 last = {**last, **m}
                 t_mark = time.perf_counter()
         finally:
             stop_ctx.close()
-            writer.close()
-            manager.wait_until_finished()
-            manager.close()
-    summary = {
-        "step": step,
-        "wall_seconds": time.perf_counter() - t_start,
-        **{k: v for k, v in last.items() if k != "cold_start_eval"},
-    }
+            if writer is not None:
+                writer.close()
+            ckpt.close()
+    summary = {"step": step, "wall_seconds": time.perf_counter() - t_start, **last}
     if chief:
         plot_rewards(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "rewards.png"))
         with open(os.path.join(workdir, "summary.json"), "w") as f:
