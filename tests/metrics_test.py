@@ -207,6 +207,21 @@ def _read(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _tb_scalars(path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} of a TensorBoard event file (TFRecord framing: u64 length,
+    u32 crc, the Event proto, u32 crc)."""
+    from tensorboardX.proto import event_pb2
+
+    data, out, i = path.read_bytes(), {}, 0
+    while i < len(data):
+        n = int.from_bytes(data[i : i + 8], "little")
+        event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+        i += 12 + n + 4
+        for v in event.summary.value:
+            out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
 def test_metric_writer_jsonl_tensorboard_and_resume(tmp_path):
     with MetricWriter(tmp_path) as w:
         for step in range(1, 6):
@@ -217,7 +232,10 @@ def test_metric_writer_jsonl_tensorboard_and_resume(tmp_path):
     assert records[0] == {"step": 1, "loss": 4.0, "lr": pytest.approx(1e-3), "n": 3.0}
     assert records[-1]["loss"] is None and "NaN" not in (tmp_path / "metrics.jsonl").read_text()
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents*"))
-    assert events and events[0].stat().st_size > 0
+    assert len(events) == 1
+    scalars = _tb_scalars(events[0])
+    assert scalars["loss"][:5] == [(s, 5.0 - s) for s in range(1, 6)]
+    assert [s for s, _ in scalars["n"]] == [1, 2, 3, 4, 5] and {v for _, v in scalars["n"]} == {3}
 
     # A run killed mid-line, then resumed from the checkpoint at step 3.
     with open(tmp_path / "metrics.jsonl", "a") as f:
