@@ -7,14 +7,12 @@ computed by enumerating the vocabulary.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import DeepseekV3ForCausalLM
 
 from dsjax.checkpoints.hf import load_hf_checkpoint
 from dsjax.inference.generate import (
@@ -27,6 +25,7 @@ from dsjax.inference.generate import (
 )
 from dsjax.model.transformer import Transformer, init_cache
 from dsjax.testing import PROMPTS, drafter_variables, random_variables, rel_err, tiny_config
+from tests import hf_fixtures as fx
 
 TINY = tiny_config()
 
@@ -54,61 +53,11 @@ def forward():
 
 
 def hf_model(yarn: bool, seed: int = 0) -> DeepseekV3ForCausalLM:
-    """A tiny random float32 HF DeepSeek-V3 (weights std ~ 1.5 / sqrt(fan_in))."""
-    rope = {"rope_type": "default", "rope_theta": 10000.0}
-    if yarn:
-        rope = {
-            "rope_type": "yarn",
-            "rope_theta": 10000.0,
-            "factor": 4.0,
-            "original_max_position_embeddings": 16,
-            "beta_fast": 32,
-            "beta_slow": 1,
-            "mscale": 1.0,
-            "mscale_all_dim": 1.0,
-        }
-    config = DeepseekV3Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        n_shared_experts=1,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        first_k_dense_replace=1,
-        q_lora_rank=16,
-        kv_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=8,
-        rope_parameters=rope,
-        max_position_embeddings=64,
-        num_nextn_predict_layers=0,
-        eos_token_id=None,
-        bos_token_id=None,
-        pad_token_id=0,
+    """A tiny random float32 HF DeepSeek-V3 (weights std ~ 1.5 / sqrt(fan_in)), YaRN or not."""
+    rope = fx.YARN if yarn else {"rope_type": "default", "rope_theta": 10000.0}
+    return fx.separated_hf_model(
+        seed, rope_parameters=rope, eos_token_id=None, bos_token_id=None, pad_token_id=0
     )
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = DeepseekV3ForCausalLM(config).float().eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(1.5 / math.sqrt(p.shape[-1]) * torch.randn(p.shape, generator=gen))
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):  # sigmoid + bias > 0 (docs/spec.md §5)
-                b.copy_(0.3 * torch.rand(b.shape, generator=gen))
-    return model
 
 
 # ====================================================================== greedy parity

@@ -118,6 +118,28 @@ def make_hf_model(seed: int = 0, **overrides: Any) -> DeepseekV3ForCausalLM:
     return model
 
 
+def separated_hf_model(seed: int = 0, gain: float = 1.5, **overrides: Any) -> DeepseekV3ForCausalLM:
+    """A tiny random float32 HF model (`hf_config(**overrides)`) whose logits are well separated,
+    like `dsjax.testing.random_variables`: weights N(0, (gain / sqrt(fan_in))^2), embeddings
+    N(0, 1), norm weights 1 + 0.2 N(0, 1), router correction biases U[0, 0.3] (sigmoid + bias > 0,
+    docs/spec.md §5)."""
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(hf_config(**overrides)).float().eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(gain / math.sqrt(p.shape[-1]) * torch.randn(p.shape, generator=gen))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.3 * torch.rand(b.shape, generator=gen))
+    return model
+
+
 def save_hf_model(model: DeepseekV3ForCausalLM, path: Path) -> Path:
     """`save_pretrained` (per-expert keys on disk); returns `path`."""
     model.save_pretrained(path)

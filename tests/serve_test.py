@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import shutil
 import socket
@@ -24,13 +23,14 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import DeepseekV3ForCausalLM
 
 from dsjax.checkpoints.hf import load_hf_checkpoint
 from dsjax.inference.engine import Engine, QueueFull, SamplingParams
 from dsjax.inference.generate import generate
 from dsjax.serve.responses import TokenText
 from dsjax.text.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, Tokenizer, train_bpe
+from tests import hf_fixtures as fx
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"
@@ -59,45 +59,16 @@ def checkpoint(tmp_path_factory) -> Path:
         chat_template=TEMPLATE,
     )
     tok.save(path)
-    config = DeepseekV3Config(
+    default_rope = {"rope_type": "default", "rope_theta": 10000.0}
+    model = fx.separated_hf_model(
+        0,
         vocab_size=tok.vocab_size,
-        hidden_size=32,
-        intermediate_size=48,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        n_shared_experts=1,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        first_k_dense_replace=1,
-        q_lora_rank=16,
-        kv_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=8,
         max_position_embeddings=256,
-        num_nextn_predict_layers=0,
+        rope_parameters=default_rope,
         bos_token_id=tok.bos_id,
         eos_token_id=tok.eos_id,
         pad_token_id=tok.pad_id,
     )
-    torch.manual_seed(0)
-    model = DeepseekV3ForCausalLM(config).float().eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(1.5 / math.sqrt(p.shape[-1]) * torch.randn(p.shape, generator=gen))
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.3 * torch.rand(b.shape, generator=gen))
     model.save_pretrained(path)
     return path
 
