@@ -91,3 +91,108 @@ def test_decode_logits_equal_full_forward_at_every_position(cfg, variables):
     assert t == T
     got = np.concatenate(got, 1)
     assert np.abs(got - full).max() <= 1e-5 * np.abs(full).max()
+
+
+# ---------------------------------------------------------------------- generate
+@pytest.fixture(scope="module")
+def hf_model():
+    try:
+        import v4_fixtures as fx
+    except ImportError:  # pragma: no cover
+        from tests import v4_fixtures as fx
+    return fx.tie_free_model(fx.token_ids())[0]
+
+
+@pytest.fixture(scope="module")
+def hf_loaded(hf_model, tmp_path_factory):
+    from dsjax.checkpoints.hf import load_hf_checkpoint
+
+    path = tmp_path_factory.mktemp("v4gen") / "hf"
+    hf_model.save_pretrained(path)
+    return load_hf_checkpoint(path, jnp.float32)
+
+
+PROMPTS = [
+    [5, 17, 99, 3, 64, 2, 71, 8, 45, 11, 90],
+    [7, 1, 120, 33, 6, 84, 19, 27, 50, 3, 3, 9, 101],
+]
+
+
+def test_generate_greedy_equals_transformers(hf_model, hf_loaded):
+    """Greedy tokens of HF's DeepseekV4ForCausalLM.generate (one row at a time: HF does not
+    support padding) equal dsjax's batched generate, one-shot and chunked prefill; 24 new
+    tokens run past the window (8), several HCA windows (8) and CSA top-k (2)."""
+    import torch
+
+    from dsjax.inference.generate import generate
+
+    cfg, variables = hf_loaded
+    want = []
+    for p in PROMPTS:
+        with torch.no_grad():
+            out = hf_model.generate(
+                torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                pad_token_id=0,
+            )  # fmt: skip
+        want.append(out[0, len(p) :].tolist())
+    with jax.default_matmul_precision("highest"):
+        got = generate(cfg, variables, PROMPTS, 24).tokens
+        chunked = generate(cfg, variables, PROMPTS, 24, prefill_chunk=4).tokens
+    assert got == want
+    assert chunked == want
+
+
+def _drafter(cfg, variables, residual=0.01):
+    """A V4 model whose MTP module nearly copies the main model's next prediction: the main
+    blocks' outputs (wo_b, down) scaled by `residual` (streams ~ copies of the embedding: an
+    almost-bigram model), the MTP block's zeroed, e_proj = I, h_proj = 0, the MTP norm = the
+    final norm; so MTP's logits at i ~ the main logits at i+1."""
+
+    def scale(path, x):
+        return x * residual if any(k in jax.tree_util.keystr(path) for k in ("wo_b", "down")) else x
+
+    params = jax.tree_util.tree_map_with_path(scale, variables["params"])
+    mtp = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.zeros_like(x) if any(k in jax.tree_util.keystr(p) for k in ("wo_b", "down")) else x,
+        params["mtp_0"],
+    )  # fmt: skip
+    D = cfg.hidden_size
+    mtp["e_proj"]["kernel"] = jnp.eye(D)
+    mtp["h_proj"]["kernel"] = jnp.zeros((D, D))
+    mtp["enorm"]["scale"] = jnp.ones((D,))
+    mtp["norm"]["scale"] = params["final_norm"]["scale"]
+    return {**variables, "params": {**params, "mtp_0": mtp}}
+
+
+@pytest.fixture(scope="module")
+def mtp_model(cfg):
+    mcfg = cfg.replace(num_mtp_layers=1)
+    v = init_variables(mcfg, jax.random.key(3))
+    keys = iter(jax.random.split(jax.random.key(4), len(jax.tree.leaves(v))))
+    v = jax.tree.map(
+        lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape, x.dtype)
+        if x.dtype == jnp.float32 else x, v,
+    )  # fmt: skip
+    return mcfg, v
+
+
+def test_mtp_speculative_greedy_equals_plain_greedy(mtp_model):
+    from dsjax.inference.generate import generate
+
+    mcfg, v = mtp_model
+    with jax.default_matmul_precision("highest"):
+        plain = generate(mcfg, v, PROMPTS, 30)
+        spec = generate(mcfg, v, PROMPTS, 30, speculative=True)
+        sampled = generate(mcfg, v, PROMPTS, 30, temperature=1.0, rng=7)
+        sampled_again = generate(mcfg, v, PROMPTS, 30, temperature=1.0, rng=7)
+    assert spec.tokens == plain.tokens
+    assert sampled.tokens == sampled_again.tokens and sampled.tokens != plain.tokens
+
+    good = _drafter(mcfg, v)
+    with jax.default_matmul_precision("highest"):
+        plain = generate(mcfg, good, PROMPTS, 30)
+        spec = generate(mcfg, good, PROMPTS, 30, speculative=True)
+    assert spec.tokens == plain.tokens
+    assert spec.acceptance_rate > 0.5 and spec.tokens_per_forward > 1.4, (
+        spec.acceptance_rate, spec.tokens_per_forward,
+    )  # fmt: skip

@@ -56,6 +56,7 @@ from dsjax.inference import sampling as smp
 from dsjax.inference.scheduler import bucket_length
 from dsjax.model.config import ModelConfig
 from dsjax.model.transformer import MTPModule, Transformer, cache_batch_axis, init_cache
+from dsjax.model.v4_blocks import V4MTP
 
 __all__ = [
     "DecodeState",
@@ -216,21 +217,32 @@ def _model_vars(variables) -> dict[str, Any]:
     return {k: variables[k] for k in ("params", "moe_bias") if k in variables}
 
 
-def decode_forward(cfg: ModelConfig, variables, cache, tokens_BT, positions_BT):
-    """Absorbed-attention decode forward writing the T new tokens at their positions.
+def _hidden(cfg: ModelConfig, out):
+    """The MTP drafter's input from a model output: the hidden state before the final norm
+    [B, T, D] (V3), or DeepSeek-V4's mHC streams flattened to [B, T, n*D]."""
+    if cfg.is_v4:
+        return out.streams.reshape(*out.streams.shape[:2], -1)
+    return out.hidden
 
-    Returns (logits_BTV float32, hidden_BTD pre final norm, updated main cache).
+
+def decode_forward(cfg: ModelConfig, variables, cache, tokens_BT, positions_BT, valid_BT=None):
+    """Absorbed-attention decode forward writing the T new tokens at their positions
+    (`valid_BT`: which tokens are real, default all; DeepSeek-V4's caches skip the others, a
+    V3 latent cache writes every slot).
+
+    Returns (logits_BTV float32, hidden (`_hidden`), updated main cache).
     """
+    valid = jnp.ones(tokens_BT.shape, bool) if valid_BT is None else valid_BT
     out, upd = Transformer(cfg).apply(
         {**_model_vars(variables), "cache": cache},
         tokens_BT,
         positions_BT,
-        jnp.ones(tokens_BT.shape, jnp.int32),
+        valid.astype(jnp.int32),
         mode="decode",
         run_mtp=False,
         mutable=["cache"],
     )
-    return out.logits, out.hidden, upd["cache"]
+    return out.logits, _hidden(cfg, out), upd["cache"]
 
 
 def _embed(cfg, variables, tokens_BT):
@@ -255,20 +267,13 @@ def _mtp_draft_logits(cfg, variables, state: DecodeState):
     h_first = jnp.where(catch[:, None], state.hidden_B2D[:, 0], state.hidden_B2D[:, 1])
     h2 = jnp.stack([h_first, state.hidden_B2D[:, 1]], 1)
     mtp_pos = jnp.stack([jnp.where(catch, pos - 2, pos - 1), pos - 1], 1)
-    params = variables["params"]["mtp_0"]
-    mvars = {"params": params, "cache": state.mtp_cache}
-    bias = variables.get("moe_bias", {})
-    if "mtp_0" in bias:
-        mvars["moe_bias"] = bias["mtp_0"]
-    (_, normed, _), upd = MTPModule(cfg, "decode").apply(
-        mvars,
-        h2,
-        _embed(cfg, variables, tok2),
-        mtp_pos,
-        jnp.ones((B, 2), jnp.int32),
-        mutable=["cache"],
-    )
-    return _head(cfg, variables, normed[:, 1:2])[:, 0], upd["cache"]
+    if cfg.is_v4:
+        # V4's window ring must not see one position twice: a repeated entry is skipped.
+        valid = jnp.stack([catch, jnp.ones_like(catch)], 1)
+    else:
+        valid = jnp.ones((B, 2), bool)
+    normed, cache = _mtp_apply(cfg, variables, "decode", state.mtp_cache, h2, tok2, mtp_pos, valid)
+    return _head(cfg, variables, normed[:, 1:2])[:, 0], cache
 
 
 def _is_stop(tokens_B, stop_ids_BK):
@@ -306,7 +311,7 @@ def _oneshot_prefill(cfg, variables, tokens_BP, lengths_B, cache_len, speculativ
         run_mtp=speculative,
         mutable=["cache"],
     )
-    return upd["cache"], out.logits, out.hidden
+    return upd["cache"], out.logits, _hidden(cfg, out)
 
 
 def _pick_last(x_BTX, start, last_B, prev_BX):
@@ -318,18 +323,28 @@ def _pick_last(x_BTX, start, last_B, prev_BX):
     return jnp.where(here[:, None], val.astype(prev_BX.dtype), prev_BX)
 
 
-def _mtp_fill(cfg, variables, mode, mtp_cache, hidden_BTD, next_BT, positions_BT):
-    """MTP module 0 over (h_t, Emb(t+1)) at `positions_BT`: writes its cache; returns it."""
+def _mtp_apply(cfg, variables, mode, mtp_cache, hidden_BTX, next_BT, positions_BT, valid_BT):
+    """MTP module 0 over (hidden, Emb(next)) at `positions_BT` (`_hidden`'s layout): returns
+    (head input [B, T, D], its updated cache)."""
     emb = _embed(cfg, variables, next_BT)
-    _, upd = MTPModule(cfg, mode).apply(
-        _mtp_vars(variables, mtp_cache),
-        hidden_BTD,
-        emb,
-        positions_BT,
-        jnp.ones(next_BT.shape, jnp.int32),
-        mutable=["cache"],
-    )
-    return upd["cache"]
+    seg = valid_BT.astype(jnp.int32)
+    mvars = _mtp_vars(variables, mtp_cache)
+    if cfg.is_v4:
+        streams = hidden_BTX.reshape(*hidden_BTX.shape[:2], cfg.hc_mult, cfg.hidden_size)
+        (_, normed, _), upd = V4MTP(cfg, mode).apply(
+            mvars, streams, emb, next_BT, positions_BT, seg, mutable=["cache"]
+        )
+    else:
+        (_, normed, _), upd = MTPModule(cfg, mode).apply(
+            mvars, hidden_BTX, emb, positions_BT, seg, mutable=["cache"]
+        )
+    return normed, upd["cache"]
+
+
+def _mtp_fill(cfg, variables, mode, mtp_cache, hidden_BTD, next_BT, positions_BT, valid_BT=None):
+    """MTP module 0 over (h_t, Emb(t+1)) at `positions_BT`: writes its cache; returns it."""
+    valid = jnp.ones(next_BT.shape, bool) if valid_BT is None else valid_BT
+    return _mtp_apply(cfg, variables, mode, mtp_cache, hidden_BTD, next_BT, positions_BT, valid)[1]
 
 
 def prefill_first_chunk(cfg, variables, main, mtp_cache, tokens_BT, next_BT, lengths_B):
@@ -351,23 +366,32 @@ def prefill_first_chunk(cfg, variables, main, mtp_cache, tokens_BT, next_BT, len
         run_mtp=False,
         mutable=["cache"],
     )
+    hidden = _hidden(cfg, out)
     if mtp_cache is not None:
-        mtp_cache = _mtp_fill(cfg, variables, "prefill", mtp_cache, out.hidden, next_BT, pos_BT)
-    return upd["cache"], mtp_cache, out.logits, out.hidden
+        valid = pos_BT < lengths_B[:, None] if cfg.is_v4 else None
+        mtp_cache = _mtp_fill(cfg, variables, "prefill", mtp_cache, hidden, next_BT, pos_BT, valid)
+    return upd["cache"], mtp_cache, out.logits, hidden
 
 
-def prefill_next_chunk(cfg, variables, main, mtp_cache, tokens_BT, next_BT, start):
+def prefill_next_chunk(
+    cfg, variables, main, mtp_cache, tokens_BT, next_BT, start, lengths_B=None
+):  # fmt: skip
     """A later prompt chunk at positions start..start+T-1 (`start` a traced scalar): the absorbed
     decode forward over the cache filled so far (every position < start written), MTP module 0's
-    cache too when `mtp_cache` is not None (next_BT as in `prefill_first_chunk`).
+    cache too when `mtp_cache` is not None (next_BT as in `prefill_first_chunk`). `lengths_B`
+    (optional): positions at or beyond a row's length are padding, which DeepSeek-V4's
+    fixed-size caches must not store.
 
     Returns (main, mtp_cache, logits_BTV float32, hidden_BTD pre final norm).
     """
     B, T = tokens_BT.shape
     pos_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
-    logits_BTV, hidden_BTD, main = decode_forward(cfg, variables, main, tokens_BT, pos_BT)
+    valid = None if lengths_B is None or not cfg.is_v4 else pos_BT < lengths_B[:, None]
+    logits_BTV, hidden_BTD, main = decode_forward(cfg, variables, main, tokens_BT, pos_BT, valid)
     if mtp_cache is not None:
-        mtp_cache = _mtp_fill(cfg, variables, "decode", mtp_cache, hidden_BTD, next_BT, pos_BT)
+        mtp_cache = _mtp_fill(
+            cfg, variables, "decode", mtp_cache, hidden_BTD, next_BT, pos_BT, valid
+        )
     return main, mtp_cache, logits_BTV, hidden_BTD
 
 
@@ -399,7 +423,7 @@ def _chunked_prefill(cfg, variables, tokens_BP, lengths_B, cache_len, speculativ
         main, mtp_cache, logits_BV, hidden_BD = carry
         tok_Bc, nxt_Bc, start = xs
         main, mtp_cache, logits_BcV, hidden_BcD = prefill_next_chunk(
-            cfg, variables, main, mtp_cache, tok_Bc, nxt_Bc, start
+            cfg, variables, main, mtp_cache, tok_Bc, nxt_Bc, start, lengths_B
         )
         logits_BV = _pick_last(logits_BcV, start, last_B, logits_BV)
         hidden_BD = _pick_last(hidden_BcD, start, last_B, hidden_BD)

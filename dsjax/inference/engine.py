@@ -215,6 +215,11 @@ class Engine:
         cache_tokens: int | None = None,
         prefix_cache: bool = True,
     ):
+        if cfg.is_v4:
+            raise ValueError(
+                "DeepSeek-V4 (arch 'v4') is not served by the engine yet: its window ring and "
+                "compressor state have no paged layout; use dsjax.inference.generate"
+            )
         if slots < 1:
             raise ValueError(f"slots={slots}: must be >= 1")
         if min_window < 1 or min_batch < 1:
