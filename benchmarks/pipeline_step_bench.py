@@ -1,13 +1,16 @@
 """CPU step time of each pipeline schedule on 8 fake devices, beside no pipeline (stage=1).
 
     python benchmarks/pipeline_step_bench.py [--steps=3] [--layers=5] [--batch=16] [--seq=128]
+        [--masked]
 
 configs/small.py with `--layers` layers (1 dense + the rest MoE, which must split into the
 schedule's chunks), fp32, on 8 fake CPU devices: stage=1 with data=4 x expert=2, then stage=2 with
 data=2 x expert=2 for gpipe, 1f1b and dualpipe (4 micro-batches). Prints compile seconds and the
-median of `--steps` timed steps (after one warm-up) per layout. On one CPU the fake devices share
-the cores, so this measures the pipeline's overhead (idle ticks computed and masked, chunk
-recompute, the transfers), not a speed-up.
+median of `--steps` timed steps (after one warm-up) per layout, and the FLOPs XLA's cost analysis
+counts in the compiled step. On one CPU the fake devices share the cores, so this measures the
+pipeline's overhead (chunk recompute, transfers, idle work), not a speed-up. `--masked`: idle
+slots, prologues and epilogues computed and masked (`pipeline.SKIP_IDLE = False`), which is what
+XLA:CPU runs anyway (the `lax.cond`/`lax.switch` form deadlocks its fake devices now and then).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from flax import linen as nn  # noqa: E402
 from configs.small import get_config  # noqa: E402
 from dsjax.model import sharding  # noqa: E402
 from dsjax.model.transformer import Transformer  # noqa: E402
+from dsjax.train import pipeline  # noqa: E402
 from dsjax.train import step as ts  # noqa: E402
 
 LAYOUTS = (
@@ -40,7 +44,7 @@ LAYOUTS = (
 )
 
 
-def time_layout(mesh_sizes, schedule, a) -> tuple[float, float]:
+def time_layout(mesh_sizes, schedule, a) -> tuple[float, float, float]:
     c = get_config()
     c.model.num_hidden_layers = a.layers
     c.mesh.update(**mesh_sizes)
@@ -65,6 +69,9 @@ def time_layout(mesh_sizes, schedule, a) -> tuple[float, float]:
         t0 = time.perf_counter()
         compiled = step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
         state, m = compiled(state, batch)
         jax.block_until_ready(m)
         times = []
@@ -73,7 +80,7 @@ def time_layout(mesh_sizes, schedule, a) -> tuple[float, float]:
             state, m = compiled(state, batch)
             jax.block_until_ready(m)
             times.append(time.perf_counter() - t0)
-    return compile_s, float(np.median(times))
+    return compile_s, float(np.median(times)), flops
 
 
 def main() -> None:
@@ -82,12 +89,16 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=5)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--masked", action="store_true", help="compute idle work and mask it")
     a = p.parse_args()
-    print(f"configs/small.py, {a.layers} layers, batch {a.batch} x {a.seq}, 8 fake CPU devices")
+    pipeline.SKIP_IDLE = False if a.masked else None
+    print(f"configs/small.py, {a.layers} layers, batch {a.batch} x {a.seq}, 8 fake CPU devices"
+          f"{', idle work masked' if a.masked else ''}")  # fmt: skip
     for name, mesh_sizes, schedule in LAYOUTS:
-        compile_s, step_s = time_layout(mesh_sizes, schedule, a)
+        compile_s, step_s, flops = time_layout(mesh_sizes, schedule, a)
         mesh = ",".join(f"{k}={v}" for k, v in mesh_sizes.items())
-        print(f"{name:9s} {mesh:24s} compile {compile_s:6.1f}s  step {step_s * 1e3:8.1f} ms")
+        print(f"{name:9s} {mesh:24s} compile {compile_s:6.1f}s  step {step_s * 1e3:8.1f} ms  "
+              f"cost-analysis {flops / 1e9:8.2f} GFLOP")  # fmt: skip
 
 
 if __name__ == "__main__":

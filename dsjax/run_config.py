@@ -112,6 +112,10 @@ class TrainOptions:
     # into chunks.
     pipeline_schedule: str = opt("1f1b", one_of(*SCHEDULES))
     microbatches: int = opt(0, AT_LEAST_0)
+    # On TPU with mesh.stage > 1: compile the step with XLA:TPU's asynchronous ragged all-to-all
+    # (start/done pairs), so one chunk's expert exchange overlaps the other chunk's matmuls in a
+    # DualPipe F&B tick (train/step.py `compiler_options`; benchmarks/RESULTS.md).
+    async_exchange: bool = opt(True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -447,7 +451,10 @@ def _check_pipeline(run: RunConfig) -> None:
     if stages == -1:
         raise ValueError("config.mesh.stage=-1: give the stage axis an explicit size")
     if run.mesh.context != 1:
-        raise ValueError("config.mesh.context > 1 with config.mesh.stage > 1: not supported")
+        raise ValueError(
+            f"config.mesh.context={run.mesh.context} with config.mesh.stage={stages}: context "
+            "parallelism is not pipelined (its permuted token layout); use one of them"
+        )
     layers = run.model.num_moe_layers
     if stages > max(layers, 1):  # before building a schedule table of that size
         raise ValueError(

@@ -18,6 +18,7 @@ from dsjax.train import pipeline
 from dsjax.train import step as ts
 
 B, T, M = 16, 16, 4  # 4 micro-batches of 4 rows: one row per data x expert shard
+FP8_TOL = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,13 @@ def _setup(layers):
         k: jnp.asarray(v, jnp.float32 if k == "weights" else jnp.int32) for k, v in batch.items()
     }
     model = Transformer(cfg)
+    reference = _accumulated(config, model, params, moe_bias, batch)
+    return config, model, params, moe_bias, batch, reference
+
+
+def _accumulated(config, model, params, moe_bias, batch):
+    """(loss, grads, expert counts) of the M micro-batches without a pipeline, averaged as
+    grad_accum = M does (on one device, or on the mesh in scope)."""
     train_cfg = ts.train_options(config)
     grad_fn = jax.jit(
         jax.value_and_grad(
@@ -55,13 +63,13 @@ def _setup(layers):
     )
     loss = grads = counts = None
     micro = jax.tree.map(lambda x: x.reshape(M, B // M, T), batch)
-    for m in range(M):  # one device, the same micro-batches, averaged (grad_accum = M)
+    for m in range(M):
         (value, aux), g = grad_fn(params, moe_bias, {k: v[m] for k, v in micro.items()})
         c = ts.expert_counts_tree(moe_bias, aux["out"])
         acc = lambda a, b: b if a is None else jax.tree.map(jnp.add, a, b)  # noqa: E731
         loss, grads, counts = acc(loss, value / M), acc(grads, g), acc(counts, c)
     grads = jax.tree.map(lambda g: g / M, grads)
-    return config, model, params, moe_bias, batch, (loss, grads, counts)
+    return loss, grads, counts
 
 
 def _program(config, model, schedule, mesh):
@@ -201,3 +209,23 @@ def test_train_step_with_stages_and_grad_accum_matches_stage_1(setup):
     for k in ("loss", "main_ce", "grad_norm", "tokens"):
         np.testing.assert_allclose(mb[k], ma[k], rtol=1e-5, err_msg=k)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(y, x, atol=1e-7), a.moe_bias, b.moe_bias)
+
+
+def test_fp8_with_stages_matches_stage_1(setup):
+    """The FP8 recipe (model.fp8, docs/spec.md §8) pipelined over stage=2 (DualPipe) gives the
+    loss, gradients and expert counts of stage=1 on the same data x expert shards (the same
+    1x128 / 128x1 quantisation tiles), within FP8's own reproducibility: a last-bit difference
+    in a GEMM input can move one e4m3 rounding step."""
+    config, _, params, moe_bias, batch, _ = setup
+    config = config.copy_and_resolve_references()  # the fixture's stays as it is
+    config.model.fp8 = True
+    model = Transformer(ts.model_config(config))
+    with jax.set_mesh(sharding.make_mesh(data=2, expert=2, devices=jax.devices()[:4])):
+        with nn.logical_axis_rules(sharding.LOGICAL_RULES):
+            reference = _accumulated(config, model, params, moe_bias, batch)
+    with jax.set_mesh(sharding.make_mesh(stage=2, data=2, expert=2)):
+        with nn.logical_axis_rules(sharding.LOGICAL_RULES):
+            program = _program(config, model, "dualpipe", None)
+            table = {k: jnp.asarray(v) for k, v in _tables("dualpipe", 2).items()}
+            result = program(params, moe_bias, batch, table)
+    _assert_matches(result, reference, tol=FP8_TOL)

@@ -220,3 +220,9 @@ def test_pipeline_sizes_are_checked_before_building_a_schedule():
     assert _error(c).startswith("config.train.microbatches=1000000000000000000000000000000 exceeds")
     c.train.microbatches, c.train.pipeline_schedule = 4, "zigzag"
     assert _error(c).startswith("config.train.pipeline_schedule='zigzag' must be one of")
+
+
+def test_context_parallelism_with_stages_is_refused_in_one_line():
+    c = tiny.get_config()
+    c.mesh.stage, c.mesh.context, c.mesh.data = 2, 2, 1
+    assert _error(c).startswith("config.mesh.context=2 with config.mesh.stage=2: context ")

@@ -231,6 +231,44 @@ def _post(cfg: ModelConfig, train_cfg, shared, shared_bias, h, mb):
     return loss, metrics, out.mtp_expert_counts
 
 
+def _when(skip: bool, pred, fn, otherwise=None):
+    """`fn()` where `pred` (a traced bool) holds, else `otherwise()` (default: zeros like fn's
+    output). `skip`: by `lax.cond`, so a false `pred` costs nothing; else both are computed
+    and selected (`jnp.where`; `SKIP_IDLE`)."""
+    if otherwise is None:
+        otherwise = lambda: jax.tree.map(jnp.zeros_like, jax.eval_shape(fn))  # noqa: E731
+        if not skip:
+            return jax.tree.map(lambda a: jnp.where(pred, a, jnp.zeros_like(a)), fn())
+    if skip:
+        return jax.lax.cond(pred, fn, otherwise)
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), fn(), otherwise())
+
+
+def _slots_run(skip: bool, f_on, b_on, forward, backward):
+    """(forward(), backward()) of a tick, each zeros where its slot is idle. `skip`: one
+    `lax.switch` over the four on/off cases, so an idle slot costs nothing while a busy pair
+    stays one straight-line program (XLA interleaves the two chunks); else both computed and
+    masked."""
+    if not skip:
+        return _when(False, f_on == 1, forward), _when(False, b_on == 1, backward)
+    zeros = lambda fn: jax.tree.map(jnp.zeros_like, jax.eval_shape(fn))  # noqa: E731
+    zf, zb = zeros(forward), zeros(backward)
+    branches = [
+        lambda: (zf, zb),
+        lambda: (forward(), zb),
+        lambda: (zf, backward()),
+        lambda: (forward(), backward()),
+    ]
+    return jax.lax.switch(f_on + 2 * b_on, branches)
+
+
+# Idle slots, prologues and epilogues skipped by `lax.cond` / `lax.switch` (True) or computed
+# and masked (False); None: skipped except on XLA:CPU, where the collectives inside the branches
+# deadlock the fake devices now and then (a DualPipe test passed once and hung the next run),
+# although they stay within one `stage` rank's devices, which all take the same branch.
+SKIP_IDLE: bool | None = None
+
+
 def _masked_stack(cfg, layers: int, p_chunk, bias, x, mb, valid):
     """The MoE stack of a chunk padded to `layers` rows, one layer at a time: a row that is not
     `valid` is the identity (its output is its input, its counts and balance loss zero, so it
@@ -251,14 +289,14 @@ def _masked_stack(cfg, layers: int, p_chunk, bias, x, mb, valid):
 
 
 def _chunk(cfg, train_cfg, layers: int, p_chunk, shared, x_in, bias, shared_bias, mb, first, last,
-           valid=None):  # fmt: skip
+           valid=None, skip: bool = False):  # fmt: skip
     """One chunk's forward: (output [b,T,D], loss share, (counts [layers,E], metrics, MTP counts)).
 
     `first`/`last` (traced booleans) add the prologue (the input is then the micro-batch's tokens,
     not `x_in`) and the epilogue; the loss share is α·(this chunk's balance losses) plus, on the
     last chunk, the cross-entropies and MTP terms. `valid` [layers] (uneven chunks): which rows
-    are real layers (`_masked_stack`)."""
-    x = jnp.where(first, _pre(cfg, shared, mb).astype(x_in.dtype), x_in)
+    are real layers (`_masked_stack`). `skip`: see `_when`."""
+    x = _when(skip, first, lambda: _pre(cfg, shared, mb).astype(x_in.dtype), lambda: x_in)
     if valid is None:
         stack = _stack(cfg, True, layers, "train", "moe_layers")
         h, stats = stack.apply(
@@ -270,10 +308,7 @@ def _chunk(cfg, train_cfg, layers: int, p_chunk, shared, x_in, bias, shared_bias
         )
     else:
         h, stats = _masked_stack(cfg, layers, p_chunk, bias, x, mb, valid)
-    tail = jax.tree.map(
-        lambda a: jnp.where(last, a, jnp.zeros_like(a)),
-        _post(cfg, train_cfg, shared, shared_bias, h, mb),
-    )
+    tail = _when(skip, last, lambda: _post(cfg, train_cfg, shared, shared_bias, h, mb))
     tail_loss, metrics, mtp_counts = tail
     balance = stats["balance"].sum()
     loss = train_cfg.balance_loss_weight * balance + tail_loss
@@ -304,11 +339,14 @@ def pipeline_grads(
     schedule: str,
     microbatches: int,
     table_arrays: dict[str, jax.Array] | None = None,
+    skip: bool | None = None,
 ):
     """(loss, grads, metrics, counts) of the batch split into `microbatches`, pipelined over the
     mesh axis `stage` of the mesh in scope (`jax.set_mesh`). `loss` and the metrics are means over
     micro-batches (`tokens` a sum), `grads` like `params`, `counts` like `moe_bias`.
-    `table_arrays` replaces `tables(...).arrays` (same keys and shapes; tests alter it)."""
+    `table_arrays` replaces `tables(...).arrays` (same keys and shapes; tests alter it).
+    `skip`: idle slots, prologues and epilogues skipped by `lax.cond` rather than computed and
+    masked (default `SKIP_IDLE`)."""
     cfg: ModelConfig = model.cfg
     mesh = jax.sharding.get_abstract_mesh()
     N = mesh.shape[AXIS]
@@ -331,7 +369,11 @@ def pipeline_grads(
     if table_arrays is None:
         table_arrays = {n: jnp.asarray(v) for n, v in tab.arrays.items()}
     arrays = table_arrays
-    chunk = functools.partial(_chunk, cfg, train_cfg, layers)
+    if skip is None:
+        from dsjax.model.layers.moe import _platform  # noqa: PLC0415
+
+        skip = _platform() != "cpu" if SKIP_IDLE is None else SKIP_IDLE
+    chunk = functools.partial(_chunk, cfg, train_cfg, layers, skip=skip)
     rows_j, valid_j = jnp.asarray(rows), jnp.asarray(valid)
 
     def body(stacked, shared, bias_stack, shared_bias, mbs, arrays):
@@ -355,12 +397,23 @@ def pipeline_grads(
             return functools.partial(chunk, valid=valid_j[c]) if uneven else chunk
 
         def tick(carry, i):
-            # Forward chunk.
             on, _, c, p, mb, bias, x_in, first, last = run("f", i, carry)
-            f_out = jax.tree.map(
-                lambda a: jnp.where(on, a, jnp.zeros_like(a)),
-                chunk_of(c)(p, shared, x_in, bias, shared_bias, mb, first, last),
-            )
+            on_b, _, cb, pb, mbb, biasb, xb, firstb, lastb = run("b", i, carry)
+            g_y = jnp.where(lastb, 0.0, carry["grad"][row("b_grad", i)]).astype(act_dtype)
+
+            def forward():  # the forward chunk
+                return chunk_of(c)(p, shared, x_in, bias, shared_bias, mb, first, last)
+
+            def backward():  # the VJP of the backward chunk's forward, recomputed
+                f = (
+                    lambda p_, sh_, x_: chunk_of(cb)(  # noqa: E731
+                        p_, sh_, x_, biasb, shared_bias, mbb, firstb, lastb
+                    )[:2]
+                )
+                _, vjp = jax.vjp(f, pb, shared, xb)
+                return vjp((g_y, jnp.float32(1.0 / M)))
+
+            f_out, (g_p, g_sh, g_x) = _slots_run(skip, on, on_b, forward, backward)
             y, _, (counts, metrics, mtp_counts) = f_out
             if uneven:  # padding rows repeat a real row with zero counts
                 carry["counts"] = carry["counts"].at[rows_j[c]].add(counts)
@@ -374,22 +427,6 @@ def pipeline_grads(
             carry["metrics"] = jax.tree.map(jnp.add, carry["metrics"], metrics)
             if mtp_counts is not None:
                 carry["mtp_counts"] = carry["mtp_counts"] + mtp_counts
-            # Backward chunk: the VJP of its forward, recomputed from the saved input.
-            on_b, _, cb, pb, mbb, biasb, xb, firstb, lastb = run("b", i, carry)
-            g_y = jnp.where(lastb, 0.0, carry["grad"][row("b_grad", i)]).astype(act_dtype)
-
-            def backward():
-                f = (
-                    lambda p_, sh_, x_: chunk_of(cb)(  # noqa: E731
-                        p_, sh_, x_, biasb, shared_bias, mbb, firstb, lastb
-                    )[:2]
-                )
-                _, vjp = jax.vjp(f, pb, shared, xb)
-                return vjp((g_y, jnp.float32(1.0 / M)))
-
-            g_p, g_sh, g_x = jax.tree.map(
-                lambda a: jnp.where(on_b, a, jnp.zeros_like(a)), backward()
-            )
             lb = row("b_local", i)
             carry["g_local"] = jax.tree.map(lambda acc, g: acc.at[lb].add(g), carry["g_local"], g_p)
             carry["g_shared"] = jax.tree.map(jnp.add, carry["g_shared"], g_sh)

@@ -496,18 +496,40 @@ def jit_train_step(
     """The jitted `train_step` (the one place it is built): `(state, batch) -> (state, metrics)`
     with the state donated. With `shardings` (the state's, from `state_shardings`) and `mesh`,
     the batch is split over the mesh's batch axes and the metrics come back replicated."""
-    fn = functools.partial(
-        train_step, model=model, tx=tx, schedule=schedule, train_cfg=train_options(config)
-    )
+    train_cfg = train_options(config)
+    fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule, train_cfg=train_cfg)
     donate_argnums = (0,) if donate else ()
+    options = compiler_options(train_cfg, mesh)
     if shardings is None:
-        return jax.jit(fn, donate_argnums=donate_argnums)
+        return jax.jit(fn, donate_argnums=donate_argnums, compiler_options=options)
     return jax.jit(
         fn,
         in_shardings=(shardings, sharding.batch_sharding(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=donate_argnums,
+        compiler_options=options,
     )
+
+
+# XLA:TPU (libtpu 0.0.42) keeps ragged all-to-alls synchronous unless told otherwise; with this
+# they become start/done pairs the latency-hiding scheduler can move other work between.
+ASYNC_EXCHANGE_OPTIONS = {"xla_tpu_enable_async_ragged_all_to_all": "true"}
+
+
+def compiler_options(train_cfg: TrainOptions, mesh=None) -> dict[str, str] | None:
+    """XLA options of the train step: on TPU with a pipeline (`stage` > 1) and
+    `train.async_exchange`, the asynchronous expert exchange (`ASYNC_EXCHANGE_OPTIONS`), so a
+    DualPipe tick's forward-chunk exchange overlaps its backward chunk's matmuls and vice
+    versa. `mesh` None: the mesh in scope (`jax.set_mesh`) and the default backend."""
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        platform = jax.default_backend()
+    else:
+        platform = mesh.devices.flat[0].platform
+    stages = 1 if mesh.empty else dict(mesh.shape).get("stage", 1)
+    if platform == "tpu" and stages > 1 and train_cfg.async_exchange:
+        return dict(ASYNC_EXCHANGE_OPTIONS)
+    return None
 
 
 def to_device(tree):

@@ -142,10 +142,12 @@ def _local(
 
 
 def _mesh_specs(mesh, B: int, G: int):
-    """(batch axes, head axis) to split over in shard_map: only axes of size > 1 that divide."""
-    names = [a for a in _BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1]
+    """(batch axes, head axis) to split over in shard_map: only axes of size > 1 that divide and
+    are not already manual (inside an enclosing shard_map, e.g. the pipeline's over `stage`)."""
+    free = [a for a in mesh.axis_names if a not in mesh.manual_axes and mesh.shape[a] > 1]
+    names = [a for a in _BATCH_AXES if a in free]
     batch = tuple(names) if B % math.prod(mesh.shape[a] for a in names) == 0 else ()
-    tensor = "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1
+    tensor = "tensor" in free
     heads = "tensor" if tensor and G % mesh.shape["tensor"] == 0 else None
     return (batch or None), heads
 
@@ -193,7 +195,9 @@ def splash_attention(
         q, k, v, sq, sk, scale=float(scale), block=block, interpret=bool(interpret)
     )
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.manual_axes:
+    # Mosaic kernels cannot be partitioned automatically: under a mesh the kernel runs in a
+    # shard_map over every axis that is not manual already (all manual: call it as it is).
+    if mesh.empty or set(mesh.axis_names) <= set(mesh.manual_axes):
         out = local(q_BTGHK, k_BTGK, v_BTGV, q_seg_BT, k_seg_BS)
     else:
         batch, heads = _mesh_specs(mesh, B, G)
