@@ -18,7 +18,7 @@ from dsjax.train import pipeline
 from dsjax.train import step as ts
 
 B, T, M = 16, 16, 4  # 4 micro-batches of 4 rows: one row per data x expert shard
-FP8_TOL = 1e-3
+FP8_TOL = 1e-2  # e4m3 keeps 3 mantissa bits: one flipped rounding step moves a value 1/16
 
 
 @pytest.fixture(scope="module")
@@ -228,4 +228,5 @@ def test_fp8_with_stages_matches_stage_1(setup):
             program = _program(config, model, "dualpipe", None)
             table = {k: jnp.asarray(v) for k, v in _tables("dualpipe", 2).items()}
             result = program(params, moe_bias, batch, table)
-    _assert_matches(result, reference, tol=FP8_TOL)
+    # The reference lives on 4 devices, the pipeline's result on 8: compare on the host.
+    _assert_matches(jax.device_get(result), jax.device_get(reference), tol=FP8_TOL)
