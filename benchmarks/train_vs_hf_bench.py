@@ -78,6 +78,8 @@ def dsjax_stepper(c, variables, tokens):
         holder["state"], m = step_fn(holder["state"], batch)
         return float(m["main_ce"])
 
+    # The optimized HLO of the step (its instruction names are the profiler's op names).
+    step.hlo_text = lambda: step_fn.lower(holder["state"], batch).compile().as_text()
     return step
 
 
