@@ -41,7 +41,7 @@ def _check_report(r, target):
     est = r["estimate"]
     assert est["compute_s"] > 0 and est["hbm_s"] > 0
     # the roofline: the step is the slowest of compute / HBM / ICI, MFU analytic FLOPs over it
-    assert est["step_s"] == max(est[k] for k in ("compute_s", "hbm_s", "ici_s") if k in est)
+    assert est["step_s"] == max(est[k] for k in ("compute_s", "hbm_s", "ici_s", "dcn_s") if k in est)
     mfu = r["flops"]["analytic_per_device"] / (est["step_s"] * target.peak_flops)
     assert est["mfu_upper_bound"] == pytest.approx(mfu) and 0 < mfu <= 1
     a = r["analytic_bytes"]  # HBM total: every entry but the host-memory ones

@@ -51,6 +51,7 @@ from dsjax.plan import (
     hlo_stats,  # noqa: E402
     tpu_specs,  # noqa: E402
 )
+from dsjax.run_config import RunConfig  # noqa: E402
 from dsjax.train import metrics  # noqa: E402
 from dsjax.train import step as ts  # noqa: E402
 from dsjax.train.pipeline_schedule import pipeline_figures  # noqa: E402
@@ -370,7 +371,7 @@ def _roofline(report: dict, target: Target, flops_dev: float, hw_flops_dev: floa
 
 
 # ----------------------------------------------------------------------------- train
-def train_analytic(cfg, config, params_bytes: float, optimizer_bytes: float, mesh) -> dict:
+def train_analytic(cfg, run: RunConfig, params_bytes: float, optimizer_bytes: float, mesh) -> dict:
     """Per-device bytes by cause: the state exactly (from shardings), the rest estimated from the
     buffers the XLA:TPU compiler was seen to hold for V3 on v5p-256 (buffer assignment of the
     real train step, 2026-11-23; benchmarks/RESULTS.md):
@@ -389,15 +390,15 @@ def train_analytic(cfg, config, params_bytes: float, optimizer_bytes: float, mes
     and a dense FFN's intermediates of one layer."""
     from dsjax.model.layers import moe as moe_lib
 
-    T, D, V = config.data.seq_len, cfg.hidden_size, cfg.vocab_size
-    B = config.train.batch_size / sharding.batch_shards(mesh) / config.train.grad_accum
+    T, D, V = run.data.seq_len, cfg.hidden_size, cfg.vocab_size
+    B = run.train.batch_size / sharding.batch_shards(mesh) / run.train.grad_accum
     shape = dict(mesh.shape)
     tensor, context = shape.get("tensor", 1), shape.get("context", 1)
     tokens = B * T / context  # per device
     act = jnp.dtype(cfg.dtype).itemsize
     pb = jnp.dtype(cfg.param_dtype).itemsize
     per_layer = SAVED_PER_LAYER.get(cfg.remat, 24)  # "none": every intermediate (rough)
-    chunk = int(config.train.get("ce_chunk", 0) or 0)
+    chunk = run.train.ce_chunk
     logit_T = min(chunk, T) if chunk else T * (1 + cfg.num_mtp_layers)
     heads = cfg.num_attention_heads / tensor
     if cfg.is_v4:
@@ -418,7 +419,7 @@ def train_analytic(cfg, config, params_bytes: float, optimizer_bytes: float, mes
         mtp_block = cfg.num_mtp_layers * R * (2 * D + 3 * F_l) * act
         E_l = cfg.n_routed_experts / G
         expert_weights = 2 * 3 * E_l * D * F_l * act
-    offload = offloads_optimizer(config)
+    offload = run.optim.host_offload
     out = {
         "params": params_bytes,
         "grads": params_bytes,
@@ -454,11 +455,6 @@ def _v4_attention_working_set(cfg, tokens: float, T: int, heads: float, act: int
     return q + logits + indexer
 
 
-def offloads_optimizer(config) -> bool:
-    """Whether the run keeps its optimizer state in host memory (`optim.host_offload`)."""
-    return bool(config.optim.get("host_offload", False))
-
-
 def host_transfer_bytes(analytic: dict) -> float:
     """Bytes per device crossing between HBM and host memory each step: the offloaded optimizer
     state in and out once, each offloaded layer input out in the forward and back in the
@@ -473,7 +469,7 @@ def _batch_abstract(mesh, batch: int, seq_len: int) -> dict:
     return {k: jax.ShapeDtypeStruct((batch, seq_len), d, sharding=bs) for k, d in dtypes.items()}
 
 
-def plan_train(config: ml_collections.ConfigDict, target: Target) -> dict:
+def plan_train(config: ml_collections.ConfigDict | RunConfig, target: Target) -> dict:
     """Compiles the real train step for `target`; returns the report dict."""
     run = run_config.parse(config)
     mesh = sharding.make_mesh(**dataclasses.asdict(run.mesh), devices=list(target.devices))
@@ -486,24 +482,24 @@ def plan_train(config: ml_collections.ConfigDict, target: Target) -> dict:
             f"{sharding.batch_shards(mesh)} batch shards of mesh {dict(mesh.shape)}",
             1,
         )
-    offload = offloads_optimizer(config)
+    offload = run.optim.host_offload
     abstract, shardings = ts.state_shardings(model, tx, mesh, T, offload)  # outside the mesh
     n = len(target.devices)
-    report = _header(config, cfg, target, mesh, "train")
+    report = _header(run, target, mesh, "train")
     report.update(batch=batch, seq_len=T, tokens_per_step=batch * T)
     stages = mesh.shape["stage"]
     if stages > 1:  # docs/spec.md §13: bubble, activation memory, stage-to-stage bytes
         name, micro = run_config.pipeline_settings(run.train, stages)
-        if batch % (sharding.batch_shards(mesh) * config.train.grad_accum * micro):
+        if batch % (sharding.batch_shards(mesh) * run.train.grad_accum * micro):
             raise PlanError(
                 f"config.train.batch_size={batch} must divide by grad_accum x microbatches="
                 f"{micro} x the {sharding.batch_shards(mesh)} batch shards (raise --batch_per_chip)",
                 1,
             )
-        rows = batch // config.train.grad_accum // micro / sharding.batch_shards(mesh)
+        rows = batch // run.train.grad_accum // micro / sharding.batch_shards(mesh)
         act = rows * T * cfg.hidden_size * jnp.dtype(cfg.dtype).itemsize
         report["pipeline"] = pipeline_figures(name, stages, micro, act)
-        report["pipeline"]["stage_transfer_bytes"] *= config.train.grad_accum
+        report["pipeline"]["stage_transfer_bytes"] *= run.train.grad_accum
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         step = ts.jit_train_step(model, tx, schedule, run, shardings=shardings, mesh=mesh)
@@ -522,7 +518,7 @@ def plan_train(config: ml_collections.ConfigDict, target: Target) -> dict:
         memory.update(_memory_from_compiled(compiled, state_bytes, dump))
     _fill_fit(report, target, memory, oom)
     report["analytic_bytes"] = train_analytic(
-        cfg, config, memory["params_bytes"], memory["optimizer_bytes"], mesh
+        cfg, run, memory["params_bytes"], memory["optimizer_bytes"], mesh
     )
     report["host_transfer_bytes"] = host_transfer_bytes(report["analytic_bytes"])
     flops_dev = metrics.train_flops_per_token(cfg, T) * batch * T / n
@@ -543,26 +539,26 @@ def plan_train(config: ml_collections.ConfigDict, target: Target) -> dict:
     return report
 
 
-def _header(config, cfg, target: Target, mesh, mode: str) -> dict:
+def _header(run: RunConfig, target: Target, mesh, mode: str) -> dict:
     counts_b = None
     try:
         from dsjax.model.transformer import count_params
 
-        counts_b = {k: v / 1e9 for k, v in count_params(cfg).items()}
+        counts_b = {k: v / 1e9 for k, v in count_params(run.model).items()}
     except Exception:  # noqa: BLE001 - counting is informative only
         pass
     return {
-        "config": config.get("name", "?"),
+        "config": run.name,
         "mode": mode,
         "target": target.label,
         "devices": len(target.devices),
         "mesh": dict(mesh.shape),
-        "remat": cfg.remat,
-        "dtype": cfg.dtype,
-        "param_dtype": cfg.param_dtype,
-        "moment_dtype": config.optim.get("moment_dtype", "float32"),
-        "host_offload": offloads_optimizer(config),
-        "ce_chunk": int(config.train.get("ce_chunk", 0) or 0),
+        "remat": run.model.remat,
+        "dtype": run.model.dtype,
+        "param_dtype": run.model.param_dtype,
+        "moment_dtype": run.optim.moment_dtype,
+        "host_offload": run.optim.host_offload,
+        "ce_chunk": run.train.ce_chunk,
         "params_billion": counts_b,
         "hbm_per_device_bytes": target.hbm_bytes,
         "peak_flops_per_device": target.peak_flops,
@@ -619,17 +615,17 @@ def _global_bytes(tree) -> float:
     return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def plan_decode(config: ml_collections.ConfigDict, target: Target, batch: int,
+def plan_decode(config: ml_collections.ConfigDict | RunConfig, target: Target, batch: int,
                 cache_len: int, layout: str = "fsdp") -> dict:  # fmt: skip
     """Compiles one decode step (`lower_decode`) for `target` under `layout`, weights in the
     compute dtype (bf16 for V3). Beside the roofline it reports the HBM bound: every weight and
     the whole latent cache read once per step, spread evenly over the chips (no replication),
     and the roofline step time over it."""
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.model.param_dtype = config.model.dtype  # inference weights
-    mesh = sharding.make_mesh(**config.mesh, devices=list(target.devices))
-    cfg = ts.model_config(config)
-    report = _header(config, cfg, target, mesh, "decode")
+    run = run_config.parse(config)
+    cfg = run.model.replace(param_dtype=run.model.dtype)  # inference weights
+    run = run.replace(model=cfg)
+    mesh = sharding.make_mesh(**dataclasses.asdict(run.mesh), devices=list(target.devices))
+    report = _header(run, target, mesh, "decode")
     report.update(batch=batch, cache_len=cache_len, layout=layout)
     t0 = time.perf_counter()
     lowered, abs_vars, abs_cache = lower_decode(cfg, mesh, layout, batch, cache_len)
@@ -678,12 +674,14 @@ def mesh_candidates(n: int, cfg) -> list[dict]:
     return out
 
 
-def search(config, target: Target, top: int, log=print) -> list[dict]:
+def search(config: ml_collections.ConfigDict | RunConfig, target: Target, top: int,
+           log=print) -> list[dict]:  # fmt: skip
     """Ranks mesh x batch-per-chip x remat candidates analytically (state bytes exact from the
     shardings, activations and step time estimated), compiles the `top` best that the estimate
     says fit, and returns their reports: fitting first, then by estimated time per token."""
     n = len(target.devices)
-    cfg = ts.model_config(config)
+    run = run_config.parse(config)
+    cfg = run.model
     shapes, logical = _param_shapes_and_specs(cfg)
     scored = []
     for mesh_kw in mesh_candidates(n, cfg):
@@ -695,10 +693,12 @@ def search(config, target: Target, top: int, log=print) -> list[dict]:
         for bpc, remat in itertools.product(
             (1, 2, 4), ("full", "offload", "save_attn", "save_attn_ffn")
         ):
-            c = ml_collections.ConfigDict(config.to_dict())
-            c.mesh.update(mesh_kw)
-            c.train.remat = remat
-            c.train.batch_size = bpc * sharding.batch_shards(mesh) * c.train.grad_accum
+            batch = bpc * sharding.batch_shards(mesh) * run.train.grad_accum
+            c = run.replace(
+                model=cfg.replace(remat=remat),  # the model's remat comes from config.train
+                train=dataclasses.replace(run.train, remat=remat, batch_size=batch),
+                mesh=dataclasses.replace(run.mesh, **mesh_kw),
+            )
             scored.append((_analytic_score(c, target, mesh, p_elems), c))
     scored.sort(key=lambda x: x[0]["s_per_token"])
     fitting = [s for s in scored if s[0]["fits"]] or scored
@@ -706,7 +706,7 @@ def search(config, target: Target, top: int, log=print) -> list[dict]:
         f"compiling the best {min(top, len(fitting))}")  # fmt: skip
     reports = []
     for score, c in fitting[:top]:
-        log(f"  compiling mesh {dict(c.mesh)} batch {c.train.batch_size} remat {c.train.remat} "
+        log(f"  compiling mesh {dataclasses.asdict(c.mesh)} batch {c.train.batch_size} remat {c.train.remat} "
             f"(analytic {score['bytes'] / GIB:.1f} GiB, {score['step_s'] * 1e3:.0f} ms)")  # fmt: skip
         try:
             r = plan_train(c, target)
@@ -737,11 +737,11 @@ def _shard_elems(shapes, logical, mesh) -> float:
     return total
 
 
-def _analytic_score(c, target: Target, mesh, p_elems: float) -> dict:
+def _analytic_score(c: RunConfig, target: Target, mesh, p_elems: float) -> dict:
     """Analytic memory and step time of a candidate (no compile)."""
-    cfg = ts.model_config(c)
+    cfg = c.model
     pb = jnp.dtype(cfg.param_dtype).itemsize
-    mb = jnp.dtype(c.optim.get("moment_dtype", "float32")).itemsize
+    mb = jnp.dtype(c.optim.moment_dtype).itemsize
     mem = train_analytic(cfg, c, p_elems * pb, 2 * p_elems * mb, mesh)
     T, n = c.data.seq_len, len(target.devices)
     kw = dict(mesh.shape)
@@ -880,17 +880,18 @@ def main(argv) -> int:
     target = make_target(f.topology, f.num_slices)
     if f.layers:
         truncate_layers(config, f.layers)
-    run_config.parse(config)  # unknown keys, types and ranges: one line before any compile
+    run = run_config.parse(config)  # unknown keys, types and ranges: one line before a compile
     if f.mode == "decode":
-        reports = [plan_decode(config, target, f.batch, f.cache_len, f.layout)]
+        reports = [plan_decode(run, target, f.batch, f.cache_len, f.layout)]
     else:
         if f.batch_per_chip:
-            mesh = sharding.make_mesh(**config.mesh, devices=list(target.devices))
-            config.train.batch_size = f.batch_per_chip * sharding.batch_shards(mesh)
+            mesh = sharding.make_mesh(**dataclasses.asdict(run.mesh), devices=list(target.devices))
+            batch = f.batch_per_chip * sharding.batch_shards(mesh)
+            run = run.replace(train=dataclasses.replace(run.train, batch_size=batch))
         if f.search:
-            reports = search(config, target, f.top)
+            reports = search(run, target, f.top)
         else:
-            reports = [plan_train(config, target)]
+            reports = [plan_train(run, target)]
     for r in reports:
         print(format_report(r))
     if f.json:
