@@ -45,7 +45,7 @@ Cache layout: declared by `model.cache_batch_axis` (scanned stacks [L, B, S, ...
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +148,10 @@ def row_requests(
 class DecodeState:
     """Everything a decode step reads and writes (a pytree; leading axis B unless noted)."""
 
+    if TYPE_CHECKING:  # flax.struct.dataclass adds it at runtime
+
+        def replace(self, **changes: Any) -> Self: ...
+
     cache: Any  # main cache pytree (layout: model.cache_batch_axis)
     mtp_cache: Any  # MTP module 0's cache [B, S, ...] or None (not speculating)
     tokens_B: jax.Array  # last sampled token t_{n+1}, not yet in the cache
@@ -183,6 +187,10 @@ class DecodeState:
 class StepOutput:
     """Tokens emitted by a step: `tokens_B2[:, :n_B]`; log-probs when requested (else None):
     `logprobs_B2`, `top_ids_B2N`, `top_logprobs_B2N` (N = top_n)."""
+
+    if TYPE_CHECKING:  # flax.struct.dataclass adds it at runtime
+
+        def replace(self, **changes: Any) -> Self: ...
 
     tokens_B2: jax.Array
     n_B: jax.Array

@@ -584,9 +584,11 @@ class Engine:
         """Async iterator over a request's events; cancels it if the consumer stops early."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        rid = self.submit(
-            prompt, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev)
-        )
+
+        def push(ev: TokenEvent) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+        rid = self.submit(prompt, params, push)
         finished = False
         try:
             while not finished:

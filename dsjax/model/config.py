@@ -29,9 +29,10 @@ SLIDING, CSA, HCA = (
 V4_LAYER_TYPES = (SLIDING, CSA, HCA)
 
 
-def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
-    """YaRN magnitude correction `0.1 * mscale * ln(factor) + 1` (1 when factor <= 1)."""
-    if factor <= 1.0:
+def yarn_mscale(factor: float | None, mscale: float = 1.0) -> float:
+    """YaRN magnitude correction `0.1 * mscale * ln(factor) + 1` (1 without YaRN or when
+    factor <= 1)."""
+    if factor is None or factor <= 1.0:
         return 1.0
     return 0.1 * mscale * math.log(factor) + 1.0
 

@@ -325,15 +325,16 @@ class Transformer(nn.Module):
         hidden = x
         head_input = self.final_norm(hidden)
         want_logits = logits
-        logits = self.head(head_input) if want_logits else None
+        logits_BTV = self.head(head_input) if want_logits else None
 
-        mtp_logits, mtp_counts, mtp_balance, mtp_inputs = None, [], [], []
+        mtp_logits: tuple[jax.Array, ...] | None = None
+        mtp_counts, mtp_balance, mtp_inputs = [], [], []
         indexer_kls = [
             d["indexer_kl"].sum() for d in (dense_stats, stats) if "indexer_kl" in d
         ]  # [L] per scanned stack
         run_mtp = (mode == "train") if run_mtp is None else run_mtp
         if cfg.num_mtp_layers and run_mtp:
-            mtp_logits, h = [], hidden
+            mtp_list, h = [], hidden
             for k in range(1, cfg.num_mtp_layers + 1):
                 next_tokens, mtp_seg = mtp_ahead(tokens_BT, segment_ids_BT, token_index_BT, k, mode)
                 h, normed, s = MTPModule(cfg, mode, name=f"mtp_{k - 1}")(
@@ -341,15 +342,15 @@ class Transformer(nn.Module):
                 )  # fmt: skip
                 mtp_inputs.append(normed)
                 if want_logits:
-                    mtp_logits.append(self.head(normed))
+                    mtp_list.append(self.head(normed))
                 if "counts" in s:
                     mtp_counts.append(s["counts"])
                     mtp_balance.append(s["balance"])
                 if "indexer_kl" in s:
                     indexer_kls.append(s["indexer_kl"])
-            mtp_logits = tuple(mtp_logits) if want_logits else None
+            mtp_logits = tuple(mtp_list) if want_logits else None
         return ModelOutput(
-            logits=logits,
+            logits=logits_BTV,
             mtp_logits=mtp_logits,
             hidden=hidden,
             expert_counts=stats.get("counts"),
@@ -418,10 +419,10 @@ def init_variables(cfg: ModelConfig, rng: jax.Array, batch: int = 1, seq_len: in
     return nn.unbox(init.compile(compiler_options=cheap_compile_options())(rng, tokens))
 
 
-def cheap_compile_options() -> dict[str, object]:
+def cheap_compile_options() -> dict[str, str | bool]:
     """XLA options for run-once programs (initialisation): on CPU, skip the LLVM optimisation
     that dominates their compile time (random-number kernels); elsewhere, the defaults."""
-    return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
+    return {"xla_backend_optimization_level": "0"} if jax.default_backend() == "cpu" else {}
 
 
 def abstract_variables(cfg: ModelConfig):

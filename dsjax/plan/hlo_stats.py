@@ -58,7 +58,9 @@ def shape_bytes(text: str) -> list[float]:
 
 
 def _split_computations(hlo: str) -> tuple[list[tuple[str, list[str]]], str | None]:
-    comps, entry, current = [], None, None
+    comps: list[tuple[str, list[str]]] = []
+    entry: str | None = None
+    current: tuple[str, list[str]] | None = None
     for line in hlo.splitlines():
         if line and not line[0].isspace() and line.rstrip().endswith("{"):
             m = _HEADER.match(line)

@@ -21,7 +21,7 @@ Both are jitted by the caller with the shardings of `grpo_state_shardings` (thos
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
 import flax
 import jax
@@ -51,6 +51,10 @@ __all__ = [
 
 @flax.struct.dataclass
 class GRPOState:
+    if TYPE_CHECKING:  # flax.struct.dataclass adds it at runtime
+
+        def replace(self, **changes: Any) -> Self: ...
+
     step: jax.Array
     params: Any  # the policy π_θ
     moe_bias: Any

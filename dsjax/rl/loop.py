@@ -722,7 +722,7 @@ def grpo_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[s
             if writer is not None:
                 writer.close()
             ckpt.close()
-    summary = {"step": step, "wall_seconds": time.perf_counter() - t_start, **last}
+    summary: dict[str, Any] = {"step": step, "wall_seconds": time.perf_counter() - t_start, **last}
     if chief:
         plot_rewards(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "rewards.png"))
         with open(os.path.join(workdir, "summary.json"), "w") as f:

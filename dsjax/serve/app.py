@@ -93,7 +93,8 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise APIError(400, "invalid Content-Length header")
         if int(declared) > _DRAIN_BYTES:
             raise too_big
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     try:
         async for chunk in request.stream():
             size += len(chunk)

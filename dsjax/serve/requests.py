@@ -416,8 +416,9 @@ def _prompts(prompt: Any, limits: Limits) -> tuple[str | tuple[int, ...], ...]:
         if all(isinstance(p, str) for p in prompt):
             return tuple(prompt)
         many = [_token_ids(f"prompt[{i}]", p, limits) for i, p in enumerate(prompt)]
-        if all(m is not None for m in many):
-            return tuple(many)
+        rows = [m for m in many if m is not None]
+        if len(rows) == len(many):
+            return tuple(rows)
     if isinstance(prompt, list) and len(prompt) > limits.max_sequences:
         _check_sequences(len(prompt), 1, limits)
     raise bad_field(

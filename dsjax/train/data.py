@@ -32,7 +32,7 @@ import os
 import shutil
 import sysconfig
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -267,7 +267,7 @@ def get_tokenizer(config: ml_collections.ConfigDict, workdir: str | os.PathLike[
     return tokenizer
 
 
-def _budgeted_texts(docs: Documents, order: Sequence[int], budget: int) -> Iterator[str]:
+def _budgeted_texts(docs: Documents, order: Iterable[int], budget: int) -> Iterator[str]:
     """Yields documents in `order` until `budget` UTF-8 bytes are reached (truncating the last)."""
     for index in order:
         text = docs[int(index)]

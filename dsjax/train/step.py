@@ -10,7 +10,7 @@ sees it.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self, cast
 
 import flax
 import jax
@@ -43,7 +43,11 @@ class TrainingError(RuntimeError):
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array
+    if TYPE_CHECKING:  # flax.struct.dataclass adds it at runtime
+
+        def replace(self, **changes: Any) -> Self: ...
+
+    step: Any  # a jax.Array; also the tree of its sharding or abstract shape
     params: Any
     moe_bias: Any
     opt_state: Any
@@ -271,13 +275,16 @@ def mtp_weights(batch, k: int):
 
 def loss_fn(params, moe_bias, batch, *, model: Transformer, train_cfg: TrainOptions):
     # The head is applied in `output_loss`, fused with the cross-entropy.
-    out: ModelOutput = model.apply(
-        {"params": params, "moe_bias": moe_bias},
-        batch["inputs"],
-        batch["positions"],
-        batch["segment_ids"],
-        logits=False,
-        token_index_BT=batch.get("token_index"),  # context parallelism's zig-zag layout
+    out = cast(
+        ModelOutput,
+        model.apply(
+            {"params": params, "moe_bias": moe_bias},
+            batch["inputs"],
+            batch["positions"],
+            batch["segment_ids"],
+            logits=False,
+            token_index_BT=batch.get("token_index"),  # context parallelism's zig-zag layout
+        ),
     )
     return output_loss(out, params, batch, cfg=model.cfg, train_cfg=train_cfg)
 
@@ -313,7 +320,7 @@ def output_loss(out: ModelOutput, params, batch, *, cfg: ModelConfig, train_cfg:
             mtp.append(s / jnp.maximum(m, 1.0))
         aux["mtp_ce"] = sum(mtp) / len(mtp)
         loss = loss + train_cfg.mtp_weight * aux["mtp_ce"]
-    balance = 0.0
+    balance: jax.Array | float = 0.0
     if out.balance_loss is not None:
         balance = out.balance_loss.sum()
     if out.mtp_balance_loss is not None:
@@ -348,10 +355,12 @@ def expert_counts_tree(moe_bias, out: ModelOutput):
          if name.startswith("layers_") and "bias" in moe_bias[name]["moe"]),
     )  # fmt: skip
     for j, i in enumerate(routed):
+        assert out.expert_counts is not None  # a routed layer reports its counts
         counts[f"layers_{i}"] = {"moe": {"bias": out.expert_counts[j]}}
     for name in moe_bias:
         if name.startswith("mtp_"):
             k = int(name.split("_")[1])
+            assert out.mtp_expert_counts is not None
             counts[name] = {"block": {"moe": {"bias": out.mtp_expert_counts[k]}}}
     return counts
 

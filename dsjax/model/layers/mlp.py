@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -85,7 +87,7 @@ class SwiGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD: jnp.ndarray) -> jnp.ndarray:
-        kw = dict(
+        kw: dict[str, Any] = dict(
             dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.init_std, fp8=self.fp8
         )
         gate = Linear(self.hidden, self.features, ("embed", "mlp"), name="gate", **kw)(x_BTD)

@@ -635,8 +635,8 @@ def exchange_group(cfg: ModelConfig, mesh, tokens_per_shard: int, choice: str = 
         return (E // G) * 3 * D * F_l + rows * (D + 3 * F_l)
 
     candidates = {tuple(a for a in g if size(a) > 1) for g in options.values()}
-    candidates = [g for g in candidates if E % math.prod(size(a) for a in g) == 0]
-    return min(sorted(candidates), key=cost)
+    dividing = [g for g in candidates if E % math.prod(size(a) for a in g) == 0]
+    return min(sorted(dividing), key=cost)
 
 
 def sharded_experts(x_ND, idx_NK, weights_NK, experts: Experts, mesh, choice: str = "auto"):
