@@ -442,18 +442,21 @@ def train_analytic(cfg, run: RunConfig, params_bytes: float, optimizer_bytes: fl
 
 
 def _v4_attention_working_set(cfg, tokens: float, T: int, heads: float, act: int) -> float:
-    """DeepSeek-V4 (docs/spec.md §12): one CSA layer's attention intermediates on a device's
-    `tokens` queries: queries and outputs [tokens, heads, d] (x3 for the backward), the float32
-    logits over 2W window keys and the T/m compressed entries (dense under the visibility mask;
-    their probabilities alike), the indexer's float32 scores [tokens, H_I, T/m] and its mask."""
+    """DeepSeek-V4 (docs/spec.md §12, `v4_core`): one CSA layer's attention intermediates on a
+    device's `tokens` queries: queries and outputs [tokens, heads, d] (x3 for the backward), the
+    indexer's choice [tokens, K] (ids + mask), the gathered entries and indexer keys of the whole
+    sequence, and one query chunk's float32 logits and probabilities (x2 for the backward) over
+    Q + W window keys and max(K, T/m') entries, its gathered entries [Q, K, d] and its indexer
+    scores [Q, T/m] (float32, twice)."""
     n_csa = T // cfg.compress_rate_csa if "compressed_sparse_attention" in cfg.layer_types else 0
-    n_hca = T // cfg.compress_rate_hca
-    entries = max(n_csa, n_hca)
+    K = min(cfg.index_topk, n_csa)
+    Q = min(cfg.attention_chunk, tokens)
+    keys = Q + cfg.sliding_window + max(K, T // cfg.compress_rate_hca)
     q = tokens * heads * cfg.head_dim * act * 3
-    logits = tokens * heads * (2 * cfg.sliding_window + entries) * 4 * 2
-    indexer = tokens * n_csa * (cfg.index_n_heads * 4 + 1)
-    return q + logits + indexer
-
+    choice = tokens * K * 5
+    entries = n_csa * (cfg.head_dim + cfg.index_head_dim) * act
+    chunk = Q * heads * keys * 4 * 4 + Q * K * cfg.head_dim * act * 2 + Q * n_csa * 4 * 2
+    return q + choice + entries + chunk
 
 def host_transfer_bytes(analytic: dict) -> float:
     """Bytes per device crossing between HBM and host memory each step: the offloaded optimizer

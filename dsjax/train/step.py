@@ -400,7 +400,7 @@ def prepare_batch(batch, model):
     """The batch as `loss_fn` takes it under the mesh in scope: with `context` > 1 the sequence is
     split over it, in the zig-zag layout that balances causal attention (`dsjax.model.layers.context`)."""
     C = context_size()
-    if C == 1:
+    if C == 1 or model.cfg.is_v4:  # V4: contiguous shards (its attention reads the halo)
         return batch
     return to_context_layout(batch, C, model.cfg.num_mtp_layers, mtp_weights)
 
