@@ -2,7 +2,8 @@
 
     python serve.py --checkpoint=DIR [--host=127.0.0.1] [--port=8000] [--api-key=KEY]
                     [--slots=8] [--max-queue=64] [--max-len=N] [--cache-tokens=N]
-                    [--page-size=64] [--no-prefix-cache] [--dtype=bfloat16]
+                    [--page-size=64] [--paged-attention=auto] [--no-prefix-cache]
+                    [--dtype=bfloat16]
                     [--max-body-bytes=4194304] [--mesh=expert=2,tensor=4 [--layout=decode]]
     python serve.py --checkpoint=DIR --prompt="Once upon a time" [--max-tokens=64]
 
@@ -40,6 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "max-len); requests wait for pages",
     )
     p.add_argument("--page-size", type=int, default=64, help="tokens per latent cache page")
+    p.add_argument(
+        "--paged-attention",
+        default="auto",
+        choices=["auto", "xla", "pallas", "pallas_interpret"],
+        help="how decode attention reads the cache pages: auto = the Pallas kernel on TPU "
+        "(one device), else the XLA gather path",
+    )
     p.add_argument(
         "--no-prefix-cache",
         dest="prefix_cache",
@@ -175,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         page_size=args.page_size,
         cache_tokens=args.cache_tokens,
         prefix_cache=args.prefix_cache,
+        paged_attention=args.paged_attention,
     ).start()
     engine.warmup()
     app = create_app(

@@ -19,7 +19,7 @@ N, PAGE, C, R, H = 12, 8, 16, 8, 4
 SCALE = 0.3
 
 
-def gather_path(q_BTHL, latent, k_pe, table_BP, pos_B):
+def gather_path(q_BTHL, latent, k_pe, table_BP, pos_BT):
     """The engine's path: gathered pages, `attention` in latent space -> [B, T, H, C]."""
     lat_BSC, pe_BSR = _gather(latent, table_BP, 0), _gather(k_pe, table_BP, 0)
     B, T = q_BTHL.shape[:2]
@@ -28,7 +28,7 @@ def gather_path(q_BTHL, latent, k_pe, table_BP, pos_B):
         q_BTHL[:, :, None],
         jnp.concatenate([lat_BSC, pe_BSR], -1)[:, :, None],
         lat_BSC[:, :, None],
-        q_idx_BT=pos_B[:, None] + jnp.arange(T)[None],
+        q_idx_BT=pos_BT,
         k_idx_BS=jnp.broadcast_to(jnp.arange(S), (B, S)),
         scale=SCALE,
         impl="reference",
@@ -36,38 +36,45 @@ def gather_path(q_BTHL, latent, k_pe, table_BP, pos_B):
     return out[:, :, 0]
 
 
-@pytest.mark.parametrize("T", [1, 2], ids=["decode", "verify"])
+@pytest.mark.parametrize("T", [1, 2, "mtp"], ids=["decode", "verify", "mtp"])
 def test_kernel_equals_the_gather_path(T):
-    rng = np.random.RandomState(T)
-    latent = jnp.asarray(rng.randn(N, PAGE, C), jnp.float32)
-    k_pe = jnp.asarray(rng.randn(N, PAGE, R), jnp.float32)
+    """Layer 1 of a 2-layer pool; T = 1, T = 2 at consecutive positions, and the MTP module's
+    two entries at one position (its no-catch-up case)."""
+    rng = np.random.RandomState(7 if T == "mtp" else T)
+    pool = jnp.asarray(rng.randn(2, N, PAGE, C), jnp.float32)
+    pe_pool = jnp.asarray(rng.randn(2, N, PAGE, R), jnp.float32)
+    latent, k_pe = pool[1], pe_pool[1]
     table = jnp.asarray([[3, 5, 7, 0], [1, 2, 0, 0], [11, 10, 9, 8]], jnp.int32)  # 0: TRASH
     pos = jnp.asarray([17, 3, 30], jnp.int32)  # the last row's queries reach its 4th page
+    if T == "mtp":
+        T, pos_BT = 2, jnp.stack([pos, pos], 1)
+    else:
+        pos_BT = pos[:, None] + jnp.arange(T)[None]
     q_BTHL = jnp.asarray(rng.randn(3, T, H, C + R), jnp.float32)
-    got = paged_mla_decode(
-        q_BTHL.reshape(3, T * H, C + R), latent, k_pe, table, pos,
-        heads=H, scale=SCALE, interpret=True,
-    )  # fmt: skip
-    want = gather_path(q_BTHL, latent, k_pe, table, pos).reshape(3, T * H, C)
+    q_BQL = q_BTHL.reshape(3, T * H, C + R)
+
+    def kernel(pool):
+        return paged_mla_decode(
+            q_BQL, pool, pe_pool, table, pos_BT, jnp.int32(1), heads=H, scale=SCALE,
+            interpret=True,
+        )  # fmt: skip
+
+    got = kernel(pool)
+    want = gather_path(q_BTHL, latent, k_pe, table, pos_BT).reshape(3, T * H, C)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-    ref = paged_mla_decode_reference(
-        q_BTHL.reshape(3, T * H, C + R), latent, k_pe, table, pos, heads=H, scale=SCALE
-    )
+    ref = paged_mla_decode_reference(q_BQL, latent, k_pe, table, pos_BT, heads=H, scale=SCALE)
     np.testing.assert_allclose(np.asarray(ref), np.asarray(want), rtol=1e-5, atol=1e-5)
-    # TRASH and pages past a row's last position do not matter.
-    poisoned = latent.at[0].set(1e4).at[4].set(-1e4)
-    again = paged_mla_decode(
-        q_BTHL.reshape(3, T * H, C + R), poisoned, k_pe, table, pos,
-        heads=H, scale=SCALE, interpret=True,
-    )  # fmt: skip
-    np.testing.assert_array_equal(np.asarray(again), np.asarray(got))
+    # TRASH, pages past a row's last position and the other layer do not matter.
+    poisoned = pool.at[1, 0].set(1e4).at[1, 4].set(-1e4).at[0].set(1e4)
+    np.testing.assert_array_equal(np.asarray(kernel(poisoned)), np.asarray(got))
 
 
 def test_kernel_rejects_mismatched_widths():
     with pytest.raises(ValueError, match="paged_mla_decode: q"):
         paged_mla_decode(
-            jnp.zeros((1, 4, C)), jnp.zeros((N, PAGE, C)), jnp.zeros((N, PAGE, R)),
-            jnp.zeros((1, 2), jnp.int32), jnp.zeros((1,), jnp.int32), heads=H, scale=1.0,
+            jnp.zeros((1, 4, C)), jnp.zeros((1, N, PAGE, C)), jnp.zeros((1, N, PAGE, R)),
+            jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 1), jnp.int32), jnp.int32(0),
+            heads=H, scale=1.0,
         )  # fmt: skip
 
 
@@ -88,13 +95,14 @@ def test_kernel_compiles_for_v5p_with_mosaic():
     kernel = jax.shard_map(
         lambda *a: paged_mla_decode(*a, heads=16, scale=0.1),
         mesh=mesh,
-        in_specs=(Ps("data"), Ps(), Ps(), Ps("data"), Ps("data")),
+        in_specs=(Ps("data"), Ps(), Ps(), Ps("data"), Ps("data"), Ps()),
         out_specs=Ps("data"),
         check_vma=False,
     )
     rep = NamedSharding(mesh, Ps())
-    shapes = [((B, Q, 576), jnp.bfloat16), ((64, 64, 512), jnp.bfloat16)]
-    shapes += [((64, 64, 64), jnp.bfloat16), ((B, P), jnp.int32), ((B,), jnp.int32)]
+    shapes = [((B, Q, 576), jnp.bfloat16), ((3, 64, 64, 512), jnp.bfloat16)]
+    shapes += [((3, 64, 64, 64), jnp.bfloat16), ((B, P), jnp.int32), ((B, 2), jnp.int32)]
+    shapes += [((), jnp.int32)]
     with jax.set_mesh(mesh):
         args = [jax.ShapeDtypeStruct(s, d, sharding=rep) for s, d in shapes]
         text = jax.jit(kernel).lower(*args).compile().as_text()

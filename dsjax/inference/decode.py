@@ -100,6 +100,7 @@ class RowRequest:
     stop_ids_BK: Any  # int32 stop token ids (eos included unless ignored), -1 padded
     spec_B: Any  # bool: speculate with MTP
     valid_B: Any  # bool: a real row (not batch padding)
+    start_B: Any  # int32 tokens generated before (a preempted request resumed; else 0)
 
 
 def row_requests(
@@ -125,6 +126,7 @@ def row_requests(
         stop_ids_BK=np.full((B, stop_width), -1, np.int32),
         spec_B=np.zeros(B, bool),
         valid_B=np.arange(B) < n,
+        start_B=np.zeros(B, np.int32),
     )
     for i, p in enumerate(params):
         req.temperature_B[i], req.top_k_B[i], req.top_p_B[i] = p.temperature, p.top_k, p.top_p
@@ -233,10 +235,13 @@ def _hidden(cfg: ModelConfig, out):
     return out.hidden
 
 
-def decode_forward(cfg: ModelConfig, variables, cache, tokens_BT, positions_BT, valid_BT=None):
+def decode_forward(
+    cfg: ModelConfig, variables, cache, tokens_BT, positions_BT, valid_BT=None, pages=None
+):  # fmt: skip
     """Absorbed-attention decode forward writing the T new tokens at their positions
     (`valid_BT`: which tokens are real, default all; DeepSeek-V4's caches skip the others, a
-    V3 latent cache writes every slot).
+    V3 latent cache writes every slot). `pages` (`layers.paged.Pages`): `cache` is a paged V3
+    cache read and written through them.
 
     Returns (logits_BTV float32, hidden (`_hidden`), updated main cache).
     """
@@ -248,6 +253,7 @@ def decode_forward(cfg: ModelConfig, variables, cache, tokens_BT, positions_BT, 
         valid.astype(jnp.int32),
         mode="decode",
         run_mtp=False,
+        pages=pages,
         mutable=["cache"],
     )
     return out.logits, _hidden(cfg, out), upd["cache"]
@@ -265,7 +271,7 @@ def _head(cfg, variables, normed_BTD):
     )
 
 
-def _mtp_draft_logits(cfg, variables, state: DecodeState):
+def _mtp_draft_logits(cfg, variables, state: DecodeState, pages=None):
     """MTP module 0 over (catch-up entry, entry n): returns (draft logits_BV, new MTP cache)."""
     B = state.tokens_B.shape[0]
     pos = state.positions_B
@@ -280,7 +286,9 @@ def _mtp_draft_logits(cfg, variables, state: DecodeState):
         valid = jnp.stack([catch, jnp.ones_like(catch)], 1)
     else:
         valid = jnp.ones((B, 2), bool)
-    normed, cache = _mtp_apply(cfg, variables, "decode", state.mtp_cache, h2, tok2, mtp_pos, valid)
+    normed, cache = _mtp_apply(
+        cfg, variables, "decode", state.mtp_cache, h2, tok2, mtp_pos, valid, pages
+    )
     return _head(cfg, variables, normed[:, 1:2])[:, 0], cache
 
 
@@ -331,9 +339,11 @@ def _pick_last(x_BTX, start, last_B, prev_BX):
     return jnp.where(here[:, None], val.astype(prev_BX.dtype), prev_BX)
 
 
-def _mtp_apply(cfg, variables, mode, mtp_cache, hidden_BTX, next_BT, positions_BT, valid_BT):
-    """MTP module 0 over (hidden, Emb(next)) at `positions_BT` (`_hidden`'s layout): returns
-    (head input [B, T, D], its updated cache)."""
+def _mtp_apply(
+    cfg, variables, mode, mtp_cache, hidden_BTX, next_BT, positions_BT, valid_BT, pages=None
+):  # fmt: skip
+    """MTP module 0 over (hidden, Emb(next)) at `positions_BT` (`_hidden`'s layout; a paged
+    cache with `pages`, V3): returns (head input [B, T, D], its updated cache)."""
     emb = _embed(cfg, variables, next_BT)
     seg = valid_BT.astype(jnp.int32)
     mvars = _mtp_vars(variables, mtp_cache)
@@ -344,22 +354,28 @@ def _mtp_apply(cfg, variables, mode, mtp_cache, hidden_BTX, next_BT, positions_B
         )
     else:
         (_, normed, _), upd = MTPModule(cfg, mode).apply(
-            mvars, hidden_BTX, emb, positions_BT, seg, mutable=["cache"]
+            mvars, hidden_BTX, emb, positions_BT, seg, pages=pages, mutable=["cache"]
         )
     return normed, upd["cache"]
 
 
-def _mtp_fill(cfg, variables, mode, mtp_cache, hidden_BTD, next_BT, positions_BT, valid_BT=None):
+def _mtp_fill(
+    cfg, variables, mode, mtp_cache, hidden_BTD, next_BT, positions_BT, valid_BT=None, pages=None
+):  # fmt: skip
     """MTP module 0 over (h_t, Emb(t+1)) at `positions_BT`: writes its cache; returns it."""
     valid = jnp.ones(next_BT.shape, bool) if valid_BT is None else valid_BT
-    return _mtp_apply(cfg, variables, mode, mtp_cache, hidden_BTD, next_BT, positions_BT, valid)[1]
+    return _mtp_apply(
+        cfg, variables, mode, mtp_cache, hidden_BTD, next_BT, positions_BT, valid, pages
+    )[1]
 
 
-def prefill_first_chunk(cfg, variables, main, mtp_cache, tokens_BT, next_BT, lengths_B):
+def prefill_first_chunk(
+    cfg, variables, main, mtp_cache, tokens_BT, next_BT, lengths_B, pages=None
+):  # fmt: skip
     """The first prompt chunk, positions 0..T-1, in prefill mode (expanded attention among these
     tokens only; positions >= lengths_B are padding, masked by segment id) written into the main
     cache `main` (and, when `mtp_cache` is not None, MTP module 0's cache, whose entry t reads
-    next_BT[:, t] = token t+1). Caches: any length S >= T (traceable).
+    next_BT[:, t] = token t+1). Caches: any length S >= T (traceable), or paged (`pages`).
 
     Returns (main, mtp_cache, logits_BTV float32, hidden_BTD pre final norm).
     """
@@ -372,33 +388,38 @@ def prefill_first_chunk(cfg, variables, main, mtp_cache, tokens_BT, next_BT, len
         (pos_BT < lengths_B[:, None]).astype(jnp.int32),
         mode="prefill",
         run_mtp=False,
+        pages=pages,
         mutable=["cache"],
     )
     hidden = _hidden(cfg, out)
     if mtp_cache is not None:
         valid = pos_BT < lengths_B[:, None] if cfg.is_v4 else None
-        mtp_cache = _mtp_fill(cfg, variables, "prefill", mtp_cache, hidden, next_BT, pos_BT, valid)
+        mtp_cache = _mtp_fill(
+            cfg, variables, "prefill", mtp_cache, hidden, next_BT, pos_BT, valid, pages
+        )
     return upd["cache"], mtp_cache, out.logits, hidden
 
 
 def prefill_next_chunk(
-    cfg, variables, main, mtp_cache, tokens_BT, next_BT, start, lengths_B=None
+    cfg, variables, main, mtp_cache, tokens_BT, next_BT, start, lengths_B=None, pages=None
 ):  # fmt: skip
     """A later prompt chunk at positions start..start+T-1 (`start` a traced scalar): the absorbed
     decode forward over the cache filled so far (every position < start written), MTP module 0's
     cache too when `mtp_cache` is not None (next_BT as in `prefill_first_chunk`). `lengths_B`
     (optional): positions at or beyond a row's length are padding, which DeepSeek-V4's
-    fixed-size caches must not store.
+    fixed-size caches must not store. `pages`: the caches are paged.
 
     Returns (main, mtp_cache, logits_BTV float32, hidden_BTD pre final norm).
     """
     B, T = tokens_BT.shape
     pos_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
     valid = None if lengths_B is None or not cfg.is_v4 else pos_BT < lengths_B[:, None]
-    logits_BTV, hidden_BTD, main = decode_forward(cfg, variables, main, tokens_BT, pos_BT, valid)
+    logits_BTV, hidden_BTD, main = decode_forward(
+        cfg, variables, main, tokens_BT, pos_BT, valid, pages=pages
+    )
     if mtp_cache is not None:
         mtp_cache = _mtp_fill(
-            cfg, variables, "decode", mtp_cache, hidden_BTD, next_BT, pos_BT, valid
+            cfg, variables, "decode", mtp_cache, hidden_BTD, next_BT, pos_BT, valid, pages
         )
     return main, mtp_cache, logits_BTV, hidden_BTD
 
@@ -557,12 +578,13 @@ def first_state(
     )
     allowed = None if allowed_BW is None else smp.unpack_allowed(allowed_BW, logits_BV.shape[-1])
     masked_BV = _mask(logits_BV, allowed)
-    first = state.sampling.sample(masked_BV, zeros)
+    start = jnp.asarray(req.start_B, jnp.int32)  # this is token `start` of the row's output
+    first = state.sampling.sample(masked_BV, start)
     valid = jnp.asarray(req.valid_B)
     stopped = valid & _is_stop(first, state.stop_ids_BK)
-    done = ~valid | stopped | (state.max_new_B <= 1)
+    done = ~valid | stopped | (state.max_new_B <= start + 1)
     state = state.replace(
-        tokens_B=first, counts_B=valid.astype(jnp.int32), done_B=done, stopped_B=stopped
+        tokens_B=first, counts_B=jnp.where(valid, start + 1, 0), done_B=done, stopped_B=stopped
     )
     emitted = StepOutput(
         tokens_B2=jnp.stack([first, first], 1),
@@ -584,13 +606,16 @@ def step(
     speculative: bool,
     top_n: int | None = None,
     allowed_BW=None,
+    pages=None,
 ) -> tuple[DecodeState, StepOutput]:
     """One decode step for every row not done (traceable; see the module docstring).
-    `allowed_BW`: each row's allowed next tokens (uint32 words), or None (no constraint)."""
+    `allowed_BW`: each row's allowed next tokens (uint32 words), or None (no constraint).
+    `pages` (`layers.paged.Pages`): the state's caches are paged, read and written in place
+    through the rows' page tables."""
     allowed = None if allowed_BW is None else smp.unpack_allowed(allowed_BW, cfg.vocab_size)
     if speculative:
-        return _speculative_step(cfg, variables, state, top_n, allowed)
-    return _plain_step(cfg, variables, state, top_n, allowed)
+        return _speculative_step(cfg, variables, state, top_n, allowed, pages)
+    return _plain_step(cfg, variables, state, top_n, allowed, pages)
 
 
 def _mask(logits_BV, allowed_BV):
@@ -598,10 +623,10 @@ def _mask(logits_BV, allowed_BV):
     return logits_BV if allowed_BV is None else smp.mask_logits(logits_BV, allowed_BV)
 
 
-def _plain_step(cfg, variables, s: DecodeState, top_n, allowed_BV=None):
+def _plain_step(cfg, variables, s: DecodeState, top_n, allowed_BV=None, pages=None):
     active = ~s.done_B
     logits, _, cache = decode_forward(
-        cfg, variables, s.cache, s.tokens_B[:, None], s.positions_B[:, None]
+        cfg, variables, s.cache, s.tokens_B[:, None], s.positions_B[:, None], pages=pages
     )
     masked_BV = _mask(logits[:, 0], allowed_BV)
     nxt = s.sampling.sample(masked_BV, s.counts_B)
@@ -624,18 +649,23 @@ def _plain_step(cfg, variables, s: DecodeState, top_n, allowed_BV=None):
     return new, out
 
 
-def _speculative_step(cfg, variables, s: DecodeState, top_n, allowed_BV=None):
+def _speculative_step(cfg, variables, s: DecodeState, top_n, allowed_BV=None, pages=None):
     active = ~s.done_B
     sampling = s.sampling
     pos, count, greedy = s.positions_B, s.counts_B, sampling.greedy_B
 
-    draft_logits, mtp_cache = _mtp_draft_logits(cfg, variables, s)
+    draft_logits, mtp_cache = _mtp_draft_logits(cfg, variables, s, pages)
     q_filtered = sampling.filter(_mask(draft_logits, allowed_BV))
     draft = smp.sample_tokens(sampling.keys(count, smp.DRAFT), q_filtered, greedy)
 
     # Verify [t_{n+1}, draft] at [n+1, n+2].
     logits, hidden, cache = decode_forward(
-        cfg, variables, s.cache, jnp.stack([s.tokens_B, draft], 1), jnp.stack([pos, pos + 1], 1)
+        cfg,
+        variables,
+        s.cache,
+        jnp.stack([s.tokens_B, draft], 1),
+        jnp.stack([pos, pos + 1], 1),
+        pages=pages,
     )
     masked_BV = _mask(logits[:, 0], allowed_BV)
     p_filtered = sampling.filter(masked_BV)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from dsjax.inference import decode
 from dsjax.inference.page_pool import TRASH
+from dsjax.model.layers.paged import Pages
 from dsjax.model.transformer import cache_batch_axis
 
 __all__ = ["PARKED", "admit", "pool_state", "prompt_chunk", "row_view", "start_decoding", "step"]
@@ -167,16 +168,16 @@ PARKED = 2**30
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg", "speculative", "first"),
+    static_argnames=("cfg", "speculative", "first", "impl"),
     donate_argnames=("state",),
 )
 def prompt_chunk(
     cfg, variables, state, tokens_1T, next_1T, start, length_1, last, slot, table_1P,
-    *, speculative, first,
+    *, speculative, first, impl="xla",
 ):  # fmt: skip
     """One prompt chunk of the request in row `slot` at positions start..start+T-1, over the
-    row's pages table_1P (its positions 0..P*page-1, the attention window), written to them (and
-    MTP module 0's cache with `speculative`).
+    row's pages table_1P (its positions 0..P*page-1, the attention window), written to them in
+    place (and MTP module 0's cache with `speculative`); `impl`: `layers.paged.IMPLS`.
 
     `first`: the first chunk from position 0 (`decode.prefill_first_chunk`, prefill mode,
     positions >= length_1 are padding). Otherwise `decode.prefill_next_chunk` (absorbed decode
@@ -185,30 +186,22 @@ def prompt_chunk(
     alone. Returns (state, logits_1V, hidden_1D) at chunk offset `last` (the prompt's last token
     when this is the last chunk).
     """
-    main, mtp = _views(state, table_1P)
-    mtp = mtp if speculative else None
+    pages = Pages(jnp.asarray(table_1P, jnp.int32), impl=impl)
+    mtp = state.mtp_cache if speculative else None
     if first:
         main, mtp, logits_1TV, hidden_1TD = decode.prefill_first_chunk(
-            cfg, variables, main, mtp, tokens_1T, next_1T, length_1
+            cfg, variables, state.cache, mtp, tokens_1T, next_1T, length_1, pages=pages
         )
     else:
         main, mtp, logits_1TV, hidden_1TD = decode.prefill_next_chunk(
-            cfg, variables, main, mtp, tokens_1T, next_1T, start
+            cfg, variables, state.cache, mtp, tokens_1T, next_1T, start, pages=pages
         )
-    T, page = tokens_1T.shape[1], _page_size(state)
-    span = jnp.arange(-(-T // page) + 1, dtype=jnp.int32)[None] + start // page
-    pages_1K = jnp.where(span <= (start + T - 1) // page, span, -1)
-    state = _write_back(state, main, mtp, table_1P, pages_1K)
+    state = state.replace(cache=main, mtp_cache=mtp if speculative else state.mtp_cache)
     row = _rows(state, slot, 1)
     row = row.replace(
         positions_B=jnp.full_like(row.positions_B, PARKED), done_B=jnp.ones_like(row.done_B)
     )
     return _set_rows(state, row, slot), logits_1TV[:, last], hidden_1TD[:, last]
-
-
-def _page_size(state) -> int:
-    leaf = jax.tree.leaves(state.cache)[0]
-    return leaf.shape[cache_batch_axis(next(iter(state.cache))) + 1]
 
 
 @functools.partial(jax.jit, static_argnames=("speculative", "top_n"), donate_argnames=("state",))
@@ -236,23 +229,23 @@ def start_decoding(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg", "speculative", "top_n", "rows"),
+    static_argnames=("cfg", "speculative", "top_n", "rows", "impl"),
     donate_argnames=("state",),
 )
-def step(cfg, variables, state, table_RP, live_R, allowed_RW=None, *, speculative, top_n, rows):
+def step(
+    cfg, variables, state, table_RP, live_R, allowed_RW=None, *, speculative, top_n, rows,
+    impl="xla",
+):  # fmt: skip
     """One decode step over slots 0..rows-1, each over its pages table_RP (positions
-    0..P*page-1, covering every active position); rows with live_R False are held done and
-    write nothing. `allowed_RW`: the rows' packed allowed-token masks, or None."""
-    main, mtp = _views(state, table_RP)
-    sub = _rows(state, 0, rows).replace(cache=main, mtp_cache=mtp)
+    0..P*page-1, covering every active position), read and written in place; rows with live_R
+    False are held done and write only to TRASH. `allowed_RW`: the rows' packed allowed-token
+    masks, or None. `impl`: how attention reads the pages (`layers.paged.IMPLS`)."""
+    table_RP = jnp.where(live_R[:, None], jnp.asarray(table_RP, jnp.int32), TRASH)
+    sub = _rows(state, 0, rows).replace(cache=state.cache, mtp_cache=state.mtp_cache)
     sub = sub.replace(done_B=sub.done_B | ~live_R)
-    pos, catch = sub.positions_B, sub.catch_B
     sub, out = decode.step(
-        cfg, variables, sub, speculative=speculative, top_n=top_n, allowed_BW=allowed_RW
-    )
-    # Pages of the first (MTP catch-up n-1-catch) and last (n+1 verified) positions written.
-    page = _page_size(state)
-    written = jnp.stack([pos - 1 - catch, pos + speculative], 1) // page
-    pages_R2 = jnp.where(live_R[:, None] & (written >= 0), written, -1)
-    state = _write_back(state, sub.cache, sub.mtp_cache, table_RP, pages_R2)
+        cfg, variables, sub, speculative=speculative, top_n=top_n, allowed_BW=allowed_RW,
+        pages=Pages(table_RP, impl=impl),
+    )  # fmt: skip
+    state = state.replace(cache=sub.cache, mtp_cache=sub.mtp_cache)
     return _set_rows(state, sub, 0), out

@@ -88,7 +88,7 @@ class Block(nn.Module):
     mode: str = "train"
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT, token_index_BT=None):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, token_index_BT=None, pages=None):
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         x_BTD = checkpoint_name(
@@ -96,7 +96,7 @@ class Block(nn.Module):
         )
         h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed", name="attn_norm")(x_BTD)
         attn_BTD, indexer_kl = MLA(cfg, self.mode, with_indexer_kl=True, name="attn")(
-            h, positions_BT, segment_ids_BT, token_index_BT
+            h, positions_BT, segment_ids_BT, token_index_BT, pages
         )
         x_BTD = x_BTD + checkpoint_name(attn_BTD, ATTN_OUT)
         h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed", name="ffn_norm")(x_BTD)
@@ -127,7 +127,33 @@ class _ScanBlock(Block):
         return super().__call__(x_BTD, positions_BT, segment_ids_BT, token_index_BT)
 
 
-def _stack(cfg: ModelConfig, moe: bool, length: int, mode: str, name: str) -> nn.Module:
+class _PagedScanBlock(Block):
+    """Block over a paged cache in a scanned stack: the pages (broadcast) and the layer index
+    (scanned); the stack's page pools are carried through the scan whole, each layer writing
+    its own slice in place (`layers.paged`)."""
+
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, token_index_BT, pages, layer):
+        pages = pages.replace(layer=layer)
+        return super().__call__(x_BTD, positions_BT, segment_ids_BT, token_index_BT, pages)
+
+
+def _stack(
+    cfg: ModelConfig, moe: bool, length: int, mode: str, name: str, paged: bool = False
+) -> nn.Module:
+    """The scanned stack of `length` blocks. `paged`: over a paged cache (the blocks take the
+    pages and their layer index, the cache collection is carried instead of split by layer:
+    no second copy of it is written)."""
+    if paged:
+        return nn.scan(
+            _PagedScanBlock,
+            variable_axes={"params": 0, "moe_bias": 0},
+            variable_carry="cache",
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast,) * 4 + (0,),
+            length=length,
+            unroll=min(cfg.scan_unroll, length),
+            metadata_params={nn.PARTITION_NAME: "stage_layers" if moe else "layers"},
+        )(cfg, moe, mode, name=name)
     block = _ScanBlock
     if cfg.remat != "none" and mode == "train":
         block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
@@ -162,7 +188,10 @@ class MTPModule(nn.Module):
     mode: str = "train"
 
     @nn.compact
-    def __call__(self, h_prev_BTD, emb_next_BTD, positions_BT, segment_ids_BT, token_index_BT=None):
+    def __call__(
+        self, h_prev_BTD, emb_next_BTD, positions_BT, segment_ids_BT, token_index_BT=None,
+        pages=None,
+    ):  # fmt: skip
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         e = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed", name="enorm")(emb_next_BTD)
@@ -178,7 +207,7 @@ class MTPModule(nn.Module):
             name="eh_proj",
         )(jnp.concatenate([e, h], axis=-1))
         h_out, stats = Block(cfg, cfg.mtp_is_moe, self.mode, name="block")(
-            x, positions_BT, segment_ids_BT, token_index_BT
+            x, positions_BT, segment_ids_BT, token_index_BT, pages
         )
         normed = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, "embed", name="head_norm")(h_out)
         return h_out, normed, stats
@@ -238,6 +267,9 @@ class Transformer(nn.Module):
     parallelism's zig-zag layout, `dsjax.model.layers.context`) and this is each slot's index in it; the
     MTP modules then keep all T slots (`mtp_*[k-1]` [B, T, ...]; the sequence's last k tokens are
     placeholders in segment 0).
+    `pages` (`dsjax.model.layers.paged.Pages`, prefill/decode): the `cache` collection holds
+    page pools ([L, N, page, ...] per scanned stack, [N, page, ...] per MTP module) read and
+    written through the rows' page tables (docs/spec.md §14) instead of contiguous rows.
     """
 
     cfg: ModelConfig
@@ -295,6 +327,7 @@ class Transformer(nn.Module):
         run_mtp: bool | None = None,
         logits: bool = True,
         token_index_BT=None,
+        pages=None,
     ) -> ModelOutput:
         cfg = self.cfg
         B, T = tokens_BT.shape
@@ -302,6 +335,8 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"token_index_BT (a permuted layout) is for mode='train', not {mode!r}"
             )
+        if pages is not None and (mode == "train" or cfg.is_v4):
+            raise ValueError("pages (a paged cache) need a V3 model in mode 'prefill' or 'decode'")
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones((B, T), jnp.int32)
         if positions_BT is None:
@@ -314,14 +349,19 @@ class Transformer(nn.Module):
             return self._v4(x, tokens_BT, positions_BT, segment_ids_BT, mode, run_mtp, logits)
         stats: dict[str, Any] = {}
         dense_stats: dict[str, Any] = {}
-        if cfg.num_dense_layers:
-            x, dense_stats = _stack(cfg, False, cfg.num_dense_layers, mode, "dense_layers")(
-                x, positions_BT, segment_ids_BT, token_index_BT
-            )
-        if cfg.num_moe_layers:
-            x, stats = _stack(cfg, True, cfg.num_moe_layers, mode, "moe_layers")(
-                x, positions_BT, segment_ids_BT, token_index_BT
-            )
+        paged = pages is not None
+        for moe, n, name in ((False, cfg.num_dense_layers, "dense_layers"),
+                             (True, cfg.num_moe_layers, "moe_layers")):  # fmt: skip
+            if not n:
+                continue
+            args = (x, positions_BT, segment_ids_BT, token_index_BT)
+            if paged:
+                args += (pages, jnp.arange(n, dtype=jnp.int32))
+            x, layer_stats = _stack(cfg, moe, n, mode, name, paged)(*args)
+            if moe:
+                stats = layer_stats
+            else:
+                dense_stats = layer_stats
         hidden = x
         head_input = self.final_norm(hidden)
         want_logits = logits
@@ -338,7 +378,7 @@ class Transformer(nn.Module):
             for k in range(1, cfg.num_mtp_layers + 1):
                 next_tokens, mtp_seg = mtp_ahead(tokens_BT, segment_ids_BT, token_index_BT, k, mode)
                 h, normed, s = MTPModule(cfg, mode, name=f"mtp_{k - 1}")(
-                    h, self.lookup(next_tokens), positions_BT, mtp_seg, token_index_BT,
+                    h, self.lookup(next_tokens), positions_BT, mtp_seg, token_index_BT, pages,
                 )  # fmt: skip
                 mtp_inputs.append(normed)
                 if want_logits:

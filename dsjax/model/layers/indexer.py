@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from dsjax.model.config import ModelConfig
+from dsjax.model.layers import paged
 from dsjax.model.layers.mlp import Linear
 from dsjax.model.layers.rope import rope_frequencies
 
@@ -126,15 +127,17 @@ class Indexer(nn.Module):
     latent; positions_BT [B, T] (RoPE angles; in prefill/decode also the cache slots written).
     k_BTI are this call's keys. In prefill/decode they are also written to the cache (`cache/k`
     [B, S, I] in the compute dtype, created at init with S = the init input's length) and k_BSI
-    is the whole cache after the write (None in train mode). Parameters (HF `self_attn.indexer.*`): wq_b [q_lora, N*I], wk [D, I],
-    k_norm (scale, bias) [I], weights_proj [D, N].
+    is the whole cache after the write (None in train mode); with `pages` (a paged cache,
+    `dsjax.model.layers.paged`) the keys go to their pages and k_BSI is the rows' pages.
+    Parameters (HF `self_attn.indexer.*`): wq_b [q_lora, N*I], wk [D, I], k_norm (scale, bias)
+    [I], weights_proj [D, N].
     """
 
     cfg: ModelConfig
     mode: str = "train"
 
     @nn.compact
-    def __call__(self, x_BTD, c_q_BTQ, positions_BT):
+    def __call__(self, x_BTD, c_q_BTQ, positions_BT, pages=None):
         cfg = self.cfg
         B, T, D = x_BTD.shape
         N, Di, R = cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
@@ -162,6 +165,9 @@ class Indexer(nn.Module):
         if self.mode == "train":
             return q_BTNI, w_BTN, k_BTI, None
         cache = self.variable("cache", "k", jnp.zeros, (B, T, Di), dtype)
+        if pages is not None:  # a paged cache: written in place, read as the rows' pages
+            cache.value = paged.write(cache.value, pages, positions_BT, k_BTI)
+            return q_BTNI, w_BTN, k_BTI, paged.gather(cache.value, pages).astype(jnp.float32)
         rows = jnp.arange(B)[:, None]
         cache.value = cache.value.at[rows, positions_BT].set(k_BTI.astype(dtype))
         return q_BTNI, w_BTN, k_BTI, cache.value.astype(jnp.float32)

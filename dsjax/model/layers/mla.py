@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from dsjax.model.config import ModelConfig
+from dsjax.model.layers import paged
 from dsjax.model.layers.attention import attention
 from dsjax.model.layers.context import context_attention, splits_over_context
 from dsjax.model.layers.indexer import (
@@ -78,10 +79,12 @@ class MLA(nn.Module):
     with_indexer_kl: bool = False
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT, token_index_BT=None):
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, token_index_BT=None, pages=None):
         cfg = self.cfg
         if self.mode not in MODES:
             raise ValueError(f"MLA mode={self.mode!r}: expected one of {MODES}")
+        if pages is not None and self.mode == "train":
+            raise ValueError("MLA: pages (a paged cache) need mode 'prefill' or 'decode'")
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         B, T, D = x_BTD.shape
         H, dn, dr, dv, C = (
@@ -116,8 +119,14 @@ class MLA(nn.Module):
         kv_b = Linear(C, H * (dn + dv), ("kv_lora", "heads"), name="kv_b", **kw)
         o_proj = Linear(H * dv, D, ("heads", "embed"), name="o", **kw)
 
+        paged_kernel = (
+            pages is not None and self.mode == "decode" and paged.kernel_applies(pages, T)
+            and not cfg.use_dsa
+        )  # fmt: skip
         if self.mode != "train":
-            latent_BSC, k_pe_BSR = self._update_cache(latent_BTC, k_pe_BTR, positions_BT)
+            latent_BSC, k_pe_BSR = self._update_cache(
+                latent_BTC, k_pe_BTR, positions_BT, pages, view=not paged_kernel
+            )
 
         sparse, kl_BT = None, None
         train_indexer = cfg.use_dsa and self.mode == "train" and cfg.dsa_stage != "off"
@@ -125,7 +134,7 @@ class MLA(nn.Module):
             # The indexer always runs (its parameters and cache exist at every length); its
             # scores are skipped (dead code) when every key fits in the top-k.
             index_q, index_w, index_k, index_cache = Indexer(cfg, self.mode, name="indexer")(
-                x_BTD, c_q, positions_BT
+                x_BTD, c_q, positions_BT, pages
             )
             S = T if self.mode != "decode" else latent_BSC.shape[1]
             if cfg.index_topk < S and cfg.dsa_stage != "warmup":  # warm-up: dense attention
@@ -151,6 +160,12 @@ class MLA(nn.Module):
             )  # fmt: skip
             if train_indexer:
                 kl_BT = sparse_indexer_kl(index_q, index_w, index_k, *sparse, p_BTK)
+        elif paged_kernel:
+            q_BTHL, w_uv_CHV = self._absorb(q_nope_BTHN, q_pe_BTHR, kv_b.weight(dtype))
+            o_lat_BTHC = paged.kernel_attention(
+                q_BTHL, latent_BSC, k_pe_BSR, pages, positions_BT, scale=cfg.softmax_scale
+            )
+            out_BTHV = jnp.einsum("bthc,chv->bthv", o_lat_BTHC, w_uv_CHV)
         elif self.mode == "decode":
             out_BTHV = self._absorbed(
                 q_nope_BTHN, q_pe_BTHR, latent_BSC, k_pe_BSR, kv_b.weight(dtype), positions_BT
@@ -200,13 +215,23 @@ class MLA(nn.Module):
         kl = None if kl_BT is None else mean_over_queries(kl_BT, segment_ids_BT > 0)
         return out_BTD, kl
 
-    def _update_cache(self, latent_BTC, k_pe_BTR, positions_BT):
-        """Writes the new tokens at their positions; returns the full cache [B, S, ...]."""
+    def _update_cache(self, latent_BTC, k_pe_BTR, positions_BT, pages=None, view=True):
+        """Writes the new tokens at their positions; returns the full cache [B, S, ...].
+
+        With `pages` (a paged cache, `dsjax.model.layers.paged`) the tokens go to their pages
+        in place and it returns the rows' pages as contiguous caches (`view`; the XLA gather
+        path) or the pools themselves (the kernel reads them in place)."""
         B, T = positions_BT.shape
         dtype = jnp.dtype(self.cfg.dtype)
         # Created at init from the init input length: init with [B, max_len] tokens.
         latent = self.variable("cache", "latent", jnp.zeros, (B, T, latent_BTC.shape[-1]), dtype)
         k_pe = self.variable("cache", "k_pe", jnp.zeros, (B, T, k_pe_BTR.shape[-1]), dtype)
+        if pages is not None:
+            latent.value = paged.write(latent.value, pages, positions_BT, latent_BTC)
+            k_pe.value = paged.write(k_pe.value, pages, positions_BT, k_pe_BTR)
+            if not view:
+                return latent.value, k_pe.value
+            return paged.gather(latent.value, pages), paged.gather(k_pe.value, pages)
         rows = jnp.arange(B)[:, None]
         # The cache's rows as the attention core reads them (`cache_batch`: in the decode
         # layout over every chip, dsjax.model.sharding).
