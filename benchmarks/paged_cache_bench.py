@@ -8,10 +8,10 @@
    requests (cache_tokens = budget x max_len). "contiguous" reproduces the pre-paging engine at
    that memory: one max_len region per slot, so budget slots (the old `Engine(slots=budget)`
    held exactly slots x max_len positions). "paged": the same pool with `--requests` slots;
-   every request holds only the pages it may write. Both serve `--requests` short requests
+   every request holds only the pages it has written. Both serve `--requests` short requests
    (prompt `--prompt-len`, `--max-tokens` greedy tokens, all submitted at once); reported:
    generated tokens per second, peak concurrent requests, and cache bytes held per running
-   request at the peak (pages referenced or reserved x bytes per page, over the running ones).
+   request at the peak (pages referenced x bytes per page, over the running ones).
 2. Time to first token with and without a prefix hit: prompts sharing a `--prefix-len`-token
    prefix; the first request prefills it all, the next ones find its full pages cached. Reported:
    hit tokens and mean TTFT (over 3 requests each, after a warm-up that compiles every program).
@@ -57,7 +57,7 @@ def serve_all(engine: Engine, prompts, params) -> tuple[float, int, float]:
     def on_event(ev):
         s = engine.stats()
         if s["active"] > peak[0]:
-            held = (s["cache_pages_used"] + s["cache_pages_reserved"]) * engine.page_size
+            held = s["cache_pages_used"] * engine.page_size
             peak[0], peak[1] = s["active"], held * per_token / s["active"]
         if ev.finish_reason is not None:
             with lock:

@@ -1,6 +1,7 @@
-"""The engine's scheduling policy without JAX: page pool (reservations, reference counts, prefix
-cache keys, LRU eviction, no leaked page), admission that waits for pages, chunk plans after a
-cached prefix, pages growing with the decode steps."""
+"""The engine's scheduling policy without JAX: page pool (reference counts, prefix cache keys,
+LRU eviction, no leaked page), admission that waits for pages, chunk plans after a cached
+prefix, pages growing with the decode steps, preemption of the youngest request when the pool
+runs dry (and its readmission with its output kept)."""
 
 from __future__ import annotations
 
@@ -34,23 +35,22 @@ def test_page_keys_chain_the_prefix_and_the_lookahead_token():
     assert page_keys(a, 4, 11) == ka[:2]  # limit: pages ending at or before 11
 
 
-def test_pool_reserve_allocate_release_and_lru_eviction():
+def test_pool_allocate_release_and_lru_eviction():
     pool = PagePool(4, 8)
-    assert pool.reserve(3) and not pool.reserve(2) and pool.available == 1
     pages = [pool.allocate() for _ in range(3)]
-    assert sorted(pages) == [1, 2, 3] and pool.reserved == 0 and pool.used == 3
+    assert sorted(pages) == [1, 2, 3] and pool.available == 1 and pool.used == 3
     pool.register(pages[0], b"k0")
     pool.register(pages[1], b"k1")
     pool.release(pages)
     assert pool.cached == 2 and pool.free == 2 and pool.used == 0
     assert pool.lookup([b"k0", b"k1", b"k2"]) == pages[:2] and pool.cached == 0
     pool.release(pages[:2])  # k0 released before k1: k0 is the older
-    assert pool.reserve(4)
+    assert pool.available == 4
     got = [pool.allocate() for _ in range(4)]  # two free pages, then k0's, then k1's
     assert got[2:] == pages[:2] and pool.evicted == 2
     assert pool.lookup([b"k0"]) == []
     pool.check()
-    with pytest.raises(RuntimeError, match="no reserved page"):
+    with pytest.raises(RuntimeError, match="no page available"):
         pool.allocate()
     pool.release(got)
     assert pool.free == 4
@@ -60,16 +60,16 @@ def test_pool_reserve_allocate_release_and_lru_eviction():
 
 
 def test_admission_waits_for_pages_and_finish_frees_them():
-    s = sched(cache_tokens=40)  # 5 pages of 8
-    a = Seq(prompt=[1] * 10, max_tokens=20)  # 30 positions: 4 pages
+    s = sched(cache_tokens=24)  # 3 pages of 8
+    a = Seq(prompt=[1] * 10, max_tokens=20)  # prompt + first step: positions 0..11, 2 pages
     b = Seq(prompt=[2] * 3, max_tokens=5)  # 1 page
     c = Seq(prompt=[3] * 3, max_tokens=5)
     s.queue.extend([a, b, c])
-    assert s.admit_next() is a and a.slot == 0 and len(a.pages) == 2 and a.reserved == 2
+    assert s.admit_next() is a and a.slot == 0 and len(a.pages) == 2  # no page set aside
     assert s.admit_next() is b and s.pool.available == 0
     assert s.admit_next() is None and list(s.queue) == [c]  # c waits for a page
     assert list(s.tables[0, :2]) == a.pages and (s.tables[0, 2:] == TRASH).all()
-    with pytest.raises(ValueError, match="needs 8 cache pages of 8 tokens; the cache holds 5"):
+    with pytest.raises(ValueError, match="needs 8 cache pages of 8 tokens; the cache holds 3"):
         s.check_fits(50, 14)
     s.finish(a)
     assert (s.tables[0] == TRASH).all() and s.slot_seq[0] is None
@@ -77,7 +77,7 @@ def test_admission_waits_for_pages_and_finish_frees_them():
     s.finish(b)
     s.finish(c)
     s.pool.check()
-    assert s.pool.used == 0 and s.pool.reserved == 0
+    assert s.pool.used == 0
 
 
 def test_prefix_hit_shares_pages_and_prefills_only_the_rest():
@@ -124,22 +124,66 @@ def test_step_plan_grows_pages_with_the_tokens():
     s.queue.append(seq)
     s.admit_next()
     s.prompt_done(seq)
-    seq.generated = 1  # token 0 sampled, at position 7
+    seq.output = [5]  # token 0 sampled, at position 7
     plan = s.step_plan(speculative=True)
     assert plan.active == [(0, seq)] and plan.rows == 1 and plan.window == 16
     assert len(seq.pages) == 2  # the speculative step writes positions 7 and 8
-    seq.generated = 11  # last position 17; writes 17, 18 = prompt + max_tokens - 1
+    seq.output = [5] * 11  # last position 17; writes 17, 18 = prompt + max_tokens - 1
     s.step_plan(speculative=True)
-    assert len(seq.pages) == 3 and seq.reserved == 0
+    assert len(seq.pages) == 3 and s.pool.used == 3  # pages come as the tokens do
     s.finish(seq)
     s.pool.check()
 
 
+def test_a_dry_pool_preempts_the_youngest_which_resumes_with_its_output():
+    s = sched(cache_tokens=32)  # 4 pages of 8
+    a = Seq(prompt=[1] * 7, max_tokens=20)
+    b = Seq(prompt=[2] * 7, max_tokens=20)
+    s.queue.extend([a, b])
+    for seq in (a, b):  # prompt + first step (positions 0..8): 2 pages each
+        assert s.admit_next() is seq
+        s.prompt_done(seq)
+        seq.output = [9]
+    plan = s.step_plan(speculative=True)
+    assert [x for _, x in plan.active] == [a, b] and not plan.preempted
+    assert s.pool.available == 0
+    a.output, b.output = [9] * 9, [8] * 9  # next writes: positions 15, 16: a third page each
+    plan = s.step_plan(speculative=True)
+    assert plan.active == [(0, a)] and plan.preempted == [b]  # b gave way to a (older)
+    assert list(s.queue) == [b] and b.slot is None and b.pages == [] and s.preemptions == 1
+    assert len(a.pages) == 3 and (s.tables[1] == TRASH).all()
+    assert b.context == [2] * 7 + [8] * 9 and b.generated == 9  # its output is kept
+    assert s.admit_next() is None  # b's context + first step needs 3 pages; 1 left
+    s.finish(a)
+    assert s.admit_next() is b and b.slot == 0 and b.order > a.order
+    assert len(b.pages) == 2 and b.chunk is None  # 16 context positions, one program
+    assert b.last_position == 15
+    s.finish(b)
+    s.pool.check()
+    assert s.pool.used == 0
+
+
+def test_a_request_growing_alone_preempts_itself_when_it_is_the_youngest():
+    s = sched(cache_tokens=32)  # 4 pages
+    a = Seq(prompt=[1] * 7, max_tokens=20)
+    b = Seq(prompt=[2] * 7, max_tokens=20)
+    s.queue.extend([a, b])
+    s.admit_next(), s.admit_next()
+    for seq in (a, b):
+        s.prompt_done(seq)
+    a.output, b.output = [3], [4] * 9  # only b (the youngest) needs a third page
+    plan = s.step_plan(speculative=True)
+    assert plan.active == [(0, a)] and plan.preempted == [b] and list(s.queue) == [b]
+    s.finish(a)
+    s.finish(b)
+    s.pool.check()
+
+
 def test_random_load_never_leaks_a_page():
-    """Random admissions, prefix hits, growth, cancels mid-prefill and finishes on a small pool:
-    the pool's invariant holds throughout and every page comes back."""
+    """Random admissions, prefix hits, growth, preemptions, cancels mid-prefill and finishes on a
+    small pool: the pool's invariant holds throughout and every page comes back."""
     rng = random.Random(0)
-    s = sched(slots=3, cache_tokens=96, page_size=4, prefill_chunk=8)
+    s = sched(slots=3, cache_tokens=56, page_size=4, prefill_chunk=8)
     prefixes = [[rng.randrange(50) for _ in range(12)] for _ in range(3)]
     for _ in range(400):
         if rng.random() < 0.4 and len(s.queue) < 5:
@@ -157,10 +201,15 @@ def test_random_load_never_leaks_a_page():
                 seq.chunk += 1
                 if seq.chunk == len(seq.plan):
                     s.prompt_done(seq)
-                    seq.generated = 1
+                    seq.output.append(1)
+            elif not seq.output:  # prefilled in one program at admission
+                s.prompt_done(seq)
+                seq.output.append(1)
+            elif seq.generated >= seq.max_tokens:
+                s.finish(seq)
         plan = s.step_plan(speculative=rng.random() < 0.5)
         for _, seq in plan.active if plan else []:
-            seq.generated += 1
+            seq.output.append(2)
             if seq.generated >= seq.max_tokens:
                 s.finish(seq)
         s.pool.check()
@@ -171,6 +220,6 @@ def test_random_load_never_leaks_a_page():
     for seq in [x for x in s.slot_seq if x is not None] + list(s.queue):
         s.finish(seq)
     s.pool.check()
-    assert s.pool.used == 0 and s.pool.reserved == 0 and s.hit_tokens > 0
-    assert s.pool.evicted > 0
+    assert s.pool.used == 0 and s.hit_tokens > 0
+    assert s.pool.evicted > 0 and s.preemptions > 0
     assert s.tables.dtype == np.int32 and (s.tables == TRASH).all()  # every row released

@@ -8,10 +8,13 @@ request's positions on its own pages through its page table; `slots` only bounds
 requests decode together). The thread loops:
 
 1. frees the slots and pages of finished or cancelled requests;
-2. admits queued requests, first come first served, while a slot is free and the pool can
-   reserve the pages the head request may need (prompt + max_tokens, less the cached prefix
-   pages it reuses); otherwise they wait. Prefix cache: full prompt pages are keyed by a hash
-   chain of their tokens (`page_pool.page_keys`); a prompt that starts with pages an earlier
+2. admits queued requests, first come first served, while a slot is free and the pool has
+   the pages of the head request's prompt and first decode step (less the cached prefix pages
+   it reuses); otherwise they wait. Pages are taken as tokens arrive; when the pool runs dry
+   the youngest running request is preempted (it gives back its pages and slot, goes back to
+   the head of the queue keeping its generated tokens, and on readmission prefills its prompt
+   followed by them and continues: its output is unchanged; `scheduler`). Prefix cache: full
+   prompt pages are keyed by a hash chain of their tokens (`page_pool.page_keys`); a prompt that starts with pages an earlier
    prompt prefilled reuses them and prefills only the rest. A prompt of at most `prefill_chunk`
    tokens without a cached prefix: one jitted program prefills it alone into a fresh [1, P]
    state (P = its bucketed length), samples its first token and writes the row to its slot (the
@@ -80,6 +83,7 @@ from dsjax.inference.meshes import DecodeMesh
 from dsjax.inference.sampling import MAX_LOGPROBS, SamplingParams
 from dsjax.inference.scheduler import Scheduler, Seq
 from dsjax.model.config import ModelConfig
+from dsjax.model.layers import paged
 
 __all__ = ["Engine", "QueueFull", "SamplingParams", "TokenConstraint", "TokenEvent"]
 
@@ -191,8 +195,12 @@ class Engine:
       page_size: positions per cache page (default 64, FlashMLA's block).
       cache_tokens: positions in the page pool, rounded down to whole pages (default
         slots * max_len rounded up to pages: every slot can hold a max_len request). A request
-        waits in the queue until the pages it may need (prompt + max_tokens) can be reserved.
+        waits in the queue until its prompt's pages are available; running requests take
+        pages as their tokens arrive, preempting the youngest when none is left.
       prefix_cache: reuse cached full prompt pages (see the module docstring).
+      paged_attention: how decode steps' attention reads the pages (`layers.paged.IMPLS`):
+        "auto" (default; the Pallas kernel on TPU without a mesh, else the XLA gather path),
+        "xla", "pallas", or "pallas_interpret" (the kernel in Pallas' interpreter, any backend).
     """
 
     def __init__(
@@ -214,6 +222,7 @@ class Engine:
         page_size: int = 64,
         cache_tokens: int | None = None,
         prefix_cache: bool = True,
+        paged_attention: str = "auto",
     ):
         if cfg.is_v4:
             raise ValueError(
@@ -243,6 +252,15 @@ class Engine:
             raise ValueError("speculative=True needs an MTP module (cfg.num_mtp_layers >= 1)")
         if page_size < 1:
             raise ValueError(f"page_size={page_size}: must be >= 1")
+        impl = paged.resolve_impl(paged_attention)
+        if mesh is not None and impl != "xla":
+            if paged_attention != "auto":
+                raise ValueError(
+                    f"paged_attention={paged_attention!r}: the kernel runs on one device; "
+                    "with a mesh use 'xla' or 'auto'"
+                )
+            impl = "xla"
+        self.paged_attention = impl
         if cache_tokens is None:
             cache_tokens = slots * -(-max_len // page_size) * page_size
         self.cfg, self.slots, self.max_len, self.max_queue = cfg, slots, max_len, max_queue
@@ -265,6 +283,10 @@ class Engine:
         )
         self.page_size = page_size
         self._state = self._new_state()
+        pool = (self._state.cache, self._state.mtp_cache)
+        self._bytes_per_token = sum(x.nbytes for x in jax.tree.leaves(pool)) // (
+            (self._sched.pool.num_pages + 1) * page_size
+        )
 
         self._cv = threading.Condition()
         self._requests: dict[int, _Request] = {}
@@ -421,6 +443,7 @@ class Engine:
                             speculative=spec,
                             top_n=top_n,
                             rows=rows,
+                            impl=self.paged_attention,
                         )
         jax.block_until_ready(state)
 
@@ -523,8 +546,9 @@ class Engine:
         request, `prefilling` those of them whose prompt is still being prefilled chunk by
         chunk. Pool: page_size, cache_pages (in the pool), cache_pages_used (referenced by a
         request), cache_pages_cached (unreferenced, kept for the prefix cache),
-        cache_pages_free, cache_pages_reserved (set aside for admitted requests' future tokens),
-        cache_usage ((used + reserved) / pages).
+        cache_pages_free, cache_usage (used / pages), cache_bytes_per_token (latent cache bytes
+        of one position, all layers and MTP); preemptions (requests sent back to the queue to
+        free pages, since start).
         """
         with self._cv:
             sched = self._sched
@@ -546,8 +570,8 @@ class Engine:
                 "max_queue": self.max_queue,
                 "max_len": self.max_len,
                 **pages,
-                "cache_usage": (pages["cache_pages_used"] + pages["cache_pages_reserved"])
-                / pages["cache_pages"],
+                "cache_usage": pages["cache_pages_used"] / pages["cache_pages"],
+                "cache_bytes_per_token": self._bytes_per_token,
                 **{k: int(v) for k, v in self._counters.items()},
             }
 
@@ -673,7 +697,7 @@ class Engine:
             self._finish(req, "cancelled")
 
     def _row_request(self, req: _Request) -> decode.RowRequest:
-        return decode.row_requests(
+        rr = decode.row_requests(
             [req.params],
             [req.row],
             self.eos_id,
@@ -681,6 +705,8 @@ class Engine:
             default_seed=self.seed,
             speculative_default=self._spec_default,
         )
+        rr.start_B[0] = req.generated  # resumed after a preemption: continue its output
+        return rr
 
     def _table(self, slot: int, positions: int) -> np.ndarray:
         """Row `slot`'s page table over positions 0..positions-1, as a [1, K] batch."""
@@ -690,10 +716,11 @@ class Engine:
         """Prefills `req` into its slot and pages and emits its first token."""
         assert req.slot is not None
         try:
-            n = len(req.prompt)
+            context = req.context
+            n = len(context)
             P = min(decode.bucket_length(n), self.max_len)
             tokens = np.zeros((1, P), np.int32)
-            tokens[0, :n] = req.prompt
+            tokens[0, :n] = context
             self._state, first = programs.admit(
                 self.cfg,
                 self._variables,
@@ -746,6 +773,7 @@ class Engine:
             table[:, : self._pages(window)].copy(),
             speculative=self._can_speculate,
             first=start == 0,
+            impl=self.paged_attention,
         )
 
     def _run_start_decoding(self, state, prompt, req, slot, logits, hidden, top_n, allowed=None):
@@ -768,14 +796,15 @@ class Engine:
         assert req.chunk is not None
         start, T, window = req.plan[req.chunk]
         last = req.chunk == len(req.plan) - 1
+        context = req.context
         try:
             self._state, logits, hidden = self._run_chunk(
-                self._state, req.prompt, req.slot, start, T, window
+                self._state, context, req.slot, start, T, window
             )
             if last:
                 top_n = None if req.params.logprobs is None else MAX_LOGPROBS
                 self._state, first = self._run_start_decoding(
-                    self._state, req.prompt, self._row_request(req), req.slot, logits, hidden,
+                    self._state, context, self._row_request(req), req.slot, logits, hidden,
                     top_n, req.allowed(),
                 )  # fmt: skip
                 first = jax.device_get(first)
@@ -800,7 +829,7 @@ class Engine:
         if n == 0:
             return
         tokens = tuple(int(t) for t in out.tokens_B2[i, :n])
-        req.generated += n
+        req.output.extend(tokens)
         self._counters["generated_tokens"] += n
         self._counters["tokens"] += n
         if req.cancelled or req.failed:
@@ -846,6 +875,10 @@ class Engine:
         with self._cv:
             plan = self._sched.step_plan(speculative)
         assert plan is not None
+        if plan.preempted:
+            log.info("preempted %d requests: the cache pool is full", len(plan.preempted))
+        if not plan.active:
+            return
         active = [(i, r) for i, r in plan.active if isinstance(r, _Request)]
         rows = plan.rows
         live = np.zeros(rows, bool)
@@ -865,6 +898,7 @@ class Engine:
                 speculative=speculative,
                 top_n=MAX_LOGPROBS if want else None,
                 rows=rows,
+                impl=self.paged_attention,
             )
             out = jax.device_get(out)
         except Exception as err:

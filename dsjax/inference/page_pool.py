@@ -6,10 +6,9 @@ are masked). This module decides which page holds what:
 
 - reference counts: a page is in use while a request's page table holds it; several requests
   share a prefix page (each holds a reference);
-- reservations: a request reserves, at admission, the pages it can ever need (prompt +
-  max_tokens) beyond the cached prefix pages it shares, and draws pages from that reservation as
-  its tokens arrive (`allocate`), so an admitted request never runs out of pages (no preemption);
-  a request whose reservation cannot be made waits in the queue;
+- allocation as tokens arrive: a request takes a page (`allocate`) when its next position
+  needs one; when none is `available` the scheduler preempts a request to free some
+  (`dsjax.inference.scheduler`);
 - prefix cache (vLLM's chained block hashes, `kv_cache_utils.hash_block_tokens`): a full prompt
   page is keyed by a hash chain over its tokens (`page_keys`); a later request whose prompt starts
   with the same pages reuses them (`lookup`). Pages nobody references but whose key is known stay
@@ -17,7 +16,7 @@ are masked). This module decides which page holds what:
   (`allocate` evicts the oldest).
 
 Invariant (`check`): every page 1..num_pages is exactly one of free, cached-unreferenced (LRU),
-or referenced; `reserved` <= free + cached.
+or referenced.
 """
 
 from __future__ import annotations
@@ -61,7 +60,6 @@ class PagePool:
         self._key_of: dict[int, bytes] = {}
         self._page_of: dict[bytes, int] = {}
         self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()
-        self.reserved = 0
         self.evicted = 0  # cached pages evicted since start
 
     # ------------------------------------------------------------------ counts
@@ -82,8 +80,8 @@ class PagePool:
 
     @property
     def available(self) -> int:
-        """Pages a new reservation can take: free + evictable - already reserved."""
-        return self.free + self.cached - self.reserved
+        """Pages `allocate` can take: free + evictable."""
+        return self.free + self.cached
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
@@ -102,30 +100,17 @@ class PagePool:
                 self._ref(page)
         return pages
 
-    def reserve(self, n: int) -> bool:
-        """Sets `n` pages aside for one request if available; False (nothing reserved) if not."""
-        if n > self.available:
-            return False
-        self.reserved += n
-        return True
-
-    def unreserve(self, n: int) -> None:
-        if not 0 <= n <= self.reserved:
-            raise ValueError(f"unreserve({n}): only {self.reserved} pages are reserved")
-        self.reserved -= n
-
     def allocate(self) -> int:
-        """A page from a reservation (referenced once): a free one, else the least recently
-        released cached one (evicted from the prefix cache)."""
-        if self.reserved < 1:
-            raise RuntimeError("allocate: no reserved page left (reserve first)")
+        """A page, referenced once: a free one, else the least recently released cached one
+        (evicted from the prefix cache)."""
+        if self.available < 1:
+            raise RuntimeError("allocate: no page available (free or cached)")
         if self._free:
             page = self._free.popleft()
         else:
             page, _ = self._lru.popitem(last=False)
             del self._page_of[self._key_of.pop(page)]
             self.evicted += 1
-        self.reserved -= 1
         self._refs[page] = 1
         return page
 
@@ -177,4 +162,3 @@ class PagePool:
         assert not (free & lru) and not (free & refd) and not (lru & refd), "a page in two states"
         assert free | lru | refd == set(range(1, self.num_pages + 1)), "a page was leaked"
         assert all(p in self._key_of for p in lru), "an uncached page in the LRU"
-        assert 0 <= self.reserved <= self.free + self.cached, "reservation beyond the pool"

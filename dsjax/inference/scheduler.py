@@ -5,16 +5,24 @@ its thread. Nothing here touches the device, so the policy is unit-tested withou
 (tests/scheduler_test.py).
 
 - Admission (`admit_next`): FIFO. The queue head takes the lowest free slot when the page pool
-  can reserve the pages it may ever need (prompt + max_tokens, less the cached prefix pages it
+  has the pages of its prompt and of its first decode step (less the cached prefix pages it
   shares, `page_pool.PagePool`); otherwise it waits (and so does everything behind it). On
   admission its prompt pages are allocated and written into its row of the page tables
   (`tables` [slots, max_pages] int32, page ids; unused entries point at `page_pool.TRASH`).
+- Pages as tokens arrive: a decoding request takes a page when its next write needs one
+  (`step_plan`). When the pool has none, the youngest running request (the last admitted) is
+  preempted (vLLM's recompute preemption): it releases its slot and pages and goes back to the
+  head of the queue with its generated tokens kept (`Seq.output`). Readmitted, it prefills its
+  prompt followed by those tokens (`Seq.context`; its full pages may still be in the prefix
+  cache) and continues from the token after them, so its output is what it would have been.
+  The oldest request can always grow (everything younger gives way) and a request fits the
+  pool alone (`check_fits`), so every request finishes.
 - Prefill: a prompt longer than `prefill_chunk`, or one with a cached prefix, is prefilled chunk
   by chunk (`chunk_plan`) between decode steps; otherwise in one program at admission.
 - Decode (`step_plan`): the rows that decode, the row bucket R and attention window W the step
-  runs over, after giving each row the page its next write needs (`grow`).
+  runs over, after giving each row the pages its next write needs (preempting if need be).
 - `prompt_done` registers a prefilled prompt's full pages in the prefix cache; `finish` frees a
-  request's slot, pages and unused reservation.
+  request's slot and pages.
 """
 
 from __future__ import annotations
@@ -42,21 +50,34 @@ def bucket_length(n: int, minimum: int = 8) -> int:
 class Seq:
     """What the scheduler tracks of one request.
 
-    `chunk`: while the prompt is prefilled chunk by chunk, the index of its next chunk in `plan`
-    (None otherwise: queued, or decoding). `pages`: the cache pages of its positions, in order
-    (the first `cached_tokens // page_size` shared with the prefix cache). `reserved`: pages
-    still reserved for it."""
+    `output`: the tokens generated so far (appended by the engine as they are emitted).
+    `chunk`: while the context is prefilled chunk by chunk, the index of its next chunk in
+    `plan` (None otherwise: queued, or decoding). `pages`: the cache pages of its positions, in
+    order (the first `cached_tokens // page_size` shared with the prefix cache). `order`: when
+    it was last admitted (younger requests are preempted first)."""
 
     prompt: list[int]
     max_tokens: int
-    generated: int = 0
+    output: list[int] = dataclasses.field(default_factory=list)
     slot: int | None = None
     chunk: int | None = None
     plan: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
     pages: list[int] = dataclasses.field(default_factory=list)
     keys: list[bytes] = dataclasses.field(default_factory=list)
-    reserved: int = 0
     cached_tokens: int = 0
+    order: int = 0
+    preemptions: int = 0
+
+    @property
+    def generated(self) -> int:
+        """Tokens generated so far."""
+        return len(self.output)
+
+    @property
+    def context(self) -> list[int]:
+        """What an admission prefills: the prompt, then (after a preemption) the tokens
+        generated before it; the next token drawn is token `generated` of the output."""
+        return self.prompt + self.output
 
     @property
     def last_position(self) -> int:
@@ -66,12 +87,14 @@ class Seq:
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
-    """One decode step: `active` (slot, seq) pairs decoding, over slots 0..rows-1 and cache
-    positions 0..window-1."""
+    """One decode step: `active` (slot, seq) pairs decoding (none: no step runs), over slots
+    0..rows-1 and cache positions 0..window-1; `preempted`: the requests sent back to the
+    queue to free pages for it."""
 
     active: list[tuple[int, Seq]]
     rows: int
     window: int
+    preempted: list[Seq] = dataclasses.field(default_factory=list)
 
 
 class Scheduler:
@@ -109,11 +132,19 @@ class Scheduler:
         self.prefilling: list[Seq] = []  # prefilled chunk by chunk, in admission order
         self.hit_tokens = 0  # prompt tokens found in the prefix cache, since start
         self.prompt_tokens = 0  # prompt tokens admitted, since start
+        self.preemptions = 0  # requests preempted, since start
+        self._admissions = 0
 
     # ------------------------------------------------------------------ sizes
     def pages_needed(self, prompt_len: int, max_tokens: int) -> int:
         """Pages a request may ever write: positions 0 .. prompt + max_tokens - 1."""
         return self.pool.pages_for(prompt_len + max_tokens)
+
+    def _first_pages(self, seq: Seq) -> int:
+        """Pages of `seq`'s context and its first decode step's writes (two positions with
+        speculation), within prompt + max_tokens."""
+        end = len(seq.prompt) + seq.max_tokens
+        return self.pool.pages_for(min(len(seq.context) + 2, end))
 
     def check_fits(self, prompt_len: int, max_tokens: int) -> None:
         """Raises ValueError when such a request could never get its pages."""
@@ -147,24 +178,26 @@ class Scheduler:
         return sum(s is None for s in self.slot_seq)
 
     def admit_next(self) -> Seq | None:
-        """Admits the queue head into the lowest free slot if its pages can be reserved (see
-        the module docstring); returns it, or None (nothing queued, no free slot, or the head
-        waits for pages)."""
+        """Admits the queue head into the lowest free slot if the pool has the pages of its
+        context and first decode step (see the module docstring); returns it, or None (nothing
+        queued, no free slot, or the head waits for pages)."""
         if not self.queue or None not in self.slot_seq:
             return None
         seq = self.queue[0]
-        n = len(seq.prompt)
-        # Full pages before the last prompt token (whose MTP entry decode rewrites) can be shared.
-        keys = page_keys(seq.prompt, self.page_size, n - 1)
+        context = seq.context
+        n = len(context)
+        # Full pages before the last context token (whose MTP entry decode rewrites) can be
+        # shared.
+        keys = page_keys(context, self.page_size, n - 1)
         hits = self.pool.lookup(keys)
-        need = self.pages_needed(n, seq.max_tokens) - len(hits)
-        if not self.pool.reserve(need):
+        if self._first_pages(seq) - len(hits) > self.pool.available:
             self.pool.release(hits)
             return None
         self.queue.popleft()
         slot = self.slot_seq.index(None)
         self.slot_seq[slot] = seq
-        seq.slot, seq.keys, seq.reserved = slot, keys, need
+        self._admissions += 1
+        seq.slot, seq.keys, seq.order = slot, keys, self._admissions
         seq.pages = []
         for page in hits:
             self._append_page(seq, page)
@@ -184,10 +217,29 @@ class Scheduler:
         seq.pages.append(page)
 
     def grow(self, seq: Seq, tokens: int) -> None:
-        """Gives `seq` pages for positions 0..tokens-1 (from its reservation)."""
+        """Gives `seq` pages for positions 0..tokens-1 (the pool must have them)."""
         while len(seq.pages) * self.page_size < tokens:
-            seq.reserved -= 1
             self._append_page(seq, self.pool.allocate())
+
+    def preempt(self, seq: Seq) -> None:
+        """Sends running `seq` back to the head of the queue, releasing its slot and pages; it
+        keeps its output and is prefilled again on readmission (see the module docstring)."""
+        self._release(seq)
+        seq.plan, seq.cached_tokens = [], 0
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.queue.appendleft(seq)
+
+    def _release(self, seq: Seq) -> None:
+        assert seq.slot is not None
+        self.pool.release(seq.pages)
+        seq.pages = []
+        self.tables[seq.slot] = TRASH
+        self.slot_seq[seq.slot] = None
+        seq.slot = None
+        if seq.chunk is not None:
+            self.prefilling.remove(seq)
+            seq.chunk = None
 
     def prompt_done(self, seq: Seq) -> None:
         """After the prompt is in the cache: registers its full pages in the prefix cache and
@@ -199,38 +251,41 @@ class Scheduler:
             seq.chunk = None
 
     def finish(self, seq: Seq) -> None:
-        """Frees `seq`'s slot, pages and unused reservation (or takes it off the queue)."""
+        """Frees `seq`'s slot and pages (or takes it off the queue)."""
         if seq.slot is None:
             if seq in self.queue:
                 self.queue.remove(seq)
             return
-        self.pool.release(seq.pages)
-        self.pool.unreserve(seq.reserved)
-        seq.pages, seq.reserved = [], 0
-        self.tables[seq.slot] = TRASH
-        self.slot_seq[seq.slot] = None
-        if seq.chunk is not None:
-            self.prefilling.remove(seq)
-            seq.chunk = None
+        self._release(seq)
 
     # ------------------------------------------------------------------ decode
     def decoding(self) -> list[tuple[int, Seq]]:
         return [(i, s) for i, s in enumerate(self.slot_seq) if s is not None and s.chunk is None]
 
     def step_plan(self, speculative: bool) -> StepPlan | None:
-        """The next decode step (None: nothing decodes). Gives every decoding row the pages of
-        the positions the step writes (its last token's, and the next with `speculative`,
-        within prompt + max_tokens)."""
+        """The next decode step (None: nothing decodes). Gives every decoding row, oldest
+        first, the pages of the positions the step writes (its last token's, and the next with
+        `speculative`, within prompt + max_tokens), preempting the youngest running requests
+        while the pool has none (see the module docstring); their rows leave the step."""
         active = self.decoding()
         if not active:
             return None
-        for _, seq in active:
-            self.grow(
-                seq, min(seq.last_position + 1 + speculative, len(seq.prompt) + seq.max_tokens)
-            )
+        preempted: list[Seq] = []
+        for _, seq in sorted(active, key=lambda a: a[1].order):
+            end = min(seq.last_position + 1 + speculative, len(seq.prompt) + seq.max_tokens)
+            while seq.slot is not None and len(seq.pages) * self.page_size < end:
+                if self.pool.available:
+                    self._append_page(seq, self.pool.allocate())
+                    continue
+                victim = max((x for x in self.slot_seq if x is not None), key=lambda x: x.order)
+                self.preempt(victim)
+                preempted.append(victim)
+        active = [(i, seq) for i, seq in active if seq.slot is not None]
+        if not active:
+            return StepPlan([], 0, 0, preempted)
         top = max(seq.last_position for _, seq in active) + speculative
         rows = next(b for b in self.row_buckets if b > active[-1][0])
-        return StepPlan(active, rows, self.window_for(top))
+        return StepPlan(active, rows, self.window_for(top), preempted)
 
     def page_stats(self) -> dict[str, int]:
         """Pool occupancy and prefix-cache counters for `Engine.stats`."""
@@ -241,8 +296,8 @@ class Scheduler:
             "cache_pages_used": pool.used,
             "cache_pages_cached": pool.cached,
             "cache_pages_free": pool.free,
-            "cache_pages_reserved": pool.reserved,
             "cache_pages_evicted": pool.evicted,
             "prefix_cache_hit_tokens": self.hit_tokens,
             "prompt_tokens": self.prompt_tokens,
+            "preemptions": self.preemptions,
         }

@@ -230,8 +230,14 @@ _METRICS = (
     (
         "dsjax_cache_usage_ratio",
         "gauge",
-        "Cache pages held or reserved by requests / pages.",
+        "Cache pages held by requests / pages.",
         "cache_usage",
+    ),
+    (
+        "dsjax_preemptions_total",
+        "counter",
+        "Requests sent back to the queue to free cache pages (recomputed later).",
+        "preemptions",
     ),
     ("dsjax_requests_submitted_total", "counter", "Requests submitted.", "submitted"),
 )
