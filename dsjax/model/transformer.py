@@ -354,7 +354,7 @@ class Transformer(nn.Module):
                              (True, cfg.num_moe_layers, "moe_layers")):  # fmt: skip
             if not n:
                 continue
-            args = (x, positions_BT, segment_ids_BT, token_index_BT)
+            args: tuple[Any, ...] = (x, positions_BT, segment_ids_BT, token_index_BT)
             if paged:
                 args += (pages, jnp.arange(n, dtype=jnp.int32))
             x, layer_stats = _stack(cfg, moe, n, mode, name, paged)(*args)
