@@ -18,6 +18,7 @@ damaged newer ones aside. Rerunning a finished run returns at once (`summary["co
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
@@ -221,18 +222,101 @@ def _sample(cfg, state, tokenizer, config: RunConfig) -> tuple[str | None, str |
     return sample, block
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains per `config` in `workdir` (resuming from its latest checkpoint); returns a summary."""
-    workdir = prepare_workdir(workdir)
-    run = run_config.parse(config)  # validated once; the rest reads `run`
-    mesh = run_config.make_mesh(run)
-    cfg = run.model
-    chief = jax.process_index() == 0
-    write_config(workdir, config)
-    tokenizer = data.get_tokenizer(run, workdir)
-    seq_len, steps = run.data.seq_len, run.train.steps
-    model = Transformer(cfg)
-    tx, schedule = make_optimizer(run)
+@dataclasses.dataclass
+class _Rate:
+    """Tokens per second over each logged interval, and over the steady state (every interval
+    after the one holding step `start + 1`, which holds the compiles). Eval and checkpoint time
+    is not step time: `restart` after them."""
+
+    start: int
+    mark: float = dataclasses.field(default_factory=time.perf_counter)
+    tokens_run: float = 0.0
+    time_run: float = 0.0
+
+    def interval(self, done: list[tuple[int, dict]]) -> float:
+        now = time.perf_counter()
+        tokens = sum(m["tokens"] for _, m in done)
+        if done[0][0] > self.start + 1:
+            self.tokens_run, self.time_run = (
+                self.tokens_run + tokens,
+                self.time_run + now - self.mark,
+            )
+        return tokens / max(now - self.mark, 1e-9)
+
+    def restart(self) -> None:
+        self.mark = time.perf_counter()
+
+    @property
+    def steady(self) -> float | None:
+        return self.tokens_run / self.time_run if self.time_run else None
+
+
+@dataclasses.dataclass
+class _Loop:
+    """What the step loop of one run needs: the jitted step, held-out evaluation, the data,
+    the checkpointer and metric sinks, and the FLOP figures for MFU."""
+
+    run: RunConfig
+    config: ml_collections.ConfigDict  # saved with each checkpoint
+    step_fn: Any
+    evaluate: Any
+    train_iter: Any
+    ckpt: Checkpointer
+    writer: metrics.MetricWriter
+    progress: metrics.Progress | None
+    flops_per_token: float
+    peak_total: float | None
+    batch_sharding: Any
+
+
+def _interval_metrics(loop: _Loop, done: list[tuple[int, dict]], rate: _Rate) -> dict[str, Any]:
+    """The last step's metrics with the interval's throughput (and MFU when the peak is known)."""
+    tok_s = rate.interval(done)
+    last = dict(done[-1][1])
+    last["tokens_per_sec"] = tok_s
+    last["tflops_per_sec"] = tok_s * loop.flops_per_token / 1e12
+    if loop.peak_total:
+        last["mfu"] = tok_s * loop.flops_per_token / loop.peak_total
+    return last
+
+
+def _run_steps(loop: _Loop, state, start: int, stop: StopFlag):
+    """Steps from `start` to `train.steps` (or until `stop`), logging, evaluating and saving at
+    their intervals. Metrics are fetched only at those points (`check_finite` raises on the first
+    non-finite step). Returns (state, step, last logged metrics, last eval (loss, bpb), rate)."""
+    run, steps = loop.run, loop.run.train.steps
+    pending: list[tuple[int, dict]] = []
+    last: dict[str, Any] = {}
+    evaluated: tuple[float | None, float | None] = (None, None)
+    rate, step = _Rate(start), start
+    while step < steps and stop.reason is None:
+        state, m = loop.step_fn(state, _global_batch(next(loop.train_iter), loop.batch_sharding))
+        step += 1
+        pending.append((step, m))
+        final = step == steps
+        log_now = step % run.train.log_every == 0 or final
+        save_now = step % run.checkpoint.every == 0 or final
+        eval_now = step % run.train.eval_every == 0 or final
+        if not (log_now or save_now or eval_now or stop.reason):
+            continue
+        done, pending = check_finite(pending), []
+        last = _interval_metrics(loop, done, rate)
+        if eval_now:
+            evaluated = loop.evaluate(state)
+            last["eval_loss"], last["eval_bpb"] = evaluated
+        loop.writer.write(step, last)
+        if loop.progress:
+            loop.progress.update(step, last)
+        if save_now or stop.reason:
+            save = functools.partial(
+                loop.ckpt.save, step, state, loop.train_iter, loop.config, force=True
+            )
+            save_if_finite(step, state.params, save)
+        rate.restart()
+    return state, step, last, evaluated, rate
+
+
+def _log_model(cfg, mesh) -> None:
     counts = count_params(cfg)
     log.info(
         "model: %.2fM parameters (%.2fM activated, %.2fM MTP); mesh %s; %d devices",
@@ -243,13 +327,79 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         jax.device_count(),
     )
 
+
+def _make_evaluate(run: RunConfig, model, tokenizer, mesh):
+    """state -> (held-out nats per token, bits per byte), jitted once."""
+    vocab = max(run.model.vocab_size, tokenizer.vocab_size)
+    return functools.partial(
+        _evaluate,
+        jax.jit(functools.partial(eval_step, model=model)),
+        config=run,
+        tokenizer=tokenizer,
+        batch_sharding=sharding.batch_sharding(mesh),
+        byte_table_V=jnp.asarray(metrics.token_byte_lengths(tokenizer, vocab), jnp.int32),
+    )
+
+
+def _complete(ckpt: Checkpointer, steps: int) -> int | None:
+    """The newest checkpoint's step when it verifies and reaches `steps` (the run is done)."""
+    latest = ckpt.latest_step()
+    if latest is not None and latest >= steps and ckpt.newest_verified_step() == latest:
+        return latest
+    return None
+
+
+def _eval_at_zero(loop: _Loop, state) -> tuple[float, float | None]:
+    """The held-out loss before training: the starting point of the loss curve."""
+    loss, bpb = loop.evaluate(state)
+    loop.writer.write(0, {"eval_loss": loss, "eval_bpb": bpb})
+    log.info("step 0: eval loss %.4f nats/token, %s bits/byte", loss, _fmt(bpb))
+    return loss, bpb
+
+
+def _initial_state(run: RunConfig, model, tx, mesh, ckpt: Checkpointer, it):
+    """(state, its shardings, first step): fresh parameters initialised into their shardings,
+    replaced by the newest checkpoint that verifies (restored onto this mesh, `it` rewound)."""
+    state, abstract, shardings = create_sharded_state(
+        jax.random.key(run.seed), model, tx, mesh, run.data.seq_len, run.optim.host_offload
+    )
+    start, restored = ckpt.restore_latest(abstract, it)
+    if start is not None:
+        state = restored
+        log.info("resumed from the checkpoint at step %d", start)
+    return state, shardings, int(start or 0)
+
+
+def _finish(summary: dict[str, Any], cfg, state, tokenizer, run: RunConfig, workdir: str) -> None:
+    """The chief's end of a completed run: loss.png, the samples, summary.json."""
+    summary["plot"] = os.path.join(workdir, "loss.png")
+    metrics.plot_loss(os.path.join(workdir, "metrics.jsonl"), summary["plot"])
+    summary["sample"], summary["heldout_sample"] = _sample(cfg, state, tokenizer, run)
+    if summary["sample"] is not None:
+        parsed, lines = sample_python_lines(summary["sample"])
+        summary["sample_python_lines"] = {"parse": parsed, "lines": lines}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains per `config` in `workdir` (resuming from its latest checkpoint); returns a summary."""
+    workdir = prepare_workdir(workdir)
+    run = run_config.parse(config)  # validated once; the rest reads `run`
+    mesh = run_config.make_mesh(run)
+    cfg = run.model
+    chief = jax.process_index() == 0
+    write_config(workdir, config)
+    tokenizer = data.get_tokenizer(run, workdir)
+    model = Transformer(cfg)
+    tx, schedule = make_optimizer(run)
+    _log_model(cfg, mesh)
     # Measured on CPU (a matmul), so before the mesh context.
     peak, peak_source = metrics.peak_flops_per_device(jax.devices()[0], cfg.dtype)
     peak_total = peak * jax.device_count() if peak else None
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        rng = jax.random.key(run.seed)
-        train_iter = data.make_iterator(
+        it = data.make_iterator(
             run,
             tokenizer,
             "train",
@@ -257,113 +407,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             process_count=jax.process_count(),
         )
         ckpt = Checkpointer(workdir, every=run.checkpoint.every, keep=run.checkpoint.keep)
-        latest = ckpt.latest_step()
-        if latest is not None and latest >= steps and ckpt.newest_verified_step() == latest:
+        latest = _complete(ckpt, run.train.steps)
+        if latest is not None:
             ckpt.close()
             log.info("the run is complete: its checkpoint at step %d >= train.steps", latest)
             return {"step": latest, "complete": True, "peak_flops_source": peak_source}
-        state, abstract, shardings = create_sharded_state(
-            rng, model, tx, mesh, seq_len, run.optim.host_offload
+        state, shardings, start = _initial_state(run, model, tx, mesh, ckpt, it)
+        loop = _Loop(
+            run,
+            config,
+            jit_train_step(model, tx, schedule, run, shardings=shardings, mesh=mesh),
+            _make_evaluate(run, model, tokenizer, mesh),
+            it,
+            ckpt,
+            metrics.MetricWriter(workdir, is_chief=chief, resume_step=start),
+            metrics.Progress(run.train.steps, start_step=start) if chief else None,
+            metrics.train_flops_per_token(cfg, run.data.seq_len),
+            peak_total,
+            sharding.batch_sharding(mesh),
         )
-        start, restored = ckpt.restore_latest(abstract, train_iter)
-        if start is not None:
-            state = restored
-            log.info("resumed from the checkpoint at step %d", start)
-        start = int(start or 0)
-        batch_sharding = sharding.batch_sharding(mesh)
-        step_fn = jit_train_step(model, tx, schedule, run, shardings=shardings, mesh=mesh)
-        eval_fn = jax.jit(functools.partial(eval_step, model=model))
-
-        writer = metrics.MetricWriter(workdir, is_chief=chief, resume_step=start)
-        progress = metrics.Progress(steps, start_step=start) if chief else None
-        flops_per_token = metrics.train_flops_per_token(cfg, seq_len)
+        t_start = time.perf_counter()
+        initial = _eval_at_zero(loop, state) if start == 0 else None
         stop = StopFlag()
-        pending: list[tuple[int, dict]] = []
-        last: dict[str, float] = {}
-        eval_loss = None
-        t_mark, step = time.perf_counter(), start
-        t_start, tokens_run, time_run = t_mark, 0.0, 0.0
-
-        byte_table_V = jnp.asarray(
-            metrics.token_byte_lengths(tokenizer, max(cfg.vocab_size, tokenizer.vocab_size)),
-            jnp.int32,
-        )
-        evaluate = functools.partial(
-            _evaluate,
-            eval_fn,
-            config=run,
-            tokenizer=tokenizer,
-            batch_sharding=batch_sharding,
-            byte_table_V=byte_table_V,
-        )
-        eval_bpb = initial = None
-        if start == 0:  # the starting point of the loss curve
-            eval_loss, eval_bpb = evaluate(state)
-            initial = (eval_loss, eval_bpb)
-            writer.write(0, {"eval_loss": eval_loss, "eval_bpb": eval_bpb})
-            log.info("step 0: eval loss %.4f nats/token, %s bits/byte", eval_loss, _fmt(eval_bpb))
-            t_mark = time.perf_counter()
-
         with stop.installed():
             try:
-                while step < steps and stop.reason is None:
-                    batch = _global_batch(next(train_iter), batch_sharding)
-                    state, m = step_fn(state, batch)
-                    step += 1
-                    pending.append((step, m))
-                    final = step == steps
-                    log_now = step % run.train.log_every == 0 or final
-                    save_now = step % run.checkpoint.every == 0 or final
-                    eval_now = step % run.train.eval_every == 0 or final
-                    if not (log_now or save_now or eval_now or stop.reason):
-                        continue
-                    done = check_finite(pending)
-                    pending = []
-                    now = time.perf_counter()
-                    tokens = sum(m["tokens"] for _, m in done)
-                    tok_s = tokens / max(now - t_mark, 1e-9)
-                    if done[0][0] > start + 1:  # steady state: skip the interval with compiles
-                        tokens_run, time_run = tokens_run + tokens, time_run + (now - t_mark)
-                    last = dict(done[-1][1])
-                    last["tokens_per_sec"] = tok_s
-                    last["tflops_per_sec"] = tok_s * flops_per_token / 1e12
-                    if peak_total:
-                        last["mfu"] = tok_s * flops_per_token / peak_total
-                    if eval_now:
-                        eval_loss, eval_bpb = evaluate(state)
-                        last["eval_loss"], last["eval_bpb"] = eval_loss, eval_bpb
-                    writer.write(step, last)
-                    if progress:
-                        progress.update(step, last)
-                    if save_now or stop.reason:
-                        save_if_finite(
-                            step,
-                            state.params,
-                            functools.partial(
-                                ckpt.save, step, state, train_iter, config, force=True
-                            ),
-                        )
-                    t_mark = time.perf_counter()  # eval and checkpoint time is not step time
+                state, step, last, evaluated, rate = _run_steps(loop, state, start, stop)
             except TrainingError as e:
                 raise TrainingError(f"{e} ({last_good(ckpt)})") from None
             finally:
-                if progress:
-                    progress.close()
-                writer.close()
+                if loop.progress:
+                    loop.progress.close()
+                loop.writer.close()
                 ckpt.close()
 
-        elapsed = time.perf_counter() - t_start
+        if evaluated[0] is None and initial is not None:
+            evaluated = initial
         summary: dict[str, Any] = {
             "step": step,
             "loss": last.get("loss"),
-            "eval_loss": eval_loss,
-            "eval_bpb": eval_bpb,
-            "tokens_per_sec": tokens_run / time_run if time_run else None,
-            "wall_seconds": elapsed,
+            "eval_loss": evaluated[0],
+            "eval_bpb": evaluated[1],
+            "tokens_per_sec": rate.steady,
+            "wall_seconds": time.perf_counter() - t_start,
             "peak_flops_source": peak_source,
         }
-        if peak_total and time_run:
-            summary["mfu"] = summary["tokens_per_sec"] * flops_per_token / peak_total
+        if peak_total and rate.steady:
+            summary["mfu"] = rate.steady * loop.flops_per_token / peak_total
         if chief:
             initial = initial or _initial_eval(os.path.join(workdir, "metrics.jsonl"))
             summary["eval_loss_initial"], summary["eval_bpb_initial"] = initial or (None, None)
@@ -372,12 +461,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             log.warning("stopped by %s at step %d; checkpoint saved", stop.reason, step)
             return summary
         if chief:
-            summary["plot"] = os.path.join(workdir, "loss.png")
-            metrics.plot_loss(os.path.join(workdir, "metrics.jsonl"), summary["plot"])
-            summary["sample"], summary["heldout_sample"] = _sample(cfg, state, tokenizer, run)
-            if summary["sample"] is not None:
-                parsed, lines = sample_python_lines(summary["sample"])
-                summary["sample_python_lines"] = {"parse": parsed, "lines": lines}
-            with open(os.path.join(workdir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
+            _finish(summary, cfg, state, tokenizer, run, workdir)
         return summary
