@@ -107,3 +107,51 @@ def test_kernel_compiles_for_v5p_with_mosaic():
         args = [jax.ShapeDtypeStruct(s, d, sharding=rep) for s, d in shapes]
         text = jax.jit(kernel).lower(*args).compile().as_text()
     assert sum('custom_call_target="tpu_custom_call"' in line for line in text.splitlines()) == 1
+
+
+@pytest.mark.parametrize("T", [1, 2], ids=["decode", "verify"])
+def test_kernel_and_gather_under_a_decode_mesh_keep_pages_local(T):
+    """Under a decode mesh (expert 2 x tensor 4 on 8 CPU devices, rows and pool pages split over
+    every chip, tables shard-local: `paged.shard_tables`) the page writes, the gather path and
+    the kernel (interpreted) run in shard_map and equal one device over the same pool with
+    global page ids."""
+    from dsjax.inference.meshes import DecodeMesh
+    from dsjax.model import sharding
+    from dsjax.model.layers import paged
+
+    dm = DecodeMesh.parse("expert=2,tensor=4")
+    shards = sharding.DECODE_CACHE_AXES
+    B, Pn, pos0 = 16, 3, np.arange(16) + 5  # 2 rows per chip, positions 5..20 of 24
+    local, n_pool = paged.shard_tables(B, Pn, 8)
+    per_shard = n_pool // 8
+    global_table = jnp.asarray(local + (np.arange(B) // 2)[:, None] * per_shard, jnp.int32)
+    rng = np.random.RandomState(3)
+    pool = jnp.asarray(rng.randn(2, n_pool, PAGE, C), jnp.float32)
+    pe_pool = jnp.asarray(rng.randn(2, n_pool, PAGE, R), jnp.float32)
+    pos_BT = jnp.asarray(pos0[:, None] + np.arange(T)[None], jnp.int32)
+    q_BTHL = jnp.asarray(rng.randn(B, T, H, C + R), jnp.float32)
+    new_lat = jnp.asarray(rng.randn(B, T, C), jnp.float32)
+    new_pe = jnp.asarray(rng.randn(B, T, R), jnp.float32)
+
+    def run(table, shards, impl):
+        pages = paged.Pages(table, layer=jnp.int32(1), impl=impl, shards=shards)
+        lat = paged.write(pool, pages, pos_BT, new_lat)
+        pe = paged.write(pe_pool, pages, pos_BT, new_pe)
+        out = paged.kernel_attention(q_BTHL, lat, pe, pages, pos_BT, scale=SCALE)
+        return lat, pe, out, paged.gather(lat, pages)
+
+    want_lat, want_pe, want, want_view = jax.jit(run, static_argnums=(1, 2))(
+        global_table, (), "pallas_interpret"
+    )
+    # One device, global ids: the kernel equals the gather path.
+    ref = gather_path(q_BTHL, want_lat[1], want_pe[1], global_table, pos_BT)
+    np.testing.assert_allclose(np.asarray(want), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    with dm.context():
+        got_lat, _, got, got_view = jax.jit(run, static_argnums=(1, 2))(
+            jnp.asarray(local), shards, "pallas_interpret"
+        )
+    np.testing.assert_array_equal(np.asarray(got_lat), np.asarray(want_lat))
+    np.testing.assert_array_equal(np.asarray(got_view), np.asarray(want_view))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    assert got.sharding.shard_shape(got.shape)[0] == B // 8  # each chip its own rows' outputs
+    assert got_lat.sharding.shard_shape(got_lat.shape)[1] == per_shard  # and its own pages

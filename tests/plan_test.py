@@ -41,7 +41,9 @@ def _check_report(r, target):
     est = r["estimate"]
     assert est["compute_s"] > 0 and est["hbm_s"] > 0
     # the roofline: the step is the slowest of compute / HBM / ICI, MFU analytic FLOPs over it
-    assert est["step_s"] == max(est[k] for k in ("compute_s", "hbm_s", "ici_s", "dcn_s") if k in est)
+    assert est["step_s"] == max(
+        est[k] for k in ("compute_s", "hbm_s", "ici_s", "dcn_s") if k in est
+    )
     mfu = r["flops"]["analytic_per_device"] / (est["step_s"] * target.peak_flops)
     assert est["mfu_upper_bound"] == pytest.approx(mfu) and 0 < mfu <= 1
     a = r["analytic_bytes"]  # HBM total: every entry but the host-memory ones
@@ -98,8 +100,9 @@ def test_decode_plan_compiles_for_v5e_2x2(v5e_2x2):
     config.mesh.update(data=1, fsdp=4)
     r = plan.plan_decode(config, v5e_2x2, batch=8, cache_len=128)
     _check_report(r, v5e_2x2)
-    # cache [L, B/4, S, C + R] per chip: 2 rows of 128 positions of 32 + 8 values, f32, 3 layers
-    assert r["memory"]["cache_bytes"] == 3 * 2 * 128 * (32 + 8) * 4
+    # pools [L, N/4, 64, C + R] per chip: 2 rows of 2 pages of 64 positions + its TRASH page,
+    # 32 + 8 values, f32, 3 layers
+    assert r["memory"]["cache_bytes"] == 3 * (2 * 2 + 1) * 64 * (32 + 8) * 4
     assert r["estimate"]["tokens_per_s"] == pytest.approx(8 / r["estimate"]["step_s"])  # B / step
 
 
@@ -112,7 +115,7 @@ def test_decode_layout_plan_reads_weights_where_they_live(v5e_2x2):
     r = plan.plan_decode(config, v5e_2x2, batch=8, cache_len=128, layout="decode")
     _check_report(r, v5e_2x2)
     assert r["layout"] == "decode"
-    assert r["memory"]["cache_bytes"] == 3 * 2 * 128 * (32 + 8) * 4  # 2 of 8 rows per chip
+    assert r["memory"]["cache_bytes"] == 3 * (2 * 2 + 1) * 64 * (32 + 8) * 4  # 2 of 8 rows per chip
     assert r["collectives"]["ops"]["all-gather"]["result_bytes"] < r["memory"]["params_bytes"] / 10
     bound = r["hbm_bound"]
     assert bound["bytes_per_device"] <= r["analytic_bytes"]["total"]

@@ -458,6 +458,7 @@ def _v4_attention_working_set(cfg, tokens: float, T: int, heads: float, act: int
     chunk = Q * heads * keys * 4 * 4 + Q * K * cfg.head_dim * act * 2 + Q * n_csa * 4 * 2
     return q + choice + entries + chunk
 
+
 def host_transfer_bytes(analytic: dict) -> float:
     """Bytes per device crossing between HBM and host memory each step: the offloaded optimizer
     state in and out once, each offloaded layer input out in the forward and back in the
@@ -569,16 +570,24 @@ def _header(run: RunConfig, target: Target, mesh, mode: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- decode
-def lower_decode(cfg, mesh, layout: str, batch: int, cache_len: int):
+def lower_decode(cfg, mesh, layout: str, batch: int, cache_len: int, page_size: int = 64,
+                 attention: str = "xla"):  # fmt: skip
     """The decode step the planner compiles, lowered for `mesh` under `layout`'s rules
-    (`sharding.logical_rules`): `batch` rows, one token each, over a `cache_len` latent cache;
-    the absorbed-MLA decode forward of the decode core (`decode.decode_forward`'s program).
-    The cache's rows split over `cache_batch`'s mesh axes when they divide the batch.
+    (`sharding.logical_rules`): `batch` rows, one token each, over a `cache_len` latent cache
+    held as the engine holds it, in page pools (`dsjax.model.layers.paged`, pages of
+    `page_size`) written in place: the pools are donated and carried through the scanned
+    stacks, so a step holds one copy of the cache. When the rows split evenly over
+    `cache_batch`'s mesh axes, the pools' pages split with them and each chip reads and writes
+    only its own rows' pages (shard-local tables, `paged.shard_tables`, in shard_map).
+    `attention`: how attention reads the pages (`paged.IMPLS`: "xla", the gather path; "pallas",
+    the paged MLA kernel).
 
-    Returns (lowered, abstract variables, abstract cache) with their shardings."""
+    Returns (lowered, abstract variables, abstract cache pools) with their shardings."""
+    from dsjax.model.layers import paged
+
     model = Transformer(cfg)
     rules = sharding.logical_rules(layout)
-    tokens = jax.ShapeDtypeStruct((batch, cache_len), jnp.int32)
+    tokens = jax.ShapeDtypeStruct((1, page_size), jnp.int32)
     boxed = jax.eval_shape(
         lambda t: model.init(jax.random.key(0), t, mode="prefill", run_mtp=False), tokens
     )
@@ -586,32 +595,42 @@ def lower_decode(cfg, mesh, layout: str, batch: int, cache_len: int):
     var_sh = sharding.logical_to_sharding(specs, mesh, rules)
     unboxed = nn.unbox(boxed)
     cache_axes = sharding.dim_axes(("cache_batch",), rules)[0]
-    cache_rows = cache_axes if batch % math.prod(mesh.shape[a] for a in cache_axes) == 0 else None
-    row_axes = sharding.BATCH_AXES if batch % sharding.batch_shards(mesh) == 0 else None
+    n_shards = math.prod(mesh.shape[a] for a in cache_axes)
+    shards = cache_axes if batch % n_shards == 0 else ()
+    tables, n_pages = paged.shard_tables(
+        batch, -(-cache_len // page_size), n_shards if shards else 1
+    )
+    P = jax.sharding.PartitionSpec
+    row_axes = shards or None
 
-    def cache_sharding(path, leaf):
+    def pool(path, leaf):  # [.., 1, page, X] -> [.., n_pages, page, X], pages with the rows
+        b = cache_batch_axis(getattr(path[0], "key", ""))
         spec = [None] * leaf.ndim
-        spec[cache_batch_axis(getattr(path[0], "key", ""))] = cache_rows
-        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+        spec[b] = row_axes
+        sh = jax.sharding.NamedSharding(mesh, P(*spec))
+        return jax.ShapeDtypeStruct(leaf.shape[:b] + (n_pages,) + leaf.shape[b + 1 :], leaf.dtype,
+                                    sharding=sh)  # fmt: skip
 
-    cache_sh = jax.tree_util.tree_map_with_path(cache_sharding, unboxed["cache"])
+    abs_cache = jax.tree_util.tree_map_with_path(pool, unboxed["cache"])
+    cache_sh = jax.tree.map(lambda a: a.sharding, abs_cache)
     variables = {k: v for k, v in unboxed.items() if k != "cache"}
     abs_vars = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             variables, var_sh)  # fmt: skip
-    abs_cache = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                             unboxed["cache"], cache_sh)  # fmt: skip
-    row_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(row_axes, None))
+    row_sh = jax.sharding.NamedSharding(mesh, P(row_axes, None))
     tok = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=row_sh)
+    table = jax.ShapeDtypeStruct(tables.shape, jnp.int32, sharding=row_sh)
 
-    def decode_step(variables, cache, tokens_B1, positions_B1):
+    def decode_step(variables, cache, tokens_B1, positions_B1, table_BP):
+        pages = paged.Pages(table_BP, impl=attention, shards=shards)
         out, new = model.apply({**variables, "cache": cache}, tokens_B1, positions_B1,
-                               mode="decode", run_mtp=False, mutable=["cache"])  # fmt: skip
+                               mode="decode", run_mtp=False, mutable=["cache"],
+                               pages=pages)  # fmt: skip
         return out.logits[:, -1], new["cache"]
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        step = jax.jit(decode_step, in_shardings=(var_sh, cache_sh, row_sh, row_sh),
+        step = jax.jit(decode_step, in_shardings=(var_sh, cache_sh, row_sh, row_sh, row_sh),
                        out_shardings=(None, cache_sh), donate_argnums=1)  # fmt: skip
-        return step.lower(abs_vars, abs_cache, tok, tok), abs_vars, abs_cache
+        return step.lower(abs_vars, abs_cache, tok, tok, table), abs_vars, abs_cache
 
 
 def _global_bytes(tree) -> float:
@@ -619,19 +638,23 @@ def _global_bytes(tree) -> float:
 
 
 def plan_decode(config: ml_collections.ConfigDict | RunConfig, target: Target, batch: int,
-                cache_len: int, layout: str = "fsdp") -> dict:  # fmt: skip
-    """Compiles one decode step (`lower_decode`) for `target` under `layout`, weights in the
-    compute dtype (bf16 for V3). Beside the roofline it reports the HBM bound: every weight and
-    the whole latent cache read once per step, spread evenly over the chips (no replication),
+                cache_len: int, layout: str = "fsdp", page_size: int = 64,
+                attention: str = "xla") -> dict:  # fmt: skip
+    """Compiles one decode step (`lower_decode`: page pools updated in place) for `target` under
+    `layout`, weights in the compute dtype (bf16 for V3). Beside the roofline it reports the HBM
+    bound: every weight and the whole latent cache (`batch` x `cache_len` positions, the pools'
+    TRASH pages left out) read once per step, spread evenly over the chips (no replication),
     and the roofline step time over it."""
     run = run_config.parse(config)
     cfg = run.model.replace(param_dtype=run.model.dtype)  # inference weights
     run = run.replace(model=cfg)
     mesh = sharding.make_mesh(**dataclasses.asdict(run.mesh), devices=list(target.devices))
     report = _header(run, target, mesh, "decode")
-    report.update(batch=batch, cache_len=cache_len, layout=layout)
+    report.update(batch=batch, cache_len=cache_len, layout=layout, page_size=page_size,
+                  attention=attention)  # fmt: skip
     t0 = time.perf_counter()
-    lowered, abs_vars, abs_cache = lower_decode(cfg, mesh, layout, batch, cache_len)
+    lowered, abs_vars, abs_cache = lower_decode(cfg, mesh, layout, batch, cache_len, page_size,
+                                                attention)  # fmt: skip
     compiled, oom, dump = compile_or_oom(lowered)
     report["compile_s"] = time.perf_counter() - t0
     params_b, cache_b = shard_bytes(abs_vars), shard_bytes(abs_cache)
@@ -652,7 +675,13 @@ def plan_decode(config: ml_collections.ConfigDict | RunConfig, target: Target, b
     if est.get("step_s"):
         est["tokens_per_s"] = batch / est["step_s"]
     if target.hbm_bytes_per_s:
-        ideal = (_global_bytes(abs_vars) + _global_bytes(abs_cache)) / n
+        rows_pages = batch * -(-cache_len // page_size)  # the rows' pages, TRASH left out
+        cache_global = sum(
+            _global_bytes(leaf) * rows_pages / leaf.shape[cache_batch_axis(key)]
+            for key, tree in abs_cache.items()
+            for leaf in jax.tree.leaves(tree)
+        )
+        ideal = (_global_bytes(abs_vars) + cache_global) / n
         report["hbm_bound"] = {"bytes_per_device": ideal, "s": ideal / target.hbm_bytes_per_s}
         if est.get("step_s"):
             report["hbm_bound"]["step_over_bound"] = est["step_s"] / report["hbm_bound"]["s"]
@@ -787,7 +816,8 @@ def format_report(r: dict) -> str:
     m, lines = r["memory"], []
     lines.append(f"== {r['config']} {r['mode']} on {r['target']}; mesh {r['mesh']}")
     extra = (f"batch {r['batch']} x seq {r['seq_len']}" if r["mode"] == "train"
-             else f"batch {r['batch']} rows, cache {r['cache_len']} positions, layout "
+             else f"batch {r['batch']} rows, cache {r['cache_len']} positions in pages of "
+                  f"{r.get('page_size')} ({r.get('attention')} attention), layout "
                   f"{r['layout']}")  # fmt: skip
     lines.append(f"   {extra}; remat {r['remat']}; dtype {r['dtype']}/{r['param_dtype']}; "
                  f"moments {r['moment_dtype']}{' (host)' if r.get('host_offload') else ''}; "
@@ -885,7 +915,8 @@ def main(argv) -> int:
         truncate_layers(config, f.layers)
     run = run_config.parse(config)  # unknown keys, types and ranges: one line before a compile
     if f.mode == "decode":
-        reports = [plan_decode(run, target, f.batch, f.cache_len, f.layout)]
+        reports = [plan_decode(run, target, f.batch, f.cache_len, f.layout, f.page_size,
+                               f.paged_attention)]  # fmt: skip
     else:
         if f.batch_per_chip:
             mesh = sharding.make_mesh(**dataclasses.asdict(run.mesh), devices=list(target.devices))
@@ -939,6 +970,13 @@ def _define_flags():
                       "decode: the rule set of dsjax.model.sharding placing weights and cache "
                       "(fsdp: weights gathered per step; decode: expert x tensor weights, "
                       "data-parallel attention)")  # fmt: skip
+    flags.DEFINE_integer("page_size", 64, "decode: positions per latent-cache page")
+    flags.DEFINE_enum(
+        "paged_attention",
+        "xla",
+        ["xla", "pallas"],
+        "decode: attention over the pages by the XLA gather path or the Pallas paged MLA kernel",
+    )
     flags.DEFINE_integer("layers", 0, "compile only the first N decoder layers (0 = all)")
     flags.DEFINE_string("json", None, "write the report(s) as JSON here")
     flags.DEFINE_bool("search", False, "search meshes x batch per chip x remat (train)")
