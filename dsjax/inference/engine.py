@@ -201,7 +201,9 @@ class Engine:
       paged_attention: how decode steps' attention reads the pages (`layers.paged.IMPLS`):
         "auto" (default; the Pallas kernel on TPU without a mesh, else the XLA gather path),
         "xla", "pallas", or "pallas_interpret" (the kernel in Pallas' interpreter, any backend).
-    """
+        On a mesh the engine's one page pool spans every chip (a row's pages may live on any
+        chip), so it reads them by the gather path; the kernel needs pages local to their rows'
+        chips (`layers.paged.Pages.shards`, as the planner's decode step runs it)."""
 
     def __init__(
         self,
@@ -256,8 +258,8 @@ class Engine:
         if mesh is not None and impl != "xla":
             if paged_attention != "auto":
                 raise ValueError(
-                    f"paged_attention={paged_attention!r}: the kernel runs on one device; "
-                    "with a mesh use 'xla' or 'auto'"
+                    f"paged_attention={paged_attention!r}: on a mesh the engine's page pool "
+                    "spans the chips and the kernel reads only local pages; use 'xla' or 'auto'"
                 )
             impl = "xla"
         self.paged_attention = impl
