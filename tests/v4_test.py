@@ -240,3 +240,46 @@ def test_fp8_fp4_release_layout_round_trips_bit_exactly(loaded, tmp_path):
     assert again.keys() == raw.keys()
     for k in raw:
         assert raw[k].dtype == again[k].dtype and raw[k].tobytes() == again[k].tobytes(), k
+
+
+def test_keep_fp8_keeps_fp8_and_fp4_weights_and_exports_bit_exactly(loaded, ids, tmp_path):
+    """keep_fp8 on a release-layout checkpoint: FP8 blocks stay float8 (128x128 scales), FP4
+    experts float4_e2m1fn (32x1 scales), the rest high precision; the forward (dequantising on
+    the fly) equals the dequantised load's exactly; export rewrites the same bytes; a plain
+    export of the kept weights equals the dequantised load."""
+    cfg = _tiny_mtp_cfg(loaded[0])
+    save_hf_checkpoint(tmp_path / "q", cfg, _random_variables(cfg), fp8=True, fp4_experts=True)
+    cfg_k, kept = load_hf_checkpoint(tmp_path / "q", jnp.float32, keep_fp8=True)
+    _, deq = load_hf_checkpoint(tmp_path / "q", jnp.float32)
+    assert cfg_k == cfg
+    E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    attn = kept["params"]["layers_1"]["attn"]
+    assert attn["wq_a"]["kernel"].dtype == jnp.float8_e4m3fn
+    assert attn["wq_a"]["kernel_scale_inv"].shape == (1, 1)
+    assert attn["indexer"]["wq_b"]["kernel"].dtype == jnp.float8_e4m3fn
+    assert attn["compressor"]["wkv"]["kernel"].dtype == jnp.float32  # high precision
+    assert kept["params"]["mtp_0"]["e_proj"]["kernel"].dtype == jnp.float8_e4m3fn
+    moe = kept["params"]["layers_2"]["moe"]
+    assert moe["experts"]["gate"].dtype == jnp.float4_e2m1fn
+    assert moe["experts"]["gate_scale_inv"].shape == (E, D // 32, F)
+    assert moe["experts"]["down_scale_inv"].shape == (E, F // 32, D)
+    assert moe["shared"]["gate"]["kernel"].dtype == jnp.float8_e4m3fn
+    assert moe["router"]["kernel"].dtype == jnp.float32
+    nbytes = lambda t: sum(x.nbytes for x in jax.tree.leaves(t))  # noqa: E731
+    print(f"keep_fp8: {nbytes(kept)} bytes vs {nbytes(deq)} dequantised (float32)")
+
+    tokens = jnp.asarray(ids.numpy())
+    fwd = jax.jit(lambda v: Transformer(cfg).apply(v, tokens, run_mtp=False).logits)
+    np.testing.assert_array_equal(fwd(kept), fwd(deq))
+
+    save_hf_checkpoint(tmp_path / "again", cfg, kept, fp8=True, fp4_experts=True)
+    raw, again = _read_all(tmp_path / "q"), _read_all(tmp_path / "again")
+    assert again.keys() == raw.keys()
+    for k in raw:
+        assert raw[k].dtype == again[k].dtype and raw[k].tobytes() == again[k].tobytes(), k
+    save_hf_checkpoint(tmp_path / "plain", cfg, kept)
+    _, plain = load_hf_checkpoint(tmp_path / "plain", jnp.float32)
+    a, b = _leaves(plain), _leaves(deq)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)

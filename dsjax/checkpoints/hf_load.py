@@ -281,7 +281,9 @@ def load_hf_checkpoint(
     DeepSeek-V4 (config.json `model_type: deepseek_v4`): the release's naming (or
     transformers' save_pretrained names), FP8 128x128 and FP4 1x32 power-of-two scales
     dequantised exactly, the MTP layer (`mtp.*`) and hash-routing tables (`moe_bias`
-    `tid2eid`, int32); see `hf_v4.py`. keep_fp8 is not supported for it yet.
+    `tid2eid`, int32); see `hf_v4.py`. With keep_fp8 its FP8 weights stay float8 (128x128
+    `kernel_scale_inv` as below) and its FP4 routed experts float4_e2m1fn [E, in, out] (one
+    code per byte) with `<name>_scale_inv` [E, ceil(in/32), out].
 
     Args:
       path: directory with config.json and model.safetensors (or sharded safetensors + index).
@@ -321,12 +323,10 @@ def load_hf_checkpoint(
         raise ValueError(f"no {CONFIG_FILE} in {path}")
     hf = read_json_object(config_path, "Hugging Face config.json")
     if hf.get("model_type") == "deepseek_v4":  # its own naming and quantisation (hf_v4.py)
-        if keep_fp8:
-            raise ValueError("keep_fp8=True is not supported for deepseek_v4 checkpoints yet")
         from dsjax.checkpoints.hf_v4 import load_v4
 
         name = None if dtype is None else _resolve_dtype(dtype)
-        return load_v4(path, hf, name, load_mtp, config_overrides, place)
+        return load_v4(path, hf, name, load_mtp, config_overrides, place, keep_fp8)
     architectures = hf.get("architectures") or []
     if not isinstance(architectures, list):
         raise ValueError(f"{config_path}: architectures={architectures!r} is not a list")

@@ -31,7 +31,7 @@ import numpy as np
 
 from dsjax.checkpoints import hf_fp8, hf_save
 from dsjax.checkpoints.hf_load import _check_host_memory, _checkpoint_files, _copy_into, _nest
-from dsjax.checkpoints.hf_table import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, TensorEntry
+from dsjax.checkpoints.hf_table import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, Path_, TensorEntry
 from dsjax.checkpoints.hf_table_v4 import (
     canonical_key,
     float32_leaf,
@@ -117,17 +117,16 @@ def _read(where, key: str) -> np.ndarray:
     return f.read(name, extra=True)
 
 
-def _dequantized(where, e: TensorEntry) -> np.ndarray:
-    """Tensor `e` from the files in float32 (or its integer type), FP8/FP4 dequantised."""
+def _quantized(where, e: TensorEntry) -> tuple[str, np.ndarray, np.ndarray] | None:
+    """("fp8" | "fp4", weight as stored, scale float32) for a quantised tensor `e` (shapes
+    checked), None for a plain one."""
     f, name = where[e.key]
     code = f.dtype_code(name)
     sk = scale_key(e.key) if e.key.endswith(".weight") else None
     if sk is None or sk not in where:
         if code in ("F8_E4M3", "I8"):
             raise ValueError(f"{e.key} is {code} but has no {sk}")
-        if f.shape(name) != e.shape:
-            raise ValueError(f"{e.key} has shape {f.shape(name)} but config implies {e.shape}")
-        return _read(where, e.key)
+        return None
     scale = _read(where, sk).astype(np.float32)
     out, inp = e.shape
     if code == "F8_E4M3":
@@ -137,7 +136,7 @@ def _dequantized(where, e: TensorEntry) -> np.ndarray:
                 f"{e.key}: FP8 weight {f.shape(name)} / scale {scale.shape}, expected {e.shape}"
                 f" / {want}"
             )
-        return hf_fp8.dequantize_fp8(_read(where, e.key), scale, FP8_BLOCK)
+        return "fp8", _read(where, e.key), scale
     if code == "I8":
         want = (out, math.ceil(inp / FP4_GROUP))
         if f.shape(name) != (out, inp // 2) or scale.shape != want:
@@ -145,8 +144,76 @@ def _dequantized(where, e: TensorEntry) -> np.ndarray:
                 f"{e.key}: FP4 weight {f.shape(name)} / scale {scale.shape}, expected "
                 f"{(out, inp // 2)} / {want}"
             )
-        return dequantize_fp4(_read(where, e.key), scale)
+        return "fp4", _read(where, e.key), scale
     raise ValueError(f"{e.key} has a {SCALE} but dtype {code} (expected F8_E4M3 or I8)")
+
+
+def _dequantized(where, e: TensorEntry) -> np.ndarray:
+    """Tensor `e` from the files in float32 (or its integer type), FP8/FP4 dequantised."""
+    q = _quantized(where, e)
+    if q is None:
+        f, name = where[e.key]
+        if f.shape(name) != e.shape:
+            raise ValueError(f"{e.key} has shape {f.shape(name)} but config implies {e.shape}")
+        return _read(where, e.key)
+    kind, w, scale = q
+    if kind == "fp8":
+        return hf_fp8.dequantize_fp8(w, scale, FP8_BLOCK)
+    return dequantize_fp4(w, scale)
+
+
+def unpack_fp4(packed: np.ndarray) -> np.ndarray:
+    """int8 [out, in/2] (two e2m1 codes per byte, low nibble first) -> float4_e2m1fn [out, in]."""
+    b = np.asarray(packed).view(np.uint8)
+    return np.stack([b & 0xF, b >> 4], axis=-1).reshape(b.shape[0], -1).view(FP4_DTYPE)
+
+
+def pack_fp4(w4: np.ndarray) -> np.ndarray:
+    """float4_e2m1fn [out, in] -> int8 [out, in/2] (the inverse of `unpack_fp4`)."""
+    codes = np.ascontiguousarray(w4, FP4_DTYPE).view(np.uint8) & 0xF
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8).view(np.int8)
+
+
+# Leaves a keep_fp8 load may hold low-precision: Linear kernels and routed-expert stacks (the
+# modules that read `<name>_scale_inv`); FP4 only in the expert stacks (as in the release).
+_KEEPABLE = ("kernel", "gate", "up", "down")
+KEPT_DTYPES = {"fp8": hf_fp8.FP8_DTYPE, "fp4": FP4_DTYPE}
+
+
+def kept_scale_shape(kind: str, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """`<name>_scale_inv` of a kept leaf [..., in, out]: FP8 [..., ceil(in/128), ceil(out/128)],
+    FP4 [..., ceil(in/32), out] (the HF scale transposed)."""
+    *lead, n_in, n_out = leaf_shape
+    if kind == "fp8":
+        return (*lead, math.ceil(n_in / FP8_BLOCK[1]), math.ceil(n_out / FP8_BLOCK[0]))
+    return (*lead, math.ceil(n_in / FP4_GROUP), n_out)
+
+
+def _kept_slots(table: list[TensorEntry], where) -> dict[tuple[str, Path_], str]:
+    """(collection, path) -> "fp8" | "fp4" for the leaves a keep_fp8 load keeps quantised:
+    keepable leaves whose every tensor (all experts) is stored with the same quantisation."""
+    kinds: dict[tuple[str, Path_], list[tuple[str, str | None]]] = {}
+    for e in table:
+        if e.collection == "params" and e.transpose and e.path[-1] in _KEEPABLE:
+            q = _quantized(where, e)
+            kinds.setdefault((e.collection, e.path), []).append((e.key, q and q[0]))
+    kept: dict[tuple[str, Path_], str] = {}
+    for slot, rows in kinds.items():
+        found = {k for _, k in rows}
+        if found == {None}:
+            continue
+        if len(found) > 1:
+            (ka, a), (kb, b) = rows[0], next(r for r in rows if r[1] != rows[0][1])
+            raise ValueError(
+                f"keep_fp8=True: leaf {'/'.join((slot[0], *slot[1]))} stacks {ka} "
+                f"({a or 'not quantised'}) and {kb} ({b or 'not quantised'}); one leaf cannot "
+                "hold both: load with keep_fp8=False"
+            )
+        kind = found.pop()
+        if kind is None or (kind == "fp4" and slot[1][-1] == "kernel"):
+            continue  # an FP4 Linear: not in the release, dequantised
+        kept[slot] = kind
+    return kept
 
 
 def load_v4(
@@ -156,8 +223,11 @@ def load_v4(
     load_mtp: bool | str,
     config_overrides: Mapping[str, Any] | None,
     place: Callable[[np.ndarray], Any] | None,
+    keep_fp8: bool = False,
 ) -> tuple[ModelConfig, dict[str, Any]]:
-    """`load_hf_checkpoint` for a deepseek_v4 directory (see its docstring)."""
+    """`load_hf_checkpoint` for a deepseek_v4 directory (see its docstring). `keep_fp8`: FP8
+    weights stay float8_e4m3fn and FP4 experts float4_e2m1fn (one code per byte), each with a
+    float32 `<name>_scale_inv` sibling (`kept_scale_shape`), copied exactly from the files."""
     where = _index(path)
     has_mtp = any(k.startswith("mtp.") for k in where)
     declared = hf.get("num_nextn_predict_layers", 1) or 0
@@ -198,17 +268,31 @@ def load_v4(
             "described by config.json"
         )
     param_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+    kept = _kept_slots(table, where) if keep_fp8 else {}
     layout: dict[tuple[str, tuple[str, ...]], tuple[tuple[int, ...], np.dtype]] = {}
     for e in table:
+        slot = (e.collection, e.path)
         if e.collection == "moe_bias":
             kind = np.int32 if e.path[-1] == "tid2eid" else np.float32
-            layout[(e.collection, e.path)] = (e.leaf_shape, np.dtype(kind))
+            layout[slot] = (e.leaf_shape, np.dtype(kind))
+        elif slot in kept:
+            layout[slot] = (e.leaf_shape, KEPT_DTYPES[kept[slot]])
+            scale_shape = kept_scale_shape(kept[slot], e.leaf_shape)
+            layout[(e.collection, hf_fp8.scale_path(e.path))] = (scale_shape, np.dtype(np.float32))
         else:
             dt = np.dtype(np.float32) if float32_leaf(e.path) else param_dtype
-            layout[(e.collection, e.path)] = (e.leaf_shape, dt)
+            layout[slot] = (e.leaf_shape, dt)
     _check_host_memory(path, layout)
     leaves = {slot: np.empty(shape, dt) for slot, (shape, dt) in layout.items()}
     for e in table:
+        slot = (e.collection, e.path)
+        if slot in kept:  # the stored codes and scales, transposed into [in, out] leaves
+            _, w, scale = _quantized(where, e)  # type: ignore[misc]
+            scale_leaf = leaves[(e.collection, hf_fp8.scale_path(e.path))]
+            _copy_into(scale_leaf if e.expert is None else scale_leaf[e.expert], scale, True)
+            arr = unpack_fp4(w) if kept[slot] == "fp4" else w
+            _copy_into(leaves[slot] if e.expert is None else leaves[slot][e.expert], arr, True)
+            continue
         arr = _dequantized(where, e)
         if e.path[-1] == "tid2eid":
             if arr.size and (arr.min() < 0 or arr.max() >= cfg.n_routed_experts):
@@ -222,6 +306,48 @@ def load_v4(
 
 
 # ====================================================================== save
+def _check_kept_leaf(variables: Mapping[str, Any], e: TensorEntry, kind: str) -> Path_:
+    """A low-precision leaf must be a keepable weight with a `_scale_inv` sibling of
+    `kept_scale_shape`; returns the sibling's path."""
+    name = "/".join((e.collection, *e.path))
+    if e.collection != "params" or not e.transpose or e.path[-1] not in _KEEPABLE:
+        raise ValueError(f"variables leaf {name} is {KEPT_DTYPES[kind]} but {e.key} is never")
+    if kind == "fp4" and e.path[-1] == "kernel":
+        raise ValueError(f"variables leaf {name} is FP4: only routed experts may be")
+    path = hf_fp8.scale_path(e.path)
+    parent = hf_save._get_leaf(variables, e.collection, e.path[:-1])
+    scale, want = parent.get(path[-1]), kept_scale_shape(kind, e.leaf_shape)
+    if scale is None or tuple(scale.shape) != want:
+        got = None if scale is None else tuple(scale.shape)
+        raise ValueError(
+            f"variables leaf {name} ({kind}) needs {path[-1]} of shape {want}, got {got}"
+        )
+    return path
+
+
+def _scale_entry(e: TensorEntry, kind: str) -> TensorEntry:
+    """The row that fetches a kept leaf's scale sibling in HF layout."""
+    return dataclasses.replace(
+        e, path=hf_fp8.scale_path(e.path), leaf_shape=kept_scale_shape(kind, e.leaf_shape)
+    )
+
+
+def _e8m0(key: str, scale: np.ndarray) -> np.ndarray:
+    """float32 scales -> F8_E8M0, refusing any that are not powers of two."""
+    s8 = scale.astype(E8M0)
+    if not np.array_equal(s8.astype(np.float32), scale):
+        raise ValueError(f"{key}: kept scales are not all powers of two (E8M0 cannot hold them)")
+    return s8
+
+
+def _dequantize_kept(kind: str, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """A kept weight in HF layout [out, in] and its HF-layout scale -> float32."""
+    if kind == "fp8":
+        return hf_fp8.dequantize_fp8(np.ascontiguousarray(w), scale, FP8_BLOCK)
+    w = np.asarray(w, np.float32)
+    return w * np.repeat(scale, FP4_GROUP, axis=-1)[:, : w.shape[1]]
+
+
 def save_v4(
     path: Path,
     cfg: ModelConfig,
@@ -238,6 +364,7 @@ def save_v4(
     out_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
     table = v4_tensor_table(cfg)
     covered = set()
+    kept: dict[tuple[str, Path_], str] = {}  # low-precision leaves (a keep_fp8 load)
     for e in table:
         leaf = hf_save._get_leaf(variables, e.collection, e.path)
         if tuple(leaf.shape) != e.leaf_shape:
@@ -246,6 +373,10 @@ def save_v4(
                 f"{e.leaf_shape}"
             )
         covered.add((e.collection, e.path))
+        kind = next((k for k, dt in KEPT_DTYPES.items() if np.dtype(leaf.dtype) == dt), None)
+        if kind is not None and (e.collection, e.path) not in kept:
+            kept[(e.collection, e.path)] = kind
+            covered.add((e.collection, _check_kept_leaf(variables, e, kind)))
     for collection in ("params", "moe_bias"):
         for p in hf_save._leaf_paths(variables.get(collection, {})):
             if (collection, p) not in covered:
@@ -280,6 +411,8 @@ def save_v4(
             codes[scale_key(e.key)] = "F8_E8M0"
             continue
         leaf_dtype = np.dtype(hf_save._get_leaf(variables, e.collection, e.path).dtype)
+        if (e.collection, e.path) in kept:
+            leaf_dtype = np.dtype(np.float32)  # dequantised
         np_dtype = np.dtype(np.float32) if float32_leaf(e.path) else (out_dtype or leaf_dtype)
         if np_dtype not in NP_TO_ST:
             raise ValueError(f"cannot save {e.tree_name} as {np_dtype}")
@@ -293,6 +426,13 @@ def save_v4(
             return pending.pop(e.key)
         arr = host.tensor(e)
         kind = quant.get(e.key)
+        leaf_kind = kept.get((e.collection, e.path))
+        if leaf_kind is not None:
+            s = np.asarray(host.tensor(_scale_entry(e, leaf_kind)), np.float32)
+            if kind == leaf_kind:  # written as kept, bit for bit
+                pending[scale_key(e.key)] = _e8m0(e.key, s)
+                return pack_fp4(arr) if kind == "fp4" else arr
+            arr = _dequantize_kept(leaf_kind, arr, s)
         if kind == "fp8":
             w8, s = hf_fp8.quantize_fp8(np.asarray(arr, np.float32), FP8_BLOCK, pow2=True)
             pending[scale_key(e.key)] = s.astype(E8M0)

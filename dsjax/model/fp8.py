@@ -30,7 +30,8 @@ backward's dx / dW are the transposes of the same grouped product evaluated on r
 cotangents and activations (128×1 tiles along the sorted token axis).
 
 Stored FP8 weights (the official FP8 release, kept as float8 + `*_scale_inv` blocks):
-`dequantize_weight` gives the high-precision weight; `fp8_dot_stored` / `fp8_grouped_dot_stored`
+`dequantize_weight` gives the high-precision weight (also for DeepSeek-V4's FP4 experts, kept
+as float4_e2m1fn with 32x1 power-of-two scales); `fp8_dot_stored` / `fp8_grouped_dot_stored`
 use the stored blocks directly (only x is quantised) and treat them as frozen (zero gradient).
 """
 
@@ -45,6 +46,8 @@ import jax.numpy as jnp
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
 BLOCK = 128
+E2M1 = jnp.float4_e2m1fn  # DeepSeek-V4's FP4 experts (stored only; dequantised to compute)
+FP4_GROUP = 32
 
 
 # ----------------------------------------------------------------------------- quantisation
@@ -129,12 +132,24 @@ def dequantize_blocks(q, s, dtype=jnp.float32, block: int = BLOCK):
 
 def dequantize_weight(w_q, scale_inv, dtype=jnp.float32):
     """A stored FP8 weight [..., in, out] (float8_e4m3fn) and its `scale_inv` blocks
-    [..., ceil(in/128), ceil(out/128)] -> the weight in `dtype`. Checks the shapes."""
+    [..., ceil(in/128), ceil(out/128)] -> the weight in `dtype`. Checks the shapes.
+    A float4_e2m1fn weight (DeepSeek-V4's FP4 experts) has 32x1 groups along `in` instead:
+    `scale_inv` [..., ceil(in/32), out], `W[..., i, j] = w_q[..., i, j] * s[..., i // 32, j]`."""
     if w_q.ndim < 2 or scale_inv.ndim != w_q.ndim:
         raise ValueError(
             f"dequantize_weight: weight {w_q.shape} and scale_inv {scale_inv.shape} must have "
             "the same rank >= 2"
         )
+    if is_fp4(w_q):
+        n_in = w_q.shape[-2]
+        want = (*w_q.shape[:-2], _ceil_div(n_in, FP4_GROUP), w_q.shape[-1])
+        if tuple(scale_inv.shape) != want:
+            raise ValueError(
+                f"dequantize_weight: scale_inv {tuple(scale_inv.shape)} must be {want} "
+                f"(one scale per 32 inputs of the FP4 weight {tuple(w_q.shape)})"
+            )
+        s_full = jnp.repeat(scale_inv.astype(jnp.float32), FP4_GROUP, axis=-2)[..., :n_in, :]
+        return (w_q.astype(jnp.float32) * s_full).astype(dtype)
     want = (*w_q.shape[:-2], _ceil_div(w_q.shape[-2], BLOCK), _ceil_div(w_q.shape[-1], BLOCK))
     if tuple(scale_inv.shape) != want:
         raise ValueError(
@@ -459,6 +474,11 @@ def grouped_matmul(kind: str, x, w, aux, scale_inv=None, fp8: bool = False, dtyp
 def is_fp8(a) -> bool:
     """True for a float8_e4m3fn array (a stored FP8 weight)."""
     return jnp.dtype(a.dtype) == jnp.dtype(E4M3)
+
+
+def is_fp4(a) -> bool:
+    """True for a float4_e2m1fn array (a stored FP4 expert weight)."""
+    return jnp.dtype(a.dtype) == jnp.dtype(E2M1)
 
 
 def num_blocks(n: int) -> int:
