@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from dsjax.model import fp8 as fp8_lib
 from dsjax.model.config import CSA, HCA, SLIDING, ModelConfig
 from dsjax.model.layers.mhc import unweighted_rms
 from dsjax.model.layers.mlp import Linear
@@ -91,6 +92,23 @@ def window_attention(q_BTHd, kv_BTd, comp_BNd, comp_visible_BTN, sinks_H, *, win
     return out.astype(kv_BTd.dtype)
 
 
+def grouped_out(o_BTgI, wo_a: Linear, g: int, fp8: bool):
+    """The grouped low-rank output: group j's heads o[..., j, :] [I] times its own column block
+    j*r..(j+1)*r of wo_a [I, g*r] -> [B, T, g*r]. Under `fp8` the g products are one tiled
+    grouped GEMM in the FP8 recipe (`fp8.fp8_grouped_dot`: per-group 128x128 weight blocks,
+    1x128 activation tiles); a stored FP8 wo_a is then dequantised and frozen (its release
+    blocks straddle groups when r is not a multiple of 128)."""
+    B, T, _, n_in = o_BTgI.shape
+    if not fp8:
+        w = wo_a.weight().reshape(n_in, g, -1)
+        return jnp.einsum("btgi,igr->btgr", o_BTgI, w).reshape(B, T, -1)
+    w = wo_a.kernel if wo_a.scale_inv() is None else jax.lax.stop_gradient(wo_a.weight())
+    w_gIr = w.reshape(n_in, g, -1).transpose(1, 0, 2)
+    x_gMI = o_BTgI.reshape(B * T, g, n_in).transpose(1, 0, 2).astype(wo_a.dtype)
+    y = fp8_lib.fp8_grouped_dot("tiled", x_gMI, w_gIr, jnp.arange(g, dtype=jnp.int32))
+    return y.transpose(1, 0, 2).reshape(B, T, -1).astype(wo_a.dtype)
+
+
 class V4Attention(nn.Module):
     """`V4Attention(cfg, layer_type)(x_BTD, positions_BT, segment_ids_BT) -> [B, T, D]`.
 
@@ -131,9 +149,7 @@ class V4Attention(nn.Module):
             o = self._cached(x_BTD, c_q, q, kv, positions_BT, segment_ids_BT)
         o = rotate_trailing(o, positions_BT, inv_freq, inverse=True)
         wo_a = Linear(H * d // g, g * cfg.o_lora_rank, ("o_in", "heads"), name="wo_a", **kw)
-        w = wo_a.weight().reshape(H * d // g, g, cfg.o_lora_rank)
-        y = jnp.einsum("btgi,igr->btgr", o.reshape(B, T, g, H * d // g), w)
-        y = y.reshape(B, T, g * cfg.o_lora_rank)
+        y = grouped_out(o.reshape(B, T, g, H * d // g), wo_a, g, cfg.fp8)
         return Linear(g * cfg.o_lora_rank, D, ("heads", "embed"), name="wo_b", **kw)(y)
 
     def _compressor(self):

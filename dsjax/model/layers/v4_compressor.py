@@ -143,7 +143,9 @@ class Indexer(nn.Module):
             x_BTD, positions_BT, segment_ids_BT, cache
         )
         cache = None if cache is None else second
-        q = Linear(cfg.q_lora_rank, H * c, ("q_lora", "heads"), name="wq_b", **kw)(c_q_BTQ)
+        q = Linear(cfg.q_lora_rank, H * c, ("q_lora", "heads"), name="wq_b", fp8=cfg.fp8, **kw)(
+            c_q_BTQ
+        )
         q = rotate_trailing(
             q.reshape(B, T, H, c), positions_BT, v4_rope_frequencies(cfg, compressed=True)
         )
