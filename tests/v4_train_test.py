@@ -161,7 +161,8 @@ def test_fp8_covers_the_v4_linears_the_release_stores_in_fp8(config):
 def test_fp8_train_steps_track_float32(config, single_run):
     """The FP8 recipe on tiny_v4 (V4 attention projections, grouped wo_a, indexer wq_b,
     routed and shared experts, MTP projections): three steps on the float32 run's batches;
-    losses within 0.25 % of float32 (the paper's bar), gradients finite (`_run` checks every step's grad norm)."""
+    losses within 0.25 % of float32 (the paper's bar), gradients finite (`_run` checks every
+    step's grad norm)."""
     batches, ref, _, _ = single_run
     c = config.copy_and_resolve_references()
     c.model.fp8 = True
