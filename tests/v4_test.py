@@ -13,6 +13,7 @@ import torch
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
 from dsjax.checkpoints.hf import load_hf_checkpoint, save_hf_checkpoint
+from dsjax.checkpoints.hf_fp8 import dequantize_variables
 from dsjax.checkpoints.hf_table_v4 import float32_leaf, v4_tensor_table
 from dsjax.checkpoints.safetensors_io import SafetensorsFile
 from dsjax.model.config import CSA, HCA, SLIDING, ModelConfig
@@ -279,7 +280,8 @@ def test_keep_fp8_keeps_fp8_and_fp4_weights_and_exports_bit_exactly(loaded, ids,
         assert raw[k].dtype == again[k].dtype and raw[k].tobytes() == again[k].tobytes(), k
     save_hf_checkpoint(tmp_path / "plain", cfg, kept)
     _, plain = load_hf_checkpoint(tmp_path / "plain", jnp.float32)
-    a, b = _leaves(plain), _leaves(deq)
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    b = _leaves(deq)
+    for a in (_leaves(plain), _leaves(dequantize_variables(kept))):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)

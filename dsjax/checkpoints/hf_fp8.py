@@ -33,6 +33,8 @@ import ml_dtypes
 import numpy as np
 
 FP8_DTYPE = np.dtype(ml_dtypes.float8_e4m3fn)
+FP4_DTYPE = np.dtype(ml_dtypes.float4_e2m1fn)  # DeepSeek-V4's FP4 experts (kept by keep_fp8)
+FP4_GROUP = 32
 FP8_MAX = 448.0
 SCALE_SUFFIX = "_scale_inv"
 DEFAULT_BLOCK = (128, 128)
@@ -182,13 +184,15 @@ def fp8_leaf_paths(variables: Mapping[str, Any]) -> list[Path_]:
 
 
 def dequantize_variables(variables: Mapping[str, Any], dtype: Any = np.float32) -> dict[str, Any]:
-    """A copy of `variables` with every FP8 kernel dequantised to `dtype` (NumPy arrays) and
-    its `*_scale_inv` sibling dropped; other leaves are kept as they are.
+    """A copy of `variables` with every FP8 kernel (and DeepSeek-V4 FP4 expert stack)
+    dequantised to `dtype` (NumPy arrays) and its `*_scale_inv` sibling dropped; other leaves
+    are kept as they are.
 
     Raises ValueError naming the leaf when an FP8 leaf has no scale sibling of the right shape.
     """
     fp8 = set(fp8_leaf_paths(variables))
-    scales = {scale_path(p) for p in fp8}
+    fp4 = {p for p, leaf in _walk(variables) if np.dtype(leaf.dtype) == FP4_DTYPE}
+    scales = {scale_path(p) for p in fp8 | fp4}
 
     def rebuild(node: Any, prefix: Path_) -> Any:
         if not isinstance(node, Mapping):
@@ -203,11 +207,26 @@ def dequantize_variables(variables: Mapping[str, Any], dtype: Any = np.float32) 
                 check_fp8_leaf("/".join(p), tuple(v.shape), scale)
                 out[k] = dequantize_fp8(np.asarray(v), np.asarray(scale), DEFAULT_BLOCK)
                 out[k] = out[k].astype(dtype)
+            elif p in fp4:
+                out[k] = _dequantize_fp4_leaf("/".join(p), v, node.get(k + SCALE_SUFFIX), dtype)
             else:
                 out[k] = rebuild(v, p)
         return out
 
     return rebuild(variables, ())
+
+
+def _dequantize_fp4_leaf(name: str, w4: Any, scale: Any, dtype: Any) -> np.ndarray:
+    """A DeepSeek-V4 FP4 expert leaf [..., in, out] with `_scale_inv` [..., ceil(in/32), out]."""
+    *lead, n_in, n_out = w4.shape
+    want = (*lead, math.ceil(n_in / FP4_GROUP), n_out)
+    if scale is None or tuple(scale.shape) != want:
+        got = None if scale is None else tuple(scale.shape)
+        raise ValueError(
+            f"variables leaf {name} is FP4 but {name}{SCALE_SUFFIX} is {got}, not {want}"
+        )
+    s = np.repeat(np.asarray(scale, np.float32), FP4_GROUP, axis=-2)[..., :n_in, :]
+    return (np.asarray(w4).astype(np.float32) * s).astype(dtype)
 
 
 def check_fp8_leaf(name: str, kernel_shape: tuple[int, ...], scale: Any) -> None:
