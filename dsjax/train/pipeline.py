@@ -26,12 +26,20 @@ from typing import Any, cast
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
+from dsjax.model import sharding
 from dsjax.model.config import ModelConfig
 from dsjax.model.layers.embed import embed_lookup
 from dsjax.model.layers.norms import RMSNorm
-from dsjax.model.transformer import ModelOutput, MTPModule, _stack, mtp_ahead
+from dsjax.model.transformer import (
+    ModelOutput,
+    MTPModule,
+    _stack,
+    abstract_variables,
+    mtp_ahead,
+)
 from dsjax.train import pipeline_schedule as ps
 
 AXIS = "stage"
@@ -329,6 +337,48 @@ def _layer_order(s: ps.Schedule, L: int) -> tuple[np.ndarray, np.ndarray]:
     return order, position
 
 
+# ----------------------------------------------------------------------------- placement
+@functools.lru_cache(maxsize=8)
+def _declared_specs(cfg: ModelConfig) -> dict[str, tuple]:
+    """Logical axis names of each declared parameter, keyed by its path in `params`."""
+    declared = nn.get_partition_spec(abstract_variables(cfg))["params"]
+    leaves = jax.tree_util.tree_leaves_with_path(declared, is_leaf=lambda x: isinstance(x, P))
+    return {jax.tree_util.keystr(path): tuple(spec) for path, spec in leaves}
+
+
+def param_specs(cfg: ModelConfig, params, mesh):
+    """The PartitionSpec (mesh axes of `mesh`, the rule table in scope) of each leaf of `params`
+    as the train state places it; leaves the model does not declare (FP8 scales) unconstrained.
+    The pipeline pins what it builds from the parameters (the chunk-ordered stack, the gradient
+    accumulators of the tick loop) to these, so that XLA does not choose replicated buffers."""
+    rules = sharding.rules_for_mesh(mesh, sharding.active_rules())
+    declared = _declared_specs(cfg)
+
+    def spec(path, x):
+        names = declared.get(jax.tree_util.keystr(path))
+        if names is None or len(names) != x.ndim:
+            return P(*([P.UNCONSTRAINED] * x.ndim))
+        return P(*nn.logical_to_mesh_axes(names, rules))
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def _constrain(tree, specs):
+    return jax.tree.map(jax.lax.with_sharding_constraint, tree, specs)
+
+
+def _without_stage(spec: P, lead: int) -> P:
+    """`spec` of a stage-stacked parameter [L, ...] for its rank's local view [lead..., ...]."""
+    return P(*([None] * lead), *tuple(spec)[1:])
+
+
+def _activation_spec(mesh, lead: int) -> P:
+    """[lead..., b, T, D] activations (slots, micro-batches) laid out as the model's."""
+    rules = sharding.rules_for_mesh(mesh, sharding.active_rules())
+    return P(*([None] * lead), *nn.logical_to_mesh_axes(("batch", "length", "embed"), rules))
+
+
+
 def pipeline_grads(
     params,
     moe_bias,
@@ -358,11 +408,24 @@ def pipeline_grads(
     order, inverse = _layer_order(s, cfg.num_moe_layers)
     rows, valid = chunk_rows(s, cfg.num_moe_layers)
     uneven = not valid.all()
-    stacked = jax.tree.map(lambda x: jnp.take(x, order, axis=0), params["moe_layers"])
+    specs = param_specs(cfg, params, mesh)
+    stack_specs = specs["moe_layers"]
+    shared_specs = {n: v for n, v in specs.items() if n != "moe_layers"}
+    # Inside the shard_map over `stage` (manual) the other axes stay automatic: the rank's
+    # chunks, the accumulators of its gradients and the activation slots are pinned to the
+    # parameters' / the model's layout over data x fsdp x expert (else XLA may replicate them).
+    local_specs = jax.tree.map(lambda sp: _without_stage(sp, 2), stack_specs)
+    slot_spec = _activation_spec(mesh, 1)
+    stacked = _constrain(
+        jax.tree.map(lambda x: jnp.take(x, order, axis=0), params["moe_layers"]), stack_specs
+    )
     shared = {n: v for n, v in params.items() if n != "moe_layers"}
     bias_stack = moe_bias["moe_layers"]["moe"]["bias"]  # [L, E], model order, replicated
     shared_bias = {n: v for n, v in moe_bias.items() if n != "moe_layers"}
     mbs = jax.tree.map(lambda x: x.reshape(M, x.shape[0] // M, *x.shape[1:]), batch)
+    mbs = jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(x, P(*tuple(slot_spec)[: x.ndim])), mbs
+    )
     b, T = mbs["inputs"].shape[1:3]
     act_shape = (b, T, cfg.hidden_size)
     act_dtype = jnp.dtype(cfg.dtype)
@@ -379,6 +442,7 @@ def pipeline_grads(
     def body(stacked, shared, bias_stack, shared_bias, mbs, arrays):
         r = jax.lax.axis_index(AXIS)
         local = jax.tree.map(lambda x: x.reshape(k, layers, *x.shape[1:]), stacked)
+        local = _constrain(local, local_specs)
         row = lambda name, i: arrays[name][i, r]  # noqa: E731
 
         def run(kind, i, carry):
@@ -414,6 +478,8 @@ def pipeline_grads(
                 return vjp((g_y, jnp.float32(1.0 / M)))
 
             f_out, (g_p, g_sh, g_x) = _slots_run(skip, on, on_b, forward, backward)
+            g_p = _constrain(g_p, jax.tree.map(lambda sp: P(*tuple(sp)[1:]), local_specs))
+            g_sh = _constrain(g_sh, shared_specs)
             y, _, (counts, metrics, mtp_counts) = f_out
             if uneven:  # padding rows repeat a real row with zero counts
                 carry["counts"] = carry["counts"].at[rows_j[c]].add(counts)
@@ -428,8 +494,13 @@ def pipeline_grads(
             if mtp_counts is not None:
                 carry["mtp_counts"] = carry["mtp_counts"] + mtp_counts
             lb = row("b_local", i)
-            carry["g_local"] = jax.tree.map(lambda acc, g: acc.at[lb].add(g), carry["g_local"], g_p)
-            carry["g_shared"] = jax.tree.map(jnp.add, carry["g_shared"], g_sh)
+            carry["g_local"] = _constrain(
+                jax.tree.map(lambda acc, g: acc.at[lb].add(g), carry["g_local"], g_p),
+                local_specs,
+            )
+            carry["g_shared"] = _constrain(
+                jax.tree.map(jnp.add, carry["g_shared"], g_sh), shared_specs
+            )
             # Transfers: forward outputs to the next chunk's rank, input gradients to the
             # previous chunk's; each lands in the slot the table names.
             for kind, d in tab.channels:
@@ -440,19 +511,24 @@ def pipeline_grads(
                 store = "act" if kind == "F" else "grad"
                 on_r = row(f"recv_{kind}{d}_on", i)
                 slot = row(f"recv_{kind}{d}_slot", i)
-                carry[store] = (
-                    carry[store].at[slot].set(jnp.where(on_r, payload, carry[store][slot]))
+                carry[store] = jax.lax.with_sharding_constraint(
+                    carry[store].at[slot].set(jnp.where(on_r, payload, carry[store][slot])),
+                    slot_spec,
                 )
             return carry, None
 
         L_total = bias_stack.shape[0]
         carry0: dict[str, Any] = {
-            "act": jnp.zeros((tab.act_slots, *act_shape), act_dtype),
-            "grad": jnp.zeros((tab.grad_slots, *act_shape), act_dtype),
+            "act": jax.lax.with_sharding_constraint(
+                jnp.zeros((tab.act_slots, *act_shape), act_dtype), slot_spec
+            ),
+            "grad": jax.lax.with_sharding_constraint(
+                jnp.zeros((tab.grad_slots, *act_shape), act_dtype), slot_spec
+            ),
             "counts": jnp.zeros((L_total, bias_stack.shape[1]), jnp.float32),
             "metrics": {m: jnp.float32(0.0) for m in METRICS if m != "loss"},
-            "g_local": jax.tree.map(jnp.zeros_like, local),
-            "g_shared": jax.tree.map(jnp.zeros_like, shared),
+            "g_local": _constrain(jax.tree.map(jnp.zeros_like, local), local_specs),
+            "g_shared": _constrain(jax.tree.map(jnp.zeros_like, shared), shared_specs),
         }
         if cfg.num_mtp_layers and cfg.mtp_is_moe:
             carry0["mtp_counts"] = jnp.zeros(
@@ -476,7 +552,9 @@ def pipeline_grads(
         stacked, shared, bias_stack, shared_bias, mbs, arrays
     )
     grads = dict(g_shared)
-    grads["moe_layers"] = jax.tree.map(lambda g: jnp.take(g, inverse, axis=0), g_stacked)
+    grads["moe_layers"] = _constrain(
+        jax.tree.map(lambda g: jnp.take(g, inverse, axis=0), g_stacked), stack_specs
+    )
     grads = {n: grads[n] for n in params}
     metrics = {m: v / M for m, v in metric_sums.items()}
     metrics["tokens"] = metric_sums["tokens"]
