@@ -358,7 +358,7 @@ def param_specs(cfg: ModelConfig, params, mesh):
         names = declared.get(jax.tree_util.keystr(path))
         if names is None or len(names) != x.ndim:
             return P(*([P.UNCONSTRAINED] * x.ndim))
-        return P(*nn.logical_to_mesh_axes(names, rules))
+        return P(*tuple(nn.logical_to_mesh_axes(names, rules) or (None,) * x.ndim))
 
     return jax.tree_util.tree_map_with_path(spec, params)
 
@@ -375,7 +375,8 @@ def _without_stage(spec: P, lead: int) -> P:
 def _activation_spec(mesh, lead: int) -> P:
     """[lead..., b, T, D] activations (slots, micro-batches) laid out as the model's."""
     rules = sharding.rules_for_mesh(mesh, sharding.active_rules())
-    return P(*([None] * lead), *nn.logical_to_mesh_axes(("batch", "length", "embed"), rules))
+    axes = nn.logical_to_mesh_axes(("batch", "length", "embed"), rules)
+    return P(*([None] * lead), *tuple(axes or (None,) * 3))
 
 
 
