@@ -277,11 +277,16 @@ def _slots_run(skip: bool, f_on, b_on, forward, backward):
 SKIP_IDLE: bool | None = None
 
 
-def _masked_stack(cfg, layers: int, p_chunk, bias, x, mb, valid):
-    """The MoE stack of a chunk padded to `layers` rows, one layer at a time: a row that is not
-    `valid` is the identity (its output is its input, its counts and balance loss zero, so it
-    gets no gradient and moves no routing bias)."""
+def _masked_stack(cfg, layers: int, p_chunk, bias, x, mb, valid=None):
+    """The MoE stack of a chunk padded to `layers` rows, one layer at a time (a `lax.scan` of
+    one-layer stacks: the layer stack's own `nn.scan` of two or more MoE layers inside the
+    `stage` shard_map stops XLA:TPU's SPMD partitioner at the expert exchange's `axis_index`,
+    "PartitionId instruction is not supported"). A row that is not `valid` (None: all are) is
+    the identity (its output is its input, its counts and balance loss zero, so it gets no
+    gradient and moves no routing bias)."""
     one = _stack(cfg, True, 1, "train", "moe_layers")
+    if valid is None:
+        valid = jnp.ones((layers,), bool)
 
     def layer(h, row):
         p, b, ok = row
@@ -305,17 +310,7 @@ def _chunk(cfg, train_cfg, layers: int, p_chunk, shared, x_in, bias, shared_bias
     last chunk, the cross-entropies and MTP terms. `valid` [layers] (uneven chunks): which rows
     are real layers (`_masked_stack`). `skip`: see `_when`."""
     x = _when(skip, first, lambda: _pre(cfg, shared, mb).astype(x_in.dtype), lambda: x_in)
-    if valid is None:
-        stack = _stack(cfg, True, layers, "train", "moe_layers")
-        h, stats = stack.apply(
-            {"params": p_chunk, "moe_bias": {"moe": {"bias": bias}}},
-            x,
-            mb["positions"],
-            mb["segment_ids"],
-            None,
-        )
-    else:
-        h, stats = _masked_stack(cfg, layers, p_chunk, bias, x, mb, valid)
+    h, stats = _masked_stack(cfg, layers, p_chunk, bias, x, mb, valid)
     tail = _when(skip, last, lambda: _post(cfg, train_cfg, shared, shared_bias, h, mb))
     tail_loss, metrics, mtp_counts = tail
     balance = stats["balance"].sum()
@@ -481,6 +476,11 @@ def pipeline_grads(
             f_out, (g_p, g_sh, g_x) = _slots_run(skip, on, on_b, forward, backward)
             g_p = _constrain(g_p, jax.tree.map(lambda sp: P(*tuple(sp)[1:]), local_specs))
             g_sh = _constrain(g_sh, shared_specs)
+            # XLA's while-loop all-reduce code motion would sink the gradients' reduce-scatters
+            # out of the tick loop, accumulating them unscattered (buffers fsdp x expert times
+            # larger), and with a bf16 reduce-scatter converted to fp32 it stops on a RET_CHECK
+            # (libtpu 0.0.42, fsdp 16 x expert 8): the barrier keeps them reduced every tick.
+            g_p, g_sh = jax.lax.optimization_barrier((g_p, g_sh))
             y, _, (counts, metrics, mtp_counts) = f_out
             if uneven:  # padding rows repeat a real row with zero counts
                 carry["counts"] = carry["counts"].at[rows_j[c]].add(counts)
