@@ -18,9 +18,9 @@ compiled with XLA:TPU's async ragged all-to-all; false: synchronous, libtpu's de
 MoE (hidden 512, 64 experts of width 512, so that the experts' token exchange is chosen over
 gathering their weights), 1 dense + `--layers - 1` MoE layers, bf16, reference attention
 (`--attention=auto`: splash, the TPU default, inside the pipeline's `stage` shard_map).
-With 5 layers each DualPipe chunk holds one MoE layer; with two or more per chunk (`--layers=9`)
-libtpu 0.0.42 does not compile the pipelined step ("PartitionId instruction is not supported for
-SPMD partitioning" at the exchange's `axis_index`; RESULTS.md).
+With 5 layers each DualPipe chunk holds one MoE layer, with `--layers=9` two (a chunk runs its
+layers as a `lax.scan` of one-layer stacks: libtpu 0.0.42 stopped on the layer stack's own
+`nn.scan` of two or more MoE layers, "PartitionId instruction is not supported"; RESULTS.md).
 """
 
 from __future__ import annotations
