@@ -307,7 +307,7 @@ def _chunk(cfg, train_cfg, layers: int, p_chunk, shared, x_in, bias, shared_bias
 
     `first`/`last` (traced booleans) add the prologue (the input is then the micro-batch's tokens,
     not `x_in`) and the epilogue; the loss share is α·(this chunk's balance losses) plus, on the
-    last chunk, the cross-entropies and MTP terms. `valid` [layers] (uneven chunks): which rows
+    last chunk, the cross-entropies and MTP terms. `valid` [layers] (uneven chunks; None: all): which rows
     are real layers (`_masked_stack`). `skip`: see `_when`."""
     x = _when(skip, first, lambda: _pre(cfg, shared, mb).astype(x_in.dtype), lambda: x_in)
     h, stats = _masked_stack(cfg, layers, p_chunk, bias, x, mb, valid)
