@@ -18,8 +18,9 @@ dense form (blocks of W queries over 2W keys, a [T, N] entry mask): the referenc
 
 "prefill" / "decode" modes read and write the layer's `V4LayerCache` (`cache` collection,
 variable "v4"; `dsjax/model/v4_cache.py`): the new tokens attend to the window ring plus
-themselves, and to every cached entry visible to them (`v4_decode.py`); both modes are the
-same computation (a prefill is a forward from position 0 over an unused cache).
+themselves, and to the cached entries visible to them (HCA: all, CSA: the indexer's top-k,
+gathered; `v4_decode.py`); both modes are the same computation (a prefill is a forward from
+position 0 over an unused cache).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ from dsjax.model.layers.mlp import Linear
 from dsjax.model.layers.norms import RMSNorm
 from dsjax.model.layers.rope import rotate_trailing, v4_rope_frequencies
 from dsjax.model.layers.v4_compressor import Compressor, Indexer
-from dsjax.model.layers.v4_core import v4_attention_core
+from dsjax.model.layers.v4_core import sink_attention, v4_attention_core
 from dsjax.model.layers.v4_decode import (
+    cached_topk,
     cached_window_attention,
     chunk_bounds,
     entries_visible,
@@ -47,13 +49,12 @@ from dsjax.model.v4_cache import cache_axes, zeros_layer_cache
 
 MODES = ("train", "prefill", "decode")
 
-_MASKED = -1e30
-
 
 def window_attention(q_BTHd, kv_BTd, comp_BNd, comp_visible_BTN, sinks_H, *, window: int,
                      scale: float, segment_ids_BT):  # fmt: skip
     """One softmax over each query's window keys (t - W < s <= t, same segment), its visible
-    compressed entries and its head's sink logit. Returns [B, T, H, d] in kv's dtype."""
+    compressed entries and its head's sink logit, in blocks of W queries over 2W keys (the
+    dense reference of `v4_core`). Returns [B, T, H, d] in kv's dtype."""
     B, T, H, d = q_BTHd.shape
     W = window
     nb = -(-T // W)
@@ -70,26 +71,15 @@ def window_attention(q_BTHd, kv_BTd, comp_BNd, comp_visible_BTN, sinks_H, *, win
     rel = q_idx[:, :, None] - k_idx[:, None, :]
     near = (rel >= 0) & (rel < W) & (k_idx[:, None, :] >= 0)  # [nb, W, 2W]
     vis_w = near[None] & (seg_b[..., :, None] == seg_k[..., None, :])  # [B, nb, W, 2W]
-    logits_w = jnp.einsum("bnqhd,bnkd->bnqhk", q_b, keys, preferred_element_type=jnp.float32)
-    logits_w = jnp.where(vis_w[:, :, :, None, :], logits_w * scale, _MASKED)
-    logits_w = logits_w.reshape(B, nb * W, H, 2 * W)[:, :T]
-    parts = [logits_w]
+    q_b = q_b.reshape(B * nb, W, H, d)
+    sources = [(keys.reshape(B * nb, 2 * W, d), vis_w.reshape(B * nb, W, 2 * W))]
     N = comp_BNd.shape[1]
     if N:
-        logits_c = jnp.einsum(
-            "bthd,bnd->bthn", q_BTHd, comp_BNd, preferred_element_type=jnp.float32
-        )
-        parts.append(jnp.where(comp_visible_BTN[:, :, None, :], logits_c * scale, _MASKED))
-    sink = jnp.broadcast_to(sinks_H.astype(jnp.float32)[None, None, :, None], (B, T, H, 1))
-    probs = jax.nn.softmax(jnp.concatenate([*parts, sink], axis=-1), axis=-1)
-    p_w = jnp.pad(probs[..., : 2 * W], ((0, 0), (0, pad), (0, 0), (0, 0)))
-    p_w = p_w.reshape(B, nb, W, H, 2 * W).astype(kv_BTd.dtype)
-    out = jnp.einsum("bnqhk,bnkd->bnqhd", p_w, keys, preferred_element_type=jnp.float32)
-    out = out.reshape(B, nb * W, H, d)[:, :T]
-    if N:
-        p_c = probs[..., 2 * W : 2 * W + N].astype(comp_BNd.dtype)
-        out = out + jnp.einsum("bthn,bnd->bthd", p_c, comp_BNd, preferred_element_type=jnp.float32)
-    return out.astype(kv_BTd.dtype)
+        vis_c = jnp.pad(comp_visible_BTN, ((0, 0), (0, pad), (0, 0)))
+        comp = jnp.broadcast_to(comp_BNd[:, None], (B, nb, N, d)).reshape(B * nb, N, d)
+        sources.append((comp, vis_c.reshape(B * nb, W, N)))
+    out = sink_attention(q_b, sources, sinks_H, scale)
+    return out.reshape(B, nb * W, H, d)[:, :T]
 
 
 def grouped_out(o_BTgI, wo_a: Linear, g: int, fp8: bool):
@@ -176,9 +166,7 @@ class V4Attention(nn.Module):
             entries, info = compressor(x_BTD, positions_BT, segment_ids_BT)
             entry_last, entry_seg = info.last_idx_N, info.segment_BN
             if self.layer_type == CSA:
-                index = Indexer(cfg, project_only=True, name="indexer")(
-                    x_BTD, c_q, positions_BT, None, segment_ids_BT
-                )
+                index = Indexer(cfg, name="indexer")(x_BTD, c_q, positions_BT, segment_ids_BT)
         return v4_attention_core(
             q, kv, segment_ids_BT, entries, entry_last, entry_seg, self._sinks(), index,
             window=cfg.sliding_window, scale=cfg.softmax_scale, topk=cfg.index_topk,
@@ -203,11 +191,14 @@ class V4Attention(nn.Module):
             comp, comp_cache = compressor(x_BTD, positions_BT, segment_ids_BT, cache.compressor)
             cache = cache.replace(compressor=comp_cache)
             visible = entries_visible(positions_BT, comp.shape[1], rate)
-            if self.layer_type == CSA:
-                visible, index_cache = Indexer(cfg, name="indexer")(
-                    x_BTD, c_q, positions_BT, visible, segment_ids_BT, cache.indexer
+            if self.layer_type == CSA:  # the indexer's top-k entries, gathered
+                *index, index_cache = Indexer(cfg, name="indexer")(
+                    x_BTD, c_q, positions_BT, segment_ids_BT, cache.indexer
                 )
                 cache = cache.replace(indexer=index_cache)
+                if comp.shape[1]:
+                    top, visible = cached_topk(*index, visible, cfg.index_topk)
+                    comp = jnp.take_along_axis(comp[:, None], top[..., None], axis=2)
         o = cached_window_attention(
             q, keys, key_pos, comp, visible, self._sinks(), window=cfg.sliding_window,
             scale=cfg.softmax_scale, positions_BT=positions_BT,

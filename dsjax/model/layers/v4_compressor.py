@@ -16,8 +16,9 @@ transformers' `DeepseekV4{HCA,CSA}Compressor` with no cache.
 The lightning indexer scores the CSA entries for each query with its own CSA-style compressor
 at `index_head_dim`: `I[t, w] = Σ_h w_{t,h} ReLU(q_{t,h} · K_w) / sqrt(c_I)`, w = (W h_t)/sqrt(H_I),
 q = RoPE(W_q c_Q) from the attention's normed query latent; each query keeps its
-`index_topk` best visible entries. The selection is not differentiable: the indexer gets no
-gradient from the language-model loss (as in transformers).
+`index_topk` best visible entries (`v4_core.indexer_topk`, `v4_decode.cached_topk`). The
+selection is not differentiable: the indexer gets no gradient from the language-model loss (as
+in transformers).
 """
 
 from __future__ import annotations
@@ -121,19 +122,18 @@ class Compressor(nn.Module):
 
 
 class Indexer(nn.Module):
-    """`Indexer(cfg)(x_BTD, c_q_BTQ, positions_BT, visible_BTN, segment_ids_BT)` -> the CSA
-    entries each query attends to, [B, T, N] bool (its top `index_topk` visible entries by
-    score). Parameters: wq_b [q_lora, H_I*c_I], weights_proj [D, H_I], compressor (CSA-style
-    at c_I). With `cache` (decode modes, the indexer's `CompressorCache`), the keys are the
-    cached ones ([B, N_max, c_I]) and it returns (chosen, updated cache)."""
+    """`Indexer(cfg)(x_BTD, c_q_BTQ, positions_BT, segment_ids_BT)` -> the lightning indexer's
+    projections (q [B, T, H_I, c_I], w [B, T, H_I] float32 scaled, keys [B, N, c_I]); the
+    selection is the caller's (`v4_core.indexer_topk` chunked over the sequence,
+    `v4_decode.cached_topk` over the cache). Parameters: wq_b [q_lora, H_I*c_I], weights_proj
+    [D, H_I], compressor (CSA-style at c_I). With `cache` (decode modes, the indexer's
+    `CompressorCache`), the keys are the cached ones ([B, N_max, c_I]) and it returns
+    (q, w, keys, updated cache)."""
 
     cfg: ModelConfig
-    # Return the projections (q [B,T,H_I,c_I], w [B,T,H_I] f32 scaled, keys [B,N,c_I]) and
-    # leave the selection to the caller (`v4_core.indexer_topk`, chunked).
-    project_only: bool = False
 
     @nn.compact
-    def __call__(self, x_BTD, c_q_BTQ, positions_BT, visible_BTN, segment_ids_BT, cache=None):
+    def __call__(self, x_BTD, c_q_BTQ, positions_BT, segment_ids_BT, cache=None):
         cfg = self.cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         B, T, D = x_BTD.shape
@@ -142,7 +142,6 @@ class Indexer(nn.Module):
         keys_BNc, second = Compressor(cfg, cfg.compress_rate_csa, c, True, name="compressor")(
             x_BTD, positions_BT, segment_ids_BT, cache
         )
-        cache = None if cache is None else second
         q = Linear(cfg.q_lora_rank, H * c, ("q_lora", "heads"), name="wq_b", fp8=cfg.fp8, **kw)(
             c_q_BTQ
         )
@@ -151,18 +150,4 @@ class Indexer(nn.Module):
         )
         w_BTH = Linear(D, H, ("embed", None), name="weights_proj", **kw)(x_BTD)
         w_BTH = w_BTH.astype(jnp.float32) * H**-0.5
-        if self.project_only:
-            return q, w_BTH, keys_BNc
-        dots = jnp.einsum("bthc,bnc->bthn", q, keys_BNc, preferred_element_type=jnp.float32)
-        scores = jnp.einsum("bth,bthn->btn", w_BTH, jax.nn.relu(dots) * c**-0.5)
-        N = keys_BNc.shape[1]
-        if N == 0:
-            return visible_BTN if cache is None else (visible_BTN, cache)
-        scores = jnp.where(visible_BTN, scores, -jnp.inf)
-        _, top = jax.lax.top_k(scores, min(cfg.index_topk, N))
-        chosen = jnp.zeros((B, T, N), jnp.bool_)
-        chosen = chosen.at[jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None], top].set(
-            True
-        )
-        chosen = jax.lax.stop_gradient(chosen & visible_BTN)
-        return chosen if cache is None else (chosen, cache)
+        return (q, w_BTH, keys_BNc) if cache is None else (q, w_BTH, keys_BNc, second)

@@ -47,6 +47,32 @@ def _chunks(x, n: int, Q: int, fill=0):
     return jnp.moveaxis(x.reshape(B, n, Q, *x.shape[2:]), 1, 0)
 
 
+def sink_attention(q_BTHd, sources, sinks_H, scale: float):
+    """[B, T, H, d] in the first source's dtype: one softmax per query and head over the keys of
+    every source and the head's sink logit (whose share is dropped), keys doubling as values.
+    `sources`: (keys, visible) pairs, keys [B, K, d] shared by a row's queries or [B, T, K, d]
+    per query, visible [B, T, K] bool."""
+    B, T, H, _ = q_BTHd.shape
+    spec = lambda keys: "t" * (keys.ndim == 4) + "kd"  # noqa: E731
+    logits = [
+        jnp.where(
+            vis[:, :, None, :],
+            jnp.einsum(f"bthd,b{spec(k)}->bthk", q_BTHd, k, preferred_element_type=jnp.float32)
+            * scale,
+            _MASKED,
+        )
+        for k, vis in sources
+    ]
+    sink = jnp.broadcast_to(sinks_H.astype(jnp.float32)[None, None, :, None], (B, T, H, 1))
+    probs = jax.nn.softmax(jnp.concatenate([*logits, sink], axis=-1), axis=-1)
+    outs, start = [], 0
+    for k, _ in sources:
+        p = probs[..., start : start + k.shape[-2]].astype(k.dtype)
+        start += k.shape[-2]
+        outs.append(jnp.einsum(f"bthk,b{spec(k)}->bthd", p, k, preferred_element_type=jnp.float32))
+    return sum(outs[1:], outs[0]).astype(sources[0][0].dtype)
+
+
 def _visible(entry_last_N, entry_seg_BN, q_idx_Q, seg_BQ):
     """[B, Q, N]: entry closed by the query (global index) and from its document."""
     closed = entry_last_N[None, None, :] <= q_idx_Q[None, :, None]
@@ -96,7 +122,6 @@ def local_core(q_BTHd, kv_BTd, seg_BT, kv_prev_BWd, seg_prev_BW, entries_BNd, en
     W, N = window, entries_BNd.shape[1]
     Q = min(chunk, T)
     n = -(-T // Q)
-    dtype = kv_BTd.dtype
     kv_ext = jnp.concatenate([kv_prev_BWd, jnp.pad(kv_BTd, ((0, 0), (0, n * Q - T), (0, 0)))], 1)
     seg_ext = jnp.concatenate([seg_prev_BW, jnp.pad(seg_BT, ((0, 0), (0, n * Q - T)), constant_values=-1)], 1)  # fmt: skip
     xs = [jnp.arange(n), _chunks(q_BTHd, n, Q), _chunks(seg_BT, n, Q, -1)]
@@ -106,7 +131,6 @@ def local_core(q_BTHd, kv_BTd, seg_BT, kv_prev_BWd, seg_prev_BW, entries_BNd, en
         top, ok = indexer_topk(iq, iw, ikeys, seg_BT, entry_last_N, entry_seg_BN,
                                offset=offset, topk=topk, chunk=chunk)  # fmt: skip
         xs += [_chunks(top, n, Q), _chunks(ok, n, Q, False)]
-    sink = sinks_H.astype(jnp.float32)
 
     @jax.checkpoint
     def body(_, xs):
@@ -117,32 +141,16 @@ def local_core(q_BTHd, kv_BTd, seg_BT, kv_prev_BWd, seg_prev_BW, entries_BNd, en
         rel = jnp.arange(Q)[:, None] + W - jnp.arange(Q + W)[None, :]
         near = (rel >= 0) & (rel < W) & (offset + s + jnp.arange(Q + W) - W >= 0)[None, :]
         vis_w = near[None] & (seg_c[:, :, None] == kseg[:, None, :])  # [B, Q, Q+W]
-        logits = jnp.einsum("bqhd,bkd->bqhk", q_c, keys, preferred_element_type=jnp.float32)
-        parts = [jnp.where(vis_w[:, :, None, :], logits * scale, _MASKED)]
-        ent = None
+        sources = [(keys, vis_w)]
         if N:
             if sparse:  # CSA: the chosen entries, gathered per query
                 top, ok = xs[3:]
                 ent = jnp.take_along_axis(entries_BNd[:, None], top[..., None], axis=2)
-                logits_c = jnp.einsum("bqhd,bqkd->bqhk", q_c, ent,
-                                      preferred_element_type=jnp.float32)  # fmt: skip
+                sources.append((ent, ok))
             else:  # HCA: every entry, masked
                 ok = _visible(entry_last_N, entry_seg_BN, offset + s + jnp.arange(Q), seg_c)
-                logits_c = jnp.einsum("bqhd,bnd->bqhn", q_c, entries_BNd,
-                                      preferred_element_type=jnp.float32)  # fmt: skip
-            parts.append(jnp.where(ok[:, :, None, :], logits_c * scale, _MASKED))
-        parts.append(jnp.broadcast_to(sink[None, None, :, None], (B, Q, H, 1)))
-        probs = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1)
-        out = jnp.einsum("bqhk,bkd->bqhd", probs[..., : Q + W].astype(dtype), keys,
-                         preferred_element_type=jnp.float32)  # fmt: skip
-        if ent is not None:
-            p_c = probs[..., Q + W : -1].astype(dtype)
-            out = out + jnp.einsum("bqhk,bqkd->bqhd", p_c, ent, preferred_element_type=jnp.float32)
-        elif N:
-            p_c = probs[..., Q + W : -1].astype(dtype)
-            out = out + jnp.einsum("bqhn,bnd->bqhd", p_c, entries_BNd,
-                                   preferred_element_type=jnp.float32)  # fmt: skip
-        return None, out.astype(dtype)
+                sources.append((entries_BNd, ok))
+        return None, sink_attention(q_c, sources, sinks_H, scale)
 
     _, out = jax.lax.scan(body, None, tuple(xs))
     return jnp.moveaxis(out, 0, 1).reshape(B, n * Q, H, d)[:, :T]

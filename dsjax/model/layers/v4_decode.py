@@ -9,6 +9,9 @@ them. Hence a forward from position 0 needs no cleared cache, and rolling back i
 advancing the position.
 
   window:     keys = [the ring's W slots ; the T new tokens], query t sees t - W < s <= t
+  entries:    HCA: every cached entry, masked to the visible ones; CSA: the indexer scores
+              every visible cached key and the query attends to its top-k entries, gathered
+              ([B, T, k, d]: O(k) attention per query, as in training's `v4_core`)
   compressor: window w (entry w) closes with token (w+1)m - 1; every window closing among the
               new tokens is pooled from the buffer slots and the new tokens (at most
               (T-1)//m + 1 per forward) and written at index w; entry w is visible from token
@@ -20,7 +23,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_MASKED = -1e30
+from dsjax.model.layers.v4_core import sink_attention
+
 _NONE = -(2**30)  # position of an empty or stale slot: visible to no query
 
 
@@ -118,34 +122,28 @@ def entries_visible(positions_BT, n_entries: int, rate: int):
 
 
 def cached_window_attention(
-    q_BTHd, keys_BKd, key_pos_BK, comp_BNd, comp_visible_BTN, sinks_H, *, window, scale,
-    positions_BT,
+    q_BTHd, keys_BKd, key_pos_BK, comp, comp_visible, sinks_H, *, window, scale, positions_BT,
 ):  # fmt: skip
     """One softmax per query over its window keys among `keys_BKd` (positions `key_pos_BK`,
-    `_NONE` for none: t - W < s <= t), its visible compressed entries and its head's sink.
-    Returns [B, T, H, d] in the keys' dtype."""
-    B, T, H, _ = q_BTHd.shape
+    `_NONE` for none: t - W < s <= t), its compressed entries and its head's sink. `comp`: every
+    cached entry [B, N, d] (HCA, `comp_visible` [B, T, N]) or each query's chosen ones
+    [B, T, k, d] (CSA, `comp_visible` [B, T, k]). Returns [B, T, H, d] in the keys' dtype."""
     rel = positions_BT[:, :, None] - key_pos_BK[:, None, :]
-    vis_w = (rel >= 0) & (rel < window)  # [B, T, K]
-    logits_w = jnp.einsum("bthd,bkd->bthk", q_BTHd, keys_BKd, preferred_element_type=jnp.float32)
-    parts = [jnp.where(vis_w[:, :, None, :], logits_w * scale, _MASKED)]
-    N = comp_BNd.shape[1]
-    if N:
-        logits_c = jnp.einsum(
-            "bthd,bnd->bthn", q_BTHd, comp_BNd, preferred_element_type=jnp.float32
-        )
-        parts.append(jnp.where(comp_visible_BTN[:, :, None, :], logits_c * scale, _MASKED))
-    sink = jnp.broadcast_to(sinks_H.astype(jnp.float32)[None, None, :, None], (B, T, H, 1))
-    probs = jax.nn.softmax(jnp.concatenate([*parts, sink], axis=-1), axis=-1)
-    K = keys_BKd.shape[1]
-    out = jnp.einsum(
-        "bthk,bkd->bthd", probs[..., :K].astype(keys_BKd.dtype), keys_BKd,
-        preferred_element_type=jnp.float32,
-    )  # fmt: skip
-    if N:
-        p_c = probs[..., K : K + N].astype(comp_BNd.dtype)
-        out = out + jnp.einsum("bthn,bnd->bthd", p_c, comp_BNd, preferred_element_type=jnp.float32)
-    return out.astype(keys_BKd.dtype)
+    sources = [(keys_BKd, (rel >= 0) & (rel < window))]
+    if comp.shape[-2]:
+        sources.append((comp, comp_visible))
+    return sink_attention(q_BTHd, sources, sinks_H, scale)
+
+
+def cached_topk(q_BTHc, w_BTH, keys_BNc, visible_BTN, topk: int):
+    """The lightning indexer's choice among the cached keys (docs/spec.md §12): (entry ids
+    [B, T, k] int32, chosen-and-visible [B, T, k] bool), k = min(topk, N), by
+    I[t, w] = Σ_h w[t, h] ReLU(q[t, h]·K_w) / sqrt(c_I) over the visible entries."""
+    c = q_BTHc.shape[-1]
+    dots = jnp.einsum("bthc,bnc->bthn", q_BTHc, keys_BNc, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bth,bthn->btn", w_BTH, jax.nn.relu(dots) * c**-0.5)
+    _, top = jax.lax.top_k(jnp.where(visible_BTN, scores, -jnp.inf), min(topk, keys_BNc.shape[1]))
+    return top, jnp.take_along_axis(visible_BTN, top, axis=2)
 
 
 def window_keys(window_BWd, window_pos1_BW, kv_BTd, positions_BT, valid_BT, first_B):
