@@ -66,14 +66,19 @@ def random_variables(cfg: ModelConfig, seed: int = 0, gain: float = 1.5, std: fl
     """Random variables built from shapes alone (no init compile).
 
     By default with well-separated logits: kernels N(0, (gain / sqrt(fan_in))^2), embeddings
-    N(0, 1), norm scales 1 + 0.2 N(0, 1), routing biases U[0, 0.3], LayerNorm biases 0.1 N(0, 1).
-    With `std`, a training init: everything N(0, std^2), norm scales 1, routing biases 0.
+    N(0, 1), norm scales 1 + 0.2 N(0, 1), routing biases U[0, 0.3], LayerNorm biases 0.1 N(0, 1),
+    other vectors (V4's sinks, mHC bases) 0.5 N(0, 1). With `std`, a training init: everything
+    N(0, std^2), norm scales 1, routing biases 0. Hash-routing tables (V4's `tid2eid`) hold
+    distinct real expert ids per token either way.
     """
     shapes = nn.unbox(abstract_variables(cfg))
     rng = np.random.default_rng(seed)
 
     def make(path, s):
         name = jax.tree_util.keystr(path)
+        if name.endswith("['tid2eid']"):
+            ids = [rng.permutation(cfg.n_routed_experts)[: s.shape[1]] for _ in range(s.shape[0])]
+            return jnp.asarray(np.stack(ids), s.dtype)
         if std is not None:
             if "moe_bias" in name:
                 return jnp.zeros(s.shape, s.dtype)
@@ -88,6 +93,8 @@ def random_variables(cfg: ModelConfig, seed: int = 0, gain: float = 1.5, std: fl
             return jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype)
         if "embedding" in name:
             return jnp.asarray(rng.standard_normal(s.shape), s.dtype)
+        if len(s.shape) == 1:
+            return jnp.asarray(0.5 * rng.standard_normal(s.shape), s.dtype)
         fan_in = s.shape[-2]
         return jnp.asarray(gain / math.sqrt(fan_in) * rng.standard_normal(s.shape), s.dtype)
 
