@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         choices=["auto", "xla", "pallas", "pallas_interpret"],
         help="how decode attention reads the cache pages: auto = the Pallas kernel on TPU "
-        "(one device), else the XLA gather path",
+        "(with --mesh: when --slots is a multiple of its row shards), else the XLA gather path",
     )
     p.add_argument(
         "--no-prefix-cache",

@@ -97,18 +97,23 @@ def test_decode_step_gathers_no_weights_on_decode_mesh():
     assert [s for s in gathered if s in stored]
 
 
-def test_engine_on_decode_mesh_equals_generate(model):
+@pytest.mark.parametrize("impl", ["xla", "pallas_interpret"])
+def test_engine_on_decode_mesh_equals_generate(model, impl):
+    """8 slots on 8 chips: each chip holds its row's pages (shard-local tables) and the decode
+    steps read them in shard_map, by the gather path or the Pallas kernel (interpreted)."""
     from dsjax.inference.engine import Engine
     from dsjax.inference.sampling import SamplingParams
 
     cfg, variables = model
     dm = DecodeMesh.parse("expert=2,tensor=4")
     want = generate(cfg, variables, PROMPTS, 6).tokens
-    kw = dict(slots=8, max_len=32, min_batch=8, min_window=32, speculative=False)
-    with Engine(cfg, variables, mesh=dm, **kw) as eng:
+    kw = dict(slots=8, max_len=32, min_batch=8, min_window=32, speculative=False, page_size=8)
+    with Engine(cfg, variables, mesh=dm, paged_attention=impl, **kw) as eng:
+        assert eng._shards == sharding.DECODE_CACHE_AXES and eng.paged_attention == impl
         gate = eng._variables["params"]["moe_layers"]["moe"]["experts"]["gate"]
         assert tuple(gate.sharding.spec)[1:] == ("expert", None, "tensor")
         got = [eng.generate(p, SamplingParams(max_tokens=6), timeout=600)[0] for p in PROMPTS]
+        eng._sched.pools[0].check()
     assert got == want
 
 

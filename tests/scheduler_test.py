@@ -179,11 +179,16 @@ def test_a_request_growing_alone_preempts_itself_when_it_is_the_youngest():
     s.pool.check()
 
 
-def test_random_load_never_leaks_a_page():
+@pytest.mark.parametrize("shards", [1, 2])
+def test_random_load_never_leaks_a_page(shards):
     """Random admissions, prefix hits, growth, preemptions, cancels mid-prefill and finishes on a
-    small pool: the pool's invariant holds throughout and every page comes back."""
+    small pool: the pool's invariant holds throughout and every page comes back. With 2 shards
+    (a decode mesh: 2 slots and 10 pages each) every request's pages come from its slot's
+    shard and a dry shard preempts its own requests."""
     rng = random.Random(0)
-    s = sched(slots=3, cache_tokens=56, page_size=4, prefill_chunk=8)
+    per = 14 if shards == 1 else 10
+    s = sched(slots=3 if shards == 1 else 4, cache_tokens=4 * per * shards, page_size=4,
+              prefill_chunk=8, shards=shards)  # fmt: skip
     prefixes = [[rng.randrange(50) for _ in range(12)] for _ in range(3)]
     for _ in range(400):
         if rng.random() < 0.4 and len(s.queue) < 5:
@@ -212,14 +217,19 @@ def test_random_load_never_leaks_a_page():
             seq.output.append(2)
             if seq.generated >= seq.max_tokens:
                 s.finish(seq)
-        s.pool.check()
+        for pool in s.pools:
+            pool.check()
         for slot, seq in enumerate(s.slot_seq):
             want = seq.pages if seq is not None else []
             assert list(s.tables[slot, : len(want)]) == want
             assert (s.tables[slot, len(want) :] == TRASH).all()
+            first = s.pool_of(slot).offset
+            assert all(first < p <= first + per for p in want)  # its shard's pages
     for seq in [x for x in s.slot_seq if x is not None] + list(s.queue):
         s.finish(seq)
-    s.pool.check()
-    assert s.pool.used == 0 and s.hit_tokens > 0
-    assert s.pool.evicted > 0 and s.preemptions > 0
+    for pool in s.pools:
+        pool.check()
+        assert pool.used == 0 and pool.evicted > 0
+    assert s.hit_tokens > 0 and s.preemptions > 0
+    assert s.pool_pages == shards * (per + 1) and s.row_buckets[0] == (1 if shards == 1 else 4)
     assert s.tables.dtype == np.int32 and (s.tables == TRASH).all()  # every row released

@@ -80,6 +80,7 @@ import numpy as np
 from dsjax.inference import decode
 from dsjax.inference import engine_programs as programs
 from dsjax.inference.meshes import DecodeMesh
+from dsjax.inference.page_pool import TRASH
 from dsjax.inference.sampling import MAX_LOGPROBS, SamplingParams
 from dsjax.inference.scheduler import Scheduler, Seq
 from dsjax.model.config import ModelConfig
@@ -199,11 +200,12 @@ class Engine:
         pages as their tokens arrive, preempting the youngest when none is left.
       prefix_cache: reuse cached full prompt pages (see the module docstring).
       paged_attention: how decode steps' attention reads the pages (`layers.paged.IMPLS`):
-        "auto" (default; the Pallas kernel on TPU without a mesh, else the XLA gather path),
-        "xla", "pallas", or "pallas_interpret" (the kernel in Pallas' interpreter, any backend).
-        On a mesh the engine's one page pool spans every chip (a row's pages may live on any
-        chip), so it reads them by the gather path; the kernel needs pages local to their rows'
-        chips (`layers.paged.Pages.shards`, as the planner's decode step runs it)."""
+        "auto" (default; the Pallas kernel on TPU, else the XLA gather path), "xla", "pallas",
+        or "pallas_interpret" (the kernel in Pallas' interpreter, any backend). On a `mesh`
+        whose row shards divide `slots` (and the pool's pages) each chip keeps its own rows'
+        pages (`Scheduler(shards=)`: a pool per chip) and decode steps read them per chip in
+        shard_map (`layers.paged.Pages.shards`; every step runs all slots); otherwise the pool
+        spans the chips and only the gather path can read it."""
 
     def __init__(
         self,
@@ -255,16 +257,25 @@ class Engine:
         if page_size < 1:
             raise ValueError(f"page_size={page_size}: must be >= 1")
         impl = paged.resolve_impl(paged_attention)
-        if mesh is not None and impl != "xla":
+        if cache_tokens is None:
+            cache_tokens = slots * -(-max_len // page_size) * page_size
+        # On a mesh whose row shards divide the slots (and the pool's pages) each chip keeps
+        # its own rows' pages (`Scheduler(shards=)`) and decode steps read them in shard_map.
+        n = 1 if mesh is None else mesh.row_shards
+        local = n > 1 and slots % n == 0 and cache_tokens // page_size >= n
+        self._shards: tuple[str, ...] = ()
+        if local:
+            assert mesh is not None
+            self._shards = mesh.row_axes
+        elif mesh is not None and impl != "xla":
             if paged_attention != "auto":
                 raise ValueError(
-                    f"paged_attention={paged_attention!r}: on a mesh the engine's page pool "
-                    "spans the chips and the kernel reads only local pages; use 'xla' or 'auto'"
+                    f"paged_attention={paged_attention!r} on a mesh needs slots (and cache "
+                    f"pages) a multiple of its {n} row shards (pages local to their rows' "
+                    f"chips); got slots={slots}"
                 )
             impl = "xla"
         self.paged_attention = impl
-        if cache_tokens is None:
-            cache_tokens = slots * -(-max_len // page_size) * page_size
         self.cfg, self.slots, self.max_len, self.max_queue = cfg, slots, max_len, max_queue
         self.eos_id, self.seed = eos_id, seed
         self._mesh = mesh  # decode on a mesh: weights placed by its layout, programs under it
@@ -282,12 +293,13 @@ class Engine:
             page_size=page_size,
             cache_tokens=cache_tokens,
             prefix_cache=prefix_cache,
+            shards=n if local else 1,
         )
         self.page_size = page_size
         self._state = self._new_state()
         pool = (self._state.cache, self._state.mtp_cache)
         self._bytes_per_token = sum(x.nbytes for x in jax.tree.leaves(pool)) // (
-            (self._sched.pool.num_pages + 1) * page_size
+            self._sched.pool_pages * page_size
         )
 
         self._cv = threading.Condition()
@@ -313,7 +325,7 @@ class Engine:
                 cache_len=1,
                 speculative=self._can_speculate,
             )
-            return programs.pool_state(state, self._sched.pool.num_pages + 1, self.page_size)
+            return programs.pool_state(state, self._sched.pool_pages, self.page_size)
 
         shapes = jax.eval_shape(empty, self._variables, req)
         state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -446,8 +458,19 @@ class Engine:
                             top_n=top_n,
                             rows=rows,
                             impl=self.paged_attention,
+                            shards=self._shards,
                         )
         jax.block_until_ready(state)
+
+    def _local_tables(self, tables: np.ndarray) -> np.ndarray:
+        """The decode step's page tables: the scheduler's (global ids) as they are, or with
+        shards each row's ids local to its chip's pool (its TRASH local page 0)."""
+        if not self._shards:
+            return tables.copy()
+        sched = self._sched
+        per_rows, per_pages = sched.slots // sched.shards, sched.pool_pages // sched.shards
+        base = (np.arange(tables.shape[0]) // per_rows * per_pages)[:, None]
+        return np.where(tables == TRASH, TRASH, tables - base).astype(np.int32)
 
     def _pages(self, positions: int) -> int:
         """Page-table columns a program over positions 0..positions-1 reads."""
@@ -650,7 +673,8 @@ class Engine:
             assert isinstance(req, _Request)
             self._finish(req, "error", f"{type(err).__name__}: {err}")
         with self._cv:
-            self._sched.pool.drop_cached()  # the new state's pages hold nothing
+            for pool in self._sched.pools:
+                pool.drop_cached()  # the new state's pages hold nothing
 
     def _run(self) -> None:
         with self._context():
@@ -775,7 +799,8 @@ class Engine:
             table[:, : self._pages(window)].copy(),
             speculative=self._can_speculate,
             first=start == 0,
-            impl=self.paged_attention,
+            # One row over global page ids: the gather path (GSPMD) on a mesh.
+            impl=self.paged_attention if self._mesh is None else "xla",
         )
 
     def _run_start_decoding(self, state, prompt, req, slot, logits, hidden, top_n, allowed=None):
@@ -887,7 +912,7 @@ class Engine:
         live[[i for i, _ in active]] = True
         allowed = self._step_masks(active, rows, live)
         want = any(r.params.logprobs is not None for _, r in active)
-        table = self._sched.tables[:rows, : self._pages(plan.window)].copy()
+        table = self._local_tables(self._sched.tables[:rows, : self._pages(plan.window)])
         t0 = time.perf_counter()
         try:
             self._state, out = programs.step(
@@ -901,6 +926,7 @@ class Engine:
                 top_n=MAX_LOGPROBS if want else None,
                 rows=rows,
                 impl=self.paged_attention,
+                shards=self._shards,
             )
             out = jax.device_get(out)
         except Exception as err:

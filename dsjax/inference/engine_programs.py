@@ -229,23 +229,25 @@ def start_decoding(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg", "speculative", "top_n", "rows", "impl"),
+    static_argnames=("cfg", "speculative", "top_n", "rows", "impl", "shards"),
     donate_argnames=("state",),
 )
 def step(
     cfg, variables, state, table_RP, live_R, allowed_RW=None, *, speculative, top_n, rows,
-    impl="xla",
+    impl="xla", shards=(),
 ):  # fmt: skip
     """One decode step over slots 0..rows-1, each over its pages table_RP (positions
     0..P*page-1, covering every active position), read and written in place; rows with live_R
     False are held done and write only to TRASH. `allowed_RW`: the rows' packed allowed-token
-    masks, or None. `impl`: how attention reads the pages (`layers.paged.IMPLS`)."""
+    masks, or None. `impl`: how attention reads the pages (`layers.paged.IMPLS`). `shards`:
+    the mesh axes the rows and the pools' pages split over, table_RP then holding each row's
+    chip-local page ids (`layers.paged.Pages.shards`; rows = all slots)."""
     table_RP = jnp.where(live_R[:, None], jnp.asarray(table_RP, jnp.int32), TRASH)
     sub = _rows(state, 0, rows).replace(cache=state.cache, mtp_cache=state.mtp_cache)
     sub = sub.replace(done_B=sub.done_B | ~live_R)
     sub, out = decode.step(
         cfg, variables, sub, speculative=speculative, top_n=top_n, allowed_BW=allowed_RW,
-        pages=Pages(table_RP, impl=impl),
+        pages=Pages(table_RP, impl=impl, shards=shards),
     )  # fmt: skip
     state = state.replace(cache=sub.cache, mtp_cache=sub.mtp_cache)
     return _set_rows(state, sub, 0), out

@@ -60,11 +60,15 @@ class DecodeMesh:
         return sharding.logical_rules(self.layout)
 
     @property
+    def row_axes(self) -> tuple[str, ...]:
+        """The mesh axes a batch of requests (the latent cache's rows) splits over."""
+        return sharding.DECODE_CACHE_AXES if self.layout == "decode" else sharding.BATCH_AXES
+
+    @property
     def row_shards(self) -> int:
         """Chips a batch of requests splits over (the latent cache's rows): a batch padded to a
         multiple of this splits evenly everywhere."""
-        axes = sharding.DECODE_CACHE_AXES if self.layout == "decode" else sharding.BATCH_AXES
-        return math.prod(self.mesh.shape[a] for a in axes)
+        return math.prod(self.mesh.shape[a] for a in self.row_axes)
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:
@@ -92,7 +96,7 @@ class DecodeMesh:
     def place_rows(self, tree, batch_axes):
         """`tree` on the mesh with each leaf's batch axis (`batch_axes`, a matching tree of ints)
         split over the chips requests split over (`row_shards`) where it divides, else whole."""
-        axes = sharding.DECODE_CACHE_AXES if self.layout == "decode" else sharding.BATCH_AXES
+        axes = self.row_axes
 
         def put(x, a):
             spec = [None] * x.ndim

@@ -49,14 +49,19 @@ def page_keys(tokens: Sequence[int], page_size: int, limit: int) -> list[bytes]:
 
 
 class PagePool:
-    """Pages 1..num_pages of `page_size` tokens; see the module docstring."""
+    """Pages offset+1..offset+num_pages of `page_size` tokens; see the module docstring.
+    `offset`: where this pool's ids start (a decode mesh's chip holds pages offset..offset +
+    num_pages, offset its own TRASH page; `scheduler.Scheduler(shards=)`)."""
 
-    def __init__(self, num_pages: int, page_size: int, prefix_cache: bool = True):
+    def __init__(self, num_pages: int, page_size: int, prefix_cache: bool = True,
+                 offset: int = 0):  # fmt: skip
         if num_pages < 1 or page_size < 1:
             raise ValueError(f"num_pages={num_pages}, page_size={page_size}: must be >= 1")
         self.num_pages, self.page_size, self.prefix_cache = num_pages, page_size, prefix_cache
-        self._free: collections.deque[int] = collections.deque(range(1, num_pages + 1))
-        self._refs = [0] * (num_pages + 1)
+        self.offset = offset
+        ids = range(offset + 1, offset + num_pages + 1)
+        self._free: collections.deque[int] = collections.deque(ids)
+        self._refs = [0] * (num_pages + 1)  # by page - offset
         self._key_of: dict[int, bytes] = {}
         self._page_of: dict[bytes, int] = {}
         self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()
@@ -111,7 +116,7 @@ class PagePool:
             page, _ = self._lru.popitem(last=False)
             del self._page_of[self._key_of.pop(page)]
             self.evicted += 1
-        self._refs[page] = 1
+        self._refs[page - self.offset] = 1
         return page
 
     def register(self, page: int, key: bytes) -> None:
@@ -119,7 +124,7 @@ class PagePool:
         already cached or the page already has a key)."""
         if not self.prefix_cache or key in self._page_of or page in self._key_of:
             return
-        if self._refs[page] < 1:
+        if self._refs[page - self.offset] < 1:
             raise ValueError(f"register: page {page} is not referenced")
         self._key_of[page] = key
         self._page_of[key] = page
@@ -130,10 +135,10 @@ class PagePool:
         for page in pages:
             if page == TRASH:
                 continue
-            if self._refs[page] < 1:
+            if self._refs[page - self.offset] < 1:
                 raise ValueError(f"release: page {page} is not referenced")
-            self._refs[page] -= 1
-            if self._refs[page] == 0:
+            self._refs[page - self.offset] -= 1
+            if self._refs[page - self.offset] == 0:
                 if page in self._key_of:
                     self._lru[page] = None
                 else:
@@ -149,16 +154,17 @@ class PagePool:
         self._page_of.clear()
 
     def _ref(self, page: int) -> None:
-        if self._refs[page] == 0:
+        if self._refs[page - self.offset] == 0:
             del self._lru[page]
-        self._refs[page] += 1
+        self._refs[page - self.offset] += 1
 
     # ------------------------------------------------------------------ checks
     def check(self) -> None:
         """Raises AssertionError unless the pool's invariant holds (see the module docstring)."""
         free, lru = set(self._free), set(self._lru)
-        refd = {p for p in range(1, self.num_pages + 1) if self._refs[p] > 0}
+        ids = set(range(self.offset + 1, self.offset + self.num_pages + 1))
+        refd = {p for p in ids if self._refs[p - self.offset] > 0}
         assert len(free) == len(self._free), "a page is free twice"
         assert not (free & lru) and not (free & refd) and not (lru & refd), "a page in two states"
-        assert free | lru | refd == set(range(1, self.num_pages + 1)), "a page was leaked"
+        assert free | lru | refd == ids, "a page was leaked"
         assert all(p in self._key_of for p in lru), "an uncached page in the LRU"

@@ -23,6 +23,12 @@ its thread. Nothing here touches the device, so the policy is unit-tested withou
   runs over, after giving each row the pages its next write needs (preempting if need be).
 - `prompt_done` registers a prefilled prompt's full pages in the prefix cache; `finish` frees a
   request's slot and pages.
+- Shards (`shards=n`, a decode mesh whose chips each hold their own rows and pages): slots
+  split into n equal blocks, the pool into n pools of pages offset by the block (`pools[i]`
+  holds ids i * (per + 1) + 1 .., i * (per + 1) its chip's TRASH); a request takes the pages of
+  its slot's block only, admission takes the lowest free slot whose block has its pages, a dry
+  block preempts its own youngest request, and the prefix cache is per block. Every step runs
+  all slots (the rows' split over chips must not move).
 """
 
 from __future__ import annotations
@@ -113,6 +119,7 @@ class Scheduler:
         page_size: int,
         cache_tokens: int,
         prefix_cache: bool = True,
+        shards: int = 1,
     ):
         if page_size < 1:
             raise ValueError(f"page_size={page_size}: must be >= 1")
@@ -120,12 +127,21 @@ class Scheduler:
             raise ValueError(
                 f"cache_tokens={cache_tokens}: must hold at least one page ({page_size} tokens)"
             )
+        if shards < 1 or slots % shards or cache_tokens // page_size < shards:
+            raise ValueError(
+                f"shards={shards}: must divide slots={slots} and the pool's "
+                f"{cache_tokens // page_size} pages"
+            )
         self.slots, self.max_len, self.prefill_chunk = slots, max_len, prefill_chunk
-        self.page_size = page_size
+        self.page_size, self.shards = page_size, shards
         self.row_buckets = [*(b for b in (min_batch << i for i in range(32)) if b < slots), slots]
+        if shards > 1:
+            self.row_buckets = [slots]
         self.windows = [*(w for w in (min_window << i for i in range(32)) if w < max_len), max_len]
         self.max_pages = -(-max_len // page_size)
-        self.pool = PagePool(cache_tokens // page_size, page_size, prefix_cache)
+        per = cache_tokens // page_size // shards
+        self.pools = [PagePool(per, page_size, prefix_cache, i * (per + 1)) for i in range(shards)]
+        self.pool_pages = shards * (per + 1)  # the device pool's pages, TRASH pages included
         self.tables = np.full((slots, self.max_pages), TRASH, np.int32)
         self.slot_seq: list[Seq | None] = [None] * slots
         self.queue: collections.deque[Seq] = collections.deque()
@@ -138,22 +154,24 @@ class Scheduler:
     # ------------------------------------------------------------------ sizes
     def pages_needed(self, prompt_len: int, max_tokens: int) -> int:
         """Pages a request may ever write: positions 0 .. prompt + max_tokens - 1."""
-        return self.pool.pages_for(prompt_len + max_tokens)
+        return self.pools[0].pages_for(prompt_len + max_tokens)
 
     def _first_pages(self, seq: Seq) -> int:
         """Pages of `seq`'s context and its first decode step's writes (two positions with
         speculation), within prompt + max_tokens."""
         end = len(seq.prompt) + seq.max_tokens
-        return self.pool.pages_for(min(len(seq.context) + 2, end))
+        return self.pools[0].pages_for(min(len(seq.context) + 2, end))
 
     def check_fits(self, prompt_len: int, max_tokens: int) -> None:
         """Raises ValueError when such a request could never get its pages."""
         need = self.pages_needed(prompt_len, max_tokens)
-        if need > self.pool.num_pages:
+        have = self.pools[0].num_pages
+        if need > have:
+            per = " per mesh shard" if self.shards > 1 else ""
             raise ValueError(
                 f"prompt length {prompt_len} + max_tokens {max_tokens} needs {need} cache pages "
-                f"of {self.page_size} tokens; the cache holds {self.pool.num_pages} "
-                f"({self.pool.num_pages * self.page_size} tokens)"
+                f"of {self.page_size} tokens; the cache holds {have}{per} "
+                f"({have * self.page_size} tokens)"
             )
 
     def chunk_plan(self, n: int, start: int = 0) -> list[tuple[int, int, int]]:
@@ -189,12 +207,15 @@ class Scheduler:
         # Full pages before the last context token (whose MTP entry decode rewrites) can be
         # shared.
         keys = page_keys(context, self.page_size, n - 1)
-        hits = self.pool.lookup(keys)
-        if self._first_pages(seq) - len(hits) > self.pool.available:
-            self.pool.release(hits)
+        for slot in self._free_slot_per_shard():
+            pool = self.pool_of(slot)
+            hits = pool.lookup(keys)
+            if self._first_pages(seq) - len(hits) <= pool.available:
+                break
+            pool.release(hits)
+        else:
             return None
         self.queue.popleft()
-        slot = self.slot_seq.index(None)
         self.slot_seq[slot] = seq
         self._admissions += 1
         seq.slot, seq.keys, seq.order = slot, keys, self._admissions
@@ -211,6 +232,24 @@ class Scheduler:
             self.prefilling.append(seq)
         return seq
 
+    def pool_of(self, slot: int) -> PagePool:
+        """The pool the request in `slot` takes its pages from."""
+        return self.pools[slot // (self.slots // self.shards)]
+
+    @property
+    def pool(self) -> PagePool:
+        """The one pool (shards=1)."""
+        assert self.shards == 1, "a sharded scheduler has one pool per shard: pool_of(slot)"
+        return self.pools[0]
+
+    def _free_slot_per_shard(self) -> list[int]:
+        """The lowest free slot of each shard that has one, lowest first."""
+        out: dict[int, int] = {}
+        for slot, s in enumerate(self.slot_seq):
+            if s is None:
+                out.setdefault(slot // (self.slots // self.shards), slot)
+        return list(out.values())
+
     def _append_page(self, seq: Seq, page: int) -> None:
         assert seq.slot is not None
         self.tables[seq.slot, len(seq.pages)] = page
@@ -219,7 +258,8 @@ class Scheduler:
     def grow(self, seq: Seq, tokens: int) -> None:
         """Gives `seq` pages for positions 0..tokens-1 (the pool must have them)."""
         while len(seq.pages) * self.page_size < tokens:
-            self._append_page(seq, self.pool.allocate())
+            assert seq.slot is not None
+            self._append_page(seq, self.pool_of(seq.slot).allocate())
 
     def preempt(self, seq: Seq) -> None:
         """Sends running `seq` back to the head of the queue, releasing its slot and pages; it
@@ -232,7 +272,7 @@ class Scheduler:
 
     def _release(self, seq: Seq) -> None:
         assert seq.slot is not None
-        self.pool.release(seq.pages)
+        self.pool_of(seq.slot).release(seq.pages)
         seq.pages = []
         self.tables[seq.slot] = TRASH
         self.slot_seq[seq.slot] = None
@@ -244,8 +284,9 @@ class Scheduler:
     def prompt_done(self, seq: Seq) -> None:
         """After the prompt is in the cache: registers its full pages in the prefix cache and
         ends its chunked prefill."""
+        assert seq.slot is not None
         for page, key in zip(seq.pages, seq.keys, strict=False):
-            self.pool.register(page, key)
+            self.pool_of(seq.slot).register(page, key)
         if seq.chunk is not None:
             self.prefilling.remove(seq)
             seq.chunk = None
@@ -274,10 +315,15 @@ class Scheduler:
         for _, seq in sorted(active, key=lambda a: a[1].order):
             end = min(seq.last_position + 1 + speculative, len(seq.prompt) + seq.max_tokens)
             while seq.slot is not None and len(seq.pages) * self.page_size < end:
-                if self.pool.available:
-                    self._append_page(seq, self.pool.allocate())
+                pool = self.pool_of(seq.slot)
+                if pool.available:
+                    self._append_page(seq, pool.allocate())
                     continue
-                victim = max((x for x in self.slot_seq if x is not None), key=lambda x: x.order)
+                shard = [
+                    x for i, x in enumerate(self.slot_seq)
+                    if x is not None and self.pool_of(i) is pool
+                ]  # fmt: skip
+                victim = max(shard, key=lambda x: x.order)
                 self.preempt(victim)
                 preempted.append(victim)
         active = [(i, seq) for i, seq in active if seq.slot is not None]
@@ -288,15 +334,15 @@ class Scheduler:
         return StepPlan(active, rows, self.window_for(top), preempted)
 
     def page_stats(self) -> dict[str, int]:
-        """Pool occupancy and prefix-cache counters for `Engine.stats`."""
-        pool = self.pool
+        """Pool occupancy and prefix-cache counters for `Engine.stats` (summed over shards)."""
+        total = lambda name: sum(getattr(p, name) for p in self.pools)  # noqa: E731
         return {
             "page_size": self.page_size,
-            "cache_pages": pool.num_pages,
-            "cache_pages_used": pool.used,
-            "cache_pages_cached": pool.cached,
-            "cache_pages_free": pool.free,
-            "cache_pages_evicted": pool.evicted,
+            "cache_pages": total("num_pages"),
+            "cache_pages_used": total("used"),
+            "cache_pages_cached": total("cached"),
+            "cache_pages_free": total("free"),
+            "cache_pages_evicted": total("evicted"),
             "prefix_cache_hit_tokens": self.hit_tokens,
             "prompt_tokens": self.prompt_tokens,
             "preemptions": self.preemptions,
