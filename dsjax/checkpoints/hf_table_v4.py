@@ -3,8 +3,9 @@ checkpoint, in the official naming (`embed.weight`, `layers.{i}.attn.wq_a.weight
 `layers.{i}.ffn.experts.{e}.w1.weight`, `mtp.{k}.…`) that transformers' `deepseek_v4`
 conversion mapping reads.
 
-dsjax keeps V4's layers unrolled (`layers_{i}`, no layer axis) and each layer's routed experts
-stacked ([E, in, out]). The hash-routing table `tid2eid` [vocab, k] (hash layers) and the
+dsjax keeps V4's layers in the groups of `v4_blocks.layer_groups`: unrolled `layers_{i}` (no
+layer axis) or scanned `blocks_{s}/block_{j}` (a leading repeat axis; `v4_blocks.layer_slot`
+says where layer i lives), and each layer's routed experts stacked ([E, in, out]). The hash-routing table `tid2eid` [vocab, k] (hash layers) and the
 routing bias (the others) live in the `moe_bias` collection.
 
 transformers' `save_pretrained` writes a mix of names (`model.` + the official names, but
@@ -18,6 +19,7 @@ import dataclasses
 
 from dsjax.checkpoints.hf_table import TensorEntry
 from dsjax.model.config import CSA, HCA, SLIDING, ModelConfig
+from dsjax.model.v4_blocks import layer_groups, layer_slot
 
 Path_ = tuple[str, ...]
 
@@ -116,7 +118,12 @@ def _block_rows(cfg: ModelConfig, layer_type: str, hashed: bool) -> list[_Row]:
     return rows
 
 
-def _entries(rows: list[_Row], key_prefix: str, tree: Path_, block: str):
+def _entries(
+    rows: list[_Row], key_prefix: str, tree: Path_, block: str, layer: int | None = None,
+    repeats: int = 0,
+):  # fmt: skip
+    """Entries of `rows` under `tree`; `layer`: the index on a scanned group's leading axis
+    (`repeats` long)."""
     for row in rows:
         slot = row.shape[::-1] if row.transpose else row.shape
         path = tree + tuple(row.path.split("/"))
@@ -125,8 +132,10 @@ def _entries(rows: list[_Row], key_prefix: str, tree: Path_, block: str):
                 key=key_prefix + (row.key.format(e=e) if row.experts else row.key),
                 collection=row.collection,
                 path=path,
-                leaf_shape=((row.experts,) if row.experts else ()) + slot,
-                layer=None,
+                leaf_shape=((repeats,) if layer is not None else ())
+                + ((row.experts,) if row.experts else ())
+                + slot,
+                layer=layer,
                 expert=e,
                 transpose=row.transpose,
                 shape=row.shape,
@@ -138,9 +147,11 @@ def v4_tensor_table(cfg: ModelConfig) -> list[TensorEntry]:
     """Every tensor of a DeepSeek-V4 checkpoint of `cfg` (MTP layers included), in order."""
     D, V, n = cfg.hidden_size, cfg.vocab_size, cfg.hc_mult
     table = list(_entries([_Row("embed.weight", "embed/embedding", (V, D))], "", (), ""))
+    repeats = {g.name: g.repeats for g in layer_groups(cfg)}
     for i, layer_type in enumerate(cfg.layer_types):
         rows = _block_rows(cfg, layer_type, i < cfg.num_hash_layers)
-        table += _entries(rows, f"layers.{i}.", (f"layers_{i}",), f"layers.{i}.")
+        tree, layer = layer_slot(cfg, i)
+        table += _entries(rows, f"layers.{i}.", tree, f"layers.{i}.", layer, repeats[tree[0]])
     head = [
         _linear("hc_head_fn", "hc_head/hc_fn", n, n * D),
         _Row("hc_head_base", "hc_head/hc_base", (n,)),

@@ -298,7 +298,7 @@ def load_v4(
             if arr.size and (arr.min() < 0 or arr.max() >= cfg.n_routed_experts):
                 raise ValueError(f"{e.key} holds expert ids outside [0, {cfg.n_routed_experts})")
         leaf = leaves[(e.collection, e.path)]
-        _copy_into(leaf if e.expert is None else leaf[e.expert], arr, e.transpose)
+        _copy_into(leaf[e.index] if e.index else leaf, arr, e.transpose)
     for f, _ in where.values():
         f.close()
     place = place or jnp.asarray

@@ -23,7 +23,7 @@ from dsjax.model.layers.mla import MLA
 from dsjax.model.layers.mlp import Linear, SwiGLU
 from dsjax.model.layers.moe import MoE
 from dsjax.model.layers.norms import RMSNorm
-from dsjax.model.v4_blocks import ATTN_OUT, FFN_OUT, LAYER_IN, V4MTP, v4_layers
+from dsjax.model.v4_blocks import ATTN_OUT, FFN_OUT, LAYER_IN, V4MTP, cache_shapes, v4_layers
 
 # Names of the block outputs that the "save_*" policies keep for the backward pass (each one
 # [B,T,D] in the compute dtype per layer) instead of recomputing the sub-layer that made it, and
@@ -473,6 +473,10 @@ def abstract_variables(cfg: ModelConfig):
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int):
     """Zero decode cache for `batch` rows of `max_len` positions: latent + rotated key per layer."""
+    if cfg.is_v4:  # from the shapes (`v4_blocks.cache_shapes`): no prefill trace at max_len
+        return jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(cfg, batch, max_len)
+        )
     tokens = jax.ShapeDtypeStruct((batch, max_len), jnp.int32)
     shapes = jax.eval_shape(
         lambda t: Transformer(cfg).init(jax.random.key(0), t, mode="prefill", run_mtp=True), tokens
@@ -481,14 +485,17 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int):
 
 
 # The cache layout, declared here with `init_cache`: leaves of the scanned stacks are
-# [L, B, S, ...] (nn.scan adds the leading layer axis), MTP modules' leaves [B, S, ...].
+# [L, B, S, ...] (nn.scan adds the leading layer axis), MTP modules' leaves [B, S, ...];
+# DeepSeek-V4's scanned groups `blocks_{s}` (`v4_blocks.layer_groups`) [repeats, B, ...], its
+# unrolled `layers_{i}` [B, ...].
 SCANNED_CACHE_STACKS = ("dense_layers", "moe_layers")
 
 
 def cache_batch_axis(top_level_name: str) -> int:
     """Batch axis of the cache leaves under `init_cache(...)[top_level_name]`; the sequence
     (slot) axis is the next one."""
-    return 1 if top_level_name in SCANNED_CACHE_STACKS else 0
+    scanned = top_level_name in SCANNED_CACHE_STACKS or top_level_name.startswith("blocks_")
+    return 1 if scanned else 0
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:

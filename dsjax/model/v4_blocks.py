@@ -5,13 +5,18 @@
     (post, comb, u) = HC_ffn(X);   X <- post ⊗ MoE(RMSNorm(u), tokens) + combᵀ X
 
 X [B, T, n, D] are the mHC streams (`layers/mhc.py`). Every layer is MoE; the first
-`num_hash_layers` route by the token-id table. Layers are unrolled (not scanned): their
-attention types differ. In training each block is rematerialised under `cfg.remat`'s policy
-(the transformer's `REMAT_POLICIES`): "full" keeps only each block's input streams.
+`num_hash_layers` route by the token-id table. Layers differ in kind (attention type, hashed),
+so the stack is cut into groups (`layer_groups`): a run of two or more repeats of one or two
+kinds (V4-Flash's 20 HCA/CSA pairs) is scanned (`blocks_{start}`, each leaf with a leading
+repeat axis, logical "layers"; inside, `block_{j}` for the j-th layer of the period), any other
+layer stays unrolled (`layers_{i}`). The compiled program then no longer grows with depth.
+In training each block is rematerialised under `cfg.remat`'s policy (the transformer's
+`REMAT_POLICIES`): "full" keeps only each block's input streams.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -25,6 +30,7 @@ from dsjax.model.layers.mlp import Linear
 from dsjax.model.layers.moe import MoE
 from dsjax.model.layers.norms import RMSNorm
 from dsjax.model.layers.v4_attention import V4Attention
+from dsjax.model.v4_cache import layer_cache_shapes
 
 STREAM_AXES = ("batch", "length", "hc", "embed")
 # Names the remat policies save or offload (the same names as the V3 blocks').
@@ -88,25 +94,149 @@ class V4MTP(nn.Module):
         return x1, normed, stats
 
 
+Kind = tuple[str, bool]  # (layer type, hash-routed)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerGroup:
+    """Layers `start ..` of the stack: `kinds` (one period) repeated `repeats` times. One
+    unrolled layer `layers_{start}` when `repeats == 1`, else the scanned `blocks_{start}`."""
+
+    start: int
+    kinds: tuple[Kind, ...]
+    repeats: int
+
+    @property
+    def name(self) -> str:
+        return f"layers_{self.start}" if self.repeats == 1 else f"blocks_{self.start}"
+
+    @property
+    def layers(self) -> range:
+        return range(self.start, self.start + len(self.kinds) * self.repeats)
+
+
+def layer_groups(cfg: ModelConfig) -> list[LayerGroup]:
+    """The stack cut into groups, in order: at each layer the period of 1 or 2 kinds that
+    repeats over the most layers (at least twice) is scanned, else the layer is unrolled."""
+    kinds = [(t, i < cfg.num_hash_layers) for i, t in enumerate(cfg.layer_types)]
+    groups, i = [], 0
+    while i < len(kinds):
+        best = (1, 1)  # (period, repeats)
+        for p in (1, 2):
+            r = 0
+            while kinds[i + r * p : i + (r + 1) * p] == kinds[i : i + p]:
+                r += 1
+            if r >= 2 and p * r > best[0] * best[1]:
+                best = (p, r)
+        p, r = best
+        groups.append(LayerGroup(i, tuple(kinds[i : i + p]), r))
+        i += p * r
+    return groups
+
+
+def layer_slot(cfg: ModelConfig, i: int) -> tuple[tuple[str, ...], int | None]:
+    """Where layer i's variables live: (tree path, index on the leading repeat axis or None)."""
+    for g in layer_groups(cfg):
+        if i in g.layers:
+            if g.repeats == 1:
+                return (g.name,), None
+            k, j = divmod(i - g.start, len(g.kinds))
+            return (g.name, f"block_{j}"), k
+    raise ValueError(f"layer {i} is outside the {len(cfg.layer_types)}-layer stack")
+
+
+class V4Period(nn.Module):
+    """One period of a scanned group (scan calling convention): the blocks `block_{j}` of
+    `kinds` in order. Returns (streams, {"counts": [P, E], "balance": [P]} over its P
+    top-k routed blocks, {} when all are hash-routed)."""
+
+    cfg: ModelConfig
+    kinds: tuple[Kind, ...]
+    mode: str = "train"
+    policy: Any = None
+
+    @nn.compact
+    def __call__(self, x_BTnD, tokens_BT, positions_BT, segment_ids_BT):
+        block = (
+            V4Block
+            if self.policy is None
+            else nn.remat(V4Block, policy=self.policy, prevent_cse=False)
+        )
+        counts, balance = [], []
+        for j, (layer_type, hashed) in enumerate(self.kinds):
+            x_BTnD, stats = block(self.cfg, layer_type, hashed, self.mode, name=f"block_{j}")(
+                x_BTnD, tokens_BT, positions_BT, segment_ids_BT
+            )
+            if not hashed:
+                counts.append(stats["counts"])
+                balance.append(stats["balance"])
+        out = {"counts": jnp.stack(counts), "balance": jnp.stack(balance)} if counts else {}
+        return x_BTnD, out
+
+
 def v4_layers(
     cfg: ModelConfig, mode: str, x_BTD, tokens_BT, positions_BT, segment_ids_BT, policy=None
 ) -> tuple[jax.Array, dict[str, Any]]:
     """The main stack (called inside `Transformer.__call__`): embeddings [B,T,D] copied into
-    n streams, the `layers_{i}` blocks (each under `nn.remat` with `policy` when one is given).
-    Returns (streams [B,T,n,D], {"counts": [L_routed, E],
-    "balance": [L_routed]} over the top-k routed layers (hash layers' routing is fixed))."""
+    n streams, then the `layer_groups` (each block under `nn.remat` with `policy` when one is
+    given). Returns (streams [B,T,n,D], {"counts": [L_routed, E], "balance": [L_routed]} over
+    the top-k routed layers in layer order (hash layers' routing is fixed))."""
     x = jnp.broadcast_to(x_BTD[:, :, None, :], (*x_BTD.shape[:2], cfg.hc_mult, x_BTD.shape[-1]))
     counts, balance = [], []
     block = V4Block if policy is None else nn.remat(V4Block, policy=policy)
-    for i, layer_type in enumerate(cfg.layer_types):
-        hashed = i < cfg.num_hash_layers
-        x, stats = block(cfg, layer_type, hashed, mode, name=f"layers_{i}")(
-            x, tokens_BT, positions_BT, segment_ids_BT
-        )
-        if not hashed:
-            counts.append(stats["counts"])
-            balance.append(stats["balance"])
+    for g in layer_groups(cfg):
+        if g.repeats == 1:
+            ((layer_type, hashed),) = g.kinds
+            x, stats = block(cfg, layer_type, hashed, mode, name=g.name)(
+                x, tokens_BT, positions_BT, segment_ids_BT
+            )
+            if not hashed:
+                counts.append(stats["counts"][None])
+                balance.append(stats["balance"][None])
+        else:
+            scanned = nn.scan(
+                V4Period,
+                variable_axes={"params": 0, "moe_bias": 0, "cache": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast,) * 3,
+                length=g.repeats,
+                unroll=min(cfg.scan_unroll, g.repeats),
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, stats = scanned(cfg, g.kinds, mode, policy, name=g.name)(
+                x, tokens_BT, positions_BT, segment_ids_BT
+            )
+            # [repeats, P, ...] in layer order: repeat-major, then position in the period
+            if stats:
+                counts.append(stats["counts"].reshape(-1, *stats["counts"].shape[2:]))
+                balance.append(stats["balance"].reshape(-1))
     out: dict[str, Any] = {}
     if counts:
-        out = {"counts": jnp.stack(counts), "balance": jnp.stack(balance)}
+        out = {"counts": jnp.concatenate(counts), "balance": jnp.concatenate(balance)}
     return x, out
+
+
+def cache_shapes(cfg: ModelConfig, batch: int, max_len: int, mtp: bool = True) -> dict[str, Any]:
+    """The `cache` collection of `cfg` for `batch` rows of `max_len` positions, as
+    jax.ShapeDtypeStructs, built from `v4_cache.layer_cache_shapes` per layer (nothing traced:
+    a 1M-token cache costs no prefill trace). Same tree as `Transformer.init(..., mode="prefill")`
+    makes: `layers_{i}/attn/v4`, `blocks_{s}/block_{j}/attn/v4` with a leading repeat axis, and
+    `mtp_{k}/block/attn/v4` when `mtp`."""
+
+    def one(layer_type: str, repeats: int = 0):
+        shapes = layer_cache_shapes(cfg, layer_type, batch, max_len)
+        if repeats:
+            shapes = jax.tree.map(
+                lambda s: jax.ShapeDtypeStruct((repeats, *s.shape), s.dtype), shapes
+            )
+        return {"attn": {"v4": shapes}}
+
+    tree: dict[str, Any] = {}
+    for g in layer_groups(cfg):
+        if g.repeats == 1:
+            tree[g.name] = one(g.kinds[0][0])
+        else:
+            tree[g.name] = {f"block_{j}": one(t, g.repeats) for j, (t, _) in enumerate(g.kinds)}
+    for k in range(cfg.num_mtp_layers if mtp else 0):
+        tree[f"mtp_{k}"] = {"block": one(SLIDING)}
+    return tree

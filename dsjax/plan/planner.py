@@ -47,6 +47,7 @@ from flax import linen as nn  # noqa: E402
 from dsjax import run_config  # noqa: E402
 from dsjax.model import sharding  # noqa: E402
 from dsjax.model.transformer import Transformer, cache_batch_axis  # noqa: E402
+from dsjax.model.v4_blocks import cache_shapes  # noqa: E402
 from dsjax.plan import (
     hlo_stats,  # noqa: E402
     tpu_specs,  # noqa: E402
@@ -585,6 +586,8 @@ def lower_decode(cfg, mesh, layout: str, batch: int, cache_len: int, page_size: 
     Returns (lowered, abstract variables, abstract cache pools) with their shardings."""
     from dsjax.model.layers import paged
 
+    if cfg.is_v4:
+        return _lower_decode_v4(cfg, mesh, layout, batch, cache_len)
     model = Transformer(cfg)
     rules = sharding.logical_rules(layout)
     tokens = jax.ShapeDtypeStruct((1, page_size), jnp.int32)
@@ -633,6 +636,51 @@ def lower_decode(cfg, mesh, layout: str, batch: int, cache_len: int, page_size: 
         return step.lower(abs_vars, abs_cache, tok, tok, table), abs_vars, abs_cache
 
 
+def _lower_decode_v4(cfg, mesh, layout: str, batch: int, cache_len: int):
+    """`lower_decode` for DeepSeek-V4: its contiguous per-row caches (window rings, compressor
+    buffers, compressed entries, indexer keys; `dsjax.model.v4_cache`) built from their shapes
+    (`v4_blocks.cache_shapes`: no prefill trace over cache_len tokens), rows over
+    `cache_batch`'s mesh axes when they divide the batch; the scanned groups carry the cache
+    as scan inputs/outputs (V4 has no paged layout yet)."""
+    model = Transformer(cfg)
+    rules = sharding.logical_rules(layout)
+    tokens = jax.ShapeDtypeStruct((1, 256), jnp.int32)
+    boxed = jax.eval_shape(
+        lambda t: model.init(jax.random.key(0), t, mode="prefill", run_mtp=False), tokens
+    )
+    specs = nn.get_partition_spec({k: v for k, v in boxed.items() if k != "cache"})
+    var_sh = sharding.logical_to_sharding(specs, mesh, rules)
+    variables = {k: v for k, v in nn.unbox(boxed).items() if k != "cache"}
+    cache_axes = sharding.dim_axes(("cache_batch",), rules)[0]
+    rows = cache_axes if batch % math.prod(mesh.shape[a] for a in cache_axes) == 0 else None
+    P = jax.sharding.PartitionSpec
+
+    def place(path, leaf):
+        spec = [None] * len(leaf.shape)
+        spec[cache_batch_axis(getattr(path[0], "key", ""))] = rows
+        sh = jax.sharding.NamedSharding(mesh, P(*spec))
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh)
+
+    abs_cache = jax.tree_util.tree_map_with_path(
+        place, cache_shapes(cfg, batch, cache_len, mtp=False)
+    )
+    cache_sh = jax.tree.map(lambda a: a.sharding, abs_cache)
+    abs_vars = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            variables, var_sh)  # fmt: skip
+    row_sh = jax.sharding.NamedSharding(mesh, P(rows, None))
+    tok = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=row_sh)
+
+    def decode_step(variables, cache, tokens_B1, positions_B1):
+        out, new = model.apply({**variables, "cache": cache}, tokens_B1, positions_B1,
+                               mode="decode", run_mtp=False, mutable=["cache"])  # fmt: skip
+        return out.logits[:, -1], new["cache"]
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        step = jax.jit(decode_step, in_shardings=(var_sh, cache_sh, row_sh, row_sh),
+                       out_shardings=(None, cache_sh), donate_argnums=1)  # fmt: skip
+        return step.lower(abs_vars, abs_cache, tok, tok), abs_vars, abs_cache
+
+
 def _global_bytes(tree) -> float:
     return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
@@ -676,7 +724,7 @@ def plan_decode(config: ml_collections.ConfigDict | RunConfig, target: Target, b
         est["tokens_per_s"] = batch / est["step_s"]
     if target.hbm_bytes_per_s:
         rows_pages = batch * -(-cache_len // page_size)  # the rows' pages, TRASH left out
-        cache_global = sum(
+        cache_global = _global_bytes(abs_cache) if cfg.is_v4 else sum(  # V4: contiguous rows
             _global_bytes(leaf) * rows_pages / leaf.shape[cache_batch_axis(key)]
             for key, tree in abs_cache.items()
             for leaf in jax.tree.leaves(tree)

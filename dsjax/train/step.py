@@ -349,14 +349,29 @@ def expert_counts_tree(moe_bias, out: ModelOutput):
     counts: dict[str, Any] = {}
     if "moe_layers" in moe_bias:
         counts["moe_layers"] = {"moe": {"bias": out.expert_counts}}
-    # DeepSeek-V4: unrolled layers_{i}; out.expert_counts stacks the top-k routed ones in order.
-    routed = sorted(
-        (int(name.split("_")[1]) for name in moe_bias
-         if name.startswith("layers_") and "bias" in moe_bias[name]["moe"]),
+    # DeepSeek-V4 (`v4_blocks.layer_groups`): out.expert_counts stacks the top-k routed layers
+    # in layer order: unrolled `layers_{i}`, scanned `blocks_{s}` (repeat-major, then `block_{j}`).
+    groups = sorted(
+        (int(name.split("_")[1]), name) for name in moe_bias
+        if name.startswith(("layers_", "blocks_"))
     )  # fmt: skip
-    for j, i in enumerate(routed):
-        assert out.expert_counts is not None  # a routed layer reports its counts
-        counts[f"layers_{i}"] = {"moe": {"bias": out.expert_counts[j]}}
+    row = 0
+    for _, name in groups:
+        if name.startswith("layers_"):
+            if "bias" in moe_bias[name]["moe"]:
+                assert out.expert_counts is not None  # a routed layer reports its counts
+                counts[name] = {"moe": {"bias": out.expert_counts[row]}}
+                row += 1
+            continue
+        period = sorted(moe_bias[name], key=lambda j: int(j.split("_")[1]))
+        routed = [j for j in period if "bias" in moe_bias[name][j]["moe"]]
+        if not routed:
+            continue
+        assert out.expert_counts is not None
+        r = moe_bias[name][routed[0]]["moe"]["bias"].shape[0]
+        part = out.expert_counts[row : row + r * len(routed)].reshape(r, len(routed), -1)
+        counts[name] = {j: {"moe": {"bias": part[:, q]}} for q, j in enumerate(routed)}
+        row += r * len(routed)
     for name in moe_bias:
         if name.startswith("mtp_"):
             k = int(name.split("_")[1])
