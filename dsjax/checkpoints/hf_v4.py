@@ -289,9 +289,9 @@ def load_v4(
         if slot in kept:  # the stored codes and scales, transposed into [in, out] leaves
             _, w, scale = _quantized(where, e)  # type: ignore[misc]
             scale_leaf = leaves[(e.collection, hf_fp8.scale_path(e.path))]
-            _copy_into(scale_leaf if e.expert is None else scale_leaf[e.expert], scale, True)
+            _copy_into(scale_leaf[e.index] if e.index else scale_leaf, scale, True)
             arr = unpack_fp4(w) if kept[slot] == "fp4" else w
-            _copy_into(leaves[slot] if e.expert is None else leaves[slot][e.expert], arr, True)
+            _copy_into(leaves[slot][e.index] if e.index else leaves[slot], arr, True)
             continue
         arr = _dequantized(where, e)
         if e.path[-1] == "tid2eid":

@@ -724,11 +724,13 @@ def plan_decode(config: ml_collections.ConfigDict | RunConfig, target: Target, b
         est["tokens_per_s"] = batch / est["step_s"]
     if target.hbm_bytes_per_s:
         rows_pages = batch * -(-cache_len // page_size)  # the rows' pages, TRASH left out
-        cache_global = _global_bytes(abs_cache) if cfg.is_v4 else sum(  # V4: contiguous rows
+        cache_global = sum(
             _global_bytes(leaf) * rows_pages / leaf.shape[cache_batch_axis(key)]
             for key, tree in abs_cache.items()
             for leaf in jax.tree.leaves(tree)
         )
+        if cfg.is_v4:  # contiguous rows, not pages
+            cache_global = _global_bytes(abs_cache)
         ideal = (_global_bytes(abs_vars) + cache_global) / n
         report["hbm_bound"] = {"bytes_per_device": ideal, "s": ideal / target.hbm_bytes_per_s}
         if est.get("step_s"):
