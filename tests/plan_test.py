@@ -241,6 +241,27 @@ def test_collectives_split_bytes_between_slices():
     assert "dcn_bytes" not in hlo_stats.collectives(_HLO_SLICES, num_devices=8)["ops"]["all-reduce"]
 
 
+_HLO_MEGASCALE = """
+ENTRY %main (x: f32[1024]) -> f32[1024] {
+  %x = f32[1024]{0} parameter(0)
+  %a = token[] after-all()
+  %pp = (f32[1024]{0}, u32[], token[]) send(f32[1024]{0} %x, token[] %a), channel_id=1, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_transfer_type="ONE_TO_ONE"}
+  %ar = (f32[256]{0}, u32[], token[]) send(f32[256]{0} %x, token[] %a), channel_id=2, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_transfer_type="ALL_REDUCE"}
+  ROOT %in = f32[1024]{0} collective-permute(f32[1024]{0} %x), source_target_pairs={{0,0},{1,1}}
+}
+"""
+
+
+def test_collectives_read_megascale_sends_as_dcn():
+    """XLA:TPU's multi-slice program is per slice: cross-slice transfers are host-transfer sends
+    to the DCN runtime (a permute: its payload; an all-reduce over K = 2 slices: 2 S (K-1)/K),
+    while the in-slice permute's pairs name only the slice's devices."""
+    ops = hlo_stats.collectives(_HLO_MEGASCALE, num_devices=8, per_slice=4)["ops"]
+    assert ops["collective-permute"]["dcn_bytes"] == pytest.approx(1024 * 4)
+    assert ops["collective-permute"]["count"] == 2
+    assert ops["all-reduce"]["dcn_bytes"] == pytest.approx(256 * 4)
+
+
 @needs_libtpu
 def test_num_slices_orders_devices_by_slice():
     """`--num_slices=2`: the devices of slice 0 come first, so the mesh's outer axis spans the

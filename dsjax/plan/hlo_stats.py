@@ -208,6 +208,26 @@ def _dcn_bytes(op: str, line: str, size: float, num_devices: int, per_slice: int
     return worst
 
 
+_MEGASCALE = re.compile(r'\bsend\(.*_xla_megascale_transfer_type="([A-Z_]+)"')
+
+
+def _megascale_send(line: str, slices: int) -> tuple[str, float, float] | None:
+    """(op, payload bytes, bytes sent over DCN) of a cross-slice transfer: XLA:TPU compiles a
+    multi-slice program per slice, and what crosses slices leaves as a host-transfer `send` to
+    its DCN runtime ("xla_megascale"): ONE_TO_ONE for a permute (the payload), ALL_REDUCE for
+    the cross-slice part of an all-reduce (2 S (K-1)/K over K slices)."""
+    m = _MEGASCALE.search(line)
+    if not m:
+        return None
+    sizes = shape_bytes(line.split(" send(")[0])
+    if not sizes:
+        return None
+    size = sizes[0]
+    if m.group(1) == "ALL_REDUCE":
+        return "all-reduce", size, 2 * size * (slices - 1) / slices
+    return "collective-permute", size, size
+
+
 def collectives(hlo: str, num_devices: int, per_slice: int | None = None) -> dict:
     """{op: {"count", "result_bytes", "moved_bytes"}} per step, plus `unknown_trip_counts`.
     With `per_slice` (devices per slice of a multi-slice target) each op also has
@@ -223,6 +243,13 @@ def collectives(hlo: str, num_devices: int, per_slice: int | None = None) -> dic
         if not m:
             continue
         for line in lines:
+            if per_slice and (dcn := _megascale_send(line, num_devices // per_slice)):
+                op, size, sent = dcn
+                stats[op]["count"] += int(m)
+                stats[op]["result_bytes"] += m * size
+                stats[op]["moved_bytes"] += m * sent
+                stats[op]["dcn_bytes"] += m * sent
+                continue
             found = _OP.search(line)
             if not found:
                 continue
