@@ -196,10 +196,3 @@ def test_mtp_speculative_greedy_equals_plain_greedy(mtp_model):
     assert spec.acceptance_rate > 0.5 and spec.tokens_per_forward > 1.4, (
         spec.acceptance_rate, spec.tokens_per_forward,
     )  # fmt: skip
-
-
-def test_engine_refuses_v4_in_one_line(cfg):
-    from dsjax.inference.engine import Engine
-
-    with pytest.raises(ValueError, match="DeepSeek-V4.*not served by the engine"):
-        Engine(cfg, {})

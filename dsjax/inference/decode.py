@@ -282,8 +282,9 @@ def _mtp_draft_logits(cfg, variables, state: DecodeState, pages=None):
     h2 = jnp.stack([h_first, state.hidden_B2D[:, 1]], 1)
     mtp_pos = jnp.stack([jnp.where(catch, pos - 2, pos - 1), pos - 1], 1)
     if cfg.is_v4:
-        # V4's window ring must not see one position twice: a repeated entry is skipped.
-        valid = jnp.stack([catch, jnp.ones_like(catch)], 1)
+        # V4's window ring must not see one position twice: a repeated entry is skipped (and
+        # a done row writes nothing, `_written`).
+        valid = jnp.stack([catch, jnp.ones_like(catch)], 1) & ~state.done_B[:, None]
     else:
         valid = jnp.ones((B, 2), bool)
     normed, cache = _mtp_apply(
@@ -623,11 +624,19 @@ def _mask(logits_BV, allowed_BV):
     return logits_BV if allowed_BV is None else smp.mask_logits(logits_BV, allowed_BV)
 
 
+def _written(cfg, active_B, T: int):
+    """Which of a step's T new tokens per row a DeepSeek-V4 cache stores: none of a done row's
+    (its slot may hold another request's state: an engine slot being prefilled); None for a
+    V3 cache (done rows write where no query of theirs looks, or to TRASH pages)."""
+    return jnp.broadcast_to(active_B[:, None], (active_B.shape[0], T)) if cfg.is_v4 else None
+
+
 def _plain_step(cfg, variables, s: DecodeState, top_n, allowed_BV=None, pages=None):
     active = ~s.done_B
     logits, _, cache = decode_forward(
-        cfg, variables, s.cache, s.tokens_B[:, None], s.positions_B[:, None], pages=pages
-    )
+        cfg, variables, s.cache, s.tokens_B[:, None], s.positions_B[:, None],
+        _written(cfg, active, 1), pages=pages,
+    )  # fmt: skip
     masked_BV = _mask(logits[:, 0], allowed_BV)
     nxt = s.sampling.sample(masked_BV, s.counts_B)
     count = s.counts_B + active
@@ -665,6 +674,7 @@ def _speculative_step(cfg, variables, s: DecodeState, top_n, allowed_BV=None, pa
         s.cache,
         jnp.stack([s.tokens_B, draft], 1),
         jnp.stack([pos, pos + 1], 1),
+        _written(cfg, active, 2),
         pages=pages,
     )
     masked_BV = _mask(logits[:, 0], allowed_BV)

@@ -44,6 +44,14 @@ the rounding of a different chunk split). Stale contents of a page's previous ow
 harmless: slot s is visible to a query at position p only if s <= p, and every slot up to p has
 been written by the current request (or is a cached prefix page holding the same tokens).
 
+DeepSeek-V4 (`cfg.is_v4`): the same scheduler, programs and decode core, but its caches are
+per slot, not paged (`engine_programs`; docs/design.md departures): each slot holds its window
+rings, compressor buffers and MTP ring (fixed size) and its compressed entries and indexer keys
+for `max_len` positions. The page pool still bounds the tokens in use (admission, preemption:
+`cache_tokens`), but it backs no memory, so there is no prefix cache (`prefix_cache` is off) and
+no paged attention kernel; `cache_bytes_per_token` is the per-slot caches' bytes over
+slots x max_len positions. One device only (no `mesh`).
+
 Constrained decoding: a request submitted with a `constraint` (a `TokenConstraint`, e.g.
 `dsjax.inference.constrained.GrammarConstraint`) draws every token from its allowed set: before
 each program that samples for it, the engine asks the constraint for its packed mask given the
@@ -228,11 +236,6 @@ class Engine:
         prefix_cache: bool = True,
         paged_attention: str = "auto",
     ):
-        if cfg.is_v4:
-            raise ValueError(
-                "DeepSeek-V4 (arch 'v4') is not served by the engine yet: its window ring and "
-                "compressor state have no paged layout; use dsjax.inference.generate"
-            )
         if slots < 1:
             raise ValueError(f"slots={slots}: must be >= 1")
         if min_window < 1 or min_batch < 1:
@@ -257,6 +260,17 @@ class Engine:
         if page_size < 1:
             raise ValueError(f"page_size={page_size}: must be >= 1")
         impl = paged.resolve_impl(paged_attention)
+        # DeepSeek-V4's caches are per slot, not paged (see the module docstring).
+        self._paged = not cfg.is_v4
+        if cfg.is_v4:
+            if mesh is not None:
+                raise ValueError("DeepSeek-V4 in the engine runs on one device: pass mesh=None")
+            if paged_attention not in ("auto", "xla"):
+                raise ValueError(
+                    f"paged_attention={paged_attention!r}: DeepSeek-V4's caches are per slot, "
+                    "not paged; use 'auto' or 'xla'"
+                )
+            impl, prefix_cache = "xla", False
         if cache_tokens is None:
             cache_tokens = slots * -(-max_len // page_size) * page_size
         # On a mesh whose row shards divide the slots (and the pool's pages) each chip keeps
@@ -298,9 +312,10 @@ class Engine:
         self.page_size = page_size
         self._state = self._new_state()
         pool = (self._state.cache, self._state.mtp_cache)
-        self._bytes_per_token = sum(x.nbytes for x in jax.tree.leaves(pool)) // (
-            self._sched.pool_pages * page_size
-        )
+        # Cache bytes per position the caches hold: the page pools' (TRASH pages included), or
+        # DeepSeek-V4's per-slot caches over slots x max_len positions.
+        held = self._sched.pool_pages * page_size if self._paged else slots * max_len
+        self._bytes_per_token = sum(x.nbytes for x in jax.tree.leaves(pool)) // held
 
         self._cv = threading.Condition()
         self._requests: dict[int, _Request] = {}
@@ -311,7 +326,8 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
     def _new_state(self) -> decode.DecodeState:
-        """An all-done state of `slots` rows with zero page pools (shapes traced once)."""
+        """An all-done state of `slots` rows with zero page pools, or DeepSeek-V4's zero
+        per-slot caches of max_len positions (shapes traced once)."""
         req = decode.row_requests([], [], None, self._stop_width, pad_to=self.slots)
 
         def empty(variables, req):
@@ -322,9 +338,11 @@ class Engine:
                 tokens,
                 jnp.ones((self.slots,), jnp.int32),
                 req,
-                cache_len=1,
+                cache_len=1 if self._paged else self.max_len,
                 speculative=self._can_speculate,
             )
+            if not self._paged:
+                return state
             return programs.pool_state(state, self._sched.pool_pages, self.page_size)
 
         shapes = jax.eval_shape(empty, self._variables, req)
@@ -412,7 +430,9 @@ class Engine:
             for start, T, window in sched.chunk_plan(n)
         }
         for (_, T, window), (start, n) in chunks.items():
-            state, logits, hidden = self._run_chunk(state, [0] * n, 0, start, T, window, trash)
+            state, logits, hidden = self._run_chunk(
+                state, [0] * n, 0, start, T, window, trash, start + T
+            )
         if chunks:
             for top_n in top_ns:
                 state, _ = self._run_start_decoding(state, [0], req, 0, logits, hidden, top_n)
@@ -426,7 +446,7 @@ class Engine:
                     np.ones((1,), np.int32),
                     req,
                     np.int32(0),
-                    trash[:1, : self._pages(P)],
+                    self._columns(trash, slice(0, 1), P),
                     None,  # no mask: passed as the service passes it (one compiled program)
                     speculative=self._can_speculate,
                     top_n=top_n,
@@ -451,7 +471,7 @@ class Engine:
                             self.cfg,
                             self._variables,
                             state,
-                            trash[:rows, : self._pages(window)],
+                            self._columns(trash, slice(0, rows), window),
                             live,
                             None,
                             speculative=spec,
@@ -471,6 +491,13 @@ class Engine:
         per_rows, per_pages = sched.slots // sched.shards, sched.pool_pages // sched.shards
         base = (np.arange(tables.shape[0]) // per_rows * per_pages)[:, None]
         return np.where(tables == TRASH, TRASH, tables - base).astype(np.int32)
+
+    def _columns(self, tables: np.ndarray, rows: slice, positions: int) -> np.ndarray | None:
+        """The page-table columns of `rows` a program over positions 0..positions-1 reads
+        (a copy), or None for DeepSeek-V4's per-slot caches."""
+        if not self._paged:
+            return None
+        return tables[rows, : self._pages(positions)].copy()
 
     def _pages(self, positions: int) -> int:
         """Page-table columns a program over positions 0..positions-1 reads."""
@@ -734,9 +761,10 @@ class Engine:
         rr.start_B[0] = req.generated  # resumed after a preemption: continue its output
         return rr
 
-    def _table(self, slot: int, positions: int) -> np.ndarray:
-        """Row `slot`'s page table over positions 0..positions-1, as a [1, K] batch."""
-        return self._sched.tables[slot : slot + 1, : self._pages(positions)].copy()
+    def _table(self, slot: int, positions: int) -> np.ndarray | None:
+        """Row `slot`'s page table over positions 0..positions-1, as a [1, K] batch (None:
+        per-slot caches)."""
+        return self._columns(self._sched.tables, slice(slot, slot + 1), positions)
 
     def _admit(self, req: _Request) -> None:
         """Prefills `req` into its slot and pages and emits its first token."""
@@ -776,16 +804,22 @@ class Engine:
         """(start, length, window) of each prefill chunk (`Scheduler.chunk_plan`)."""
         return self._sched.chunk_plan(n, start)
 
-    def _run_chunk(self, state, prompt, slot, start, T, window, tables=None):
-        """Runs `programs.prompt_chunk` for prompt[start:start + T] (zero-padded) into row `slot`
-        (page tables: the scheduler's, or `tables`); returns (state, logits_1V, hidden_1D) at
-        the prompt's last token (or the chunk's last entry)."""
+    def _run_chunk(self, state, prompt, slot, start, T, window, tables=None, end=None):
+        """Runs `programs.prompt_chunk` for prompt[start:end] (zero-padded to T tokens; `end`:
+        where the next chunk starts, default the prompt's end) into row `slot` (page tables:
+        the scheduler's, or `tables`); returns (state, logits_1V, hidden_1D) at the prompt's
+        last token (or the chunk's last entry). The padding is no token of the prompt (the
+        next chunk's tokens are its own): DeepSeek-V4's window ring must not hold positions
+        the next chunk rewrites."""
         n = len(prompt)
+        end = n if end is None else min(end, n)
         tokens = np.zeros((2, T), np.int32)  # the chunk's tokens and their MTP next tokens
         nxt = decode.prompt_next_tokens(np.asarray([prompt], np.int32))[0]
-        seg = slice(start, min(start + T, n))
+        seg = slice(start, min(start + T, end))
         tokens[0, : seg.stop - start], tokens[1, : seg.stop - start] = prompt[seg], nxt[seg]
-        table = (self._sched.tables if tables is None else tables)[slot : slot + 1]
+        table = self._columns(
+            self._sched.tables if tables is None else tables, slice(slot, slot + 1), window
+        )
         return programs.prompt_chunk(
             self.cfg,
             self._variables,
@@ -793,10 +827,10 @@ class Engine:
             tokens[:1],
             tokens[1:],
             np.int32(start),
-            np.array([n], np.int32),
+            np.array([end], np.int32),
             np.int32(min(n - 1 - start, T - 1)),
             np.int32(slot),
-            table[:, : self._pages(window)].copy(),
+            table,
             speculative=self._can_speculate,
             first=start == 0,
             # One row over global page ids: the gather path (GSPMD) on a mesh.
@@ -824,9 +858,10 @@ class Engine:
         start, T, window = req.plan[req.chunk]
         last = req.chunk == len(req.plan) - 1
         context = req.context
+        end = len(context) if last else req.plan[req.chunk + 1][0]
         try:
             self._state, logits, hidden = self._run_chunk(
-                self._state, context, req.slot, start, T, window
+                self._state, context, req.slot, start, T, window, end=end
             )
             if last:
                 top_n = None if req.params.logprobs is None else MAX_LOGPROBS
@@ -912,7 +947,9 @@ class Engine:
         live[[i for i, _ in active]] = True
         allowed = self._step_masks(active, rows, live)
         want = any(r.params.logprobs is not None for _, r in active)
-        table = self._local_tables(self._sched.tables[:rows, : self._pages(plan.window)])
+        table = None
+        if self._paged:
+            table = self._local_tables(self._sched.tables[:rows, : self._pages(plan.window)])
         t0 = time.perf_counter()
         try:
             self._state, out = programs.step(

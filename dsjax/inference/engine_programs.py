@@ -15,6 +15,14 @@ MTP catch-up entry n-1 or n-2 through the verified n+1). Shared prefix pages lie
 those positions, so no program writes a page another row reads. Writes to TRASH are garbage
 nobody reads unmasked (a position p sees only slots <= p, all the row's own).
 
+DeepSeek-V4 (`table` None in every program): its caches are per slot, not paged (docs/design.md
+departures): every leaf keeps one row per slot, window rings and compressor buffers of fixed
+size and compressed entries / indexer keys for the slot's `max_len` positions. A program takes
+its rows' caches out of the state (`_take_slots`), runs the same decode core on them and puts
+them back (`_put_slots`). Every V4 cache slot is addressed by absolute position and ignores
+whatever it holds at or after a forward's first new token (`model/layers/v4_decode.py`), so a
+slot reused by a new request (or a preempted one readmitted) needs no clearing.
+
 Each program takes the state donated. The programs that sample (`admit`, `start_decoding`,
 `step`) take an optional packed allowed-token mask per row (`allowed_*W`, see `decode`); None
 compiles the unconstrained program.
@@ -92,6 +100,37 @@ def _write_back(state, main, mtp, table_RP, pages_RK):
     return state.replace(cache=cache, mtp_cache=mtp)
 
 
+def _take_slots(state, start, count: int):
+    """(main, mtp) per-slot caches (DeepSeek-V4) of rows start..start+count-1."""
+    axes = _pool_axes(state)
+    main = jax.tree.map(
+        lambda x, b: jax.lax.dynamic_slice_in_dim(x, start, count, b), state.cache, axes[0]
+    )
+    mtp = jax.tree.map(
+        lambda x, b: jax.lax.dynamic_slice_in_dim(x, start, count, b), state.mtp_cache, axes[1]
+    )
+    return main, mtp
+
+
+def _put_slots(state, main, mtp, start):
+    """`state` with the per-slot caches (main, mtp) of some rows written from row `start` on
+    (mtp None: unchanged). A leaf may be shorter than the state's past the row axis (a
+    prompt's [1, P] cache: P // rate entries); it fills the leading entries (entry w at w)."""
+
+    def put(x, v, b):
+        idx = [jnp.int32(0)] * x.ndim
+        idx[b] = jnp.asarray(start, jnp.int32)
+        return jax.lax.dynamic_update_slice(x, v.astype(x.dtype), idx)
+
+    axes = _pool_axes(state)
+    cache = jax.tree.map(put, state.cache, main, axes[0])
+    if state.mtp_cache is not None and mtp is not None:
+        mtp = jax.tree.map(put, state.mtp_cache, mtp, axes[1])
+    else:
+        mtp = state.mtp_cache
+    return state.replace(cache=cache, mtp_cache=mtp)
+
+
 def _set_rows(state, part, start):
     """`state`'s per-slot leaves (all but the caches) with `part`'s rows at row `start`."""
     updates = {}
@@ -141,8 +180,8 @@ def admit(
     *, speculative, top_n,
 ):  # fmt: skip
     """Prefills one prompt into a fresh [1, P] state, samples token 0, writes the row's cache
-    to its pages table_1K (K pages cover P) and its other leaves to row `slot`; returns (state,
-    StepOutput of the row). Prompts longer than decode.PREFILL_CHUNK run chunk by chunk inside
+    to its pages table_1K (K pages cover P; None: to the slot's own caches, DeepSeek-V4) and
+    its other leaves to row `slot`; returns (state, StepOutput of the row). Prompts longer than decode.PREFILL_CHUNK run chunk by chunk inside
     this one program (bounded activations)."""
     row, first = decode.prefill(
         cfg,
@@ -156,8 +195,11 @@ def admit(
         prefill_chunk=decode.PREFILL_CHUNK,  # activation memory bounded by the chunk
         allowed_BW=allowed_1W,
     )
-    pages_1K = jnp.arange(table_1K.shape[1], dtype=jnp.int32)[None]
-    state = _write_back(state, row.cache, row.mtp_cache, table_1K, pages_1K)
+    if table_1K is None:
+        state = _put_slots(state, row.cache, row.mtp_cache, slot)
+    else:
+        pages_1K = jnp.arange(table_1K.shape[1], dtype=jnp.int32)[None]
+        state = _write_back(state, row.cache, row.mtp_cache, table_1K, pages_1K)
     return _set_rows(state, row, slot), first
 
 
@@ -177,7 +219,9 @@ def prompt_chunk(
 ):  # fmt: skip
     """One prompt chunk of the request in row `slot` at positions start..start+T-1, over the
     row's pages table_1P (its positions 0..P*page-1, the attention window), written to them in
-    place (and MTP module 0's cache with `speculative`); `impl`: `layers.paged.IMPLS`.
+    place (and MTP module 0's cache with `speculative`); `impl`: `layers.paged.IMPLS`. With
+    table_1P None (DeepSeek-V4) over the slot's own caches. Positions >= length_1 are padding
+    (the engine passes the end of the chunk's real tokens).
 
     `first`: the first chunk from position 0 (`decode.prefill_first_chunk`, prefill mode,
     positions >= length_1 are padding). Otherwise `decode.prefill_next_chunk` (absorbed decode
@@ -186,17 +230,25 @@ def prompt_chunk(
     alone. Returns (state, logits_1V, hidden_1D) at chunk offset `last` (the prompt's last token
     when this is the last chunk).
     """
-    pages = Pages(jnp.asarray(table_1P, jnp.int32), impl=impl)
-    mtp = state.mtp_cache if speculative else None
+    if table_1P is None:  # per-slot caches (DeepSeek-V4)
+        pages = None
+        main, mtp = _take_slots(state, slot, 1)
+    else:
+        pages = Pages(jnp.asarray(table_1P, jnp.int32), impl=impl)
+        main, mtp = state.cache, state.mtp_cache
+    mtp = mtp if speculative else None
     if first:
         main, mtp, logits_1TV, hidden_1TD = decode.prefill_first_chunk(
-            cfg, variables, state.cache, mtp, tokens_1T, next_1T, length_1, pages=pages
+            cfg, variables, main, mtp, tokens_1T, next_1T, length_1, pages=pages
         )
     else:
         main, mtp, logits_1TV, hidden_1TD = decode.prefill_next_chunk(
-            cfg, variables, state.cache, mtp, tokens_1T, next_1T, start, pages=pages
+            cfg, variables, main, mtp, tokens_1T, next_1T, start, length_1, pages=pages
         )
-    state = state.replace(cache=main, mtp_cache=mtp if speculative else state.mtp_cache)
+    if pages is None:
+        state = _put_slots(state, main, mtp, slot)
+    else:
+        state = state.replace(cache=main, mtp_cache=mtp if speculative else state.mtp_cache)
     row = _rows(state, slot, 1)
     row = row.replace(
         positions_B=jnp.full_like(row.positions_B, PARKED), done_B=jnp.ones_like(row.done_B)
@@ -238,16 +290,27 @@ def step(
 ):  # fmt: skip
     """One decode step over slots 0..rows-1, each over its pages table_RP (positions
     0..P*page-1, covering every active position), read and written in place; rows with live_R
-    False are held done and write only to TRASH. `allowed_RW`: the rows' packed allowed-token
-    masks, or None. `impl`: how attention reads the pages (`layers.paged.IMPLS`). `shards`:
-    the mesh axes the rows and the pools' pages split over, table_RP then holding each row's
-    chip-local page ids (`layers.paged.Pages.shards`; rows = all slots)."""
-    table_RP = jnp.where(live_R[:, None], jnp.asarray(table_RP, jnp.int32), TRASH)
-    sub = _rows(state, 0, rows).replace(cache=state.cache, mtp_cache=state.mtp_cache)
+    False are held done and write only to TRASH (DeepSeek-V4's done rows write nothing).
+    `allowed_RW`: the rows' packed allowed-token masks, or None. `impl`: how attention reads
+    the pages (`layers.paged.IMPLS`). `shards`: the mesh axes the rows and the pools' pages
+    split over, table_RP then holding each row's chip-local page ids
+    (`layers.paged.Pages.shards`; rows = all slots). table_RP None (DeepSeek-V4): over the
+    slots' own caches."""
+    if table_RP is None:  # per-slot caches (DeepSeek-V4)
+        pages = None
+        main, mtp = _take_slots(state, 0, rows)
+    else:
+        table_RP = jnp.where(live_R[:, None], jnp.asarray(table_RP, jnp.int32), TRASH)
+        pages = Pages(table_RP, impl=impl, shards=shards)
+        main, mtp = state.cache, state.mtp_cache
+    sub = _rows(state, 0, rows).replace(cache=main, mtp_cache=mtp)
     sub = sub.replace(done_B=sub.done_B | ~live_R)
     sub, out = decode.step(
         cfg, variables, sub, speculative=speculative, top_n=top_n, allowed_BW=allowed_RW,
-        pages=Pages(table_RP, impl=impl, shards=shards),
+        pages=pages,
     )  # fmt: skip
-    state = state.replace(cache=sub.cache, mtp_cache=sub.mtp_cache)
+    if pages is None:
+        state = _put_slots(state, sub.cache, sub.mtp_cache, 0)
+    else:
+        state = state.replace(cache=sub.cache, mtp_cache=sub.mtp_cache)
     return _set_rows(state, sub, 0), out
