@@ -163,13 +163,14 @@ def test_preemption_under_a_small_pool_changes_no_output(model, prompts, referen
 
 
 def test_v4_checkpoint_serves_a_chat_completion(model, prompts, engine, reference):
-    """The HTTP app over the engine: a greedy chat completion of the V4 checkpoint is
+    """The HTTP app over the warmed-up engine: a greedy chat completion of the V4 checkpoint is
     `generate`'s continuation of the chat-templated prompt, up to eos or max_tokens."""
     from fastapi.testclient import TestClient
 
     from dsjax.serve.app import create_app
 
     _, _, tok = model
+    engine.warmup((1, 20))  # as serve.py does (its programs are compiled by now: quick)
     client = TestClient(create_app(engine, tok, "tiny-v4"))
     body = {"messages": [{"role": "user", "content": CHAT}], "max_tokens": N, "temperature": 0}
     r = client.post("/v1/chat/completions", json=body)
