@@ -15,7 +15,7 @@ SCORING_FUNCS = ("sigmoid", "softmax", "sqrtsoftplus")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 REMAT_POLICIES = ("none", "full", "offload", "dots", "dots_no_batch", "save_attn", "save_attn_ffn")
 ATTENTION_IMPLS = ("auto", "reference", "chunked", "cudnn", "splash")
-MOE_IMPLS = ("auto", "ragged_dot", "tiled")
+MOE_IMPLS = ("auto", "ragged_dot", "tiled", "looped")
 DTYPES = ("float32", "bfloat16", "float16")
 SUPPORTED_HF_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2", "deepseek_v32", "deepseek_v4")
 ARCHS = ("v3", "v4")
@@ -84,7 +84,7 @@ class ModelConfig:
     remat: str = "full"
     attention_impl: str = "auto"
     attention_chunk: int = 512
-    moe_impl: str = "auto"  # grouped matmul: auto | ragged_dot | tiled
+    moe_impl: str = "auto"  # grouped matmul: auto | ragged_dot | tiled | looped
     moe_tile: int = 0  # rows per tile of the "tiled" impl; 0 = per platform (CPU 128, GPU 512)
     # Expert parallelism's receive buffer: 0 = dropless (worst case G*n*min(K, E/G) rows per
     # chip); c > 0 = ceil(c*n*K) rows, assignments past it dropped (a memory lever for 671B).

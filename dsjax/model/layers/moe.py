@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from dsjax.model import fp8 as fp8_lib
 from dsjax.model.config import ModelConfig
+from dsjax.model.layers.grouped_loop import looped_matmul
 from dsjax.model.layers.mlp import Linear, SwiGLU, swiglu
 from dsjax.model.sharding import TOKEN_AXES, active_rules, dim_axes
 
@@ -101,9 +102,11 @@ def grouped_swiglu(
 
     impl "ragged_dot": `jax.lax.ragged_dot` (the TPU's native grouped GEMM); "tiled": each
     group padded to whole tiles of `tile` rows, one expert per tile, batched matmuls over tiles;
-    "auto": ragged_dot on TPU, tiled elsewhere (`platform` defaults to the mesh's, see
-    `_platform`). Measured (benchmarks/RESULTS.md): XLA:CPU lowers ragged_dot ~5x slower than
-    tiling; on an H100 (jax 0.11.2) ragged_dot fwd+bwd of 65536 rows x 24 experts took 129 ms
+    "looped": each group as a few 2-D GEMMs in loops (`grouped_loop.looped_matmul`; the FP8
+    recipe and stored-FP8 weights take "tiled" instead); "auto": ragged_dot on TPU, tiled on GPU,
+    looped on CPU (`platform` defaults to the mesh's, see `_platform`). Measured
+    (benchmarks/RESULTS.md): XLA:CPU lowers ragged_dot ~5x slower than tiling, and the tiled
+    batched GEMM ~2x slower than the looped 2-D GEMMs; on an H100 (jax 0.11.2) ragged_dot fwd+bwd of 65536 rows x 24 experts took 129 ms
     and 18.5 GiB of temporaries against 24.7 ms and 3.5 GiB tiled by 512 rows. `tile` 0 picks
     per platform: 128 on CPU, 512 on GPU.
 
@@ -115,6 +118,12 @@ def grouped_swiglu(
     """
     impl, tile = _resolve_impl(impl, tile, platform)
     quantized = fp8 or scales is not None
+    if impl == "looped" and quantized:
+        impl = "tiled"
+    if impl == "looped":
+        gate = looped_matmul(x_MD, w_gate_EDF, group_sizes_E)
+        up = looped_matmul(x_MD, w_up_EDF, group_sizes_E)
+        return looped_matmul(swiglu(gate, up, limit), w_down_EFD, group_sizes_E)
     s_gate, s_up, s_down = scales if scales is not None else (None, None, None)
     if impl == "ragged_dot" and quantized:
         mm = lambda a, w, s: fp8_lib.grouped_matmul(  # noqa: E731
@@ -148,12 +157,13 @@ def grouped_swiglu(
 
 
 def _resolve_impl(impl: str, tile: int, platform: str | None) -> tuple[str, int]:
-    """("ragged_dot" | "tiled", tile rows) for `impl` "auto" and `tile` 0 on `platform`."""
+    """("ragged_dot" | "tiled" | "looped", tile rows) for `impl` "auto" and `tile` 0 on
+    `platform`."""
     platform = platform or _platform()
     if impl == "auto":
-        impl = "ragged_dot" if platform == "tpu" else "tiled"
-    if impl not in ("ragged_dot", "tiled"):
-        raise ValueError(f"moe_impl={impl!r}: expected auto, ragged_dot or tiled")
+        impl = {"tpu": "ragged_dot", "cpu": "looped"}.get(platform, "tiled")
+    if impl not in ("ragged_dot", "tiled", "looped"):
+        raise ValueError(f"moe_impl={impl!r}: expected auto, ragged_dot, tiled or looped")
     return impl, tile or (512 if platform == "gpu" else 128)
 
 
@@ -302,6 +312,22 @@ def tiled_dispatch_combine(
     )
     y_TmD = _tiled_swiglu(x_TmD, tile_expert, w_gate_EDF, w_up_EDF, w_down_EFD, fp8, scales, limit)
     y_NKD = _collect_rows(*_match(y_TmD.reshape(S, D), slot_A, assignment_S)).reshape(N, K, D)
+    return jnp.einsum("nkd,nk->nd", y_NKD.astype(jnp.float32), weights_NK)
+
+
+def sorted_dispatch_combine(x_ND, idx_NK, weights_NK, w_gate_EDF, w_up_EDF, w_down_EFD, limit=0.0):
+    """Routed experts with the looped grouped matmul: token rows gathered into expert order,
+    outputs gathered back (both passes move activations by gathers, as in
+    `tiled_dispatch_combine`). Returns Σ_k w_nk · expert_k(x_n) [N, D] f32."""
+    N, K = idx_NK.shape
+    order, group_sizes = _sort_by_expert(idx_NK, w_gate_EDF.shape[0])
+    order = order.astype(jnp.int32)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(N * K, dtype=jnp.int32))
+    x_MD = _expand_rows(*_match(x_ND, order // K, inverse.reshape(N, K)))
+    gate = looped_matmul(x_MD, w_gate_EDF, group_sizes)
+    up = looped_matmul(x_MD, w_up_EDF, group_sizes)
+    y_MD = looped_matmul(swiglu(gate, up, limit), w_down_EFD, group_sizes)
+    y_NKD = _collect_rows(*_match(y_MD, inverse, order)).reshape(N, K, -1)
     return jnp.einsum("nkd,nk->nd", y_NKD.astype(jnp.float32), weights_NK)
 
 
@@ -675,7 +701,9 @@ def sharded_experts(x_ND, idx_NK, weights_NK, experts: Experts, mesh, choice: st
             wd = jax.lax.all_gather(wd, gather_d, axis=2, tiled=True)
         if group:
             y = expert_all_to_all(x, idx, w, wg, wu, wd, cfg, group, platform)
-        elif impl == "tiled":
+        elif impl == "looped" and not cfg.fp8:
+            y = sorted_dispatch_combine(x, idx, w, wg, wu, wd, cfg.swiglu_limit)
+        elif impl in ("tiled", "looped"):
             y = tiled_dispatch_combine(x, idx, w, wg, wu, wd, tile, cfg.fp8, limit=cfg.swiglu_limit)
         else:
             order, group_sizes = _sort_by_expert(idx, E)
@@ -792,6 +820,11 @@ class Experts(nn.Module):
                 x_ND.astype(dtype), idx_NK, weights_NK, cfg.n_routed_experts, self
             )
         scales, (w_gate, w_up, w_down) = self._operands(dtype)
+        if impl == "looped" and not cfg.fp8 and scales is None:
+            y = sorted_dispatch_combine(
+                x_ND.astype(dtype), idx_NK, weights_NK, w_gate, w_up, w_down, cfg.swiglu_limit
+            )
+            return y.astype(dtype)
         y = tiled_dispatch_combine(
             x_ND.astype(dtype),
             idx_NK,
