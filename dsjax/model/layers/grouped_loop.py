@@ -111,15 +111,21 @@ def _weight_grad(x_MK, dy_MN, group_sizes_E, E: int):
     return dw
 
 
-@jax.custom_vjp
 def looped_matmul(x_MK, w_EKN, group_sizes_E):
     """The grouped matmul: row block e of x (rows sorted by expert) times w[e] -> [M, N] in x's
-    dtype, rows past sum(group_sizes) zero. Same contract as `jax.lax.ragged_dot`."""
+    dtype, rows past sum(group_sizes) zero. Same contract as `jax.lax.ragged_dot`. Inside
+    `shard_map` the operands first take each other's varying axes (a custom VJP's gradients must
+    type as its inputs)."""
+    return _looped(*fp8_lib.match_varying(x_MK, w_EKN, group_sizes_E))
+
+
+@jax.custom_vjp
+def _looped(x_MK, w_EKN, group_sizes_E):
     return _forward(x_MK, w_EKN, group_sizes_E, transpose=False)
 
 
 def _looped_fwd(x_MK, w_EKN, group_sizes_E):
-    return looped_matmul(x_MK, w_EKN, group_sizes_E), (x_MK, w_EKN, group_sizes_E)
+    return _looped(x_MK, w_EKN, group_sizes_E), (x_MK, w_EKN, group_sizes_E)
 
 
 def _looped_bwd(res, dy_MN):
@@ -129,4 +135,4 @@ def _looped_bwd(res, dy_MN):
     return dx, dw, None
 
 
-looped_matmul.defvjp(_looped_fwd, _looped_bwd)
+_looped.defvjp(_looped_fwd, _looped_bwd)
