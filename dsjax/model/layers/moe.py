@@ -118,7 +118,7 @@ def grouped_swiglu(
     """
     impl, tile = _resolve_impl(impl, tile, platform)
     quantized = fp8 or scales is not None
-    if impl == "looped" and quantized:
+    if impl == "looped" and (quantized or _few_rows(x_MD.shape[0], group_sizes_E.shape[0])):
         impl = "tiled"
     if impl == "looped":
         gate = looped_matmul(x_MD, w_gate_EDF, group_sizes_E)
@@ -165,6 +165,12 @@ def _resolve_impl(impl: str, tile: int, platform: str | None) -> tuple[str, int]
     if impl not in ("ragged_dot", "tiled", "looped"):
         raise ValueError(f"moe_impl={impl!r}: expected auto, ragged_dot, tiled or looped")
     return impl, tile or (512 if platform == "gpu" else 128)
+
+
+def _few_rows(M: int, E: int) -> bool:
+    """Too few rows per expert (decode) for the looped impl: its per-chunk loop steps cost more
+    than the tiled impl's padding there (batch-8 decode of issue 8's shape, M = 32, E = 16)."""
+    return M < 16 * E
 
 
 def tile_rows(tile: int, M: int, E: int) -> int:
@@ -701,7 +707,7 @@ def sharded_experts(x_ND, idx_NK, weights_NK, experts: Experts, mesh, choice: st
             wd = jax.lax.all_gather(wd, gather_d, axis=2, tiled=True)
         if group:
             y = expert_all_to_all(x, idx, w, wg, wu, wd, cfg, group, platform)
-        elif impl == "looped" and not cfg.fp8:
+        elif impl == "looped" and not cfg.fp8 and not _few_rows(idx.size, E):
             y = sorted_dispatch_combine(x, idx, w, wg, wu, wd, cfg.swiglu_limit)
         elif impl in ("tiled", "looped"):
             y = tiled_dispatch_combine(x, idx, w, wg, wu, wd, tile, cfg.fp8, limit=cfg.swiglu_limit)
@@ -820,7 +826,8 @@ class Experts(nn.Module):
                 x_ND.astype(dtype), idx_NK, weights_NK, cfg.n_routed_experts, self
             )
         scales, (w_gate, w_up, w_down) = self._operands(dtype)
-        if impl == "looped" and not cfg.fp8 and scales is None:
+        few = _few_rows(idx_NK.size, cfg.n_routed_experts)
+        if impl == "looped" and not cfg.fp8 and scales is None and not few:
             y = sorted_dispatch_combine(
                 x_ND.astype(dtype), idx_NK, weights_NK, w_gate, w_up, w_down, cfg.swiglu_limit
             )
