@@ -20,7 +20,7 @@ from flax import linen as nn
 
 from dsjax.model.config import ModelConfig
 from dsjax.model.transformer import abstract_variables
-from dsjax.text.tokenizer import Tokenizer, train_bpe
+from dsjax.text.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, Tokenizer, train_bpe
 from dsjax.text.tool_calls import MARKERS
 
 # Prompts of three lengths (5, 1 and 13 tokens) inside tiny_config's vocabulary.
@@ -248,3 +248,23 @@ def tool_tokenizer() -> Tokenizer:
     trained = train_bpe(corpus + ["hello world, what is the weather in Paris?"] * 10, 400)
     trained.backend.add_special_tokens(list(MARKERS))
     return Tokenizer(trained.backend, bos_token="<|bos|>", eos_token="<|eos|>")
+
+
+# A minimal chat template: `<role>content` lines, then `<assistant>` for the reply.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def chat_tokenizer() -> Tokenizer:
+    """A 300-token byte-level BPE with bos/eos/pad and `CHAT_TEMPLATE`, for serving tests."""
+    corpus = [f"the quick brown fox {i} jumps over the lazy dog" for i in range(100)]
+    trained = train_bpe(corpus * 3 + ["hello world, how are you?"] * 20, 300)
+    return Tokenizer(
+        trained.backend,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        chat_template=CHAT_TEMPLATE,
+    )

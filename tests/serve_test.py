@@ -25,20 +25,17 @@ import pytest
 import torch
 from transformers import DeepseekV3ForCausalLM
 
+from dsjax import testing
 from dsjax.checkpoints.hf import load_hf_checkpoint
 from dsjax.inference.engine import Engine, QueueFull, SamplingParams
 from dsjax.inference.generate import generate
 from dsjax.serve.responses import TokenText
-from dsjax.text.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, Tokenizer, train_bpe
+from dsjax.text.tokenizer import BOS_TOKEN, Tokenizer
 from tests import hf_fixtures as fx
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"
 MAX_LEN = 128
-TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
-)
 # 16 requests: prompt lengths 1..16 (prefill buckets 8 and 16), different max_tokens.
 PROMPT_IDS = [[(7 * i + 3 * j) % 250 + 3 for j in range(1 + i)] for i in range(16)]
 MAX_TOKENS = [4 + (5 * i) % 13 for i in range(16)]
@@ -49,15 +46,7 @@ MAX_TOKENS = [4 + (5 * i) % 13 for i in range(16)]
 def checkpoint(tmp_path_factory) -> Path:
     """A tiny random HF DeepSeek-V3 directory with tokenizer.json + tokenizer_config.json."""
     path = tmp_path_factory.mktemp("ckpt")
-    corpus = [f"the quick brown fox {i} jumps over the lazy dog" for i in range(100)]
-    trained = train_bpe(corpus * 3 + ["hello world, how are you?"] * 20, 300)
-    tok = Tokenizer(
-        trained.backend,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        chat_template=TEMPLATE,
-    )
+    tok = testing.chat_tokenizer()
     tok.save(path)
     default_rope = {"rope_type": "default", "rope_theta": 10000.0}
     model = fx.separated_hf_model(

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from configs import tiny_v4
+from dsjax import testing
 from dsjax.checkpoints.hf import save_hf_checkpoint
 from dsjax.inference.engine import Engine, SamplingParams
 from dsjax.inference.generate import generate
@@ -26,13 +27,9 @@ from dsjax.inference.page_pool import TRASH
 from dsjax.model import v4_cache
 from dsjax.model.transformer import init_variables
 from dsjax.testing import tokens_of
-from dsjax.text.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, Tokenizer, train_bpe
+from dsjax.text.tokenizer import BOS_TOKEN
 from dsjax.train import step as ts
 
-TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
-)
 # Longer than the window (8) except the first, a multiple of neither compression rate (4, 8);
 # with prefill_chunk=8 all but the first are prefilled chunk by chunk.
 LENGTHS = (5, 11, 14, 19, 22)
@@ -44,15 +41,7 @@ CHAT = "hello world"
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny_v4 Hugging Face directory (dsjax's writer) with tokenizer files."""
-    corpus = [f"the quick brown fox {i} jumps over the lazy dog" for i in range(100)]
-    trained = train_bpe(corpus * 3 + ["hello world, how are you?"] * 20, 300)
-    tok = Tokenizer(
-        trained.backend,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        chat_template=TEMPLATE,
-    )
+    tok = testing.chat_tokenizer()
     cfg = ts.model_config(tiny_v4.get_config()).replace(
         dtype="float32", param_dtype="float32", num_mtp_layers=1, vocab_size=tok.vocab_size
     )
