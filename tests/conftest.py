@@ -44,6 +44,15 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+import jax  # noqa: E402
+
+# ...but not in the test processes themselves: serialising a freshly compiled executable for the
+# cache (`LoadedExecutable.serialize`, XLA:CPU, jax 0.10.2) segfaulted an xdist worker once
+# (tests/v4_test.py, after hundreds of programs in that process; the same test alone passes).
+# Within one process jit's own cache already shares programs; the train.py subprocesses the
+# tests start keep the persistent cache through the environment above.
+jax.config.update("jax_enable_compilation_cache", False)
+
 
 import pytest  # noqa: E402
 
