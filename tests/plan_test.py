@@ -217,6 +217,40 @@ def test_collectives_count_loop_bodies_per_iteration():
     assert ops["reduce-scatter"]["count"] == 0
 
 
+def test_collectives_count_one_branch_per_conditional():
+    """A compiled program (XLA:CPU, 4 devices): a loop of 5 ticks, each running ONE case of a
+    3-way `lax.switch` (a pipeline tick's form): an all-reduce of 1 KiB (moves 2 S 3/4 =
+    1,536 B), an inner loop of 3 all-gathers to 1 KiB (3 x S 3/4 = 2,304 B), or nothing. One
+    branch per execution, the heaviest: 5 x 3 all-gathers and no all-reduce (counting every
+    branch on every tick gave 5 all-reduces besides)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((4,), ("x",), devices=jax.devices()[:4])
+
+    def gathers(c):
+        step = lambda c, _: (jax.lax.all_gather(c[:64], "x", tiled=True) + c, None)  # noqa: E731
+        return jax.lax.scan(step, c, None, length=3)[0]
+
+    def body(x):
+        def tick(c, i):
+            cases = [lambda: jax.lax.psum(c, "x"), lambda: gathers(c), lambda: 2 * c]
+            return jax.lax.switch(i % 3, cases), None
+
+        return jax.lax.scan(tick, x, jnp.arange(5))[0]
+
+    f = jax.shard_map(body, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)
+    hlo = jax.jit(f).lower(jnp.ones(256)).compile().as_text()
+    assert " conditional(" in hlo and hlo.count(" while(") == 2  # nothing unrolled
+    c = hlo_stats.collectives(hlo, num_devices=4)
+    ops, S = c["ops"], 256 * 4
+    assert c["unknown_trip_counts"] == 0
+    assert ops["all-gather"]["count"] == 15
+    assert ops["all-gather"]["moved_bytes"] == pytest.approx(15 * S * 3 / 4)
+    assert ops["all-reduce"]["count"] == 0
+
+
 _HLO_SLICES = """
 ENTRY %main (x: f32[1024]) -> f32[1024] {
   %x = f32[1024]{0} parameter(0)

@@ -1,15 +1,16 @@
 """Collectives in an optimized HLO module (`compiled.as_text()`), with bytes per step.
 
-Ops inside a `while` body (the scanned layer stacks, gradient accumulation) run once per
-iteration: each computation's multiplicity is propagated from ENTRY through call sites, using
-the `known_trip_count` XLA attaches to while loops whose trip count it knows (else 1: then the
-figure is a lower bound and `unknown_trip_counts` says so). XLA:TPU's text carries no
-`known_trip_count`; there the bound is read from the loop condition (`i < N`, a scan's form).
+What one execution of ENTRY runs, computed bottom-up over the call graph: a computation costs
+its own collectives plus its callees' costs — a `while` body times the loop's trip count (the
+`known_trip_count` XLA attaches to loops whose count it knows; XLA:TPU's text carries none, so
+there the bound is read from the loop condition, `i < N`, a scan's form; else 1: the figure is
+then a lower bound and `unknown_trip_counts` says so), and a `conditional` ONE branch per
+execution: the branch that moves the most bytes (an upper bound for the branch actually taken;
+a pipeline's tick runs one of its switch's cases, not all of them).
 """
 
 from __future__ import annotations
 
-import collections
 import re
 
 COLLECTIVES = (
@@ -28,6 +29,7 @@ _SHAPE = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z]*)?)\[([0-9,]*)\]")
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*(?:\(|\{)")
 _CALLEE = re.compile(r"\b(calls|to_apply|body|condition)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRUE_FALSE = re.compile(r"\b(?:true|false)_computation=%?([\w.\-]+)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _OP = re.compile(r"=\s*(.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
@@ -84,35 +86,6 @@ def _condition_bounds(comps) -> dict[str, int]:
         if "compare(" in root and "direction=LT" in root and len(consts) == 1:
             bounds[name] = consts[0]
     return bounds
-
-
-def _multiplicities(comps, entry) -> tuple[dict[str, float], int]:
-    """Times each computation runs per execution of ENTRY (callees precede callers in text)."""
-    bounds = _condition_bounds(comps)
-    mult: dict[str, float] = collections.defaultdict(float)
-    if entry is None:
-        return {name: 1.0 for name, _ in comps}, 0
-    mult[entry] = 1.0
-    unknown = 0
-    for name, lines in reversed(comps):
-        m = mult.get(name, 0.0)
-        if not m:
-            continue
-        for line in lines:
-            is_while = " while(" in line
-            trip = None
-            if is_while:
-                found = _TRIP.search(line)
-                cond = _CONDITION.search(line)
-                trip = int(found.group(1)) if found else bounds.get(cond.group(1) if cond else "")
-                unknown += trip is None
-            for kind, callee in _CALLEE.findall(line):
-                factor = trip if (trip is not None and kind == "body") else 1
-                mult[callee] += m * factor
-            for group in _BRANCHES.findall(line):
-                for callee in group.split(","):
-                    mult[callee.strip().lstrip("%")] += m
-    return mult, unknown
 
 
 def _group_size(line: str, default: int) -> int:
@@ -228,43 +201,101 @@ def _megascale_send(line: str, slices: int) -> tuple[str, float, float] | None:
     return "collective-permute", size, size
 
 
+_FIELDS = ("count", "result_bytes", "moved_bytes", "dcn_bytes")
+Cost = dict[str, list[float]]  # op -> [count, result bytes, moved bytes, dcn bytes]
+
+
+def _zero() -> Cost:
+    return {op: [0.0] * len(_FIELDS) for op in COLLECTIVES}
+
+
+def _add(total: Cost, part: Cost, times: float = 1.0) -> None:
+    for op, v in part.items():
+        t = total[op]
+        for j, x in enumerate(v):
+            t[j] += times * x
+
+
+def _line_cost(line: str, num_devices: int, per_slice: int | None) -> tuple[str, list] | None:
+    """(op, [1, result bytes, moved bytes, dcn bytes]) of one collective instruction."""
+    if per_slice and (dcn := _megascale_send(line, num_devices // per_slice)):
+        op, size, sent = dcn
+        return op, [1, size, sent, sent]
+    found = _OP.search(line)
+    if not found:
+        return None
+    result, op, start = found.group(1), found.group(2), found.group(3)
+    sizes = shape_bytes(result)
+    if not sizes:
+        return None
+    # An async '-start' returns a tuple (operands, results, context): take the largest.
+    size = max(sizes) if start else sum(sizes)
+    moved = _moved_bytes(op, size, _group_size(line, num_devices))
+    dcn = _dcn_bytes(op, line, size, num_devices, per_slice) if per_slice else 0.0
+    return op, [1, size, moved, dcn]
+
+
+def _costs(comps, entry, num_devices: int, per_slice: int | None) -> tuple[Cost, int]:
+    """(what one execution of `entry` runs, loops of unknown trip count met)."""
+    lines_of = dict(comps)
+    bounds = _condition_bounds(comps)
+    memo: dict[str, Cost] = {}
+    unknown = 0
+
+    def heaviest(branches: list[Cost]) -> Cost:
+        def key(c: Cost):
+            return tuple(sum(v[j] for v in c.values()) for j in (2, 3, 1, 0))
+
+        return max(branches, key=key, default=_zero())
+
+    def cost(name: str, stack: tuple[str, ...] = ()) -> Cost:
+        nonlocal unknown
+        if name in memo:
+            return memo[name]
+        total = _zero()
+        if name in stack:  # not a call graph XLA emits; do not loop
+            return total
+        for line in lines_of.get(name, ()):
+            if (own := _line_cost(line, num_devices, per_slice)) is not None:
+                _add(total, {own[0]: own[1]})
+            trip = None
+            if " while(" in line:
+                found, cond = _TRIP.search(line), _CONDITION.search(line)
+                trip = int(found.group(1)) if found else bounds.get(cond.group(1) if cond else "")
+                unknown += trip is None
+            for kind, callee in _CALLEE.findall(line):
+                times = trip if (trip is not None and kind == "body") else 1
+                _add(total, cost(callee, (*stack, name)), times)
+            branches = [
+                c.strip().lstrip("%") for g in _BRANCHES.findall(line) for c in g.split(",")
+            ]
+            branches += _TRUE_FALSE.findall(line)
+            if branches:
+                _add(total, heaviest([cost(b, (*stack, name)) for b in branches if b]))
+        memo[name] = total
+        return total
+
+    if entry is None:  # a fragment: every instruction once
+        total = _zero()
+        for _, lines in comps:
+            for line in lines:
+                if (own := _line_cost(line, num_devices, per_slice)) is not None:
+                    _add(total, {own[0]: own[1]})
+        return total, unknown
+    return cost(entry), unknown
+
+
 def collectives(hlo: str, num_devices: int, per_slice: int | None = None) -> dict:
     """{op: {"count", "result_bytes", "moved_bytes"}} per step, plus `unknown_trip_counts`.
     With `per_slice` (devices per slice of a multi-slice target) each op also has
     "dcn_bytes": what one device sends between slices (`_dcn_bytes`)."""
     comps, entry = _split_computations(hlo)
-    mult, unknown = _multiplicities(comps, entry)
-    stats = {op: {"count": 0, "result_bytes": 0.0, "moved_bytes": 0.0} for op in COLLECTIVES}
-    if per_slice:
-        for v in stats.values():
-            v["dcn_bytes"] = 0.0
-    for name, lines in comps:
-        m = mult.get(name, 0.0)
-        if not m:
-            continue
-        for line in lines:
-            if per_slice and (dcn := _megascale_send(line, num_devices // per_slice)):
-                op, size, sent = dcn
-                stats[op]["count"] += int(m)
-                stats[op]["result_bytes"] += m * size
-                stats[op]["moved_bytes"] += m * sent
-                stats[op]["dcn_bytes"] += m * sent
-                continue
-            found = _OP.search(line)
-            if not found:
-                continue
-            result, op, start = found.group(1), found.group(2), found.group(3)
-            sizes = shape_bytes(result)
-            if not sizes:
-                continue
-            # An async '-start' returns a tuple (operands, results, context): take the largest.
-            size = max(sizes) if start else sum(sizes)
-            n = _group_size(line, num_devices)
-            stats[op]["count"] += int(m)
-            stats[op]["result_bytes"] += m * size
-            stats[op]["moved_bytes"] += m * _moved_bytes(op, size, n)
-            if per_slice:
-                stats[op]["dcn_bytes"] += m * _dcn_bytes(op, line, size, num_devices, per_slice)
+    total, unknown = _costs(comps, entry, num_devices, per_slice)
+    fields = _FIELDS if per_slice else _FIELDS[:3]
+    stats = {
+        op: {f: (int(v[j]) if f == "count" else v[j]) for j, f in enumerate(_FIELDS) if f in fields}
+        for op, v in total.items()
+    }
     return {"ops": stats, "unknown_trip_counts": unknown}
 
 
