@@ -218,8 +218,8 @@ def _add(total: Cost, part: Cost, times: float = 1.0) -> None:
 
 def _line_cost(line: str, num_devices: int, per_slice: int | None) -> tuple[str, list] | None:
     """(op, [1, result bytes, moved bytes, dcn bytes]) of one collective instruction."""
-    if per_slice and (dcn := _megascale_send(line, num_devices // per_slice)):
-        op, size, sent = dcn
+    if per_slice and (send := _megascale_send(line, num_devices // per_slice)):
+        op, size, sent = send
         return op, [1, size, sent, sent]
     found = _OP.search(line)
     if not found:
