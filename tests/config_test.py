@@ -143,6 +143,22 @@ def test_from_hf_errors():
         ModelConfig.from_hf({k: v for k, v in V3_HF.items() if k != "kv_lora_rank"})
     with pytest.raises(ValueError, match="rope type 'dynamic'"):
         ModelConfig.from_hf({**V3_HF, "rope_scaling": {"type": "dynamic", "factor": 2}})
+    # JSON of the wrong type: one line naming the field, before any arithmetic on it
+    for key, value, want in [
+        ("num_hidden_layers", None, "an integer"),
+        ("q_lora_rank", "64", "an integer or null"),
+        ("n_routed_experts", 4.0, "an integer or null"),
+        ("first_k_dense_replace", True, "an integer or null"),
+        ("rms_norm_eps", "1e-6", "a number or null"),
+    ]:
+        with pytest.raises(ValueError, match=f"config.json {key}=.*: must be {want}$"):
+            ModelConfig.from_hf({**V3_HF, key: value})
+    with pytest.raises(ValueError, match=r"rope_scaling.factor='4': must be a number"):
+        ModelConfig.from_hf({**V3_HF, "rope_scaling": {**V3_HF["rope_scaling"], "factor": "4"}})
+    # null optional numbers are their defaults, as when absent
+    absent = {k: v for k, v in V3_HF.items() if k not in ("rms_norm_eps", "routed_scaling_factor")}
+    nulls = {**V3_HF, "rms_norm_eps": None, "routed_scaling_factor": None}
+    assert ModelConfig.from_hf(nulls) == ModelConfig.from_hf(absent)
 
 
 def test_parameter_counts_match_published_sizes():

@@ -359,6 +359,7 @@ class ModelConfig:
                 f"config.json model_type={model_type!r} is not supported; "
                 f"expected one of {SUPPORTED_HF_TYPES}"
             )
+        hf = check_hf_field_types(hf)
         if model_type == "deepseek_v4":
             from dsjax.model.config_v4 import v4_fields_from_hf
 
@@ -516,6 +517,62 @@ class ModelConfig:
             "torch_dtype": "bfloat16" if self.param_dtype == "bfloat16" else "float32",
             **dsa,
         }
+
+
+# config.json fields read as numbers, by kind: "int" must be a JSON integer, "number" an integer
+# or a float; null is allowed (the field's default) except for the required ones.
+_HF_REQUIRED_INTS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+)  # fmt: skip
+_HF_INTS = (
+    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "intermediate_size",
+    "moe_intermediate_size", "first_k_dense_replace", "q_lora_rank", "n_routed_experts",
+    "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group", "max_position_embeddings",
+    "num_nextn_predict_layers", "index_topk", "index_n_heads", "index_head_dim", "head_dim",
+    "o_groups", "o_lora_rank", "sliding_window", "num_hash_layers", "hc_mult",
+    "hc_sinkhorn_iters", "compress_rate_csa", "compress_rate_hca",
+)  # fmt: skip
+_HF_NUMBERS = (
+    "routed_scaling_factor", "rms_norm_eps", "rope_theta", "swiglu_limit", "hc_eps",
+    "compress_rope_theta",
+)  # fmt: skip
+_HF_ROPE_NUMBERS = (
+    "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+    "mscale_all_dim", "attention_factor", "rope_theta",
+)  # fmt: skip
+
+
+def check_hf_field_types(hf: dict[str, Any]) -> dict[str, Any]:
+    """One line naming the first config.json field whose JSON type cannot be what it means
+    (`"num_hidden_layers": null`, `"rms_norm_eps": "1e-6"`), before any arithmetic on it.
+    Returns `hf` without the optional numeric fields that are null (null = the default)."""
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def bad(where: str, key: str, value, want: str):
+        raise ValueError(f"config.json {where}{key}={value!r}: must be {want}")
+
+    for key in _HF_REQUIRED_INTS:
+        if key in hf and not is_int(hf[key]):
+            bad("", key, hf[key], "an integer")
+    for key in _HF_INTS:
+        if hf.get(key) is not None and not is_int(hf[key]):
+            bad("", key, hf[key], "an integer or null")
+    for key in _HF_NUMBERS:
+        if hf.get(key) is not None and not (is_int(hf[key]) or isinstance(hf[key], float)):
+            bad("", key, hf[key], "a number or null")
+    for name in ("rope_parameters", "rope_scaling"):
+        rope = hf.get(name)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            bad("", name, rope, "an object or null")
+        for key in _HF_ROPE_NUMBERS:
+            value = rope.get(key)
+            if value is not None and not (is_int(value) or isinstance(value, float)):
+                bad(f"{name}.", key, value, "a number or null")
+    return {k: v for k, v in hf.items() if v is not None or k not in _HF_INTS + _HF_NUMBERS}
 
 
 def _first(value):
