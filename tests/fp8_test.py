@@ -97,6 +97,30 @@ def test_quantize_tiles_error_within_e4m3_bound_and_zero_tiles():
         fp8.dequantize_weight(qb, sb[..., :1])
 
 
+FP4_VALUES = [0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.5, -1, -1.5, -2, -3, -4, -6]
+
+
+def test_fp4_to_fp8_blocks_is_exact_within_the_documented_span():
+    """V4's FP4 experts as FP8 blocks: exact while a block's 32-group scales lie within 2^11 of
+    its largest (power-of-two block scales, partial blocks included); a group 2^20 below rounds
+    to e4m3's subnormal grid, under amax * 2^-17."""
+    rng = np.random.RandomState(4)
+    codes = rng.choice(np.asarray(FP4_VALUES, np.float32), (2, 160, 200))
+    scales = 2.0 ** rng.randint(-14, -2, (2, 5, 200)).astype(np.float32)  # span 2^11
+    w4 = jnp.asarray(codes, jnp.float4_e2m1fn)
+    q, s = fp8.fp4_to_fp8_blocks(w4, jnp.asarray(scales))
+    assert q.dtype == jnp.float8_e4m3fn and q.shape == codes.shape and s.shape == (2, 2, 2)
+    assert np.all(np.frexp(np.asarray(s))[0] == 0.5)  # powers of two
+    want = np.asarray(fp8.dequantize_weight(w4, jnp.asarray(scales)))
+    np.testing.assert_array_equal(np.asarray(fp8.dequantize_weight(q, s)), want)
+    scales[0, 0] = 2.0**-34  # 2^20 below the rest of block (0, 0)
+    q, s = fp8.fp4_to_fp8_blocks(w4, jnp.asarray(scales))
+    want = np.asarray(fp8.dequantize_weight(w4, jnp.asarray(scales)))
+    err = np.abs(np.asarray(fp8.dequantize_weight(q, s)) - want)
+    assert 0 < err.max() < np.abs(want[0, :128, :128]).max() * 2.0**-17
+    np.testing.assert_array_equal(err[:, 32:], 0)
+
+
 def test_outlier_channel_only_coarsens_its_own_tile():
     rng = np.random.RandomState(1)
     x = rng.randn(64, 512).astype(np.float32)

@@ -33,6 +33,13 @@ Stored FP8 weights (the official FP8 release, kept as float8 + `*_scale_inv` blo
 `dequantize_weight` gives the high-precision weight (also for DeepSeek-V4's FP4 experts, kept
 as float4_e2m1fn with 32x1 power-of-two scales); `fp8_dot_stored` / `fp8_grouped_dot_stored`
 use the stored blocks directly (only x is quantised) and treat them as frozen (zero gradient).
+Under the recipe every stored weight whose blocks line up with its GEMM's 128×128 weight tiles
+goes there: Linear kernels, FP8 expert stacks, and V4's grouped wo_a when o_lora_rank % 128 == 0
+(each group's columns whole blocks). V4's FP4 experts are re-encoded exactly as FP8 blocks
+(`fp4_to_fp8_blocks`) and go there too. Where they do not line up, or are not reached, the
+weight is dequantised, frozen and re-quantised by the recipe:
+- V4's wo_a when o_lora_rank % 128 != 0 (the release's blocks straddle the groups);
+- the routed experts under a device mesh (`moe.sharded_experts` takes dequantised weights).
 """
 
 from __future__ import annotations
@@ -157,6 +164,26 @@ def dequantize_weight(w_q, scale_inv, dtype=jnp.float32):
             f"(one scale per 128x128 block of the weight {tuple(w_q.shape)})"
         )
     return dequantize_blocks(w_q, scale_inv, dtype)
+
+
+def fp4_to_fp8_blocks(w4, scale_inv):
+    """DeepSeek-V4's FP4 weights (float4_e2m1fn [..., I, O], power-of-two scales [..., I/32, O])
+    -> the same values as FP8 128x128 blocks (float8_e4m3fn like w4, float32 power-of-two scales
+    [..., ceil(I/128), ceil(O/128)]): per block S = 2^ceil(log2(amax/448)), q = w / S.
+
+    An e2m1 code times a power of two has at most one mantissa bit, so q is exact in e4m3 down
+    to 2^-8 (the subnormal grid below): exact whenever a block's nonzero magnitudes lie within
+    2^15 of its largest (its 32-group scales within 2^11 of the largest); smaller ones round to
+    the grid (error < amax * 2^-17)."""
+    w = dequantize_weight(w4, scale_inv)  # float32, exact
+    *lead, n_in, n_out = w.shape
+    ni, no = _ceil_div(n_in, BLOCK), _ceil_div(n_out, BLOCK)
+    wb = _pad_axis(_pad_axis(w, -2, BLOCK), -1, BLOCK).reshape(*lead, ni, BLOCK, no, BLOCK)
+    amax = jnp.max(jnp.abs(wb), axis=(-3, -1))
+    m, e = jnp.frexp(amax / E4M3_MAX)
+    s = jnp.where(amax > 0, jnp.ldexp(1.0, jnp.where(m == 0.5, e - 1, e)), 1.0)
+    q = (wb / s[..., :, None, :, None]).astype(E4M3).reshape(*lead, ni * BLOCK, no * BLOCK)
+    return q[..., :n_in, :n_out], s.astype(jnp.float32)
 
 
 def _varying(a) -> frozenset:

@@ -787,14 +787,17 @@ class Experts(nn.Module):
     def stored(self):
         """((gate, scale_inv or None), (up, ...), (down, ...)) as stored: a weight may be
         float8_e4m3fn [E, in, out] with `<name>_scale_inv` [E, ceil(in/128), ceil(out/128)].
-        DeepSeek-V4's FP4 experts (float4_e2m1fn, scales [E, ceil(in/32), out]) come back
-        dequantised to float32 and frozen: no GEMM here reads 32x1-group scales."""
+        DeepSeek-V4's FP4 experts (float4_e2m1fn, scales [E, ceil(in/32), out]; no GEMM here
+        reads 32x1-group scales): under `cfg.fp8` the same values as FP8 128x128 blocks
+        (`fp8.fp4_to_fp8_blocks`, exact), else dequantised to float32; frozen either way."""
         out = []
         for name, w in (("gate", self.gate), ("up", self.up), ("down", self.down)):
             scale = None
             if self.has_variable("params", f"{name}_scale_inv"):
                 scale = self.get_variable("params", f"{name}_scale_inv")
-                if fp8_lib.is_fp4(w):
+                if fp8_lib.is_fp4(w) and self.cfg.fp8:
+                    w, scale = jax.lax.stop_gradient(fp8_lib.fp4_to_fp8_blocks(w, scale))
+                elif fp8_lib.is_fp4(w):
                     w = jax.lax.stop_gradient(fp8_lib.dequantize_weight(w, scale))
                     scale = None
             out.append((w, scale))

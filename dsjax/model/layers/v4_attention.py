@@ -85,17 +85,23 @@ def window_attention(q_BTHd, kv_BTd, comp_BNd, comp_visible_BTN, sinks_H, *, win
 def grouped_out(o_BTgI, wo_a: Linear, g: int, fp8: bool):
     """The grouped low-rank output: group j's heads o[..., j, :] [I] times its own column block
     j*r..(j+1)*r of wo_a [I, g*r] -> [B, T, g*r]. Under `fp8` the g products are one tiled
-    grouped GEMM in the FP8 recipe (`fp8.fp8_grouped_dot`: per-group 128x128 weight blocks,
-    1x128 activation tiles); a stored FP8 wo_a is then dequantised and frozen (its release
-    blocks straddle groups when r is not a multiple of 128)."""
+    grouped GEMM in the FP8 recipe (per-group 128x128 weight blocks, 1x128 activation tiles).
+    A stored FP8 wo_a (frozen) is used as stored when r % 128 == 0: group j's blocks are block
+    columns j*r/128.. of its scales (`fp8.fp8_grouped_dot_stored`); otherwise the release's
+    blocks straddle groups, and the weight is dequantised and re-quantised per group."""
     B, T, _, n_in = o_BTgI.shape
     if not fp8:
         w = wo_a.weight().reshape(n_in, g, -1)
         return jnp.einsum("btgi,igr->btgr", o_BTgI, w).reshape(B, T, -1)
-    w = wo_a.kernel if wo_a.scale_inv() is None else jax.lax.stop_gradient(wo_a.weight())
-    w_gIr = w.reshape(n_in, g, -1).transpose(1, 0, 2)
     x_gMI = o_BTgI.reshape(B * T, g, n_in).transpose(1, 0, 2).astype(wo_a.dtype)
-    y = fp8_lib.fp8_grouped_dot("tiled", x_gMI, w_gIr, jnp.arange(g, dtype=jnp.int32))
+    per_group = lambda a: a.reshape(a.shape[0], g, -1).transpose(1, 0, 2)  # noqa: E731
+    groups, scale = jnp.arange(g, dtype=jnp.int32), wo_a.scale_inv()
+    if scale is not None and (wo_a.out_features // g) % fp8_lib.BLOCK == 0:
+        w_q, s_w = per_group(wo_a.kernel), per_group(scale)
+        y = fp8_lib.fp8_grouped_dot_stored("tiled", x_gMI, w_q, s_w, groups)
+    else:
+        w = wo_a.kernel if scale is None else jax.lax.stop_gradient(wo_a.weight())
+        y = fp8_lib.fp8_grouped_dot("tiled", x_gMI, per_group(w), groups)
     return y.transpose(1, 0, 2).reshape(B, T, -1).astype(wo_a.dtype)
 
 
