@@ -23,7 +23,11 @@ FP8_TOL = 1e-2  # e4m3 keeps 3 mantissa bits: one flipped rounding step moves a 
 
 @pytest.fixture(scope="module")
 def setup():
-    return _setup(9)  # 1 dense + 8 MoE layers
+    # 1 dense + 6 MoE layers: 3 per rank of stage=2; DualPipe's 4 chunks get 2, 2, 1 and 1 (the
+    # short ones padded with masked identity layers), so one compile covers uneven chunks too.
+    config, model, params, moe_bias, batch = _setup(7)
+    reference = _accumulated(config, model, params, moe_bias, batch)
+    return config, model, params, moe_bias, batch, reference
 
 
 def _setup(layers):
@@ -47,9 +51,7 @@ def _setup(layers):
     batch = {
         k: jnp.asarray(v, jnp.float32 if k == "weights" else jnp.int32) for k, v in batch.items()
     }
-    model = Transformer(cfg)
-    reference = _accumulated(config, model, params, moe_bias, batch)
-    return config, model, params, moe_bias, batch, reference
+    return config, Transformer(cfg), params, moe_bias, batch
 
 
 def _accumulated(config, model, params, moe_bias, batch):
@@ -114,9 +116,15 @@ def _assert_matches(result, reference, tol=1e-5):
     ],
 )
 def test_schedule_matches_one_device(setup, schedule, mesh_sizes):
+    """Each schedule gives one device's loss, gradients and counts. DualPipe runs uneven chunks
+    (6 MoE layers on 4 chunks: 2, 2, 1, 1 layers, the short ones padded with masked identity
+    layers); GPipe and 1F1B even ones (3 layers a rank)."""
     config, model, params, moe_bias, batch, reference = setup
     mesh = sharding.make_mesh(**mesh_sizes)
     stages = mesh_sizes["stage"]
+    s = pipeline.ps.make_schedule(schedule, stages, M)
+    sizes = pipeline.chunk_sizes(s, 6)
+    assert sizes == ((2, 2, 1, 1) if schedule == "dualpipe" else (3, 3)), sizes
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
         program = _program(config, model, schedule, mesh)
         table = {k: jnp.asarray(v) for k, v in _tables(schedule, stages).items()}
@@ -130,19 +138,6 @@ def test_schedule_matches_one_device(setup, schedule, mesh_sizes):
         mutated = program(params, moe_bias, batch, {**table, "b_on": jnp.asarray(b_on)})
     with pytest.raises(AssertionError, match="relative error"):
         _assert_matches(mutated, reference)
-
-
-def test_uneven_chunks_match_one_device():
-    """6 MoE layers on DualPipe's 4 chunks (stage 2): chunks of 2, 2, 1, 1 layers, the short
-    ones padded with masked identity layers, give one device's loss, gradients and counts."""
-    config, model, params, moe_bias, batch, reference = _setup(7)  # 1 dense + 6 MoE layers
-    s = pipeline.ps.make_schedule("dualpipe", 2, M)
-    assert pipeline.chunk_sizes(s, 6) == (2, 2, 1, 1)
-    mesh = sharding.make_mesh(stage=2, data=2, expert=2)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        program = _program(config, model, "dualpipe", mesh)
-        table = {k: jnp.asarray(v) for k, v in _tables("dualpipe", 2).items()}
-        _assert_matches(program(params, moe_bias, batch, table), reference)
 
 
 def test_uneven_layers_refuse_with_one_line():
@@ -211,13 +206,12 @@ def test_train_step_with_stages_and_grad_accum_matches_stage_1(setup):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(y, x, atol=1e-7), a.moe_bias, b.moe_bias)
 
 
-def test_fp8_with_stages_matches_stage_1(setup):
+def test_fp8_with_stages_matches_stage_1():
     """The FP8 recipe (model.fp8, docs/spec.md §8) pipelined over stage=2 (DualPipe) gives the
     loss, gradients and expert counts of stage=1 on the same data x expert shards (the same
     1x128 / 128x1 quantisation tiles), within FP8's own reproducibility: a last-bit difference
-    in a GEMM input can move one e4m3 rounding step."""
-    config, _, params, moe_bias, batch, _ = setup
-    config = config.copy_and_resolve_references()  # the fixture's stays as it is
+    in a GEMM input can move one e4m3 rounding step (8 MoE layers, 2 a chunk)."""
+    config, _, params, moe_bias, batch = _setup(9)
     config.model.fp8 = True
     model = Transformer(ts.model_config(config))
     with jax.set_mesh(sharding.make_mesh(data=2, expert=2, devices=jax.devices()[:4])):
