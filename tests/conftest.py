@@ -66,3 +66,40 @@ def tokenizer_dir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tok")
     data.get_tokenizer(tiny.get_config(), str(workdir))
     return str(workdir / "tokenizer")
+
+
+# ----------------------------------------------------------------------------- xdist scheduling
+# The suite is compile-bound and its files share compiled programs through module fixtures. Under
+# xdist's default `--dist load` the tests of one file are dealt out to both workers, so each
+# worker compiles the file's fixtures again; whole files per worker (`loadfile`) compile them
+# once. The slowest files (seconds in CI) go first, so that no long file starts last and leaves
+# the other worker idle; the rest keep their collection order.
+SLOWEST_FIRST = (
+    "pipeline_test.py",
+    "train_test.py",
+    "v4_context_test.py",
+    "v4_engine_test.py",
+    "v4_train_test.py",
+    "v4_test.py",
+    "engine_test.py",
+    "decode_mesh_test.py",
+    "moe_parallel_test.py",
+    "train_cli_test.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
+
+
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: unknown when it is not installed
+def pytest_xdist_make_scheduler(config, log):
+    """`-n N` (xdist's default `--dist load`) schedules whole files (see above); an explicit
+    other `--dist` mode is left as asked."""
+    if config.getoption("dist") != "load":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    config.option.loadscopereorder = False  # keep SLOWEST_FIRST's order, not tests per file
+    return LoadFileScheduling(config, log)
