@@ -448,6 +448,12 @@ def test_load_model_from_workdir_and_hf_dir(tmp_path, checkpoint, model):
         got_cfg, got_vars, got_tok, add_bos = load_model(path)
         assert got_cfg == cfg and got_tok.eos_id == tok.eos_id and add_bos is False
         assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), got_vars, variables))
+    # a workdir whose run stopped before its first checkpoint: said so, not "no safetensors"
+    early = tmp_path / "early"
+    tok.save(early / "tokenizer")
+    (early / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="train.py workdir with no checkpoints/"):
+        load_model(early)
 
 
 def test_hub_ids_resolve_from_the_local_cache_offline(

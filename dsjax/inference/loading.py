@@ -41,6 +41,11 @@ def load_model(path: str | os.PathLike, dtype: str | None = None, keep_fp8: bool
 
         cfg, variables = load_for_inference(str(path), dtype=dtype)
         tok_dir = path / "tokenizer"
+    elif (path / "metrics.jsonl").is_file() or (path / "tokenizer" / "tokenizer.json").is_file():
+        raise ValueError(
+            f"{path} is a train.py workdir with no checkpoints/ (its run stopped before the "
+            "first checkpoint was written)"
+        )
     elif (path / "config.json").is_file():
         from dsjax.checkpoints.hf import load_hf_checkpoint
 
