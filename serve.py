@@ -2,7 +2,7 @@
 
     python serve.py --checkpoint=DIR [--host=127.0.0.1] [--port=8000] [--api-key=KEY]
                     [--slots=8] [--max-queue=64] [--max-len=N] [--cache-tokens=N]
-                    [--page-size=64] [--paged-attention=auto] [--no-prefix-cache]
+                    [--page-size=N] [--paged-attention=auto] [--no-prefix-cache]
                     [--dtype=bfloat16]
                     [--max-body-bytes=4194304] [--mesh=expert=2,tensor=4 [--layout=decode]]
     python serve.py --checkpoint=DIR --prompt="Once upon a time" [--max-tokens=64]
@@ -40,7 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="latent cache size in tokens, shared by all requests in pages (default: slots x "
         "max-len); requests wait for pages",
     )
-    p.add_argument("--page-size", type=int, default=64, help="tokens per latent cache page")
+    p.add_argument(
+        "--page-size",
+        type=int,
+        default=None,
+        help="tokens per cache page (default 64; DeepSeek-V4: a multiple of every compression "
+        "rate, default 128 for 4:1 and 128:1)",
+    )
     p.add_argument(
         "--paged-attention",
         default="auto",

@@ -107,7 +107,9 @@ def test_long_prompt_interleaves_with_a_decoding_stream(engine, variables, chunk
         if not events["long"]:  # on the engine thread, right after the last chunk
             slot = engine._requests[ev.request_id].slot  # its row, caches gathered from pages
             table = engine._sched.tables[slot : slot + 1]
-            snapshot["state"] = jax.device_get(programs.row_view(engine._state, table, slot))
+            snapshot["state"] = jax.device_get(
+                programs.row_view(engine.cfg, engine._state, table, slot)
+            )
         events["long"].append(ev)
         log.append(("long", len(ev.tokens)))
         if ev.finish_reason and events["short"][-1].finish_reason:

@@ -1,8 +1,9 @@
-"""DeepSeek-V4 in the serving engine and the HTTP app: per-slot window rings, compressor buffers,
-compressed entries and indexer keys (`dsjax.inference.engine_programs`) under continuous
-batching, chunked prefill and MTP speculation decode what `generate` decodes; a pool too small
-for the load preempts and changes no output; nothing is left held; a V4 Hugging Face checkpoint
-loaded as serve.py loads it answers a chat completion.
+"""DeepSeek-V4 in the serving engine and the HTTP app: compressed entries and indexer keys in the
+page pool, window rings, compressor buffers and MTP ring per slot (`dsjax.inference.
+engine_programs`), under continuous batching, chunked prefill and MTP speculation, decode what
+`generate` decodes; a pool too small for the load preempts and changes no output, and the pool
+is all the entries' memory; no page or slot is left held; a V4 Hugging Face checkpoint loaded as
+serve.py loads it answers a chat completion.
 
 One tiny_v4 checkpoint (fp32, one MTP module, a BPE tokenizer with a chat template) and one
 engine shape (4 slots, 64 positions) serve every test, so the engine's programs compile once.
@@ -134,17 +135,22 @@ def test_engine_equals_generate_greedy_mtp_and_seeded(model, prompts, engine, re
     assert stats["prefill_chunks"] > stats["prefills"] > 0  # chunked prefills ran
     assert stats["draft_tokens"] > 0 and stats["prefix_cache_hit_tokens"] == 0
     assert_nothing_held(engine)
-    slots, max_len = ENGINE["slots"], ENGINE["max_len"]
-    total = v4_cache.cache_bytes(cfg, slots, max_len, mtp=True)["total"]
-    assert stats["cache_bytes_per_token"] == total // (slots * max_len)
+    # The pools' bytes per position: the entries' and indexer keys' (per_token, exact here).
+    per_token = v4_cache.cache_bytes(cfg, 1, ENGINE["max_len"])["per_token"]
+    assert stats["cache_bytes_per_token"] == per_token > 0
 
 
 def test_preemption_under_a_small_pool_changes_no_output(model, prompts, reference):
     """A pool of 6 pages (8 tokens) for requests of up to 5 pages: running requests are
     preempted and resumed (prompt + generated tokens prefilled again into a reused slot) with
-    MTP speculation on; the output is still `generate`'s and nothing is left held."""
+    MTP speculation on; the output is still `generate`'s and nothing is left held. The
+    entries and indexer keys are the pool's 6 + 1 (TRASH) pages, 8 / rate entries each."""
     cfg, variables, tok = model
     with Engine(cfg, variables, eos_id=tok.eos_id, cache_tokens=48, **ENGINE) as eng:
+        leaves = jax.tree_util.tree_leaves_with_path(eng._state.cache)
+        named = lambda n: [x for path, x in leaves if getattr(path[-1], "name", "") == n]  # noqa: E731
+        assert {x.shape[-3:-1] for x in named("entries")} == {(7, 8 // 4), (7, 8 // 8)}
+        assert {x.shape[-3] for x in named("kv")} == {ENGINE["slots"]}  # buffers: per slot
         spec = SamplingParams(max_tokens=N, ignore_eos=True, speculative=True)
         assert run_all(eng, prompts, spec) == reference[0]
         assert eng.stats()["preemptions"] > 0
@@ -180,9 +186,13 @@ def test_v4_checkpoint_serves_a_chat_completion(model, prompts, engine, referenc
     assert_nothing_held(engine)
 
 
-def test_engine_refuses_a_mesh_or_the_paged_kernel_for_v4_in_one_line(model):
+def test_engine_refuses_a_mesh_the_paged_kernel_or_a_bad_page_size_for_v4_in_one_line(model):
     cfg, _, _ = model
-    with pytest.raises(ValueError, match="per slot, not paged"):
+    with pytest.raises(ValueError, match="XLA gather path"):
         Engine(cfg, {}, paged_attention="pallas")
+    with pytest.raises(ValueError, match=r"multiple of every compression rate \(4, 8\)"):
+        Engine(cfg, {}, page_size=12)
+    assert v4_cache.engine_page_size(cfg, None) == 64
+    assert v4_cache.engine_page_size(cfg.replace(compress_rate_hca=128), None) == 128
     with pytest.raises(ValueError, match="DeepSeek-V4 in the engine runs on one device"):
         Engine(cfg, {}, mesh=object())  # type: ignore[arg-type]

@@ -44,13 +44,14 @@ the rounding of a different chunk split). Stale contents of a page's previous ow
 harmless: slot s is visible to a query at position p only if s <= p, and every slot up to p has
 been written by the current request (or is a cached prefix page holding the same tokens).
 
-DeepSeek-V4 (`cfg.is_v4`): the same scheduler, programs and decode core, but its caches are
-per slot, not paged (`engine_programs`; docs/design.md departures): each slot holds its window
-rings, compressor buffers and MTP ring (fixed size) and its compressed entries and indexer keys
-for `max_len` positions. The page pool still bounds the tokens in use (admission, preemption:
-`cache_tokens`), but it backs no memory, so there is no prefix cache (`prefix_cache` is off) and
-no paged attention kernel; `cache_bytes_per_token` is the per-slot caches' bytes over
-slots x max_len positions. One device only (no `mesh`).
+DeepSeek-V4 (`cfg.is_v4`): the same scheduler, page pool and programs. Its compressed entries
+and indexer keys (what grows with the context) live in the pool's pages, page_size / rate
+entries per page and layer (`page_size` a multiple of every compression rate); its window
+rings, compressor partial-window buffers and MTP ring are fixed-size and stay one row per slot
+(`engine_programs`). The programs read its pages through the XLA gather path (no paged kernel),
+and there is no prefix cache: a reused prefix page would need the per-slot state at its end
+(the window ring's last keys, CSA's previous-window projections), which pages do not store.
+One device only (no `mesh`).
 
 Constrained decoding: a request submitted with a `constraint` (a `TokenConstraint`, e.g.
 `dsjax.inference.constrained.GrammarConstraint`) draws every token from its allowed set: before
@@ -91,6 +92,7 @@ from dsjax.inference.meshes import DecodeMesh
 from dsjax.inference.page_pool import TRASH
 from dsjax.inference.sampling import MAX_LOGPROBS, SamplingParams
 from dsjax.inference.scheduler import Scheduler, Seq
+from dsjax.model import v4_cache
 from dsjax.model.config import ModelConfig
 from dsjax.model.layers import paged
 
@@ -201,7 +203,9 @@ class Engine:
         (first or later chunk, first chunk's bucketed length, attention window).
       mesh: decode on this `DecodeMesh` (weights placed by its layout, the slots' rows split as
         it splits requests when `slots` is a multiple of its `row_shards`); None: one device.
-      page_size: positions per cache page (default 64, FlashMLA's block).
+      page_size: positions per cache page (default 64, FlashMLA's block; DeepSeek-V4: a
+        multiple of every compression rate, default the least multiple of 64 that is,
+        `v4_cache.engine_page_size`).
       cache_tokens: positions in the page pool, rounded down to whole pages (default
         slots * max_len rounded up to pages: every slot can hold a max_len request). A request
         waits in the queue until its prompt's pages are available; running requests take
@@ -231,7 +235,7 @@ class Engine:
         max_stop_ids: int = 16,
         prefill_chunk: int = decode.PREFILL_CHUNK,
         mesh: DecodeMesh | None = None,
-        page_size: int = 64,
+        page_size: int | None = None,
         cache_tokens: int | None = None,
         prefix_cache: bool = True,
         paged_attention: str = "auto",
@@ -257,20 +261,20 @@ class Engine:
         has_mtp = cfg.num_mtp_layers > 0 and "mtp_0" in variables.get("params", {})
         if speculative and not has_mtp:
             raise ValueError("speculative=True needs an MTP module (cfg.num_mtp_layers >= 1)")
-        if page_size < 1:
+        if page_size is not None and page_size < 1:
             raise ValueError(f"page_size={page_size}: must be >= 1")
         impl = paged.resolve_impl(paged_attention)
-        # DeepSeek-V4's caches are per slot, not paged (see the module docstring).
-        self._paged = not cfg.is_v4
-        if cfg.is_v4:
+        if cfg.is_v4:  # see the module docstring
             if mesh is not None:
                 raise ValueError("DeepSeek-V4 in the engine runs on one device: pass mesh=None")
             if paged_attention not in ("auto", "xla"):
                 raise ValueError(
-                    f"paged_attention={paged_attention!r}: DeepSeek-V4's caches are per slot, "
-                    "not paged; use 'auto' or 'xla'"
+                    f"paged_attention={paged_attention!r}: DeepSeek-V4's pages are read through "
+                    "the XLA gather path (no paged kernel); use 'auto' or 'xla'"
                 )
+            page_size = v4_cache.engine_page_size(cfg, page_size)
             impl, prefix_cache = "xla", False
+        page_size = page_size or 64
         if cache_tokens is None:
             cache_tokens = slots * -(-max_len // page_size) * page_size
         # On a mesh whose row shards divide the slots (and the pool's pages) each chip keeps
@@ -311,11 +315,9 @@ class Engine:
         )
         self.page_size = page_size
         self._state = self._new_state()
-        pool = (self._state.cache, self._state.mtp_cache)
-        # Cache bytes per position the caches hold: the page pools' (TRASH pages included), or
-        # DeepSeek-V4's per-slot caches over slots x max_len positions.
-        held = self._sched.pool_pages * page_size if self._paged else slots * max_len
-        self._bytes_per_token = sum(x.nbytes for x in jax.tree.leaves(pool)) // held
+        # Cache bytes per position: the page pools' (TRASH pages included) over their positions.
+        held = self._sched.pool_pages * page_size
+        self._bytes_per_token = programs.pool_bytes(cfg, self._state) // held
 
         self._cv = threading.Condition()
         self._requests: dict[int, _Request] = {}
@@ -326,8 +328,8 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
     def _new_state(self) -> decode.DecodeState:
-        """An all-done state of `slots` rows with zero page pools, or DeepSeek-V4's zero
-        per-slot caches of max_len positions (shapes traced once)."""
+        """An all-done state of `slots` rows with zero page pools (DeepSeek-V4: and zero
+        per-slot windows and buffers; shapes traced once)."""
         req = decode.row_requests([], [], None, self._stop_width, pad_to=self.slots)
 
         def empty(variables, req):
@@ -338,12 +340,10 @@ class Engine:
                 tokens,
                 jnp.ones((self.slots,), jnp.int32),
                 req,
-                cache_len=1 if self._paged else self.max_len,
+                cache_len=self.page_size,  # one page per slot, then one pool of pages
                 speculative=self._can_speculate,
             )
-            if not self._paged:
-                return state
-            return programs.pool_state(state, self._sched.pool_pages, self.page_size)
+            return programs.pool_state(self.cfg, state, self._sched.pool_pages)
 
         shapes = jax.eval_shape(empty, self._variables, req)
         state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -492,11 +492,9 @@ class Engine:
         base = (np.arange(tables.shape[0]) // per_rows * per_pages)[:, None]
         return np.where(tables == TRASH, TRASH, tables - base).astype(np.int32)
 
-    def _columns(self, tables: np.ndarray, rows: slice, positions: int) -> np.ndarray | None:
+    def _columns(self, tables: np.ndarray, rows: slice, positions: int) -> np.ndarray:
         """The page-table columns of `rows` a program over positions 0..positions-1 reads
-        (a copy), or None for DeepSeek-V4's per-slot caches."""
-        if not self._paged:
-            return None
+        (a copy)."""
         return tables[rows, : self._pages(positions)].copy()
 
     def _pages(self, positions: int) -> int:
@@ -598,9 +596,10 @@ class Engine:
         request, `prefilling` those of them whose prompt is still being prefilled chunk by
         chunk. Pool: page_size, cache_pages (in the pool), cache_pages_used (referenced by a
         request), cache_pages_cached (unreferenced, kept for the prefix cache),
-        cache_pages_free, cache_usage (used / pages), cache_bytes_per_token (latent cache bytes
-        of one position, all layers and MTP); preemptions (requests sent back to the queue to
-        free pages, since start).
+        cache_pages_free, cache_usage (used / pages), cache_bytes_per_token (paged cache bytes
+        of one position, all layers and MTP; DeepSeek-V4: its compressed entries and indexer
+        keys, the per-slot windows and buffers being fixed); preemptions (requests sent back
+        to the queue to free pages, since start).
         """
         with self._cv:
             sched = self._sched
@@ -761,9 +760,8 @@ class Engine:
         rr.start_B[0] = req.generated  # resumed after a preemption: continue its output
         return rr
 
-    def _table(self, slot: int, positions: int) -> np.ndarray | None:
-        """Row `slot`'s page table over positions 0..positions-1, as a [1, K] batch (None:
-        per-slot caches)."""
+    def _table(self, slot: int, positions: int) -> np.ndarray:
+        """Row `slot`'s page table over positions 0..positions-1, as a [1, K] batch."""
         return self._columns(self._sched.tables, slice(slot, slot + 1), positions)
 
     def _admit(self, req: _Request) -> None:
@@ -947,9 +945,7 @@ class Engine:
         live[[i for i, _ in active]] = True
         allowed = self._step_masks(active, rows, live)
         want = any(r.params.logprobs is not None for _, r in active)
-        table = None
-        if self._paged:
-            table = self._local_tables(self._sched.tables[:rows, : self._pages(plan.window)])
+        table = self._local_tables(self._sched.tables[:rows, : self._pages(plan.window)])
         t0 = time.perf_counter()
         try:
             self._state, out = programs.step(

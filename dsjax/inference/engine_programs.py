@@ -3,25 +3,28 @@ pools (dsjax/inference/engine.py drives them from its host loop): `admit` (a who
 slot's pages), `prompt_chunk` and `start_decoding` (a long or partly cached prompt chunk by
 chunk, then its first token), `step` (one decode step over the active slots).
 
-Paged cache (SPEC §14): every cache leaf of the state is a pool of pages, the slot axis of the
-contiguous layout (`model.cache_batch_axis`) replaced by a page axis and the sequence axis by the
-position within a page: scanned stacks [L, N, page, ...], MTP [N, page, ...]. The other leaves
-keep one row per slot. A program receives the page tables of its rows ([R, P] int32 page ids,
-`scheduler.Scheduler.tables`; entries past a row's pages point at `page_pool.TRASH`), gathers
-each row's pages into a contiguous view ([L, R, P * page, ...], the XLA gather path), runs the
-unchanged decode core on it (`decode`), and writes back only the pages the program wrote: a
-prompt's or chunk's pages, or in a decode step the pages of the positions a step can write (the
-MTP catch-up entry n-1 or n-2 through the verified n+1). Shared prefix pages lie wholly before
-those positions, so no program writes a page another row reads. Writes to TRASH are garbage
-nobody reads unmasked (a position p sees only slots <= p, all the row's own).
+Paged cache (SPEC §14): a paged cache leaf of the state is a pool of pages, the slot axis of
+the contiguous layout (`model.cache_batch_axis`) replaced by a page axis and the sequence axis
+by the position within a page: scanned stacks [L, N, page, ...], MTP [N, page, ...]. The other
+leaves keep one row per slot. A program receives the page tables of its rows ([R, P] int32 page
+ids, `scheduler.Scheduler.tables`; entries past a row's pages point at `page_pool.TRASH`). V3's
+chunk and step programs pass them to the model (`layers.paged.Pages`: each layer writes its new
+tokens' pages in place and reads them through the gather path or the Pallas kernel); `admit`
+prefills a contiguous [1, P] cache and writes its pages. Shared prefix pages lie wholly before
+the positions a program writes, so no program writes a page another row reads. Writes to TRASH
+are garbage nobody reads unmasked (a position p sees only slots <= p, all the row's own).
 
-DeepSeek-V4 (`table` None in every program): its caches are per slot, not paged (docs/design.md
-departures): every leaf keeps one row per slot, window rings and compressor buffers of fixed
-size and compressed entries / indexer keys for the slot's `max_len` positions. A program takes
-its rows' caches out of the state (`_take_slots`), runs the same decode core on them and puts
-them back (`_put_slots`). Every V4 cache slot is addressed by absolute position and ignores
-whatever it holds at or after a forward's first new token (`model/layers/v4_decode.py`), so a
-slot reused by a new request (or a preempted one readmitted) needs no clearing.
+DeepSeek-V4 (docs/design.md departures) pages only what grows with the context: its
+compressed entries and indexer keys (`_paged_leaves`; a page of `page` positions holds
+page / rate entries of a layer compressing at `rate`, the engine's page size a multiple of
+every rate, so entry w lives on the page of its window's positions). Its window rings,
+compressor partial-window buffers and MTP ring (fixed size) keep one row per slot. Its programs
+run the unchanged decode core on contiguous views (`_views`: the rows' pages gathered, their
+per-slot leaves sliced out; the XLA gather path, no kernel) and write them back (`_write_back`:
+the view's pages, the per-slot rows). Every V4 cache slot and entry is addressed by absolute
+position and what a slot holds at or after a forward's first new token is ignored
+(`model/layers/v4_decode.py`; entry w is read only from position (w+1)·rate − 1 on, after the
+request wrote it), so a reused slot or page needs no clearing.
 
 Each program takes the state donated. The programs that sample (`admit`, `start_decoding`,
 `step`) take an optional packed allowed-token mask per row (`allowed_*W`, see `decode`); None
@@ -59,6 +62,11 @@ def _gather(pool, table_RP, b: int):
     return g.reshape(pool.shape[:b] + (R, P * pool.shape[b + 1]) + pool.shape[b + 2 :])
 
 
+def _every_page(table_RP):
+    """[R, P] page indices 0..P-1 of each row (`_write`: write back every page of the view)."""
+    return jnp.broadcast_to(jnp.arange(table_RP.shape[1], dtype=jnp.int32), table_RP.shape)
+
+
 def _write(pool, view, table_RP, pages_RK, b: int):
     """Writes page pages_RK[r, k] of row r of `view` [.., R, S, ..] (S <= P * page) to its pool
     page table_RP[r, pages_RK[r, k]]; entries outside [0, P) go to TRASH."""
@@ -80,52 +88,51 @@ def _write(pool, view, table_RP, pages_RK, b: int):
     return pool.at[lead + (ids.reshape(-1),)].set(vals.astype(pool.dtype))
 
 
-def _views(state, table_RP):
-    """(main, mtp) caches of the rows whose page tables are `table_RP`, contiguous."""
-    axes = _pool_axes(state)
-    main = jax.tree.map(lambda x, b: _gather(x, table_RP, b), state.cache, axes[0])
-    mtp = jax.tree.map(lambda x, b: _gather(x, table_RP, b), state.mtp_cache, axes[1])
+def _paged_leaves(cfg, state):
+    """(main, mtp) trees of bools, one per cache leaf: whether the leaf is a page pool. A V3
+    cache is paged whole; DeepSeek-V4 pages what grows with the context, its compressed entries
+    and indexer keys (`v4_cache.CompressorCache.entries`), and keeps its window rings,
+    compressor buffers and MTP ring (fixed size) one row per slot."""
+
+    def mark(tree):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: not cfg.is_v4 or getattr(path[-1], "name", None) == "entries", tree
+        )
+
+    return mark(state.cache), mark(state.mtp_cache)
+
+
+def _views(cfg, state, table_RP, start, rows: int):
+    """(main, mtp) caches of slots start..start+rows-1 as contiguous caches: the paged leaves
+    gathered through the rows' page tables `table_RP`, the per-slot leaves sliced out."""
+    axes, paged = _pool_axes(state), _paged_leaves(cfg, state)
+
+    def view(x, b, is_paged):
+        if is_paged:
+            return _gather(x, table_RP, b)
+        return jax.lax.dynamic_slice_in_dim(x, start, rows, b)
+
+    main = jax.tree.map(view, state.cache, axes[0], paged[0])
+    mtp = jax.tree.map(view, state.mtp_cache, axes[1], paged[1])
     return main, mtp
 
 
-def _write_back(state, main, mtp, table_RP, pages_RK):
-    """`state` with the pages pages_RK of the rows' views (main, mtp) written to the pools."""
-    axes = _pool_axes(state)
-    write = functools.partial(_write, table_RP=table_RP, pages_RK=pages_RK)
-    cache = jax.tree.map(lambda x, v, b: write(x, v, b=b), state.cache, main, axes[0])
-    if state.mtp_cache is not None and mtp is not None:
-        mtp = jax.tree.map(lambda x, v, b: write(x, v, b=b), state.mtp_cache, mtp, axes[1])
-    else:
-        mtp = state.mtp_cache
-    return state.replace(cache=cache, mtp_cache=mtp)
+def _write_back(cfg, state, main, mtp, table_RP, pages_RK, start):
+    """`state` with the rows' caches (main, mtp; mtp None: unchanged) written back: of a paged
+    leaf the pages pages_RK of each row's view, to its pool pages; a per-slot leaf at slot
+    `start` on (a DeepSeek-V4 prompt's buffers have the state's fixed sizes)."""
+    axes, paged = _pool_axes(state), _paged_leaves(cfg, state)
 
-
-def _take_slots(state, start, count: int):
-    """(main, mtp) per-slot caches (DeepSeek-V4) of rows start..start+count-1."""
-    axes = _pool_axes(state)
-    main = jax.tree.map(
-        lambda x, b: jax.lax.dynamic_slice_in_dim(x, start, count, b), state.cache, axes[0]
-    )
-    mtp = jax.tree.map(
-        lambda x, b: jax.lax.dynamic_slice_in_dim(x, start, count, b), state.mtp_cache, axes[1]
-    )
-    return main, mtp
-
-
-def _put_slots(state, main, mtp, start):
-    """`state` with the per-slot caches (main, mtp) of some rows written from row `start` on
-    (mtp None: unchanged). A leaf may be shorter than the state's past the row axis (a
-    prompt's [1, P] cache: P // rate entries); it fills the leading entries (entry w at w)."""
-
-    def put(x, v, b):
+    def put(x, v, b, is_paged):
+        if is_paged:
+            return _write(x, v, table_RP, pages_RK, b)
         idx = [jnp.int32(0)] * x.ndim
         idx[b] = jnp.asarray(start, jnp.int32)
         return jax.lax.dynamic_update_slice(x, v.astype(x.dtype), idx)
 
-    axes = _pool_axes(state)
-    cache = jax.tree.map(put, state.cache, main, axes[0])
+    cache = jax.tree.map(put, state.cache, main, axes[0], paged[0])
     if state.mtp_cache is not None and mtp is not None:
-        mtp = jax.tree.map(put, state.mtp_cache, mtp, axes[1])
+        mtp = jax.tree.map(put, state.mtp_cache, mtp, axes[1], paged[1])
     else:
         mtp = state.mtp_cache
     return state.replace(cache=cache, mtp_cache=mtp)
@@ -149,25 +156,33 @@ def _rows(state, start, count: int):
     return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, count, 0), part)
 
 
-def pool_state(state, pages: int, page_size: int):
-    """`state` (any traced shapes) with its caches replaced by zero page pools of `pages`
-    pages of `page_size` positions (page 0 = TRASH included)."""
-    main = jax.tree.map(
-        lambda x, b: jnp.zeros(x.shape[:b] + (pages, page_size) + x.shape[b + 2 :], x.dtype),
-        state.cache,
-        _pool_axes(state)[0],
-    )
-    mtp = jax.tree.map(
-        lambda x: jnp.zeros((pages, page_size) + x.shape[2:], x.dtype), state.mtp_cache
-    )
+def pool_state(cfg, state, pages: int):
+    """`state` (traced shapes, its caches of one page per slot: `cache_len` = page size) with
+    its paged leaves (`_paged_leaves`) replaced by zero pools of `pages` pages (page 0 = TRASH
+    included) and its per-slot leaves by zeros."""
+    axes, paged = _pool_axes(state), _paged_leaves(cfg, state)
+
+    def pool(x, b, is_paged):
+        shape = x.shape[:b] + (pages,) + x.shape[b + 1 :] if is_paged else x.shape
+        return jnp.zeros(shape, x.dtype)
+
+    main = jax.tree.map(pool, state.cache, axes[0], paged[0])
+    mtp = jax.tree.map(pool, state.mtp_cache, axes[1], paged[1])
     return state.replace(cache=main, mtp_cache=mtp)
 
 
-@jax.jit
-def row_view(state, table_1P, slot):
+def pool_bytes(cfg, state) -> int:
+    """Bytes of `state`'s paged cache leaves (the page pools)."""
+    paged = jax.tree.leaves(_paged_leaves(cfg, state))
+    leaves = jax.tree.leaves((state.cache, state.mtp_cache))
+    return sum(x.nbytes for x, p in zip(leaves, paged, strict=True) if p)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def row_view(cfg, state, table_1P, slot):
     """Row `slot` of `state` as a one-row state whose caches are gathered from its pages
     table_1P (contiguous, positions 0..P*page-1; for inspection)."""
-    main, mtp = _views(state, table_1P)
+    main, mtp = _views(cfg, state, table_1P, slot, 1)
     return _rows(state, slot, 1).replace(cache=main, mtp_cache=mtp)
 
 
@@ -180,9 +195,9 @@ def admit(
     *, speculative, top_n,
 ):  # fmt: skip
     """Prefills one prompt into a fresh [1, P] state, samples token 0, writes the row's cache
-    to its pages table_1K (K pages cover P; None: to the slot's own caches, DeepSeek-V4) and
-    its other leaves to row `slot`; returns (state, StepOutput of the row). Prompts longer than decode.PREFILL_CHUNK run chunk by chunk inside
-    this one program (bounded activations)."""
+    to its pages table_1K (K pages cover P; DeepSeek-V4's per-slot leaves to slot `slot`) and
+    its other leaves to row `slot`; returns (state, StepOutput of the row). Prompts longer than
+    decode.PREFILL_CHUNK run chunk by chunk inside this one program (bounded activations)."""
     row, first = decode.prefill(
         cfg,
         variables,
@@ -195,11 +210,7 @@ def admit(
         prefill_chunk=decode.PREFILL_CHUNK,  # activation memory bounded by the chunk
         allowed_BW=allowed_1W,
     )
-    if table_1K is None:
-        state = _put_slots(state, row.cache, row.mtp_cache, slot)
-    else:
-        pages_1K = jnp.arange(table_1K.shape[1], dtype=jnp.int32)[None]
-        state = _write_back(state, row.cache, row.mtp_cache, table_1K, pages_1K)
+    state = _write_back(cfg, state, row.cache, row.mtp_cache, table_1K, _every_page(table_1K), slot)
     return _set_rows(state, row, slot), first
 
 
@@ -219,9 +230,10 @@ def prompt_chunk(
 ):  # fmt: skip
     """One prompt chunk of the request in row `slot` at positions start..start+T-1, over the
     row's pages table_1P (its positions 0..P*page-1, the attention window), written to them in
-    place (and MTP module 0's cache with `speculative`); `impl`: `layers.paged.IMPLS`. With
-    table_1P None (DeepSeek-V4) over the slot's own caches. Positions >= length_1 are padding
-    (the engine passes the end of the chunk's real tokens).
+    place (and MTP module 0's cache with `speculative`); `impl`: `layers.paged.IMPLS`
+    (DeepSeek-V4: the gather path around the decode core, `_views`, its window's pages written
+    back). Positions >= length_1 are padding (the engine passes the end of the chunk's real
+    tokens).
 
     `first`: the first chunk from position 0 (`decode.prefill_first_chunk`, prefill mode,
     positions >= length_1 are padding). Otherwise `decode.prefill_next_chunk` (absorbed decode
@@ -230,11 +242,12 @@ def prompt_chunk(
     alone. Returns (state, logits_1V, hidden_1D) at chunk offset `last` (the prompt's last token
     when this is the last chunk).
     """
-    if table_1P is None:  # per-slot caches (DeepSeek-V4)
+    table_1P = jnp.asarray(table_1P, jnp.int32)
+    if cfg.is_v4:
         pages = None
-        main, mtp = _take_slots(state, slot, 1)
+        main, mtp = _views(cfg, state, table_1P, slot, 1)
     else:
-        pages = Pages(jnp.asarray(table_1P, jnp.int32), impl=impl)
+        pages = Pages(table_1P, impl=impl)
         main, mtp = state.cache, state.mtp_cache
     mtp = mtp if speculative else None
     if first:
@@ -245,8 +258,8 @@ def prompt_chunk(
         main, mtp, logits_1TV, hidden_1TD = decode.prefill_next_chunk(
             cfg, variables, main, mtp, tokens_1T, next_1T, start, length_1, pages=pages
         )
-    if pages is None:
-        state = _put_slots(state, main, mtp, slot)
+    if cfg.is_v4:
+        state = _write_back(cfg, state, main, mtp, table_1P, _every_page(table_1P), slot)
     else:
         state = state.replace(cache=main, mtp_cache=mtp if speculative else state.mtp_cache)
     row = _rows(state, slot, 1)
@@ -290,17 +303,17 @@ def step(
 ):  # fmt: skip
     """One decode step over slots 0..rows-1, each over its pages table_RP (positions
     0..P*page-1, covering every active position), read and written in place; rows with live_R
-    False are held done and write only to TRASH (DeepSeek-V4's done rows write nothing).
+    False are held done and write only to TRASH.
     `allowed_RW`: the rows' packed allowed-token masks, or None. `impl`: how attention reads
     the pages (`layers.paged.IMPLS`). `shards`: the mesh axes the rows and the pools' pages
     split over, table_RP then holding each row's chip-local page ids
-    (`layers.paged.Pages.shards`; rows = all slots). table_RP None (DeepSeek-V4): over the
-    slots' own caches."""
-    if table_RP is None:  # per-slot caches (DeepSeek-V4)
+    (`layers.paged.Pages.shards`; rows = all slots). DeepSeek-V4: the gather path around the
+    decode core (`_views`), the window's pages written back (what it gathered)."""
+    table_RP = jnp.where(live_R[:, None], jnp.asarray(table_RP, jnp.int32), TRASH)
+    if cfg.is_v4:
         pages = None
-        main, mtp = _take_slots(state, 0, rows)
+        main, mtp = _views(cfg, state, table_RP, 0, rows)
     else:
-        table_RP = jnp.where(live_R[:, None], jnp.asarray(table_RP, jnp.int32), TRASH)
         pages = Pages(table_RP, impl=impl, shards=shards)
         main, mtp = state.cache, state.mtp_cache
     sub = _rows(state, 0, rows).replace(cache=main, mtp_cache=mtp)
@@ -309,8 +322,10 @@ def step(
         cfg, variables, sub, speculative=speculative, top_n=top_n, allowed_BW=allowed_RW,
         pages=pages,
     )  # fmt: skip
-    if pages is None:
-        state = _put_slots(state, sub.cache, sub.mtp_cache, 0)
+    if cfg.is_v4:
+        state = _write_back(
+            cfg, state, sub.cache, sub.mtp_cache, table_RP, _every_page(table_RP), 0
+        )
     else:
         state = state.replace(cache=sub.cache, mtp_cache=sub.mtp_cache)
     return _set_rows(state, sub, 0), out

@@ -19,11 +19,14 @@ treats the slots holding positions at or after its first new token as stale
 (`dsjax/model/layers/v4_decode.py`). `window`, `entries` and `kv` use the compute dtype.
 
 Bytes: the window and the compressor buffers are fixed per request; entries grow with the
-context (`cache_bytes`)."""
+context (`cache_bytes`). The serving engine keeps the entries (compressor and indexer) in its
+page pool, [.., pages, page_size // m, c] (`page_size`), and the rest one row per slot
+(`dsjax/inference/engine_programs.py`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -118,6 +121,27 @@ def cache_axes(cache: Any) -> Any:
         return struct_obj.replace(**fields)
 
     return of(cache)
+
+
+def compression_rates(cfg: ModelConfig) -> tuple[int, ...]:
+    """The compression rates of `cfg`'s layers, ascending (CSA's and HCA's where used)."""
+    rates = {cfg.compress_rate_csa: CSA, cfg.compress_rate_hca: HCA}
+    return tuple(sorted(r for r, t in rates.items() if t in cfg.layer_types))
+
+
+def engine_page_size(cfg: ModelConfig, requested: int | None, default: int = 64) -> int:
+    """The engine's cache page size for DeepSeek-V4: a page of `page_size` positions holds
+    page_size / rate compressed entries of each layer, so it must be a multiple of every
+    compression rate. `requested` None: the least multiple of `default` that is."""
+    rates = compression_rates(cfg)
+    if requested is None:
+        return math.lcm(default, *rates)
+    if any(requested % r for r in rates):
+        raise ValueError(
+            f"page_size={requested}: a DeepSeek-V4 cache page holds whole compressed entries, "
+            f"so it must be a multiple of every compression rate {rates}"
+        )
+    return requested
 
 
 def _nbytes(tree) -> int:
