@@ -36,10 +36,11 @@ use the stored blocks directly (only x is quantised) and treat them as frozen (z
 Under the recipe every stored weight whose blocks line up with its GEMM's 128×128 weight tiles
 goes there: Linear kernels, FP8 expert stacks, and V4's grouped wo_a when o_lora_rank % 128 == 0
 (each group's columns whole blocks). V4's FP4 experts are re-encoded exactly as FP8 blocks
-(`fp4_to_fp8_blocks`) and go there too. Where they do not line up, or are not reached, the
-weight is dequantised, frozen and re-quantised by the recipe:
+(`fp4_to_fp8_blocks`) and go there too. Where they do not line up, the weight is dequantised,
+frozen and re-quantised by the recipe:
 - V4's wo_a when o_lora_rank % 128 != 0 (the release's blocks straddle the groups);
-- the routed experts under a device mesh (`moe.sharded_experts` takes dequantised weights).
+- the routed experts under a mesh whose shards cut hidden_size or moe_intermediate_size into
+  pieces that are not whole 128-blocks (`moe._sharded_operands`).
 """
 
 from __future__ import annotations

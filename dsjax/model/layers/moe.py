@@ -566,14 +566,17 @@ def exchange_rows(cfg: ModelConfig, group_size: int, tokens: int) -> int:
     return worst
 
 
-def expert_all_to_all(x_nD, idx_nK, weights_nK, w_gate, w_up, w_down, cfg, axis, platform):
+def expert_all_to_all(
+    x_nD, idx_nK, weights_nK, w_gate, w_up, w_down, cfg, axis, platform, scales=None
+):
     """Expert parallelism inside `shard_map`, dropless by default: this shard's n tokens go to the
     expert shards holding their experts and come back (two ragged all-to-alls over `axis`, a mesh
     axis name or a tuple of them; shard g of the group holds experts g*E_l .. (g+1)*E_l - 1).
 
     Shapes (per shard, P = size of `axis`, E_l = E / P local experts, F_l local mlp width):
-    x_nD, idx_nK, weights_nK; w_gate/w_up [E_l, D, F_l], w_down [E_l, F_l, D]. Returns y_nD
-    float32 (partial over a `tensor` split of F).
+    x_nD, idx_nK, weights_nK; w_gate/w_up [E_l, D, F_l], w_down [E_l, F_l, D]; `scales` their
+    `scale_inv` blocks when stored FP8 (`grouped_swiglu`). Returns y_nD float32 (partial over a
+    `tensor` split of F).
 
     1. Sort the n*K assignments by expert (local argsort).
     2. all_gather the per-expert counts [P, E] (P*E ints): every shard knows every slice's size.
@@ -605,7 +608,7 @@ def expert_all_to_all(x_nD, idx_nK, weights_nK, w_gate, w_up, w_down, cfg, axis,
     group_sizes = mine_PL.sum(0)
     slices = (starts_PE[me], sent_PE[me], at_PE[me], mine_PL.reshape(-1))
     ragged = _resolve_impl(cfg.moe_impl, cfg.moe_tile, platform)[0] == "ragged_dot"
-    if cfg.fp8 and cfg.moe_fp8_dispatch and ragged:
+    if cfg.fp8 and cfg.moe_fp8_dispatch and ragged and scales is None:
         gate, up = _fp8_dispatch_fn(R, axis, platform)(
             x_nD, order // K, w_gate, w_up, *slices, group_sizes
         )
@@ -617,7 +620,7 @@ def expert_all_to_all(x_nD, idx_nK, weights_nK, w_gate, w_up, w_down, cfg, axis,
         # Rows past the groups are never sent back: no need to zero them (a [R, D] select).
         y_grouped = grouped_swiglu(
             x_grouped, group_sizes, w_gate, w_up, w_down, cfg.moe_impl, cfg.moe_tile, platform,
-            cfg.fp8, zero_tail=False, limit=cfg.swiglu_limit,
+            cfg.fp8, scales, zero_tail=False, limit=cfg.swiglu_limit,
         )  # fmt: skip
     back_offsets_PL = jax.lax.dynamic_slice_in_dim(starts_PE, me * E_l, E_l, axis=1)
     y_sorted = ragged_exchange(
@@ -682,6 +685,7 @@ def sharded_experts(x_ND, idx_NK, weights_NK, experts: Experts, mesh, choice: st
     all-to-all instead.
     Without a group each shard sorts its own assignments and runs all E experts; with one,
     `expert_all_to_all`. Partial sums over the tensor-split mlp width are psum'd over tensor.
+    Under the FP8 recipe stored FP8 (or FP4) experts enter with their scales (`_sharded_operands`).
     Returns y_ND in the compute dtype.
     """
     cfg = experts.cfg
@@ -700,17 +704,22 @@ def sharded_experts(x_ND, idx_NK, weights_NK, experts: Experts, mesh, choice: st
     platform = _platform()
     impl, tile = _resolve_impl(cfg.moe_impl, cfg.moe_tile, platform)
 
-    def local(x, idx, w, wg, wu, wd):
-        if gather_d:
-            wg = jax.lax.all_gather(wg, gather_d, axis=1, tiled=True)
-            wu = jax.lax.all_gather(wu, gather_d, axis=1, tiled=True)
-            wd = jax.lax.all_gather(wd, gather_d, axis=2, tiled=True)
+    n_d = math.prod(mesh.shape[a] for a in gather_d)
+    scales, weights = _sharded_operands(experts, dtype, n_d, mesh.shape.get("tensor", 1))
+
+    def local(x, idx, w, *operands):
+        if gather_d:  # D: axis 1 of gate / up [E, D, F], axis 2 of down [E, F, D]; scales alike
+            operands = tuple(
+                jax.lax.all_gather(a, gather_d, axis=2 if i % 3 == 2 else 1, tiled=True)
+                for i, a in enumerate(operands)
+            )
+        (wg, wu, wd), sc = operands[:3], operands[3:] or None
         if group:
-            y = expert_all_to_all(x, idx, w, wg, wu, wd, cfg, group, platform)
+            y = expert_all_to_all(x, idx, w, wg, wu, wd, cfg, group, platform, sc)
         elif impl == "looped" and not cfg.fp8 and not _few_rows(idx.size, E):
             y = sorted_dispatch_combine(x, idx, w, wg, wu, wd, cfg.swiglu_limit)
         elif impl in ("tiled", "looped"):
-            y = tiled_dispatch_combine(x, idx, w, wg, wu, wd, tile, cfg.fp8, limit=cfg.swiglu_limit)
+            y = tiled_dispatch_combine(x, idx, w, wg, wu, wd, tile, cfg.fp8, sc, cfg.swiglu_limit)
         else:
             order, group_sizes = _sort_by_expert(idx, E)
             x_sorted = jnp.take(x, order // idx.shape[1], axis=0)
@@ -724,6 +733,7 @@ def sharded_experts(x_ND, idx_NK, weights_NK, experts: Experts, mesh, choice: st
                 tile,
                 platform,
                 cfg.fp8,
+                sc,
                 limit=cfg.swiglu_limit,
             )
             y = _combine(y_sorted, order, w)
@@ -739,10 +749,24 @@ def sharded_experts(x_ND, idx_NK, weights_NK, experts: Experts, mesh, choice: st
     fn = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(tokens, tokens, tokens, w_in, w_in, w_out),
+        in_specs=(tokens, tokens, tokens, *((w_in, w_in, w_out) * (1 + (scales is not None)))),
         out_specs=tokens,
     )
-    return fn(x_ND.astype(dtype), idx_NK, weights_NK, *experts.weights(dtype))
+    return fn(x_ND.astype(dtype), idx_NK, weights_NK, *weights, *(scales or ()))
+
+
+def _sharded_operands(experts: Experts, dtype, n_d: int, n_f: int):
+    """(scales or None, (gate, up, down)) for `sharded_experts`, whose shards split D n_d and F
+    n_f ways: stored FP8 blocks under the FP8 recipe when every shard holds whole 128-blocks
+    (else dequantised, frozen, and re-quantised by the recipe); weights in `dtype` otherwise."""
+    cfg = experts.cfg
+    stored = experts.stored()
+    if not cfg.fp8 or stored[0][1] is None:
+        return None, experts.weights(dtype)
+    D, F = cfg.hidden_size, cfg.moe_intermediate_size
+    if all(n == 1 or dim % (fp8_lib.BLOCK * n) == 0 for dim, n in ((D, n_d), (F, n_f))):
+        return tuple(s for _, s in stored), tuple(w for w, _ in stored)
+    return None, jax.lax.stop_gradient(experts.weights(dtype))
 
 
 def balance_stats(idx_BTK, scores_BTE, valid_BT, num_experts):
