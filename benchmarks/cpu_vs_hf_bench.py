@@ -131,14 +131,7 @@ def main(argv=None) -> None:
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
     args = p.parse_args(argv)
-    import jax
-    import torch
-
-    print(
-        f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads, default); load average {db.load_average()}",
-        flush=True,
-    )
+    print(db.versions(), flush=True)
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     for name in args.shapes.split(","):
@@ -167,10 +160,7 @@ def main(argv=None) -> None:
     if not args.skip_decode:
         for B in batches:
             header += [f"decode B={B} tok/s dsjax / HF", f"B={B} dsjax/HF"]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print(db.table(rows, header))
 
 
 if __name__ == "__main__":

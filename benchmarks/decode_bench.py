@@ -185,6 +185,17 @@ def alternate(runs: dict, new_tokens: int, repeats: int, batch: int) -> dict:
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
+def versions() -> str:
+    """Both frameworks as installed (torch's thread count is its default), and the load."""
+    import jax
+    import torch
+
+    return (
+        f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads, default); load average {load_average()}"
+    )
+
+
 def load_average() -> str:
     """The 1/5/15-minute load averages (other processes compete for the same cores)."""
     try:

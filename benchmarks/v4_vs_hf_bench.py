@@ -141,13 +141,8 @@ def main(argv=None) -> None:
     p.add_argument("--skip-decode", action="store_true")
     args = p.parse_args(argv)
     import jax
-    import torch
 
-    print(
-        f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads, default); load average {db.load_average()}",
-        flush=True,
-    )
+    print(db.versions(), flush=True)
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     for name in args.shapes.split(","):
@@ -183,10 +178,7 @@ def main(argv=None) -> None:
             f"decode tok/s (prompt {args.prompt_len}, {args.new_tokens} new) dsjax / HF",
             "decode dsjax/HF",
         ]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print(db.table(rows, header))
 
 
 if __name__ == "__main__":
