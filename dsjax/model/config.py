@@ -17,6 +17,11 @@ REMAT_POLICIES = ("none", "full", "offload", "dots", "dots_no_batch", "save_attn
 ATTENTION_IMPLS = ("auto", "reference", "chunked", "cudnn", "splash")
 MOE_IMPLS = ("auto", "ragged_dot", "tiled", "looped")
 DTYPES = ("float32", "bfloat16", "float16")
+# The sizes every config names (a V3-family config.json must hold each; all positive).
+_CORE_DIMS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+)  # fmt: skip
 SUPPORTED_HF_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2", "deepseek_v32", "deepseek_v4")
 ARCHS = ("v3", "v4")
 # DeepSeek-V4 attention layer types (HF `layer_types`): sliding window only, compressed sparse
@@ -142,17 +147,7 @@ class ModelConfig:
         def fail(field: str, rule: str):
             raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}: {rule}")
 
-        positive = (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "kv_lora_rank",
-            "qk_nope_head_dim",
-            "qk_rope_head_dim",
-            "v_head_dim",
-            "max_position_embeddings",
-        )
+        positive = (*_CORE_DIMS, "max_position_embeddings")
 
         def is_int(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
@@ -364,17 +359,7 @@ class ModelConfig:
             from dsjax.model.config_v4 import v4_fields_from_hf
 
             return cls(**{**v4_fields_from_hf(hf), **overrides})
-        required = (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "kv_lora_rank",
-            "qk_nope_head_dim",
-            "qk_rope_head_dim",
-            "v_head_dim",
-        )
-        missing = [k for k in required if k not in hf]
+        missing = [k for k in _CORE_DIMS if k not in hf]
         if missing:
             raise ValueError(f"config.json lacks required field(s) {missing}")
         is_v2 = model_type == "deepseek_v2"
