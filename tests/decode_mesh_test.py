@@ -129,3 +129,47 @@ def test_planner_decode_step_updates_the_cache_in_place():
     cache = planner.shard_bytes(abs_cache)  # per chip: 1 row's 32 pages of 64 + its TRASH
     assert memory.alias_size_in_bytes == cache
     assert memory.temp_size_in_bytes < cache
+
+
+@pytest.fixture(scope="module")
+def kept_fp8(tmp_path_factory):
+    """A tiny V3 FP8 release (the FP8 export of random weights) loaded with keep_fp8. Hidden 256
+    and the experts' width 512 give 128x128 blocks: on expert=2,tensor=4 the experts' scales
+    split over tensor with their weights (512 = 4 shards of one block), the attention's
+    (heads 4 x 16 = 64 columns, one block) stay whole beside weights split four ways."""
+    from dsjax.checkpoints.hf import load_hf_checkpoint, save_hf_checkpoint
+
+    cfg = tiny_config(hidden_size=256, moe_intermediate_size=512, num_mtp_layers=0)
+    path = tmp_path_factory.mktemp("fp8") / "release"
+    save_hf_checkpoint(path, cfg, init_variables(cfg, jax.random.key(4)), fp8=True)
+    return load_hf_checkpoint(path, keep_fp8=True)
+
+
+def test_kept_fp8_decodes_on_decode_mesh_as_on_one_device(kept_fp8):
+    cfg, variables = kept_fp8
+    experts = variables["params"]["moe_layers"]["moe"]["experts"]
+    assert experts["gate"].dtype == jnp.float8_e4m3fn
+    assert experts["gate_scale_inv"].shape[-2:] == (2, 4)  # [L, E, 256/128, 512/128]
+    dm = DecodeMesh.parse("expert=2,tensor=4")
+    placed = dm.place(cfg, variables)
+    experts = placed["params"]["moe_layers"]["moe"]["experts"]
+    for name, spec in (("gate", ("expert", None, "tensor")), ("down", ("expert", "tensor", None))):
+        assert tuple(experts[name].sharding.spec)[1:] == spec
+        assert tuple(experts[f"{name}_scale_inv"].sharding.spec)[1:] == spec  # [L, E, grid]
+    q_b = placed["params"]["moe_layers"]["attn"]["q_b"]
+    assert tuple(q_b["kernel"].sharding.spec)[-1] == "tensor"  # 64 columns, 4 ways
+    assert tuple(q_b["kernel_scale_inv"].sharding.spec)[1:] == (None, None)  # one block: whole
+    want = generate(cfg, variables, PROMPTS, 8)
+    assert generate(cfg, placed, PROMPTS, 8, mesh=dm).tokens == want.tokens
+
+    B, S = 8, 16
+    cache = main_cache(zeros_cache(cfg, B, S))
+    keys = iter(jax.random.split(jax.random.key(1), 64))
+    cache = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape, x.dtype), cache)
+    tokens = jax.random.randint(jax.random.key(2), (B, 1), 0, cfg.vocab_size)
+    positions = jax.random.randint(jax.random.key(3), (B, 1), 1, S)
+    step = jax.jit(lambda v, c, t, p: decode_forward(cfg, v, c, t, p)[0])
+    want = step(variables, cache, tokens, positions)
+    with dm.context():
+        got = step(placed, cache, tokens, positions)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)

@@ -8,9 +8,13 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from configs import small, tiny
+from dsjax import run_config
+from dsjax.model import sharding
 from dsjax.plan import hlo_stats, tpu_specs
 from dsjax.plan import planner as plan
 from tests.conftest import ROOT
@@ -325,3 +329,28 @@ def test_a_known_compiler_bug_names_its_remedy():
     assert e.value.code == 1 and "\n" not in str(e.value)
     with pytest.raises(plan.PlanError, match="failed on this plan: INTERNAL: other$"):
         plan._oom_or_raise(RuntimeError("INTERNAL: other"))
+
+
+@needs_libtpu
+def test_decode_plan_with_kept_fp8_weights(v5e_2x2):
+    """--keep_fp8: the decode step compiled on the weights a keep_fp8 load of the FP8 release
+    holds (float8 + 128x128 block scales split with their weights where whole blocks line up),
+    reported per chip; the decode layout still gathers no weight."""
+    config = tiny.get_config()
+    config.mesh.update(data=1, expert=2, tensor=2)
+    cfg = run_config.parse(config).model
+    mesh = sharding.make_mesh(data=1, expert=2, tensor=2, devices=list(v5e_2x2.devices))
+    _, plain, _ = plan.lower_decode(cfg, mesh, "decode", batch=8, cache_len=128)  # not compiled
+    r = plan.plan_decode(config, v5e_2x2, batch=8, cache_len=128, layout="decode", keep_fp8=True)
+    _check_report(r, v5e_2x2)
+    assert r["keep_fp8"] and "weights kept FP8" in plan.format_report(r)
+    kept = plan.kept_fp8(cfg, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), plain))
+    experts = kept["params"]["moe_layers"]["moe"]["experts"]
+    assert experts["gate"].dtype == jnp.float8_e4m3fn
+    assert experts["gate_scale_inv"].shape == (2, 8, 1, 1)  # [L, E, 64/128, 32/128]
+    assert kept["params"]["lm_head"]["kernel"].dtype == jnp.float32  # the head stays
+    assert "router" in kept["params"]["moe_layers"]["moe"]
+    assert kept["params"]["moe_layers"]["moe"]["router"]["kernel"].dtype == jnp.float32
+    # per chip: every FP8 leaf a quarter of its float32 bytes, plus its scales
+    assert r["memory"]["params_bytes"] < 0.6 * plan.shard_bytes(plain)
+    assert r["collectives"]["ops"]["all-gather"]["result_bytes"] < r["memory"]["params_bytes"] / 10

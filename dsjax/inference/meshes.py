@@ -78,20 +78,10 @@ class DecodeMesh:
 
     def shardings(self, cfg: ModelConfig, variables):
         """NamedShardings for `variables` ({"params", "moe_bias"}, as loaded): each leaf by its
-        logical axes in the layout's rules; leaves the model does not declare (FP8 scales of a
-        kept-FP8 checkpoint) are replicated."""
+        logical axes in the layout's rules; the block scales of a kept-FP8 checkpoint's weights
+        split like their weights where the blocks line up (`sharding.variable_shardings`)."""
         declared = nn.get_partition_spec(abstract_variables(cfg))
-        specs = sharding.logical_to_sharding(declared, self.mesh, self.rules)
-        flat = {
-            jax.tree_util.keystr(p): s
-            for p, s in jax.tree_util.tree_leaves_with_path(
-                specs, is_leaf=lambda x: isinstance(x, NamedSharding)
-            )
-        }
-        whole = NamedSharding(self.mesh, PartitionSpec())
-        return jax.tree_util.tree_map_with_path(
-            lambda p, _: flat.get(jax.tree_util.keystr(p), whole), variables
-        )
+        return sharding.variable_shardings(declared, variables, self.mesh, self.rules)
 
     def place_rows(self, tree, batch_axes):
         """`tree` on the mesh with each leaf's batch axis (`batch_axes`, a matching tree of ints)

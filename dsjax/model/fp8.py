@@ -56,6 +56,8 @@ E4M3_MAX = 448.0
 BLOCK = 128
 E2M1 = jnp.float4_e2m1fn  # DeepSeek-V4's FP4 experts (stored only; dequantised to compute)
 FP4_GROUP = 32
+# A stored weight `<name>`'s block scales: the sibling leaf `<name>_scale_inv`.
+SCALE_SUFFIX = "_scale_inv"
 
 
 # ----------------------------------------------------------------------------- quantisation
@@ -507,6 +509,12 @@ def is_fp8(a) -> bool:
 def is_fp4(a) -> bool:
     """True for a float4_e2m1fn array (a stored FP4 expert weight)."""
     return jnp.dtype(a.dtype) == jnp.dtype(E2M1)
+
+
+def scale_blocks(w) -> tuple[int, int]:
+    """(rows, columns) of `w` [..., in, out] that one entry of its `scale_inv` covers: 128x128
+    for FP8 blocks, 32x1 for DeepSeek-V4's FP4 groups."""
+    return (FP4_GROUP, 1) if is_fp4(w) else (BLOCK, BLOCK)
 
 
 def num_blocks(n: int) -> int:

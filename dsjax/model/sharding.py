@@ -37,6 +37,8 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from dsjax.model import fp8
+
 MESH_AXES = ("stage", "data", "fsdp", "expert", "context", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
 # A flattened [B*T] token dimension splits over the batch axes and then the sequence's `context`.
@@ -166,6 +168,55 @@ def logical_to_sharding(logical_tree, mesh: Mesh, rules=LOGICAL_RULES):
         specs,
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
+
+
+def scale_spec(
+    kernel_spec: PartitionSpec, kernel_shape: tuple[int, ...], blocks: tuple[int, int], mesh: Mesh
+) -> PartitionSpec:
+    """The PartitionSpec of the block scales `<name>_scale_inv` [..., ceil(in/b0), ceil(out/b1)]
+    of a stored low-precision weight `<name>` [..., in, out] placed by `kernel_spec`: leading
+    dims as the weight's; each grid dim split like the weight's dim where every shard of that
+    dim holds whole blocks (dim % (block x shards) == 0, so a shard's scales are its weight
+    shard's), else whole (every chip holds the small grid)."""
+    spec = list(kernel_spec) + [None] * (len(kernel_shape) - len(kernel_spec))
+    for i, block in zip((-2, -1), blocks, strict=True):
+        axes = spec[i]
+        shards = math.prod(
+            mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())
+        )
+        if kernel_shape[i] % (block * shards):
+            spec[i] = None
+    return PartitionSpec(*spec)
+
+
+def variable_shardings(declared, variables, mesh: Mesh, rules=LOGICAL_RULES):
+    """NamedShardings for `variables` (a nested dict, arrays or ShapeDtypeStructs): each leaf
+    the model declares (`declared`, logical PartitionSpecs from `nn.get_partition_spec`) by its
+    logical axes under `rules`; the block scales `<name>_scale_inv` of a stored FP8/FP4 weight
+    (a `keep_fp8` load) by `scale_spec` from their weight's; any other leaf whole."""
+    specs = nn.logical_to_mesh(declared, rules)
+    key = jax.tree_util.keystr
+    spec_of = {
+        key(p): s
+        for p, s in jax.tree_util.tree_leaves_with_path(
+            specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+        )
+    }
+    leaf_of = {key(p): x for p, x in jax.tree_util.tree_leaves_with_path(variables)}
+
+    def one(path, leaf):
+        if key(path) in spec_of:
+            return NamedSharding(mesh, spec_of[key(path)])
+        name = str(getattr(path[-1], "key", ""))
+        if name.endswith(fp8.SCALE_SUFFIX):
+            weight = key((*path[:-1], jax.tree_util.DictKey(name[: -len(fp8.SCALE_SUFFIX)])))
+            if weight in spec_of and weight in leaf_of:
+                w = leaf_of[weight]
+                spec = scale_spec(spec_of[weight], tuple(w.shape), fp8.scale_blocks(w), mesh)
+                return NamedSharding(mesh, spec)
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree_util.tree_map_with_path(one, variables)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

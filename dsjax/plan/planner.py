@@ -571,8 +571,36 @@ def _header(run: RunConfig, target: Target, mesh, mode: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- decode
+def kept_fp8(cfg, variables):
+    """Abstract `variables` as a `keep_fp8` load of the FP8 release holds them: every FP8 leaf
+    of the release format (`hf_fp8.kept_fp8_slots` over `hf_tensor_table(cfg)`, all its
+    tensors FP8) float8_e4m3fn with its float32 `_scale_inv` sibling [..., ceil(in/128),
+    ceil(out/128)]; the rest as given. DeepSeek-V3 layouts only."""
+    from dsjax.checkpoints import hf_fp8
+    from dsjax.checkpoints.hf_table import hf_tensor_table
+
+    table = hf_tensor_table(cfg)
+    slots = hf_fp8.kept_fp8_slots(table, {e.key for e in table}, hf_fp8.DEFAULT_BLOCK, "")
+
+    def walk(node, prefix):
+        out = {}
+        for k, v in node.items():
+            path = (*prefix, str(k))
+            if not isinstance(v, jax.ShapeDtypeStruct):
+                out[k] = walk(v, path)
+            elif (path[0], path[1:]) in slots:
+                out[k] = jax.ShapeDtypeStruct(v.shape, jnp.float8_e4m3fn)
+                scale = hf_fp8.kernel_scale_shape(tuple(v.shape))
+                out[k + hf_fp8.SCALE_SUFFIX] = jax.ShapeDtypeStruct(scale, jnp.float32)
+            else:
+                out[k] = v
+        return out
+
+    return walk(variables, ())
+
+
 def lower_decode(cfg, mesh, layout: str, batch: int, cache_len: int, page_size: int = 64,
-                 attention: str = "xla"):  # fmt: skip
+                 attention: str = "xla", keep_fp8: bool = False):  # fmt: skip
     """The decode step the planner compiles, lowered for `mesh` under `layout`'s rules
     (`sharding.logical_rules`): `batch` rows, one token each, over a `cache_len` latent cache
     held as the engine holds it, in page pools (`dsjax.model.layers.paged`, pages of
@@ -581,12 +609,15 @@ def lower_decode(cfg, mesh, layout: str, batch: int, cache_len: int, page_size: 
     `cache_batch`'s mesh axes, the pools' pages split with them and each chip reads and writes
     only its own rows' pages (shard-local tables, `paged.shard_tables`, in shard_map).
     `attention`: how attention reads the pages (`paged.IMPLS`: "xla", the gather path; "pallas",
-    the paged MLA kernel).
+    the paged MLA kernel). `keep_fp8`: the weights as a keep_fp8 load of the FP8 release holds
+    them (`kept_fp8`), the block scales placed by `sharding.variable_shardings`.
 
     Returns (lowered, abstract variables, abstract cache pools) with their shardings."""
     from dsjax.model.layers import paged
 
     if cfg.is_v4:
+        if keep_fp8:
+            raise PlanError("--keep_fp8: DeepSeek-V3 layouts only (V4's FP4 experts not yet)")
         return _lower_decode_v4(cfg, mesh, layout, batch, cache_len)
     model = Transformer(cfg)
     rules = sharding.logical_rules(layout)
@@ -595,7 +626,6 @@ def lower_decode(cfg, mesh, layout: str, batch: int, cache_len: int, page_size: 
         lambda t: model.init(jax.random.key(0), t, mode="prefill", run_mtp=False), tokens
     )
     specs = nn.get_partition_spec({k: v for k, v in boxed.items() if k != "cache"})
-    var_sh = sharding.logical_to_sharding(specs, mesh, rules)
     unboxed = nn.unbox(boxed)
     cache_axes = sharding.dim_axes(("cache_batch",), rules)[0]
     n_shards = math.prod(mesh.shape[a] for a in cache_axes)
@@ -617,6 +647,9 @@ def lower_decode(cfg, mesh, layout: str, batch: int, cache_len: int, page_size: 
     abs_cache = jax.tree_util.tree_map_with_path(pool, unboxed["cache"])
     cache_sh = jax.tree.map(lambda a: a.sharding, abs_cache)
     variables = {k: v for k, v in unboxed.items() if k != "cache"}
+    if keep_fp8:
+        variables = kept_fp8(cfg, variables)
+    var_sh = sharding.variable_shardings(specs, variables, mesh, rules)
     abs_vars = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             variables, var_sh)  # fmt: skip
     row_sh = jax.sharding.NamedSharding(mesh, P(row_axes, None))
@@ -687,9 +720,10 @@ def _global_bytes(tree) -> float:
 
 def plan_decode(config: ml_collections.ConfigDict | RunConfig, target: Target, batch: int,
                 cache_len: int, layout: str = "fsdp", page_size: int = 64,
-                attention: str = "xla") -> dict:  # fmt: skip
+                attention: str = "xla", keep_fp8: bool = False) -> dict:  # fmt: skip
     """Compiles one decode step (`lower_decode`: page pools updated in place) for `target` under
-    `layout`, weights in the compute dtype (bf16 for V3). Beside the roofline it reports the HBM
+    `layout`, weights in the compute dtype (bf16 for V3), or with `keep_fp8` as a keep_fp8 load
+    of the FP8 release holds them (FP8 + 128x128 block scales, `kept_fp8`). Beside the roofline it reports the HBM
     bound: every weight and the whole latent cache (`batch` x `cache_len` positions, the pools'
     TRASH pages left out) read once per step, spread evenly over the chips (no replication),
     and the roofline step time over it."""
@@ -699,10 +733,10 @@ def plan_decode(config: ml_collections.ConfigDict | RunConfig, target: Target, b
     mesh = sharding.make_mesh(**dataclasses.asdict(run.mesh), devices=list(target.devices))
     report = _header(run, target, mesh, "decode")
     report.update(batch=batch, cache_len=cache_len, layout=layout, page_size=page_size,
-                  attention=attention)  # fmt: skip
+                  attention=attention, keep_fp8=keep_fp8)  # fmt: skip
     t0 = time.perf_counter()
     lowered, abs_vars, abs_cache = lower_decode(cfg, mesh, layout, batch, cache_len, page_size,
-                                                attention)  # fmt: skip
+                                                attention, keep_fp8)  # fmt: skip
     compiled, oom, dump = compile_or_oom(lowered)
     report["compile_s"] = time.perf_counter() - t0
     params_b, cache_b = shard_bytes(abs_vars), shard_bytes(abs_cache)
@@ -868,7 +902,7 @@ def format_report(r: dict) -> str:
     extra = (f"batch {r['batch']} x seq {r['seq_len']}" if r["mode"] == "train"
              else f"batch {r['batch']} rows, cache {r['cache_len']} positions in pages of "
                   f"{r.get('page_size')} ({r.get('attention')} attention), layout "
-                  f"{r['layout']}")  # fmt: skip
+                  f"{r['layout']}{', weights kept FP8' if r.get('keep_fp8') else ''}")  # fmt: skip
     lines.append(f"   {extra}; remat {r['remat']}; dtype {r['dtype']}/{r['param_dtype']}; "
                  f"moments {r['moment_dtype']}{' (host)' if r.get('host_offload') else ''}; "
                  f"ce_chunk {r['ce_chunk']}")  # fmt: skip
@@ -966,7 +1000,7 @@ def main(argv) -> int:
     run = run_config.parse(config)  # unknown keys, types and ranges: one line before a compile
     if f.mode == "decode":
         reports = [plan_decode(run, target, f.batch, f.cache_len, f.layout, f.page_size,
-                               f.paged_attention)]  # fmt: skip
+                               f.paged_attention, f.keep_fp8)]  # fmt: skip
     else:
         if f.batch_per_chip:
             mesh = sharding.make_mesh(**dataclasses.asdict(run.mesh), devices=list(target.devices))
@@ -1027,6 +1061,9 @@ def _define_flags():
         ["xla", "pallas"],
         "decode: attention over the pages by the XLA gather path or the Pallas paged MLA kernel",
     )
+    flags.DEFINE_bool("keep_fp8", False,
+                      "decode: weights as a keep_fp8 load of the FP8 release holds them "
+                      "(float8 + 128x128 block scales) instead of bf16")  # fmt: skip
     flags.DEFINE_integer("layers", 0, "compile only the first N decoder layers (0 = all)")
     flags.DEFINE_string("json", None, "write the report(s) as JSON here")
     flags.DEFINE_bool("search", False, "search meshes x batch per chip x remat (train)")
