@@ -16,7 +16,7 @@ from flax import linen as nn
 
 from configs import tiny_v4
 from dsjax.model import sharding
-from dsjax.model.config import CSA
+from dsjax.model.config import CSA, HCA, SLIDING
 from dsjax.model.transformer import Transformer, init_variables
 from dsjax.train import step as ts
 
@@ -65,8 +65,10 @@ def _run(config, mesh, batches):
 
 @pytest.fixture(scope="module")
 def config():
+    """tiny_v4 with one layer of each kind (window with the hash-routed MoE, CSA, HCA)."""
     c = tiny_v4.get_config()
     c.data.seq_len = T
+    c.model.num_hidden_layers, c.model.layer_types = 3, [SLIDING, CSA, HCA]
     c.optim.warmup_steps = 1
     c.optim.lr = 1e-2
     return c
