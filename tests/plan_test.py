@@ -354,3 +354,22 @@ def test_decode_plan_with_kept_fp8_weights(v5e_2x2):
     # per chip: every FP8 leaf a quarter of its float32 bytes, plus its scales
     assert r["memory"]["params_bytes"] < 0.6 * plan.shard_bytes(plain)
     assert r["collectives"]["ops"]["all-gather"]["result_bytes"] < r["memory"]["params_bytes"] / 10
+
+
+def test_moe_exchange_figures_name_the_full_expert_gather():
+    """Issue 22: V3 DualPipe on 2 x v5p-128 (stage 2, fsdp 2 x expert 64, 4 micro-batches of one
+    4096-token sequence per shard): "auto" picks no token exchange, so each MoE layer run
+    all-gathers all 256 experts (3 x 256 x 7168 x 2048 bf16, less the chip's 1/128)."""
+    from configs import deepseek_v3
+
+    config = deepseek_v3.get_config()
+    config.train.batch_size = 512
+    config.train.microbatches = 4
+    config.train.pipeline_schedule = "dualpipe"
+    run = run_config.parse(config)
+    mesh = jax.sharding.AbstractMesh(
+        (2, 1, 2, 64, 1, 1), ("stage", "data", "fsdp", "expert", "context", "tensor")
+    )
+    figures = plan.moe_exchange_figures(run.model, run, mesh)
+    assert figures["tokens_per_shard"] == 4096 and figures["group"] == []
+    assert figures["gather_bytes_per_layer"] == 3 * 256 * 7168 * 2048 * 2 * (1 - 1 / 128)

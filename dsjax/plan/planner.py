@@ -372,6 +372,40 @@ def _roofline(report: dict, target: Target, flops_dev: float, hw_flops_dev: floa
 
 
 # ----------------------------------------------------------------------------- train
+def moe_tokens_per_shard(run: RunConfig, mesh) -> int:
+    """Tokens one MoE layer call sees per batch shard: a (grad_accum) batch's share, split further
+    into micro-batches when pipelined over `stage` (each chunk runs one micro-batch)."""
+    stages = dict(mesh.shape).get("stage", 1)
+    micro = run_config.pipeline_settings(run.train, stages)[1] if stages > 1 else 1
+    context = dict(mesh.shape).get("context", 1)
+    B = run.train.batch_size / sharding.batch_shards(mesh) / run.train.grad_accum / micro
+    return int(B * run.data.seq_len / context)
+
+
+def moe_exchange_figures(cfg, run: RunConfig, mesh) -> dict | None:
+    """The routed experts' token exchange the model will pick (`moe.exchange_group` "auto") at the
+    step's tokens per shard, and the bytes of expert weights a chip all-gathers per MoE layer run
+    (each of E/G experts' gate, up, down whole in the compute dtype, less what the chip holds).
+    Without an exchange that is all E experts every layer run — at V3 widths 21 GiB — which
+    dominates the step's ICI time (issue 22)."""
+    if not cfg.n_routed_experts or cfg.num_moe_layers + cfg.num_mtp_layers == 0:
+        return None
+    from dsjax.model.layers import moe as moe_lib
+
+    shape = dict(mesh.shape)
+    n = moe_tokens_per_shard(run, mesh)
+    group = moe_lib.exchange_group(cfg, mesh, n)
+    G = math.prod(shape[a] for a in group) if group else 1
+    F_l = cfg.moe_intermediate_size / shape.get("tensor", 1)
+    layer = 3 * cfg.n_routed_experts / G * cfg.hidden_size * F_l * jnp.dtype(cfg.dtype).itemsize
+    held = math.prod(shape.get(a, 1) for a in ("expert", "fsdp", "context") if a not in group)
+    return {
+        "group": list(group),
+        "tokens_per_shard": n,
+        "gather_bytes_per_layer": layer * (1 - 1 / held) if held > 1 else 0.0,
+    }
+
+
 def train_analytic(cfg, run: RunConfig, params_bytes: float, optimizer_bytes: float, mesh) -> dict:
     """Per-device bytes by cause: the state exactly (from shardings), the rest estimated from the
     buffers the XLA:TPU compiler was seen to hold for V3 on v5p-256 (buffer assignment of the
@@ -411,7 +445,7 @@ def train_analytic(cfg, run: RunConfig, params_bytes: float, optimizer_bytes: fl
     dense = tokens * 3 * cfg.intermediate_size / tensor * act
     moe_exchange = mtp_block = expert_weights = 0.0
     if cfg.n_routed_experts and cfg.num_moe_layers + cfg.num_mtp_layers > 0:
-        n = int(tokens)
+        n = moe_tokens_per_shard(run, mesh)
         group = moe_lib.exchange_group(cfg, mesh, n)
         G = math.prod(shape[a] for a in group) if group else 1
         R = moe_lib.exchange_rows(cfg, G, n) if G > 1 else n * cfg.num_experts_per_tok
@@ -526,6 +560,7 @@ def plan_train(config: ml_collections.ConfigDict | RunConfig, target: Target) ->
         cfg, run, memory["params_bytes"], memory["optimizer_bytes"], mesh
     )
     report["host_transfer_bytes"] = host_transfer_bytes(report["analytic_bytes"])
+    report["moe_exchange"] = moe_exchange_figures(cfg, run, mesh)
     flops_dev = metrics.train_flops_per_token(cfg, T) * batch * T / n
     recompute = 1.0 if cfg.remat == "save_attn_ffn" else (1.0 if cfg.remat == "none" else 4 / 3)
     report["flops"] = {
@@ -917,6 +952,11 @@ def format_report(r: dict) -> str:
                      f"ticks; bubble {pp['bubble_fraction'] * 100:.1f}% (B = 3F); activations "
                      f"{pp['peak_activations']} chunk inputs = {_g(pp['activation_bytes'])} per "
                      f"chip; stage-to-stage {_g(pp['stage_transfer_bytes'])} per chip per step")  # fmt: skip
+    ex = r.get("moe_exchange")
+    if ex:
+        lines.append(f"   MoE exchange: {'x'.join(ex['group']) or 'none'} at "
+                     f"{ex['tokens_per_shard']} tokens per shard; expert weights all-gathered per "
+                     f"MoE layer run {_g(ex['gather_bytes_per_layer'])} per chip")  # fmt: skip
     lines.append(f"   compile: {r['compile_s']:.1f} s")
     lines.append("   per device (compiler):")
     state = (f"latent cache {_g(m['cache_bytes'])}" if "cache_bytes" in m
