@@ -4,6 +4,7 @@ it, gives one device's loss, gradients and expert counts; dropping one backward 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ from dsjax.model import sharding
 from dsjax.model.transformer import Transformer, init_variables
 from dsjax.train import pipeline
 from dsjax.train import step as ts
+from dsjax.train.stack_layout import StackLayout, stack_layout
 
 B, T, M = 16, 16, 4  # 4 micro-batches of 4 rows: one row per data x expert shard
 FP8_TOL = 1e-2  # e4m3 keeps 3 mantissa bits: one flipped rounding step moves a value 1/16
@@ -75,7 +77,9 @@ def _accumulated(config, model, params, moe_bias, batch):
 
 
 def _program(config, model, schedule, mesh):
-    """The jitted pipeline with its tick table as an argument (one compile serves mutations)."""
+    """The compiled pipeline with its tick table as an argument (one compile serves mutations),
+    called with the MoE stack in model order: the train state's row order (`StackLayout`) is
+    put in and taken out outside the program, which holds the pipeline alone (`.hlo`)."""
     fn = functools.partial(
         pipeline.pipeline_grads,
         model=model,
@@ -83,7 +87,18 @@ def _program(config, model, schedule, mesh):
         schedule=schedule,
         microbatches=M,
     )
-    return jax.jit(lambda p, b, x, t: fn(p, b, x, table_arrays=t))
+    jitted, compiled = jax.jit(lambda p, b, x, t: fn(p, b, x, table_arrays=t)), []
+
+    def run(p, b, x, t):
+        stages = jax.sharding.get_abstract_mesh().shape["stage"]
+        layout = StackLayout.of(pipeline.ps.make_schedule(schedule, stages, M), model.cfg.num_moe_layers)
+        p = layout.stored(p)
+        compiled[:] = compiled or [jitted.lower(p, b, x, t).compile()]
+        loss, grads, metrics, counts = compiled[0](p, b, x, t)
+        return loss, layout.model(grads), metrics, counts
+
+    run.hlo = lambda: compiled[0].as_text()  # type: ignore[attr-defined]
+    return run
 
 
 def _tables(schedule, stages):
@@ -131,6 +146,7 @@ def test_schedule_matches_one_device(setup, schedule, mesh_sizes):
         _assert_matches(program(params, moe_bias, batch, table), reference)
         if schedule != "dualpipe":
             return
+        _assert_no_weights_cross_stages(program.hlo(), config, stages)
         # Mutation: drop the backward chunk of one micro-batch on rank 1 -> must not match.
         b_on = np.asarray(table["b_on"]).copy()
         tick = int(np.flatnonzero(b_on[:, 1])[0])
@@ -138,6 +154,21 @@ def test_schedule_matches_one_device(setup, schedule, mesh_sizes):
         mutated = program(params, moe_bias, batch, {**table, "b_on": jnp.asarray(b_on)})
     with pytest.raises(AssertionError, match="relative error"):
         _assert_matches(mutated, reference)
+
+
+def _assert_no_weights_cross_stages(hlo: str, config, stages: int) -> None:
+    """What crosses `stage` in the compiled step (the mesh's outer axis, so a stage's devices
+    are consecutive: hlo_stats' "slices") is the activations and input gradients each tick
+    sends one rank up or down, and all-reduces (the replicated parameters' gradients, the
+    counts, the metrics): no gather, exchange or permute of weights or their gradients."""
+    from dsjax.plan import hlo_stats
+
+    ops = hlo_stats.collectives(hlo, 8, per_slice=8 // stages)["ops"]
+    tab = pipeline.tables(pipeline.ps.make_schedule("dualpipe", stages, M))
+    sends = tab.arrays["f_on"].shape[0] * sum(d != 0 for _, d in tab.channels)
+    activation = (B // M // 4) * T * config.model.hidden_size * 4  # f32 [b, T, D], b per shard
+    assert ops["all-gather"]["dcn_bytes"] == ops["all-to-all"]["dcn_bytes"] == 0, ops
+    assert 0 < ops["collective-permute"]["dcn_bytes"] <= sends * activation, ops
 
 
 def test_uneven_layers_refuse_with_one_line():
@@ -180,15 +211,19 @@ def test_checkpoint_restores_across_stage_counts(tmp_path):
 
 
 def test_train_step_with_stages_and_grad_accum_matches_stage_1(setup):
-    """train_step under stage=2 (1F1B, 2 micro-batches inside each of 2 accumulation steps)
-    gives stage=1's grad_accum=4 step: loss, gradient norm and the routing-bias update."""
+    """train_step under stage=2 (DualPipe, 4 micro-batches inside each of 2 accumulation steps,
+    the state's MoE stack in the pipeline's row order, `StackLayout`) gives stage=1's
+    grad_accum=4 step: loss, gradient norm, the updated parameters and routing biases."""
     config, model, params, moe_bias, batch, _ = setup
     config = config.copy_and_resolve_references()  # the fixture's stays as it is
     tx, lr = ts.make_optimizer(config)
     out = []
-    for sizes, accum in ((dict(data=4, expert=2), 4), (dict(stage=2, data=2, expert=2), 2)):
-        config.train.grad_accum, config.train.microbatches = accum, 2
-        mesh = sharding.make_mesh(**sizes)
+    for sizes, accum in ((dict(data=2, expert=2), 8), (dict(stage=2, data=2, expert=2), 2)):
+        config.train.grad_accum, config.train.microbatches = accum, 4
+        config.train.pipeline_schedule = "dualpipe"
+        mesh = sharding.make_mesh(**sizes, devices=jax.devices()[: math.prod(sizes.values())])
+        train_cfg = ts.train_options(config)
+        layout = stack_layout(model.cfg, train_cfg, mesh.shape["stage"])
         state = ts.TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -196,14 +231,17 @@ def test_train_step_with_stages_and_grad_accum_matches_stage_1(setup):
             opt_state=tx.init(params),
         )
         step = functools.partial(
-            ts.train_step, model=model, tx=tx, schedule=lr, train_cfg=ts.train_options(config)
+            ts.train_step, model=model, tx=tx, schedule=lr, train_cfg=train_cfg
         )
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-            out.append(jax.jit(step)(state, batch))
+            new, m = jax.jit(step)(layout.stored(state), batch)
+            out.append((layout.model(new), m))
     (a, ma), (b, mb) = out
+    assert layout.order is not None  # stage=2 ran on a permuted stack
     for k in ("loss", "main_ce", "grad_norm", "tokens"):
         np.testing.assert_allclose(mb[k], ma[k], rtol=1e-5, err_msg=k)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(y, x, atol=1e-7), a.moe_bias, b.moe_bias)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(y, x, atol=1e-5), a.params, b.params)
 
 
 def test_fp8_with_stages_matches_stage_1():

@@ -72,6 +72,7 @@ from dsjax.rl.rewards import (
 from dsjax.run_config import RunConfig
 from dsjax.train import metrics
 from dsjax.train.run import StopFlag, prepare_workdir, save_if_finite, write_config
+from dsjax.train.stack_layout import stack_layout
 from dsjax.train.step import (
     TrainingError,
     create_sharded_state,
@@ -276,6 +277,9 @@ def cold_start(config: RunConfig, mesh, model, tok, task):
     state, _, shardings = create_sharded_state(
         jax.random.key(config.seed), model, tx, mesh, T, config.optim.host_offload
     )
+    # The train step runs on the pipeline's row order of the MoE stack (`stack_layout`).
+    layout = stack_layout(model.cfg, sft_run.train, dict(mesh.shape).get("stage", 1))
+    state = layout.stored(state)
     step_fn = jit_train_step(model, tx, schedule, sft_run, shardings=shardings, mesh=mesh)
     bsz, t0 = config.train.batch_size, time.perf_counter()
     for i in range(sft.steps):
@@ -292,7 +296,7 @@ def cold_start(config: RunConfig, mesh, model, tok, task):
                 loss,
                 time.perf_counter() - t0,
             )
-    return state.params, state.moe_bias
+    return layout.model(state.params), state.moe_bias
 
 
 def _load_start(path: str, cfg):

@@ -47,6 +47,7 @@ from dsjax.train.run import (
     save_if_finite,
     write_config,
 )
+from dsjax.train.stack_layout import StackLayout, stack_layout
 from dsjax.train.step import (
     TrainingError,
     create_sharded_state,
@@ -174,7 +175,9 @@ def _head_lines(text: str, n: int) -> str:
     return "".join(text.splitlines(keepends=True)[:n]).rstrip("\n")
 
 
-def _sample(cfg, state, tokenizer, config: RunConfig) -> tuple[str | None, str | None]:
+def _sample(
+    cfg, state, tokenizer, config: RunConfig, layout: StackLayout
+) -> tuple[str | None, str | None]:
     """What the model learned, from one `generate` call of two rows (single-process runs):
 
     - a sampled continuation of `config.train.sample_prompt` (`config.train.sample_temperature`,
@@ -197,6 +200,7 @@ def _sample(cfg, state, tokenizer, config: RunConfig) -> tuple[str | None, str |
         temperatures.append(0.0)
         top_ks.append(0)
     variables = jax.device_get({"params": state.params, "moe_bias": state.moe_bias})
+    variables["params"] = layout.model(variables["params"])  # on the host
     result = generate(
         cfg,
         variables,
@@ -254,7 +258,8 @@ class _Rate:
 @dataclasses.dataclass
 class _Loop:
     """What the step loop of one run needs: the jitted step, held-out evaluation, the data,
-    the checkpointer and metric sinks, and the FLOP figures for MFU."""
+    the checkpointer and metric sinks, and the FLOP figures for MFU. `layout`: the row order of
+    the state's MoE stack (`stack_layout`); the step runs on it, the rest sees model order."""
 
     run: RunConfig
     config: ml_collections.ConfigDict  # saved with each checkpoint
@@ -267,6 +272,17 @@ class _Loop:
     flops_per_token: float
     peak_total: float | None
     batch_sharding: Any
+    layout: StackLayout
+
+    def save(self, step: int, state) -> None:
+        """A checkpoint of `state` at `step` (model order), if its parameters are finite."""
+        save_if_finite(
+            step,
+            state.params,
+            lambda: self.ckpt.save(
+                step, self.layout.model(state), self.train_iter, self.config, force=True
+            ),
+        )
 
 
 def _interval_metrics(loop: _Loop, done: list[tuple[int, dict]], rate: _Rate) -> dict[str, Any]:
@@ -308,10 +324,7 @@ def _run_steps(loop: _Loop, state, start: int, stop: StopFlag):
         if loop.progress:
             loop.progress.update(step, last)
         if save_now or stop.reason:
-            save = functools.partial(
-                loop.ckpt.save, step, state, loop.train_iter, loop.config, force=True
-            )
-            save_if_finite(step, state.params, save)
+            loop.save(step, state)
         rate.restart()
     return state, step, last, evaluated, rate
 
@@ -328,12 +341,14 @@ def _log_model(cfg, mesh) -> None:
     )
 
 
-def _make_evaluate(run: RunConfig, model, tokenizer, mesh):
-    """state -> (held-out nats per token, bits per byte), jitted once."""
+def _make_evaluate(run: RunConfig, model, tokenizer, mesh, layout: StackLayout):
+    """state -> (held-out nats per token, bits per byte), jitted once (the parameters in
+    `layout`, put in model order inside the program)."""
     vocab = max(run.model.vocab_size, tokenizer.vocab_size)
+    step = functools.partial(eval_step, model=model)
     return functools.partial(
         _evaluate,
-        jax.jit(functools.partial(eval_step, model=model)),
+        jax.jit(lambda params, moe_bias, batch: step(layout.model(params), moe_bias, batch)),
         config=run,
         tokenizer=tokenizer,
         batch_sharding=sharding.batch_sharding(mesh),
@@ -357,9 +372,10 @@ def _eval_at_zero(loop: _Loop, state) -> tuple[float, float | None]:
     return loss, bpb
 
 
-def _initial_state(run: RunConfig, model, tx, mesh, ckpt: Checkpointer, it):
+def _initial_state(run: RunConfig, model, tx, mesh, ckpt: Checkpointer, it, layout):
     """(state, its shardings, first step): fresh parameters initialised into their shardings,
-    replaced by the newest checkpoint that verifies (restored onto this mesh, `it` rewound)."""
+    replaced by the newest checkpoint that verifies (restored onto this mesh, `it` rewound),
+    its MoE stack then put in `layout`'s row order."""
     state, abstract, shardings = create_sharded_state(
         jax.random.key(run.seed), model, tx, mesh, run.data.seq_len, run.optim.host_offload
     )
@@ -367,14 +383,17 @@ def _initial_state(run: RunConfig, model, tx, mesh, ckpt: Checkpointer, it):
     if start is not None:
         state = restored
         log.info("resumed from the checkpoint at step %d", start)
-    return state, shardings, int(start or 0)
+    return layout.stored(state), shardings, int(start or 0)
 
 
-def _finish(summary: dict[str, Any], cfg, state, tokenizer, run: RunConfig, workdir: str) -> None:
+def _finish(summary: dict[str, Any], loop: _Loop, state, tokenizer, workdir: str) -> None:
     """The chief's end of a completed run: loss.png, the samples, summary.json."""
     summary["plot"] = os.path.join(workdir, "loss.png")
     metrics.plot_loss(os.path.join(workdir, "metrics.jsonl"), summary["plot"])
-    summary["sample"], summary["heldout_sample"] = _sample(cfg, state, tokenizer, run)
+    run = loop.run
+    summary["sample"], summary["heldout_sample"] = _sample(
+        run.model, state, tokenizer, run, loop.layout
+    )
     if summary["sample"] is not None:
         parsed, lines = sample_python_lines(summary["sample"])
         summary["sample_python_lines"] = {"parse": parsed, "lines": lines}
@@ -412,12 +431,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             ckpt.close()
             log.info("the run is complete: its checkpoint at step %d >= train.steps", latest)
             return {"step": latest, "complete": True, "peak_flops_source": peak_source}
-        state, shardings, start = _initial_state(run, model, tx, mesh, ckpt, it)
+        layout = stack_layout(cfg, run.train, dict(mesh.shape).get("stage", 1))
+        state, shardings, start = _initial_state(run, model, tx, mesh, ckpt, it, layout)
         loop = _Loop(
             run,
             config,
             jit_train_step(model, tx, schedule, run, shardings=shardings, mesh=mesh),
-            _make_evaluate(run, model, tokenizer, mesh),
+            _make_evaluate(run, model, tokenizer, mesh, layout),
             it,
             ckpt,
             metrics.MetricWriter(workdir, is_chief=chief, resume_step=start),
@@ -425,6 +445,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             metrics.train_flops_per_token(cfg, run.data.seq_len),
             peak_total,
             sharding.batch_sharding(mesh),
+            layout,
         )
         t_start = time.perf_counter()
         initial = _eval_at_zero(loop, state) if start == 0 else None
@@ -461,5 +482,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             log.warning("stopped by %s at step %d; checkpoint saved", stop.reason, step)
             return summary
         if chief:
-            _finish(summary, cfg, state, tokenizer, run, workdir)
+            _finish(summary, loop, state, tokenizer, workdir)
         return summary

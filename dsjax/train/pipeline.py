@@ -319,17 +319,29 @@ def _chunk(cfg, train_cfg, layers: int, p_chunk, shared, x_in, bias, shared_bias
     return h, loss, (stats["counts"], metrics, mtp_counts)
 
 
-def _layer_order(s: ps.Schedule, L: int) -> tuple[np.ndarray, np.ndarray]:
-    """(order, position): the model layer of each row of the stage-sharded MoE stack the step
-    runs on (rank r's block holds its chunks in local-slot order, each padded to the longest:
-    the identity for GPipe/1F1B), and the row holding each model layer."""
-    rows, valid = chunk_rows(s, L)
+def stack_order(s: ps.Schedule, L: int) -> np.ndarray:
+    """The model layer of each row of the MoE stack as the train state stores it under `s`
+    (docs/spec.md §13): rank r's block of L / ranks rows holds its chunks' layers, chunk by
+    chunk in local-slot order (DualPipe: chunk r, then chunk 2N-1-r; GPipe/1F1B: model order),
+    so the step reads every rank's layers where they are stored and moves no weights."""
+    sizes = chunk_sizes(s, L)
+    starts = np.cumsum((0, *sizes[:-1]))
     chunks = [c for r in range(s.ranks) for c in s.rank_chunks(r)]
-    order = np.concatenate([rows[c] for c in chunks])
-    position = np.empty(L, np.int64)
-    mask = np.concatenate([valid[c] for c in chunks])
-    position[order[mask]] = np.flatnonzero(mask)
-    return order, position
+    return np.concatenate([starts[c] + np.arange(sizes[c]) for c in chunks]).astype(np.int32)
+
+
+def _local_rows(s: ps.Schedule, L: int) -> np.ndarray:
+    """[chunks per rank, Lc]: the row of a rank's stored block that each row of its local chunks,
+    padded to the longest (Lc), reads; a padding row reads a real one (`_masked_stack` makes it
+    the identity). The same for every rank (`chunk_sizes` depends on the local slot only)."""
+    sizes = chunk_sizes(s, L)
+    mine = [[sizes[c] for c in s.rank_chunks(r)] for r in range(s.ranks)]
+    assert all(m == mine[0] for m in mine), mine
+    Lc, per_rank = max(sizes), L // s.ranks
+    starts = np.cumsum((0, *mine[0][:-1]))
+    i = np.arange(Lc)
+    rows = np.where(i[None, :] < np.asarray(mine[0])[:, None], starts[:, None] + i[None, :], 0)
+    return np.minimum(rows, per_rank - 1).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- placement
@@ -390,6 +402,8 @@ def pipeline_grads(
     """(loss, grads, metrics, counts) of the batch split into `microbatches`, pipelined over the
     mesh axis `stage` of the mesh in scope (`jax.set_mesh`). `loss` and the metrics are means over
     micro-batches (`tokens` a sum), `grads` like `params`, `counts` like `moe_bias`.
+    `params["moe_layers"]` (and its gradient) is in the stored row order, `stack_order`
+    (`dsjax.train.stack_layout` converts); `moe_bias` (and the counts) in model order.
     `table_arrays` replaces `tables(...).arrays` (same keys and shapes; tests alter it).
     `skip`: idle slots, prologues and epilogues skipped by `lax.cond` rather than computed and
     masked (default `SKIP_IDLE`)."""
@@ -401,7 +415,6 @@ def pipeline_grads(
     tab = tables(s)
     k = s.chunks // N  # chunks per rank
     M = microbatches
-    order, inverse = _layer_order(s, cfg.num_moe_layers)
     rows, valid = chunk_rows(s, cfg.num_moe_layers)
     uneven = not valid.all()
     specs = param_specs(cfg, params, mesh)
@@ -412,9 +425,7 @@ def pipeline_grads(
     # parameters' / the model's layout over data x fsdp x expert (else XLA may replicate them).
     local_specs = jax.tree.map(lambda sp: _without_stage(sp, 2), stack_specs)
     slot_spec = _activation_spec(mesh, 1)
-    stacked = _constrain(
-        jax.tree.map(lambda x: jnp.take(x, order, axis=0), params["moe_layers"]), stack_specs
-    )
+    stacked = _constrain(params["moe_layers"], stack_specs)  # `stack_order`: no reordering
     shared = {n: v for n, v in params.items() if n != "moe_layers"}
     bias_stack = moe_bias["moe_layers"]["moe"]["bias"]  # [L, E], model order, replicated
     shared_bias = {n: v for n, v in moe_bias.items() if n != "moe_layers"}
@@ -434,10 +445,16 @@ def pipeline_grads(
         skip = _platform() != "cpu" if SKIP_IDLE is None else SKIP_IDLE
     chunk = functools.partial(_chunk, cfg, train_cfg, layers, skip=skip)
     rows_j, valid_j = jnp.asarray(rows), jnp.asarray(valid)
+    local_rows = _local_rows(s, cfg.num_moe_layers).reshape(-1)
 
     def body(stacked, shared, bias_stack, shared_bias, mbs, arrays):
         r = jax.lax.axis_index(AXIS)
-        local = jax.tree.map(lambda x: x.reshape(k, layers, *x.shape[1:]), stacked)
+        # The rank's stored block -> its chunks, each padded to `layers` rows (a local gather).
+        if uneven:
+            local = jax.tree.map(lambda x: jnp.take(x, local_rows, axis=0), stacked)
+        else:
+            local = stacked
+        local = jax.tree.map(lambda x: x.reshape(k, layers, *x.shape[1:]), local)
         local = _constrain(local, local_specs)
         row = lambda name, i: arrays[name][i, r]  # noqa: E731
 
@@ -537,6 +554,10 @@ def pipeline_grads(
             )
         carry, _ = jax.lax.scan(tick, carry0, jnp.arange(tab.arrays["f_on"].shape[0]))
         g_stacked = jax.tree.map(lambda g: g.reshape(k * layers, *g.shape[2:]), carry["g_local"])
+        if uneven:  # back to the stored block; a padding row's gradient is zero
+            g_stacked = jax.tree.map(
+                lambda g, x: jnp.zeros_like(x).at[local_rows].add(g), g_stacked, stacked
+            )
         summed = jax.lax.psum(
             (carry["g_shared"], carry["counts"], carry["metrics"], carry.get("mtp_counts")), AXIS
         )
@@ -553,9 +574,7 @@ def pipeline_grads(
         stacked, shared, bias_stack, shared_bias, mbs, arrays
     )
     grads = dict(g_shared)
-    grads["moe_layers"] = _constrain(
-        jax.tree.map(lambda g: jnp.take(g, inverse, axis=0), g_stacked), stack_specs
-    )
+    grads["moe_layers"] = _constrain(g_stacked, stack_specs)
     grads = {n: grads[n] for n in params}
     metrics = {m: v / M for m, v in metric_sums.items()}
     metrics["tokens"] = metric_sums["tokens"]
