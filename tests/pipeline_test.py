@@ -91,7 +91,9 @@ def _program(config, model, schedule, mesh):
 
     def run(p, b, x, t):
         stages = jax.sharding.get_abstract_mesh().shape["stage"]
-        layout = StackLayout.of(pipeline.ps.make_schedule(schedule, stages, M), model.cfg.num_moe_layers)
+        layout = StackLayout.of(
+            pipeline.ps.make_schedule(schedule, stages, M), model.cfg.num_moe_layers
+        )
         p = layout.stored(p)
         compiled[:] = compiled or [jitted.lower(p, b, x, t).compile()]
         loss, grads, metrics, counts = compiled[0](p, b, x, t)
@@ -181,8 +183,9 @@ def test_uneven_layers_refuse_with_one_line():
 
 
 def test_checkpoint_restores_across_stage_counts(tmp_path):
-    """The parameter layout does not depend on `stage` (the MoE stack in model order, split in
-    contiguous blocks): a stage=1 checkpoint restores onto stage=4 and back, value for value."""
+    """Checkpoints hold the MoE stack in model order whatever `stage` (split in contiguous
+    blocks): a stage=1 checkpoint restores onto stage=4 and back, value for value, and the
+    train state's DualPipe row order there (`StackLayout`) goes in and out exactly."""
     import grain
 
     from dsjax.checkpoints.orbax_io import Checkpointer
@@ -207,6 +210,12 @@ def test_checkpoint_restores_across_stage_counts(tmp_path):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
         gate = restored.params["moe_layers"]["moe"]["experts"]["gate"]
         assert gate.addressable_shards[0].data.shape[0] == 8 // mesh.shape["stage"]
+        if mesh.shape["stage"] > 1:  # rank 0 stores layers 0 and 7 (DualPipe's chunks 0 and 7)
+            layout = StackLayout.of(pipeline.ps.make_schedule("dualpipe", 4, 8), 8)
+            stored = layout.stored(restored)
+            shard = stored.params["moe_layers"]["moe"]["experts"]["gate"].addressable_shards[0]
+            np.testing.assert_array_equal(shard.data, np.asarray(gate)[[0, 7]])
+            restored = layout.model(stored)
         state = restored
 
 

@@ -6,7 +6,8 @@ gradients, the metrics and the expert counts of the routing-bias update), comput
 of the mesh axis `stage` following a schedule of `dsjax.train.pipeline_schedule`.
 
 How: the MoE layer stack is cut into the schedule's chunks (contiguous layers; DualPipe: rank r
-holds chunks r and 2N-1-r). Inside `shard_map` over `stage` (the other mesh axes stay automatic,
+holds chunks r and 2N-1-r), and the train state stores it in that row order (`stack_order`,
+`dsjax.train.stack_layout`), so a rank's chunks are its own block of it: no weight moves. Inside `shard_map` over `stage` (the other mesh axes stay automatic,
 so data/fsdp/expert/tensor sharding and the expert all-to-all work as without a pipeline) a
 `lax.scan` runs the schedule's ticks. At each tick a rank looks up its row of the tick table and
 runs at most one forward chunk and one backward chunk — of different micro-batches: DualPipe's
@@ -384,7 +385,6 @@ def _activation_spec(mesh, lead: int) -> P:
     rules = sharding.rules_for_mesh(mesh, sharding.active_rules())
     axes = nn.logical_to_mesh_axes(("batch", "length", "embed"), rules)
     return P(*([None] * lead), *tuple(axes or (None,) * 3))
-
 
 
 def pipeline_grads(

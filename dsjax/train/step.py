@@ -424,7 +424,9 @@ def train_step(state: TrainState, batch, *, model, tx, schedule, train_cfg: Trai
     """One optimizer step over `grad_accum` micro-batches, then the routing-bias update.
 
     Under a mesh whose `stage` axis is > 1 each accumulation micro-batch is itself pipelined
-    (`config.train.pipeline_schedule` over `config.train.microbatches`, dsjax/train/pipeline.py)."""
+    (`config.train.pipeline_schedule` over `config.train.microbatches`, dsjax/train/pipeline.py),
+    and `state`'s MoE stack (params, optimizer moments) is in the schedule's row order
+    (`dsjax.train.stack_layout.stack_layout(...).stored(state)`; model order for GPipe/1F1B)."""
     n_micro = train_cfg.grad_accum
     batch = prepare_batch(batch, model)
     grads_of = _pipelined_grads if pipeline_stages() > 1 else _grads
