@@ -280,7 +280,11 @@ class _Loop:
             step,
             state.params,
             lambda: self.ckpt.save(
-                step, self.layout.model(state), self.train_iter, self.config, force=True
+                step,
+                self.layout.model(state, to_host=True),
+                self.train_iter,
+                self.config,
+                force=True,
             ),
         )
 

@@ -12,7 +12,6 @@ biases (`moe_bias`, replicated) stay in model order. GPipe and 1F1B store model 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -41,29 +40,33 @@ class StackLayout:
 
     def stored(self, tree):
         """`tree` (params, gradients, optimizer state or a TrainState) with its MoE stack
-        leaves from model order into the stored order."""
-        return self._permute(tree, self.order)
+        leaves from model order into the stored order. Sharded arrays are consumed (donated,
+        one leaf at a time, so the conversion holds one extra leaf at most)."""
+        return self._permute(tree, self.order, donate=True)
 
-    def model(self, tree):
-        """The inverse of `stored`."""
+    def model(self, tree, *, to_host: bool = False):
+        """The inverse of `stored`, leaving `tree` as it is. `to_host`: sharded results in host
+        memory (`pinned_host`, where the devices have it; what a checkpoint save reads), so the
+        model-order copy takes no accelerator memory."""
         if self.order is None:
             return tree
-        return self._permute(tree, tuple(int(i) for i in np.argsort(self.order)))
+        rows = tuple(int(i) for i in np.argsort(self.order))
+        return self._permute(tree, rows, to_host=to_host)
 
-    def _permute(self, tree, rows: tuple[int, ...] | None):
+    def _permute(self, tree, rows: tuple[int, ...] | None, **how):
         if rows is None:
             return tree
         if hasattr(tree, "opt_state") and hasattr(tree, "moe_bias"):  # a train state
             return tree.replace(
-                params=self._permute(tree.params, rows),
-                opt_state=self._permute(tree.opt_state, rows),
+                params=self._permute(tree.params, rows, **how),
+                opt_state=self._permute(tree.opt_state, rows, **how),
             )
 
         def leaf(path, x):
             under = any(getattr(k, "key", None) == STACK for k in path)
             if not under or getattr(x, "ndim", 0) == 0 or x.shape[0] != len(rows):
                 return x
-            return _take_rows(x, rows)
+            return _take_rows(x, rows, **how)
 
         return jax.tree_util.tree_map_with_path(leaf, tree)
 
@@ -77,9 +80,10 @@ def stack_layout(cfg, train_cfg, stages: int) -> StackLayout:
     return StackLayout.of(ps.make_schedule(schedule, stages, microbatches), cfg.num_moe_layers)
 
 
-def _take_rows(x, rows: tuple[int, ...]):
-    """x[rows] along the first axis: traced inside jit, numpy on the host, else a jitted gather
-    into x's own sharding (a mesh's; device memory for the gather when x lives in host memory)."""
+def _take_rows(x, rows: tuple[int, ...], donate: bool = False, to_host: bool = False):
+    """x[rows] along the first axis: traced inside jit, numpy on the host, on one device by
+    `jnp.take`, else a jitted gather into x's own sharding over its mesh (in device memory;
+    the result back in x's memory kind, or `to_host` in pinned host memory where there is one)."""
     if isinstance(x, jax.core.Tracer):
         return jnp.take(x, np.asarray(rows), axis=0)
     if not isinstance(x, jax.Array):
@@ -87,12 +91,18 @@ def _take_rows(x, rows: tuple[int, ...]):
     target = x.sharding
     if not isinstance(target, jax.sharding.NamedSharding):  # one device
         return jnp.take(x, np.asarray(rows), axis=0)
-    if getattr(target, "memory_kind", None) not in (None, "device"):
-        on_chip = jax.device_put(x, target.with_memory_kind("device"))
-        return jax.device_put(_gather(on_chip, rows, on_chip.sharding), target)
-    return _gather(x, rows, target)
+    kinds = {m.kind for m in x.addressable_shards[0].device.addressable_memories()}
+    if to_host and "pinned_host" in kinds:
+        target = target.with_memory_kind("pinned_host")
+    if x.sharding.memory_kind not in (None, "device"):  # host-offloaded: gather on the chips
+        x, donate = jax.device_put(x, x.sharding.with_memory_kind("device")), True
+    y = (_gather_donated if donate else _gather)(x, rows, x.sharding)
+    return y if target.is_equivalent_to(y.sharding, y.ndim) else jax.device_put(y, target)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _gather(x, rows: tuple[int, ...], target):
+def _gather_rows(x, rows: tuple[int, ...], target):
     return jax.lax.with_sharding_constraint(jnp.take(x, np.asarray(rows), axis=0), target)
+
+
+_gather = jax.jit(_gather_rows, static_argnums=(1, 2))
+_gather_donated = jax.jit(_gather_rows, static_argnums=(1, 2), donate_argnums=0)
