@@ -54,7 +54,22 @@ import jax  # noqa: E402
 jax.config.update("jax_enable_compilation_cache", False)
 
 
+import gc  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test file, drop jit's caches. Every compiled XLA:CPU executable keeps memory
+    mappings alive; a worker that runs many files otherwise accumulates them (44,117 maps seen
+    in one worker, against the kernel's default vm.max_map_count of 65,530) until an mmap fails
+    inside a compile and the process aborts ("Fatal Python error: Aborted" in
+    backend_compile_and_load). Files share programs through their own module fixtures, which
+    this runs after (it is set up first, so torn down last)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
