@@ -58,9 +58,8 @@ def test_generate_on_decode_mesh_equals_single_device(model, spec):
         assert got.tokens == want.tokens
 
 
-def test_decode_forward_logits_on_decode_mesh_equal_single_device(model):
-    cfg, variables = model
-    B, S = 8, 16
+def _assert_decode_logits_match(cfg, variables, dm, placed, B=8, S=16):
+    """One decode step over a random cache: logits on the mesh (`placed`) equal one device's."""
     cache = main_cache(zeros_cache(cfg, B, S))
     keys = iter(jax.random.split(jax.random.key(1), 64))
     cache = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape, x.dtype), cache)
@@ -68,10 +67,15 @@ def test_decode_forward_logits_on_decode_mesh_equal_single_device(model):
     positions = jax.random.randint(jax.random.key(3), (B, 1), 1, S)
     step = jax.jit(lambda v, c, t, p: decode_forward(cfg, v, c, t, p)[0])
     want = step(variables, cache, tokens, positions)
-    dm = DecodeMesh.parse("expert=2,tensor=4")
     with dm.context():
-        got = step(dm.place(cfg, variables), cache, tokens, positions)
+        got = step(placed, cache, tokens, positions)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+
+
+def test_decode_forward_logits_on_decode_mesh_equal_single_device(model):
+    cfg, variables = model
+    dm = DecodeMesh.parse("expert=2,tensor=4")
+    _assert_decode_logits_match(cfg, variables, dm, dm.place(cfg, variables))
 
 
 def _gathered_state(cfg, layout, mesh_sizes):
@@ -162,14 +166,4 @@ def test_kept_fp8_decodes_on_decode_mesh_as_on_one_device(kept_fp8):
     want = generate(cfg, variables, PROMPTS, 8)
     assert generate(cfg, placed, PROMPTS, 8, mesh=dm).tokens == want.tokens
 
-    B, S = 8, 16
-    cache = main_cache(zeros_cache(cfg, B, S))
-    keys = iter(jax.random.split(jax.random.key(1), 64))
-    cache = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape, x.dtype), cache)
-    tokens = jax.random.randint(jax.random.key(2), (B, 1), 0, cfg.vocab_size)
-    positions = jax.random.randint(jax.random.key(3), (B, 1), 1, S)
-    step = jax.jit(lambda v, c, t, p: decode_forward(cfg, v, c, t, p)[0])
-    want = step(variables, cache, tokens, positions)
-    with dm.context():
-        got = step(placed, cache, tokens, positions)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+    _assert_decode_logits_match(cfg, variables, dm, placed)
