@@ -96,7 +96,10 @@ def _take_rows(x, rows: tuple[int, ...], donate: bool = False, to_host: bool = F
         target = target.with_memory_kind("pinned_host")
     if x.sharding.memory_kind not in (None, "device"):  # host-offloaded: gather on the chips
         x, donate = jax.device_put(x, x.sharding.with_memory_kind("device")), True
-    y = (_gather_donated if donate else _gather)(x, rows, x.sharding)
+    # One leaf's gather finishes before the next is dispatched: conversions are rare (init,
+    # restore, save, eval), and dozens of collective programs in flight at once aborted
+    # XLA:CPU's fake-device runtime (a CI worker, no message).
+    y = jax.block_until_ready((_gather_donated if donate else _gather)(x, rows, x.sharding))
     return y if target.is_equivalent_to(y.sharding, y.ndim) else jax.device_put(y, target)
 
 
