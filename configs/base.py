@@ -20,5 +20,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.attention_impl = "auto"  # auto/reference/chunked/cudnn/splash (layers/attention.py)
     c.model.fp8 = False  # DeepSeek-V3 FP8 training recipe (dsjax/model/fp8.py)
     c.model.moe_capacity_factor = 0.0  # 0 = dropless expert all-to-all; c > 0 caps its buffer
+    c.model.moe_exchange_block = 0  # c > 0: expert all-to-all in rounds of c tokens per shard
     c.model.moe_fp8_dispatch = False  # with fp8: FP8 expert all-to-all payload (half the bytes)
     return c

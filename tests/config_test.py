@@ -32,6 +32,7 @@ def test_v3_scale_and_mscale_match_spec():
         ("moe_capacity_factor", -1.0, "moe_capacity_factor"),
         ("moe_capacity_factor", True, "moe_capacity_factor"),
         ("moe_fp8_dispatch", 1, "moe_fp8_dispatch"),
+        ("moe_exchange_block", -1, "moe_exchange_block"),
     ],
 )
 def test_validation_names_field(field, value, match):

@@ -13,7 +13,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dsjax.model.layers.moe import MoE, exchange_group, exchange_padded
+from dsjax.model.layers.moe import MoE, exchange_group, exchange_padded, exchange_rows
 from dsjax.model.sharding import BATCH_AXES, logical_to_sharding, make_mesh
 from dsjax.testing import rel_err, tiny_config
 
@@ -75,20 +75,34 @@ def setup():
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_sharded_moe_equals_single_device(setup, mesh_name):
     mesh_sizes, exchange, group = MESHES[mesh_name]
-    mesh = make_mesh(**mesh_sizes)
-    s = setup
-    assert exchange_group(s["cfg"], mesh, B * T // 8, exchange) == group
+    hlo = _check_against_reference(setup, make_mesh(**mesh_sizes), setup["cfg"], exchange, group)
+    if group:
+        assert "all_to_all" in hlo  # the expert exchange, not a gather of all tokens
+
+
+def test_exchange_in_blocks_that_do_not_divide_the_shard(setup):
+    """`moe_exchange_block`: each shard's 4 tokens cross in blocks of 3 (the second padded with
+    2 tokens that go nowhere): outputs, counts and gradients equal one device's."""
+    cfg = setup["cfg"].replace(moe_exchange_block=3)
+    mesh_sizes, exchange, group = MESHES["data2_fsdp2_expert2"]
+    hlo = _check_against_reference(setup, make_mesh(**mesh_sizes), cfg, exchange, group)
+    rows = exchange_rows(cfg, 4, 3)  # one block's receive buffer: 4 shards x 3 tokens x 2
+    assert rows == 24 and f"tensor<{rows}x{cfg.hidden_size}xf32>" in hlo
+
+
+def _check_against_reference(s, mesh, cfg, exchange, group):
+    """The MoE of `cfg` on `mesh` (exchange `group`) against the single-device program, for both
+    routing biases; returns the lowered program's text."""
+    assert exchange_group(cfg, mesh, B * T // 8, exchange) == group
     specs = nn.get_partition_spec(s["variables"])["params"]
     param_shardings = logical_to_sharding(specs, mesh)
     batch = NamedSharding(mesh, P(BATCH_AXES, "context"))
     with jax.set_mesh(mesh):
         params = jax.device_put(s["params"], param_shardings)
         x, valid, cot = (jax.device_put(s[k], batch) for k in ("x", "valid", "cot"))
-        fn = jax.jit(_loss_fn(MoE(s["cfg"], exchange=exchange)))
+        fn = jax.jit(_loss_fn(MoE(cfg, exchange=exchange)))
         bias0 = jax.device_put(s["biases"]["random"], NamedSharding(mesh, P()))
         hlo = fn.lower(params, bias0, x, valid, cot).as_text()
-        if group:
-            assert "all_to_all" in hlo  # the expert exchange, not a gather of all tokens
         for name, bias in s["biases"].items():
             y, counts, (g_params, g_x) = fn(params, bias, x, valid, cot)
             ry, rcounts, (rg_params, rg_x) = s["reference"][name]
@@ -100,6 +114,7 @@ def test_sharded_moe_equals_single_device(setup, mesh_name):
             for (path, got), want in zip(flat, ref_flat, strict=True):
                 err = rel_err(got, want)
                 assert err < 1e-5, (name, jax.tree_util.keystr(path), err)
+    return hlo
 
 
 def test_init_trace_with_indivisible_tokens_under_mesh(setup):
@@ -156,6 +171,11 @@ def test_exchange_group_choice_at_v3_widths():
     assert exchange_group(cfg, mesh(data=1, fsdp=8, expert=1, tensor=1), 4096) == ("fsdp",)
     assert exchange_group(cfg, mesh(data=1, fsdp=32, expert=8, tensor=1), 4096) == ("expert",)
     assert exchange_group(cfg, mesh(data=8, fsdp=1, expert=1, tensor=1), 4096) == ()
+    # V3's DualPipe plan (issue 22): at 4,096 tokens per shard the dropless buffers of one round
+    # outweigh gathering all experts; in rounds of 1,024 tokens the exchange wins.
+    dualpipe = mesh(stage=2, data=1, fsdp=2, expert=64, tensor=1)
+    assert exchange_group(cfg, dualpipe, 4096) == ()
+    assert exchange_group(cfg.replace(moe_exchange_block=1024), dualpipe, 4096) != ()
     with pytest.raises(ValueError, match="n_routed_experts=256 must divide by 512"):
         exchange_group(cfg, mesh(data=1, fsdp=64, expert=8, tensor=1), 4096, "fsdp_expert")
     with pytest.raises(ValueError, match="MoE.exchange='bogus'"):
@@ -195,7 +215,7 @@ def test_expert_all_to_all_with_a_capacity_drops_past_it():
     """moe_capacity_factor: the receiver buffer is c·n·K rows; the clip is the one a NumPy model
     predicts (uneven load: most assignments to experts 0-1), and without a capacity nothing is
     dropped. Forward and the gradient with respect to x against the NumPy model."""
-    from dsjax.model.layers.moe import exchange_rows, expert_all_to_all
+    from dsjax.model.layers.moe import expert_all_to_all
 
     n_shards, n, D, F, E, K = 4, 6, 8, 4, 8, 2
     mesh = make_mesh(data=1, expert=n_shards, devices=jax.devices()[:n_shards])

@@ -373,3 +373,10 @@ def test_moe_exchange_figures_name_the_full_expert_gather():
     figures = plan.moe_exchange_figures(run.model, run, mesh)
     assert figures["tokens_per_shard"] == 4096 and figures["group"] == []
     assert figures["gather_bytes_per_layer"] == 3 * 256 * 7168 * 2048 * 2 * (1 - 1 / 128)
+    # In rounds of 128 tokens the dropless buffers are 32x smaller: the tokens move, over
+    # fsdp x expert, and no expert weight is gathered.
+    config.model.moe_exchange_block = 128
+    run = run_config.parse(config)
+    figures = plan.moe_exchange_figures(run.model, run, mesh)
+    assert figures["group"] == ["fsdp", "expert"] and figures["block"] == 128
+    assert figures["gather_bytes_per_layer"] == 0

@@ -94,6 +94,11 @@ class ModelConfig:
     # Expert parallelism's receive buffer: 0 = dropless (worst case G*n*min(K, E/G) rows per
     # chip); c > 0 = ceil(c*n*K) rows, assignments past it dropped (a memory lever for 671B).
     moe_capacity_factor: float = 0.0
+    # Expert parallelism in token blocks: c > 0 runs each shard's n tokens through the exchange
+    # c at a time (n/c rounds of dispatch -> grouped SwiGLU -> combine, the last block padded),
+    # each with a receive buffer of G*c*min(K, E/G) rows instead of G*n*min(K, E/G); the same
+    # traffic and outputs, one more forward per block in the backward. 0 = the whole shard.
+    moe_exchange_block: int = 0
     # Under `fp8` with expert parallelism (ragged_dot): ship the dispatch payload as FP8 rows +
     # scales (half the bytes; DeepSeek-V3's recipe) instead of bf16 rows quantised on arrival.
     # Off by default: V3 on v5p-256 measured 7.3 GiB more temporaries per chip with it.
@@ -223,6 +228,8 @@ class ModelConfig:
         cf = self.moe_capacity_factor
         if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not 0 <= cf < math.inf:
             fail("moe_capacity_factor", "must be a number >= 0 (0 = dropless)")
+        if not is_int(self.moe_exchange_block) or self.moe_exchange_block < 0:
+            fail("moe_exchange_block", "must be a non-negative integer (0 = the whole shard)")
         if not isinstance(self.moe_fp8_dispatch, bool):
             fail("moe_fp8_dispatch", "must be true or false")
         if not is_int(self.scan_unroll) or self.scan_unroll < 1:

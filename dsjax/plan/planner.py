@@ -402,6 +402,7 @@ def moe_exchange_figures(cfg, run: RunConfig, mesh) -> dict | None:
     return {
         "group": list(group),
         "tokens_per_shard": n,
+        "block": moe_lib.exchange_block(cfg, n) if group else n,
         "gather_bytes_per_layer": layer * (1 - 1 / held) if held > 1 else 0.0,
     }
 
@@ -416,7 +417,8 @@ def train_analytic(cfg, run: RunConfig, params_bytes: float, optimizer_bytes: fl
     stack once, outside the layer loop); saved_activations: what the remat policy keeps per
     layer ([B,T,D] each); moe_exchange: one MoE layer's backward inside the loop — R-row buffers
     of the expert all-to-all (R = `moe.exchange_rows`, the dropless worst case unless a capacity
-    is set): 3 x [R, D] (received rows, their cotangent, the outputs') and 3 x [R, F/tensor]
+    is set, for one round of `moe.exchange_block` tokens: the rounds are rematerialised one at a
+    time): 3 x [R, D] (received rows, their cotangent, the outputs') and 3 x [R, F/tensor]
     (gate, up, their product); mtp_block: the MTP block is not rematerialised, so its MoE
     keeps 2 x [R, D] + 3 x [R, F] through the backward; expert_weights: the layer's expert
     weights gathered over fsdp in the compute dtype, two layers (the next one is prefetched);
@@ -448,7 +450,8 @@ def train_analytic(cfg, run: RunConfig, params_bytes: float, optimizer_bytes: fl
         n = moe_tokens_per_shard(run, mesh)
         group = moe_lib.exchange_group(cfg, mesh, n)
         G = math.prod(shape[a] for a in group) if group else 1
-        R = moe_lib.exchange_rows(cfg, G, n) if G > 1 else n * cfg.num_experts_per_tok
+        c = moe_lib.exchange_block(cfg, n)
+        R = moe_lib.exchange_rows(cfg, G, c) if G > 1 else n * cfg.num_experts_per_tok
         F_l = cfg.moe_intermediate_size / tensor
         moe_exchange = R * (3 * D + 3 * F_l) * act if cfg.num_moe_layers else 0.0
         mtp_block = cfg.num_mtp_layers * R * (2 * D + 3 * F_l) * act
@@ -930,6 +933,12 @@ def _g(x) -> str:
     return f"{x:.0f} B"
 
 
+def _block_note(ex: dict) -> str:
+    """The words " in blocks of c" when the exchange runs in rounds of c < the shard's tokens."""
+    block = ex.get("block", ex["tokens_per_shard"])
+    return f" in blocks of {block}" if block < ex["tokens_per_shard"] else ""
+
+
 def format_report(r: dict) -> str:
     """Human-readable lines of one report."""
     m, lines = r["memory"], []
@@ -955,7 +964,8 @@ def format_report(r: dict) -> str:
     ex = r.get("moe_exchange")
     if ex:
         lines.append(f"   MoE exchange: {'x'.join(ex['group']) or 'none'} at "
-                     f"{ex['tokens_per_shard']} tokens per shard; expert weights all-gathered per "
+                     f"{ex['tokens_per_shard']} tokens per shard"
+                     f"{_block_note(ex)}; expert weights all-gathered per "
                      f"MoE layer run {_g(ex['gather_bytes_per_layer'])} per chip")  # fmt: skip
     lines.append(f"   compile: {r['compile_s']:.1f} s")
     lines.append("   per device (compiler):")

@@ -631,6 +631,48 @@ def expert_all_to_all(
     return _combine(y_sorted, order, weights_nK)
 
 
+def exchange_block(cfg: ModelConfig, tokens: int) -> int:
+    """Tokens per round of the expert exchange for a shard of `tokens`: `cfg.moe_exchange_block`
+    when set and smaller, else all of them (one round)."""
+    block = cfg.moe_exchange_block
+    return min(block, tokens) if block else tokens
+
+
+def blocked_all_to_all(
+    x_nD, idx_nK, weights_nK, w_gate, w_up, w_down, cfg, axis, platform, scales=None
+):
+    """`expert_all_to_all` over the shard's n tokens in blocks of c = `exchange_block` tokens: a
+    `lax.scan` over ceil(n / c) blocks, each a whole exchange (dispatch, grouped SwiGLU over the
+    local experts, combine) with a receive buffer of `exchange_rows(cfg, G, c)` rows. The last
+    block is padded with tokens routed to expert E (out of range: counted nowhere, sent nowhere,
+    weight 0). Each block is rematerialised (`jax.checkpoint`): the backward keeps one block's
+    buffers, not ceil(n / c) of them, and reruns that block's forward (its two exchanges
+    included) before its transpose. Same outputs and gradients as one round; under a capacity
+    factor the capacity applies per block. Returns y_nD float32."""
+    n, K = idx_nK.shape
+    c = exchange_block(cfg, n)
+    if c == n:
+        return expert_all_to_all(
+            x_nD, idx_nK, weights_nK, w_gate, w_up, w_down, cfg, axis, platform, scales
+        )
+    blocks = -(-n // c)
+    pad = blocks * c - n
+    E = cfg.n_routed_experts
+
+    def split(a, fill):
+        a = jnp.pad(a, ((0, pad), (0, 0)), constant_values=fill)
+        return a.reshape(blocks, c, a.shape[1])
+
+    def body(carry, block):
+        x, idx, w = block
+        y = expert_all_to_all(x, idx, w, w_gate, w_up, w_down, cfg, axis, platform, scales)
+        return carry, y
+
+    xs = (split(x_nD, 0), split(idx_nK, E), split(weights_nK, 0))
+    _, y = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), None, xs)
+    return y.reshape(blocks * c, -1)[:n]
+
+
 def exchange_group(cfg: ModelConfig, mesh, tokens_per_shard: int, choice: str = "auto"):
     """The mesh axes the routed experts are split over for the token all-to-all: () (no
     exchange: every shard all-gathers all E experts over fsdp), ("expert",), ("fsdp", "expert"),
@@ -639,7 +681,8 @@ def exchange_group(cfg: ModelConfig, mesh, tokens_per_shard: int, choice: str = 
 
     "auto" takes the candidate with the fewest elements per shard, counting the expert weights a
     shard holds while the layer runs (E/G experts, whole D) and the dispatch buffers (rows R =
-    n*K without exchange, else the dropless worst case G * n * min(K, E/G); each row D wide plus
+    n*K without exchange, else the dropless worst case G * c * min(K, E/G) for a round of c =
+    `exchange_block` tokens, `cfg.moe_exchange_block` or n; each row D wide plus
     three F/tensor wide intermediates). At V3 widths the weights dominate: all-gathering 256
     experts (22.5 GB bf16 per layer) costs far more than moving the tokens, so pure-FSDP meshes
     exchange tokens over fsdp. Candidates need E divisible by the group size.
@@ -666,7 +709,8 @@ def exchange_group(cfg: ModelConfig, mesh, tokens_per_shard: int, choice: str = 
 
     def cost(group):
         G = math.prod(size(a) for a in group)
-        rows = tokens_per_shard * K if G == 1 else exchange_rows(cfg, G, tokens_per_shard)
+        block = exchange_block(cfg, tokens_per_shard)
+        rows = tokens_per_shard * K if G == 1 else exchange_rows(cfg, G, block)
         return (E // G) * 3 * D * F_l + rows * (D + 3 * F_l)
 
     candidates = {tuple(a for a in g if size(a) > 1) for g in options.values()}
@@ -715,7 +759,7 @@ def sharded_experts(x_ND, idx_NK, weights_NK, experts: Experts, mesh, choice: st
             )
         (wg, wu, wd), sc = operands[:3], operands[3:] or None
         if group:
-            y = expert_all_to_all(x, idx, w, wg, wu, wd, cfg, group, platform, sc)
+            y = blocked_all_to_all(x, idx, w, wg, wu, wd, cfg, group, platform, sc)
         elif impl == "looped" and not cfg.fp8 and not _few_rows(idx.size, E):
             y = sorted_dispatch_combine(x, idx, w, wg, wu, wd, cfg.swiglu_limit)
         elif impl in ("tiled", "looped"):
