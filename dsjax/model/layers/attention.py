@@ -64,16 +64,24 @@ def _mask_BTS(q_idx_BT, k_idx_BS, q_seg_BT, k_seg_BS):
 def reference_attention(
     q_BTGHK, k_BSGK, v_BSGV, *, q_idx_BT, k_idx_BS, q_seg_BT=None, k_seg_BS=None, scale: float
 ):
-    """Materialises the [B, G, H, T, S] logits; softmax in float32."""
+    """Materialises the [B, G, H, T, S] logits; softmax in float32.
+
+    The operands are moved head-major first, so both products are plain batched matmuls over
+    (B, G, H): XLA:CPU runs the fused forward and backward about 40 % faster than when the
+    einsums transpose inside the dot (issue 26's train shape; same values to rounding)."""
+    q_BGHTK = jnp.transpose(q_BTGHK, (0, 2, 3, 1, 4))
+    k_BGSK = jnp.transpose(k_BSGK, (0, 2, 1, 3))
+    v_BGSV = jnp.transpose(v_BSGV, (0, 2, 1, 3))
     logits = (
-        jnp.einsum("btghk,bsgk->bghts", q_BTGHK, k_BSGK, preferred_element_type=jnp.float32) * scale
+        jnp.einsum("bghtk,bgsk->bghts", q_BGHTK, k_BGSK, preferred_element_type=jnp.float32) * scale
     )
     mask = _mask_BTS(q_idx_BT, k_idx_BS, q_seg_BT, k_seg_BS)[:, None, None]
     logits = jnp.where(mask, logits, _MASKED)
     probs = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum(
-        "bghts,bsgv->btghv", probs.astype(v_BSGV.dtype), v_BSGV, preferred_element_type=jnp.float32
-    ).astype(v_BSGV.dtype)
+    out_BGHTV = jnp.einsum(
+        "bghts,bgsv->bghtv", probs.astype(v_BSGV.dtype), v_BGSV, preferred_element_type=jnp.float32
+    )
+    return jnp.transpose(out_BGHTV, (0, 3, 1, 2, 4)).astype(v_BSGV.dtype)
 
 
 # ====================================================================== chunk schedule
