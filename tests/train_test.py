@@ -3,6 +3,7 @@ clean stops, restore onto another mesh, and the one-line errors of bad configs."
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -181,8 +182,10 @@ def test_resume_after_sigkill_is_exact(tmp_path, tokenizer_dir):
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, tokenizer_dir):
+    # steps=40 as in the resume test: the same compiled train step (the schedule's length is part
+    # of the program), loaded from the persistent cache. SIGTERM comes at step 3, 37 steps early.
     args = [
-        "--config.train.steps=100000",
+        "--config.train.steps=40",
         "--config.checkpoint.every=100000",
         "--config.train.log_every=1",
     ]
@@ -285,23 +288,19 @@ def test_host_offload_trains_the_same_and_checkpoints(mesh_run, tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_restore_onto_a_different_mesh(tmp_path):
-    config = tiny.get_config()
-    config.data.seq_len = 16
-    cfg = ts.model_config(config)
-    model = Transformer(cfg)
-    tx, _ = ts.make_optimizer(config)
-    mesh_a = sharding.make_mesh(data=8)
-    mesh_b = sharding.make_mesh(data=2, fsdp=2, expert=2)
-    with jax.set_mesh(mesh_a):
-        state, _, _ = ts.create_sharded_state(jax.random.key(3), model, tx, mesh_a, 16)
+def test_restore_onto_a_different_mesh(mesh_run, tmp_path):
+    """mesh_run's state (data 2 x fsdp 2 x expert 2) saved, then restored onto data 2 x expert 4
+    (shardings from the abstract state: nothing compiled); the data position comes back too."""
+    config, _, _, _, state = mesh_run
+    model, tx = Transformer(ts.model_config(config)), ts.make_optimizer(config)[0]
+    mesh_b = sharding.make_mesh(data=2, fsdp=1, expert=4)
     ck = Checkpointer(str(tmp_path), every=1, keep=1, async_save=False)
     dummy = iter(grain.MapDataset.range(10).to_iter_dataset())
     next(dummy)
     ck.save(5, state, dummy, config, force=True)
     ck.close()
+    abstract_b, _ = ts.state_shardings(model, tx, mesh_b, 16)
     with jax.set_mesh(mesh_b):
-        _, abstract_b, _ = ts.create_sharded_state(jax.random.key(0), model, tx, mesh_b, 16)
         fresh = iter(grain.MapDataset.range(10).to_iter_dataset())
         restored = Checkpointer(str(tmp_path), every=1, keep=1).restore(5, abstract_b, fresh)
     assert next(fresh) == 1  # the data position came back too
@@ -309,30 +308,50 @@ def test_restore_onto_a_different_mesh(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     gate = restored.params["moe_layers"]["moe"]["experts"]["gate"]
     assert gate.sharding.mesh.shape == mesh_b.shape and gate.sharding.spec[1] == "expert"
+    assert gate.addressable_shards[0].data.shape[1] == gate.shape[1] // 4
 
 
 # ----------------------------------------------------------------------------- balancing
-@pytest.mark.parametrize("rate", [0.0, 0.05])
-def test_bias_update_balances_load_only_when_enabled(rate):
+@pytest.fixture(scope="module")
+def bias_run():
+    """tiny (T=32) with frozen weights (lr 0: only the routing bias moves) and a skewed starting
+    bias; `run(rate)` -> (per-step load imbalance of 40 steps, final state). One compiled train
+    step serves every rate: the rate is an argument of the program (`train_step` reads it from
+    `train_cfg` only as a number), not a constant baked into one program per rate."""
     config = tiny.get_config()
     config.data.seq_len = 32
-    config.optim.lr = 0.0  # freeze the weights: only the routing bias moves
-    config.train.bias_update_rate = rate
+    config.optim.lr = 0.0
     cfg = ts.model_config(config)
     model = Transformer(cfg)
     tx, schedule = ts.make_optimizer(config)
+    train_cfg = ts.train_options(config)
     state = jax.jit(functools.partial(ts.init_state, model=model, tx=tx, seq_len=32))(
         jax.random.key(0)
     )
     # A skewed starting bias: a few experts win most tokens until the rule corrects it.
     skew = jnp.linspace(-0.5, 0.5, cfg.n_routed_experts)
     state = state.replace(moe_bias=jax.tree.map(lambda b: b + skew, state.moe_bias))
-    step = ts.jit_train_step(model, tx, schedule, config, donate=False)
+
+    @jax.jit
+    def step(state, batch, rate):
+        opts = dataclasses.replace(train_cfg, bias_update_rate=rate)
+        return ts.train_step(state, batch, model=model, tx=tx, schedule=schedule, train_cfg=opts)
+
     batch = jax.tree.map(jnp.asarray, synthetic_batch(cfg, 8, 32))
-    imbalance = []
-    for _ in range(40):
-        state, m = step(state, batch)
-        imbalance.append(float(m["load_imbalance"]))
+
+    def run(rate):
+        s, imbalance = state, []
+        for _ in range(40):
+            s, m = step(s, batch, jnp.float32(rate))
+            imbalance.append(float(m["load_imbalance"]))
+        return imbalance, s
+
+    return run
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.05])
+def test_bias_update_balances_load_only_when_enabled(bias_run, rate):
+    imbalance, state = bias_run(rate)
     assert imbalance[0] > 2.5  # the skewed router overloads a few experts
     if rate:
         assert np.mean(imbalance[-5:]) < 0.6 * imbalance[0], imbalance
