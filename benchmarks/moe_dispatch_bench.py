@@ -90,7 +90,7 @@ def compile_layer(cfg: ModelConfig, mesh: Mesh, tokens: int, seq: int):
             jax.ShapeDtypeStruct((1, seq), jnp.bool_),
         )
         specs = nn.get_partition_spec(abstract)
-        shard = logical_to_sharding(specs, mesh)
+        shard = logical_to_sharding(specs, mesh, shapes=nn.meta.unbox(abstract))
         params = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             nn.meta.unbox(abstract["params"]),

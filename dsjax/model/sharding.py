@@ -21,6 +21,12 @@ axes; the attention core and the latent cache (`cache_batch`) split them over `t
 (data-parallel attention: the heads' projections stay tensor-parallel, the small absorbed
 queries move to the chip holding their request's cache, and its output back).
 
+Divisibility (`fit_spec`): where a parameter's dimension is not divided by the product of the
+mesh axes its row names, it splits over the longest leading run of them that divides it, else
+stays whole (V4-Pro's 1,536 q latent over fsdp x expert x context = 1 x 8 x 128 splits 8 ways,
+over fsdp x expert). Every placement of parameters applies it: `logical_to_sharding(shapes=)`
+(train state, optimizer state, planner), `variable_shardings` (decode), the pipeline's pins.
+
 `stage` is pipeline parallelism (SPEC §13, `dsjax.train.pipeline`): the MoE layer stack's layer
 dimension (logical `stage_layers`) splits over it in contiguous blocks, one per pipeline rank; the
 rest of the model is replicated over it. It is the outermost axis, so across TPU slices (DCN)
@@ -160,14 +166,35 @@ def make_mesh(
     return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def logical_to_sharding(logical_tree, mesh: Mesh, rules=LOGICAL_RULES):
-    """Maps a tree of logical PartitionSpecs (from nn.get_partition_spec) to NamedShardings."""
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh) -> PartitionSpec:
+    """`spec` made to divide an array of `shape`: a dimension whose mesh axes' product does not
+    divide it splits over the longest leading run of those axes (in the rule's order) whose
+    product does, else stays whole. E.g. a 1,536 dim under ("fsdp", "expert", "context") =
+    1 x 8 x 128 splits over ("fsdp", "expert"), 8 ways. Dimensions that divide are unchanged."""
+    out = list(spec)
+    for i, axes in enumerate(out):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        kept = names
+        while kept and shape[i] % math.prod(mesh.shape[a] for a in kept):
+            kept = kept[:-1]
+        if kept != names:
+            out[i] = kept[0] if len(kept) == 1 else (kept or None)
+    return PartitionSpec(*out)
+
+
+def logical_to_sharding(logical_tree, mesh: Mesh, rules=LOGICAL_RULES, shapes=None):
+    """Maps a tree of logical PartitionSpecs (from nn.get_partition_spec) to NamedShardings.
+
+    `shapes`: the same tree's arrays (or ShapeDtypeStructs); each spec is then cut to what its
+    array's dimensions divide (`fit_spec`). Without it a spec that does not divide its array
+    fails where the sharding is used."""
     specs = nn.logical_to_mesh(logical_tree, rules)
-    return jax.tree.map(
-        lambda spec: NamedSharding(mesh, spec),
-        specs,
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    if shapes is not None:
+        specs = jax.tree.map(
+            lambda spec, x: fit_spec(spec, x.shape, mesh), specs, shapes, is_leaf=is_spec
+        )
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=is_spec)
 
 
 def scale_spec(
@@ -192,8 +219,9 @@ def scale_spec(
 def variable_shardings(declared, variables, mesh: Mesh, rules=LOGICAL_RULES):
     """NamedShardings for `variables` (a nested dict, arrays or ShapeDtypeStructs): each leaf
     the model declares (`declared`, logical PartitionSpecs from `nn.get_partition_spec`) by its
-    logical axes under `rules`; the block scales `<name>_scale_inv` of a stored FP8/FP4 weight
-    (a `keep_fp8` load) by `scale_spec` from their weight's; any other leaf whole."""
+    logical axes under `rules`, cut to what its dimensions divide (`fit_spec`); the block
+    scales `<name>_scale_inv` of a stored FP8/FP4 weight (a `keep_fp8` load) by `scale_spec`
+    from their weight's; any other leaf whole."""
     specs = nn.logical_to_mesh(declared, rules)
     key = jax.tree_util.keystr
     spec_of = {
@@ -206,13 +234,14 @@ def variable_shardings(declared, variables, mesh: Mesh, rules=LOGICAL_RULES):
 
     def one(path, leaf):
         if key(path) in spec_of:
-            return NamedSharding(mesh, spec_of[key(path)])
+            return NamedSharding(mesh, fit_spec(spec_of[key(path)], leaf.shape, mesh))
         name = str(getattr(path[-1], "key", ""))
         if name.endswith(fp8.SCALE_SUFFIX):
             weight = key((*path[:-1], jax.tree_util.DictKey(name[: -len(fp8.SCALE_SUFFIX)])))
             if weight in spec_of and weight in leaf_of:
                 w = leaf_of[weight]
-                spec = scale_spec(spec_of[weight], tuple(w.shape), fp8.scale_blocks(w), mesh)
+                w_spec = fit_spec(spec_of[weight], tuple(w.shape), mesh)
+                spec = scale_spec(w_spec, tuple(w.shape), fp8.scale_blocks(w), mesh)
                 return NamedSharding(mesh, spec)
         return NamedSharding(mesh, PartitionSpec())
 

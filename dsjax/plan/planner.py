@@ -720,8 +720,8 @@ def _lower_decode_v4(cfg, mesh, layout: str, batch: int, cache_len: int):
         lambda t: model.init(jax.random.key(0), t, mode="prefill", run_mtp=False), tokens
     )
     specs = nn.get_partition_spec({k: v for k, v in boxed.items() if k != "cache"})
-    var_sh = sharding.logical_to_sharding(specs, mesh, rules)
     variables = {k: v for k, v in nn.unbox(boxed).items() if k != "cache"}
+    var_sh = sharding.variable_shardings(specs, variables, mesh, rules)
     cache_axes = sharding.dim_axes(("cache_batch",), rules)[0]
     rows = cache_axes if batch % math.prod(mesh.shape[a] for a in cache_axes) == 0 else None
     P = jax.sharding.PartitionSpec
@@ -840,10 +840,7 @@ def search(config: ml_collections.ConfigDict | RunConfig, target: Target, top: i
     scored = []
     for mesh_kw in mesh_candidates(n, cfg):
         mesh = sharding.make_mesh(**mesh_kw, devices=list(target.devices))
-        try:
-            p_elems = _shard_elems(shapes, logical, mesh)
-        except ValueError:  # a dimension the mesh does not divide
-            continue
+        p_elems = _shard_elems(shapes, logical, mesh)
         for bpc, remat in itertools.product(
             (1, 2, 4), ("full", "offload", "save_attn", "save_attn_ffn")
         ):
@@ -883,8 +880,9 @@ def _param_shapes_and_specs(cfg):
 
 
 def _shard_elems(shapes, logical, mesh) -> float:
-    """Elements of the parameters one device holds under `mesh` (ValueError if indivisible)."""
-    shardings = sharding.logical_to_sharding(logical, mesh)
+    """Elements of the parameters one device holds under `mesh` (specs cut to what each
+    dimension divides, `sharding.fit_spec`)."""
+    shardings = sharding.logical_to_sharding(logical, mesh, shapes=shapes)
     total = 0.0
     for leaf, sh in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings), strict=True):
         total += math.prod(sh.shard_shape(leaf.shape))

@@ -366,7 +366,8 @@ def param_specs(cfg: ModelConfig, params, mesh):
         names = declared.get(jax.tree_util.keystr(path))
         if names is None or len(names) != x.ndim:
             return P(*([P.UNCONSTRAINED] * x.ndim))
-        return P(*tuple(nn.logical_to_mesh_axes(names, rules) or (None,) * x.ndim))
+        axes = nn.logical_to_mesh_axes(names, rules) or (None,) * x.ndim
+        return sharding.fit_spec(P(*tuple(axes)), x.shape, mesh)
 
     return jax.tree_util.tree_map_with_path(spec, params)
 

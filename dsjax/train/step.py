@@ -609,7 +609,7 @@ def state_shardings(model: Transformer, tx, mesh, seq_len: int, host_offload: bo
     tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
     boxed = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)
     logical = nn.get_partition_spec(boxed)
-    var_shardings = sharding.logical_to_sharding(logical, mesh)
+    var_shardings = sharding.logical_to_sharding(logical, mesh, shapes=nn.unbox(boxed))
     # The key is made inside the trace: under an abstract (AOT) mesh no concrete array may exist.
     abstract = jax.eval_shape(
         lambda: init_state(jax.random.key(0), model=model, tx=tx, seq_len=seq_len)
