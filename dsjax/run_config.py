@@ -443,7 +443,7 @@ def pipeline_settings(train: TrainOptions, stages: int) -> tuple[str, int]:
 
 
 def _check_pipeline(run: RunConfig) -> None:
-    """The pipeline's rules (mesh.stage > 1): an even split of the MoE layers, no context
+    """The pipeline's rules (mesh.stage > 1): at least one MoE layer per stage, no context
     parallelism (its permuted layout is not pipelined)."""
     stages = run.mesh.stage
     if stages == 1:

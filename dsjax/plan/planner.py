@@ -56,6 +56,7 @@ from dsjax.run_config import RunConfig  # noqa: E402
 from dsjax.train import metrics  # noqa: E402
 from dsjax.train import step as ts  # noqa: E402
 from dsjax.train.pipeline_schedule import pipeline_figures  # noqa: E402
+from dsjax.train.stack_layout import stack_layout  # noqa: E402
 
 GIB = 1024**3
 SAVED_PER_LAYER = {"full": 1, "offload": 0, "save_attn": 2, "save_attn_ffn": 3,
@@ -526,6 +527,9 @@ def plan_train(config: ml_collections.ConfigDict | RunConfig, target: Target) ->
         )
     offload = run.optim.host_offload
     abstract, shardings = ts.state_shardings(model, tx, mesh, T, offload)  # outside the mesh
+    # The step runs on the stored MoE stack (the schedule's row order, padded per rank).
+    layout = stack_layout(cfg, run.train, mesh.shape["stage"])
+    abstract = layout.abstract(abstract)
     n = len(target.devices)
     report = _header(run, target, mesh, "train")
     report.update(batch=batch, seq_len=T, tokens_per_step=batch * T)

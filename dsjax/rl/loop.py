@@ -274,12 +274,11 @@ def cold_start(config: RunConfig, mesh, model, tok, task):
     )
     tx, schedule = make_optimizer(sft_run)
     T = config.data.seq_len
-    state, _, shardings = create_sharded_state(
-        jax.random.key(config.seed), model, tx, mesh, T, config.optim.host_offload
-    )
     # The train step runs on the pipeline's row order of the MoE stack (`stack_layout`).
     layout = stack_layout(model.cfg, sft_run.train, dict(mesh.shape).get("stage", 1))
-    state = layout.stored(state)
+    state, _, shardings = create_sharded_state(
+        jax.random.key(config.seed), model, tx, mesh, T, config.optim.host_offload, layout
+    )
     step_fn = jit_train_step(model, tx, schedule, sft_run, shardings=shardings, mesh=mesh)
     bsz, t0 = config.train.batch_size, time.perf_counter()
     for i in range(sft.steps):

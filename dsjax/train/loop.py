@@ -381,13 +381,20 @@ def _initial_state(run: RunConfig, model, tx, mesh, ckpt: Checkpointer, it, layo
     replaced by the newest checkpoint that verifies (restored onto this mesh, `it` rewound),
     its MoE stack then put in `layout`'s row order."""
     state, abstract, shardings = create_sharded_state(
-        jax.random.key(run.seed), model, tx, mesh, run.data.seq_len, run.optim.host_offload
+        jax.random.key(run.seed),
+        model,
+        tx,
+        mesh,
+        run.data.seq_len,
+        run.optim.host_offload,
+        layout,
     )
     start, restored = ckpt.restore_latest(abstract, it)
     if start is not None:
-        state = restored
+        del state
+        state = layout.stored(restored, shardings)
         log.info("resumed from the checkpoint at step %d", start)
-    return layout.stored(state), shardings, int(start or 0)
+    return state, shardings, int(start or 0)
 
 
 def _finish(summary: dict[str, Any], loop: _Loop, state, tokenizer, workdir: str) -> None:

@@ -49,31 +49,41 @@ METRICS = ("loss", "main_ce", "mtp_ce", "balance", "tokens")
 
 def check_pipeline(cfg: ModelConfig, stages: int, schedule: str, microbatches: int) -> int:
     """Layers of the longest chunk; ValueError (one line naming the fields) for a split that
-    cannot work. The MoE stack is stored in contiguous blocks over `stage`, so the stages must
-    divide the MoE layers; within a rank the chunks may differ by one layer (`chunk_sizes`)."""
+    cannot work. The MoE stack is stored in one block of `rank_rows` rows per rank over `stage`
+    (a rank holding fewer layers pads its block with rows no chunk reads, `stack_order`); the
+    chunks may differ by one layer (`chunk_sizes`)."""
     s = ps.make_schedule(schedule, stages, microbatches)
     L = cfg.num_moe_layers
-    if L == 0 or L % stages:
+    if L < stages:
         raise ValueError(
-            f"config.mesh.stage={stages} must divide the {L} MoE layers (each pipeline rank "
-            f"stores an equal block of them)"
+            f"config.mesh.stage={stages} exceeds the model's {L} MoE layers (one per stage "
+            "at least)"
         )
     if cfg.dsa_stage != "off":
         raise ValueError(f"config.train.dsa_stage={cfg.dsa_stage!r}: pipelines run with 'off'")
     return max(chunk_sizes(s, L))
 
 
+def rank_layers(s: ps.Schedule, L: int) -> tuple[int, ...]:
+    """MoE layers each rank holds: L / ranks, the first L % ranks ranks one more."""
+    return tuple(L // s.ranks + (r < L % s.ranks) for r in range(s.ranks))
+
+
+def rank_rows(s: ps.Schedule, L: int) -> int:
+    """Rows of each rank's block of the stored stack: its most layers (`rank_layers`)."""
+    return max(rank_layers(s, L))
+
+
 def chunk_sizes(s: ps.Schedule, L: int) -> tuple[int, ...]:
-    """Layers of each chunk (contiguous, in model order): each rank's chunks together hold
-    L / ranks layers, split as evenly as they go (DualPipe with L / ranks odd: rank r's chunk
-    r one layer longer than its chunk 2N-1-r). The shorter chunks run masked identity layers
-    up to the longest (`_masked_stack`); those are not parameters of the model."""
-    per_rank = L // s.ranks
+    """Layers of each chunk (contiguous, in model order): each rank's chunks together hold its
+    `rank_layers`, split as evenly as they go (DualPipe with an odd count: rank r's chunk r one
+    layer longer than its chunk 2N-1-r). The shorter chunks run masked identity layers up to
+    the longest (`_masked_stack`); those are not parameters of the model."""
     sizes = [0] * s.chunks
-    for r in range(s.ranks):
+    for r, n in enumerate(rank_layers(s, L)):
         mine = s.rank_chunks(r)
         for j, c in enumerate(mine):
-            sizes[c] = per_rank // len(mine) + (j < per_rank % len(mine))
+            sizes[c] = n // len(mine) + (j < n % len(mine))
     return tuple(sizes)
 
 
@@ -322,27 +332,35 @@ def _chunk(cfg, train_cfg, layers: int, p_chunk, shared, x_in, bias, shared_bias
 
 def stack_order(s: ps.Schedule, L: int) -> np.ndarray:
     """The model layer of each row of the MoE stack as the train state stores it under `s`
-    (docs/spec.md §13): rank r's block of L / ranks rows holds its chunks' layers, chunk by
+    (docs/spec.md §13): rank r's block of `rank_rows` rows holds its chunks' layers, chunk by
     chunk in local-slot order (DualPipe: chunk r, then chunk 2N-1-r; GPipe/1F1B: model order),
-    so the step reads every rank's layers where they are stored and moves no weights."""
+    so the step reads every rank's layers where they are stored and moves no weights. A rank
+    holding fewer layers than `rank_rows` ends its block with padding rows, -1 here: zeros in
+    the state that no chunk reads (no gradient, no update) and no checkpoint holds."""
     sizes = chunk_sizes(s, L)
     starts = np.cumsum((0, *sizes[:-1]))
-    chunks = [c for r in range(s.ranks) for c in s.rank_chunks(r)]
-    return np.concatenate([starts[c] + np.arange(sizes[c]) for c in chunks]).astype(np.int32)
+    P_ = rank_rows(s, L)
+    blocks = []
+    for r in range(s.ranks):
+        mine = [starts[c] + np.arange(sizes[c]) for c in s.rank_chunks(r)]
+        block = np.concatenate(mine)
+        blocks.append(np.concatenate([block, np.full(P_ - len(block), -1)]))
+    return np.concatenate(blocks).astype(np.int32)
 
 
 def _local_rows(s: ps.Schedule, L: int) -> np.ndarray:
-    """[chunks per rank, Lc]: the row of a rank's stored block that each row of its local chunks,
-    padded to the longest (Lc), reads; a padding row reads a real one (`_masked_stack` makes it
-    the identity). The same for every rank (`chunk_sizes` depends on the local slot only)."""
+    """[ranks, chunks per rank, Lc]: the row of each rank's stored block that each row of its
+    local chunks, padded to the longest (Lc), reads; a padding row reads the block's first row
+    (`_masked_stack` makes it the identity). Rows past a rank's layers are never read."""
     sizes = chunk_sizes(s, L)
-    mine = [[sizes[c] for c in s.rank_chunks(r)] for r in range(s.ranks)]
-    assert all(m == mine[0] for m in mine), mine
-    Lc, per_rank = max(sizes), L // s.ranks
-    starts = np.cumsum((0, *mine[0][:-1]))
+    Lc = max(sizes)
     i = np.arange(Lc)
-    rows = np.where(i[None, :] < np.asarray(mine[0])[:, None], starts[:, None] + i[None, :], 0)
-    return np.minimum(rows, per_rank - 1).astype(np.int32)
+    out = []
+    for r in range(s.ranks):
+        mine = np.asarray([sizes[c] for c in s.rank_chunks(r)])
+        starts = np.cumsum((0, *mine[:-1]))
+        out.append(np.where(i[None, :] < mine[:, None], starts[:, None] + i[None, :], 0))
+    return np.stack(out).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- placement
@@ -446,11 +464,13 @@ def pipeline_grads(
         skip = _platform() != "cpu" if SKIP_IDLE is None else SKIP_IDLE
     chunk = functools.partial(_chunk, cfg, train_cfg, layers, skip=skip)
     rows_j, valid_j = jnp.asarray(rows), jnp.asarray(valid)
-    local_rows = _local_rows(s, cfg.num_moe_layers).reshape(-1)
+    by_rank = _local_rows(s, cfg.num_moe_layers).reshape(N, -1)
+    same_rows = bool((by_rank == by_rank[0]).all())  # static rows unless the ranks differ
 
     def body(stacked, shared, bias_stack, shared_bias, mbs, arrays):
         r = jax.lax.axis_index(AXIS)
         # The rank's stored block -> its chunks, each padded to `layers` rows (a local gather).
+        local_rows = by_rank[0] if same_rows else jnp.asarray(by_rank)[r]
         if uneven:
             local = jax.tree.map(lambda x: jnp.take(x, local_rows, axis=0), stacked)
         else:
@@ -555,7 +575,7 @@ def pipeline_grads(
             )
         carry, _ = jax.lax.scan(tick, carry0, jnp.arange(tab.arrays["f_on"].shape[0]))
         g_stacked = jax.tree.map(lambda g: g.reshape(k * layers, *g.shape[2:]), carry["g_local"])
-        if uneven:  # back to the stored block; a padding row's gradient is zero
+        if uneven:  # back to the stored block; padding rows get zero gradients
             g_stacked = jax.tree.map(
                 lambda g, x: jnp.zeros_like(x).at[local_rows].add(g), g_stacked, stacked
             )

@@ -35,6 +35,7 @@ from dsjax.model.transformer import (
     head_kernel,
 )
 from dsjax.run_config import RunConfig, TrainOptions
+from dsjax.train.stack_layout import StackLayout
 
 
 class TrainingError(RuntimeError):
@@ -637,12 +638,18 @@ def state_shardings(model: Transformer, tx, mesh, seq_len: int, host_offload: bo
     return abstract, shardings
 
 
-def create_sharded_state(rng, model, tx, mesh, seq_len: int, host_offload: bool = False):
-    """Initialises the state directly into its shardings (no host-side full copy)."""
+def create_sharded_state(rng, model, tx, mesh, seq_len: int, host_offload: bool = False,
+                         layout: StackLayout | None = None):  # fmt: skip
+    """Initialises the state directly into its shardings (no host-side full copy): (state,
+    abstract state, shardings). `layout`: the state's MoE stack initialised in that stored row
+    order (`dsjax.train.stack_layout`; default model order); the abstract state stays in model
+    order, what a checkpoint holds (`StackLayout.model_shardings`: the stack's first axis
+    replicated where the model's layers do not divide over it)."""
     abstract, shardings = state_shardings(model, tx, mesh, seq_len, host_offload)
+    layout = layout or StackLayout()
     init = jax.jit(
-        functools.partial(init_state, model=model, tx=tx, seq_len=seq_len),
+        lambda r: layout.stored(init_state(r, model=model, tx=tx, seq_len=seq_len)),
         out_shardings=shardings,
     )
     compiled = init.lower(rng).compile(compiler_options=cheap_compile_options())
-    return compiled(rng), abstract, shardings
+    return compiled(rng), layout.model_shardings(abstract), shardings
