@@ -36,10 +36,11 @@ GIB = 2**30
 
 def _abstract_params(module, mesh, D: int):
     """The layer's parameters as ShapeDtypeStructs carrying the rule table's shardings."""
+    key = jax.random.key(0)  # outside the mesh: no concrete array may exist on an AOT mesh
+    x = jax.ShapeDtypeStruct((1, 8, D), jnp.float32)
+    valid = jax.ShapeDtypeStruct((1, 8), jnp.bool_)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-        x = jax.ShapeDtypeStruct((1, 8, D), jnp.float32)
-        valid = jax.ShapeDtypeStruct((1, 8), jnp.bool_)
-        boxed = jax.eval_shape(module.init, jax.random.key(0), x, valid)["params"]
+        boxed = jax.eval_shape(module.init, key, x, valid)["params"]
     shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
     is_box = lambda b: isinstance(b, nn.Partitioned)  # noqa: E731
     plain = jax.tree.map(lambda b: b.value if is_box(b) else b, boxed, is_leaf=is_box)
