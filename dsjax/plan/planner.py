@@ -526,9 +526,10 @@ def plan_train(config: ml_collections.ConfigDict | RunConfig, target: Target) ->
             1,
         )
     offload = run.optim.host_offload
-    abstract, shardings = ts.state_shardings(model, tx, mesh, T, offload)  # outside the mesh
     # The step runs on the stored MoE stack (the schedule's row order, padded per rank).
     layout = stack_layout(cfg, run.train, mesh.shape["stage"])
+    # Outside the mesh; shardings fitted to the stored rows.
+    abstract, shardings = ts.state_shardings(model, tx, mesh, T, offload, layout)
     abstract = layout.abstract(abstract)
     n = len(target.devices)
     report = _header(run, target, mesh, "train")

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import linen as nn
+from flax.core import meta
 
 from dsjax import run_config
 from dsjax.model import sharding
@@ -602,15 +603,27 @@ def init_state(rng, *, model: Transformer, tx, seq_len: int) -> TrainState:
     )
 
 
-def state_shardings(model: Transformer, tx, mesh, seq_len: int, host_offload: bool = False):
+def state_shardings(model: Transformer, tx, mesh, seq_len: int, host_offload: bool = False,
+                    layout: StackLayout | None = None):  # fmt: skip
     """(abstract state, NamedSharding tree) from the logical axis names of every parameter.
 
     `host_offload`: the optimizer state (AdamW moments) lives in host memory (`pinned_host`)
-    between steps, sharded as on the chips; `train_step` copies it in for the update."""
+    between steps, sharded as on the chips; `train_step` copies it in for the update.
+    `layout`: the shardings are those of the MoE stack as `layout` stores it (its rows padded per
+    pipeline rank, so `stage` divides them); the abstract state stays in model order."""
     tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
     boxed = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)
     logical = nn.get_partition_spec(boxed)
-    var_shardings = sharding.logical_to_sharding(logical, mesh, shapes=nn.unbox(boxed))
+    # Unboxed without `nn.unbox`'s logical constraint (which fails on these abstract leaves
+    # when the caller holds a mesh and the rules).
+    shapes = jax.tree.map(
+        lambda x: x.unbox(apply_constraint=False) if isinstance(x, meta.Partitioned) else x,
+        boxed,
+        is_leaf=lambda x: isinstance(x, meta.Partitioned),
+    )
+    if layout is not None:  # fitted (`sharding.fit_spec`) to the stored rows, not the model's
+        shapes = dict(shapes, params=layout.abstract(shapes["params"]))
+    var_shardings = sharding.logical_to_sharding(logical, mesh, shapes=shapes)
     # The key is made inside the trace: under an abstract (AOT) mesh no concrete array may exist.
     abstract = jax.eval_shape(
         lambda: init_state(jax.random.key(0), model=model, tx=tx, seq_len=seq_len)
@@ -645,8 +658,8 @@ def create_sharded_state(rng, model, tx, mesh, seq_len: int, host_offload: bool 
     order (`dsjax.train.stack_layout`; default model order); the abstract state stays in model
     order, what a checkpoint holds (`StackLayout.model_shardings`: the stack's first axis
     replicated where the model's layers do not divide over it)."""
-    abstract, shardings = state_shardings(model, tx, mesh, seq_len, host_offload)
     layout = layout or StackLayout()
+    abstract, shardings = state_shardings(model, tx, mesh, seq_len, host_offload, layout)
     init = jax.jit(
         lambda r: layout.stored(init_state(r, model=model, tx=tx, seq_len=seq_len)),
         out_shardings=shardings,
