@@ -80,6 +80,8 @@ def test_train_step_on_padded_stack_matches_stage_1(setup):
             )
             # Compared on the host (numpy): on-device gathers of every leaf in flight at once
             # aborted XLA:CPU's fake devices in CI (tests/pipeline_test.py does the same).
+            gate = state.params["moe_layers"]["moe"]["experts"]["gate"]
+            assert gate.addressable_shards[0].data.shape[0] == gate.shape[0] // mesh.shape["stage"]
             new, m = jax.device_get(jax.jit(step)(state, batch))
             if layout.order is not None:
                 gate = new.params["moe_layers"]["moe"]["experts"]["gate"]
